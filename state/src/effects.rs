@@ -1,0 +1,178 @@
+//! Effects: what applying events asks the world to do — alerts, reorder requests, journal lines
+//! and count discrepancies (SPEC §2). Each carries a deterministic id derived from the event id,
+//! so a re-emitted effect is recognised downstream and delivered exactly once.
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::money::Currency;
+
+/// Why an oversell alert fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OversellCause {
+    /// An order reserved more than was available.
+    Order,
+    /// A physical count left the reservations uncovered.
+    Count,
+}
+
+/// `oversell:<event id>`: more units are promised than exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OversellAlert {
+    /// `oversell:` + the event id.
+    pub alert_id: String,
+    /// The SKU.
+    pub sku: String,
+    /// The order line, for cause `order`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// Units the order asked for; for cause `count`, the units reserved at the count.
+    pub requested: i64,
+    /// `available` before the event.
+    pub available_before: i64,
+    /// Units that cannot be served from stock.
+    pub shortfall: i64,
+    /// What caused it.
+    pub cause: OversellCause,
+    /// Event time of the triggering event.
+    pub ts: i64,
+}
+
+/// `low_stock:<event id>`: available crossed down to the SKU's reorder point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LowStockAlert {
+    /// `low_stock:` + the event id.
+    pub alert_id: String,
+    /// The SKU.
+    pub sku: String,
+    /// `available` after the event.
+    pub available: i64,
+    /// The SKU's reorder point.
+    pub reorder_point: i64,
+    /// Event time.
+    pub ts: i64,
+}
+
+/// `reorder:<event id>`: the manufacturer should make more (produced with each low-stock alert).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReorderRequest {
+    /// `reorder:` + the event id.
+    pub request_id: String,
+    /// The SKU.
+    pub sku: String,
+    /// `available` after the event.
+    pub available: i64,
+    /// The SKU's reorder point.
+    pub reorder_point: i64,
+    /// Units ordered over the last 24 hours of event time (sales velocity).
+    pub units_ordered_24h: u64,
+    /// Event time.
+    pub ts: i64,
+}
+
+/// What a journal line books.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalKind {
+    /// Cost of goods sold on shipment: `q × avg_cost`.
+    Cogs,
+    /// Inventory bought on receipt: `qty × unit_cost`.
+    InventoryReceipt,
+}
+
+/// `cogs:<event id>` or `inventory:<event id>`: one line for the accounting system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalLine {
+    /// `cogs:` or `inventory:` + the event id.
+    pub entry_id: String,
+    /// The SKU.
+    pub sku: String,
+    /// What is booked.
+    pub kind: JournalKind,
+    /// Units.
+    pub qty: i64,
+    /// Cost per unit used (average cost for COGS), unrounded.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub unit_cost: Decimal,
+    /// `qty × unit_cost`, rounded to the currency's minor unit, half to even.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    /// Currency of the amount.
+    pub currency: Currency,
+    /// Event time.
+    pub ts: i64,
+}
+
+/// `count:<event id>`: a physical count disagreed with the books.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountDiscrepancy {
+    /// `count:` + the event id.
+    pub id: String,
+    /// The SKU.
+    pub sku: String,
+    /// `on_hand` before the count.
+    pub expected: i64,
+    /// The counted units.
+    pub counted: i64,
+    /// `counted − expected`.
+    pub discrepancy: i64,
+    /// Event time.
+    pub ts: i64,
+}
+
+/// One effect in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Effect {
+    /// An oversell alert.
+    Oversell(OversellAlert),
+    /// A low-stock alert.
+    LowStock(LowStockAlert),
+    /// A reorder request for the manufacturer.
+    Reorder(ReorderRequest),
+    /// A journal line for the accounting system.
+    Journal(JournalLine),
+    /// A count discrepancy for reconciliation.
+    Discrepancy(CountDiscrepancy),
+}
+
+impl Effect {
+    /// The deterministic id (the idempotency key downstream).
+    pub fn id(&self) -> &str {
+        match self {
+            Effect::Oversell(a) => &a.alert_id,
+            Effect::LowStock(a) => &a.alert_id,
+            Effect::Reorder(r) => &r.request_id,
+            Effect::Journal(j) => &j.entry_id,
+            Effect::Discrepancy(d) => &d.id,
+        }
+    }
+
+    /// The SKU it concerns.
+    pub fn sku(&self) -> &str {
+        match self {
+            Effect::Oversell(a) => &a.sku,
+            Effect::LowStock(a) => &a.sku,
+            Effect::Reorder(r) => &r.sku,
+            Effect::Journal(j) => &j.sku,
+            Effect::Discrepancy(d) => &d.sku,
+        }
+    }
+
+    /// True for alerts (oversell, low stock), the records `stockflow alerts dump` lists.
+    pub fn is_alert(&self) -> bool {
+        matches!(self, Effect::Oversell(_) | Effect::LowStock(_))
+    }
+
+    /// A low-cardinality label for metrics.
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            Effect::Oversell(_) => "oversell",
+            Effect::LowStock(_) => "low_stock",
+            Effect::Reorder(_) => "reorder",
+            Effect::Journal(_) => "journal",
+            Effect::Discrepancy(_) => "discrepancy",
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! `RedbStore`: the embedded, durable, single-machine state store (an ACID redb file).
+//!
+//! Tables (keys are tuples so a shard's rows are contiguous):
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `sku_state` | `(shard, sku)` | postcard `SkuState` |
+//! | `outbox` | `(shard, seq)` | JSON `Effect` |
+//! | `dead_letters` | `(shard, seq)` | JSON `DeadLetter` |
+//! | `dedup` | `(shard, chunk)` | packed dedup entries |
+//! | `shard_meta` | `shard` | postcard `ShardMeta` (checkpoint, max ts, sequence counters) |
+//!
+//! A commit is one redb write transaction with `Durability::Immediate`: states, effects, dead
+//! letters, dedup entries and the checkpoint become durable together or not at all.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::dedup::DedupEntry;
+use crate::effects::Effect;
+use crate::engine::{DedupDelta, ShardSnapshot};
+use crate::ledger::SkuState;
+use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
+
+const SKU_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sku_state");
+const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
+const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
+const DEDUP: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dedup");
+const SHARD_META: TableDefinition<&str, &[u8]> = TableDefinition::new("shard_meta");
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ShardMeta {
+    checkpoint: Option<Position>,
+    max_ts: Option<i64>,
+    next_effect: u64,
+    next_dead_letter: u64,
+    next_dedup_chunk: u64,
+}
+
+/// The embedded state store.
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// Encodes a SKU state for storage (postcard: compact, fast).
+pub fn encode_state(state: &SkuState) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(state).map_err(corrupt)
+}
+
+/// Decodes a stored SKU state.
+pub fn decode_state(bytes: &[u8]) -> Result<SkuState, StoreError> {
+    postcard::from_bytes(bytes).map_err(corrupt)
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file and its tables.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(unavailable)?;
+        }
+        let db = Database::create(path).map_err(unavailable)?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(SKU_STATE).map_err(unavailable)?;
+        txn.open_table(OUTBOX).map_err(unavailable)?;
+        txn.open_table(DEAD_LETTERS).map_err(unavailable)?;
+        txn.open_table(DEDUP).map_err(unavailable)?;
+        txn.open_table(SHARD_META).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(RedbStore { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(unavailable)?
+    }
+
+    fn load_shard_sync(db: &Database, shard: &str) -> Result<StoredShard, StoreError> {
+        let txn = db.begin_read().map_err(unavailable)?;
+        let meta: ShardMeta = match txn.open_table(SHARD_META).map_err(unavailable)?.get(shard).map_err(unavailable)? {
+            Some(v) => postcard::from_bytes(v.value()).map_err(corrupt)?,
+            None => ShardMeta::default(),
+        };
+        let mut skus = Vec::new();
+        let states = txn.open_table(SKU_STATE).map_err(unavailable)?;
+        for row in states.range((shard, "")..).map_err(unavailable)? {
+            let (k, v) = row.map_err(unavailable)?;
+            let (row_shard, sku) = k.value();
+            if row_shard != shard {
+                break;
+            }
+            skus.push((sku.to_string(), decode_state(v.value())?));
+        }
+        let mut dedup = Vec::new();
+        let chunks = txn.open_table(DEDUP).map_err(unavailable)?;
+        for row in chunks.range((shard, 0)..=(shard, u64::MAX)).map_err(unavailable)? {
+            let (_, v) = row.map_err(unavailable)?;
+            dedup.extend(DedupEntry::decode_all(v.value()).map_err(StoreError::Corrupt)?);
+        }
+        Ok(StoredShard { checkpoint: meta.checkpoint, snapshot: ShardSnapshot { max_ts: meta.max_ts, skus, dedup } })
+    }
+
+    fn commit_sync(db: &Database, c: ShardCommit) -> Result<(), StoreError> {
+        let txn = db.begin_write().map_err(unavailable)?;
+        {
+            let mut metas = txn.open_table(SHARD_META).map_err(unavailable)?;
+            let mut meta: ShardMeta = match metas.get(c.shard.as_str()).map_err(unavailable)? {
+                Some(v) => postcard::from_bytes(v.value()).map_err(corrupt)?,
+                None => ShardMeta::default(),
+            };
+            if let Some(stored) = &meta.checkpoint {
+                if *stored >= c.checkpoint {
+                    return Err(StoreError::CheckpointRegression {
+                        shard: c.shard,
+                        stored: stored.clone(),
+                        new: c.checkpoint,
+                    });
+                }
+            }
+            let mut states = txn.open_table(SKU_STATE).map_err(unavailable)?;
+            for (sku, state) in &c.states {
+                states
+                    .insert((c.shard.as_str(), sku.as_str()), encode_state(state)?.as_slice())
+                    .map_err(unavailable)?;
+            }
+            let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
+            for effect in &c.effects {
+                let json = serde_json::to_vec(effect).map_err(corrupt)?;
+                outbox.insert((c.shard.as_str(), meta.next_effect), json.as_slice()).map_err(unavailable)?;
+                meta.next_effect += 1;
+            }
+            let mut dlq = txn.open_table(DEAD_LETTERS).map_err(unavailable)?;
+            for dl in &c.dead_letters {
+                let json = serde_json::to_vec(dl).map_err(corrupt)?;
+                dlq.insert((c.shard.as_str(), meta.next_dead_letter), json.as_slice()).map_err(unavailable)?;
+                meta.next_dead_letter += 1;
+            }
+            let mut dedup = txn.open_table(DEDUP).map_err(unavailable)?;
+            let bytes = match &c.dedup {
+                DedupDelta::Append(bytes) => bytes,
+                DedupDelta::Replace(bytes) => {
+                    dedup
+                        .retain_in((c.shard.as_str(), 0)..=(c.shard.as_str(), u64::MAX), |_, _| false)
+                        .map_err(unavailable)?;
+                    bytes
+                }
+            };
+            if !bytes.is_empty() {
+                dedup.insert((c.shard.as_str(), meta.next_dedup_chunk), bytes.as_slice()).map_err(unavailable)?;
+                meta.next_dedup_chunk += 1;
+            }
+            meta.checkpoint = Some(c.checkpoint);
+            meta.max_ts = c.max_ts;
+            let meta_bytes = postcard::to_allocvec(&meta).map_err(corrupt)?;
+            metas.insert(c.shard.as_str(), meta_bytes.as_slice()).map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)
+    }
+
+    fn scan_json<T: serde::de::DeserializeOwned>(
+        db: &Database,
+        table: TableDefinition<(&str, u64), &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = db.begin_read().map_err(unavailable)?;
+        let t = txn.open_table(table).map_err(unavailable)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(unavailable)? {
+            let (_, v) = row.map_err(unavailable)?;
+            out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+        }
+        Ok(out)
+    }
+}
+
+impl StateStore for RedbStore {
+    async fn load_shard(&self, shard: &str) -> Result<StoredShard, StoreError> {
+        let shard = shard.to_string();
+        self.blocking(move |db| Self::load_shard_sync(db, &shard)).await
+    }
+
+    async fn commit(&self, commit: ShardCommit) -> Result<(), StoreError> {
+        self.blocking(move |db| Self::commit_sync(db, commit)).await
+    }
+
+    async fn sku_states(&self) -> Result<Vec<(String, SkuState)>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(SKU_STATE).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (k, v) = row.map_err(unavailable)?;
+                out.push((k.value().1.to_string(), decode_state(v.value())?));
+            }
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn effects(&self) -> Result<Vec<Effect>, StoreError> {
+        self.blocking(|db| Self::scan_json(db, OUTBOX)).await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.blocking(|db| Self::scan_json(db, DEAD_LETTERS)).await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<(String, Position)>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(SHARD_META).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (k, v) = row.map_err(unavailable)?;
+                let meta: ShardMeta = postcard::from_bytes(v.value()).map_err(corrupt)?;
+                if let Some(cp) = meta.checkpoint {
+                    out.push((k.value().to_string(), cp));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

@@ -1,0 +1,394 @@
+//! `ShardEngine`: the in-memory state of one shard — interned SKUs, their ledgers and windows, the
+//! dedup index and the watermark — and the delta a commit persists.
+//!
+//! Applying an event is allocation-free unless it creates a SKU, an order line, a window or an
+//! effect. Everything the engine holds can be snapshotted and restored; restoring a snapshot
+//! taken at any point and applying the rest gives the same state as one straight pass.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use foldhash::fast::FixedState;
+use hashbrown::HashTable;
+
+use crate::dedup::{DedupEntry, DedupIndex, ENTRY_BYTES};
+use crate::effects::Effect;
+use crate::event::Event;
+use crate::ledger::SkuState;
+use crate::windows::{FinalWindow, WindowClock, WindowConfig};
+
+/// Default dedup horizon: 24 hours of event time.
+pub const DEFAULT_DEDUP_HORIZON_MS: i64 = 24 * 3_600_000;
+
+/// The rules' parameters, shared by every shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Window sizes and lateness.
+    pub windows: WindowConfig,
+    /// How long (event time, per SKU) an event id is remembered.
+    pub dedup_horizon_ms: i64,
+    /// Reorder point of SKUs without their own (0 = low-stock alerts off).
+    pub default_reorder_point: i64,
+    /// Per-SKU reorder points.
+    pub reorder_points: HashMap<String, i64>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            windows: WindowConfig::default(),
+            dedup_horizon_ms: DEFAULT_DEDUP_HORIZON_MS,
+            default_reorder_point: 0,
+            reorder_points: HashMap::new(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The reorder point of a SKU.
+    pub fn reorder_point(&self, sku: &str) -> i64 {
+        self.reorder_points.get(sku).copied().unwrap_or(self.default_reorder_point)
+    }
+}
+
+/// Counters of what the engine did, cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    /// Events applied.
+    pub applied: u64,
+    /// Events skipped as duplicates.
+    pub duplicates: u64,
+    /// Events late for at least one window.
+    pub late: u64,
+    /// Cancellations without an open line.
+    pub unmatched: u64,
+    /// Windows finalised.
+    pub windows_final: u64,
+    /// Effects produced.
+    pub effects: u64,
+}
+
+/// The result of applying one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The event changed the state.
+    Applied,
+    /// The event id was already applied: nothing changed.
+    Duplicate,
+}
+
+/// Everything a shard's state is made of, in a canonical order (SKUs by name).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShardSnapshot {
+    /// Largest event time seen on the shard (the watermark's base).
+    pub max_ts: Option<i64>,
+    /// Every SKU's state.
+    pub skus: Vec<(String, SkuState)>,
+    /// Live dedup entries.
+    pub dedup: Vec<DedupEntry>,
+}
+
+/// How the dedup entries of a commit are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DedupDelta {
+    /// Entries added since the previous commit.
+    Append(Vec<u8>),
+    /// The whole live set, replacing every earlier chunk (compaction).
+    Replace(Vec<u8>),
+}
+
+/// What changed since the previous commit.
+#[derive(Debug)]
+pub struct EngineDelta {
+    /// Dirty SKUs and their full new state.
+    pub states: Vec<(String, SkuState)>,
+    /// Effects produced, in order.
+    pub effects: Vec<Effect>,
+    /// Dedup entries to persist.
+    pub dedup: DedupDelta,
+    /// The shard's largest event time.
+    pub max_ts: Option<i64>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    name: Box<str>,
+    state: SkuState,
+    reorder_point: i64,
+    dirty: bool,
+}
+
+/// The state of one shard in memory.
+#[derive(Debug)]
+pub struct ShardEngine {
+    cfg: Arc<EngineConfig>,
+    hasher: FixedState,
+    table: HashTable<u32>,
+    skus: Vec<Slot>,
+    dirty: Vec<u32>,
+    dedup: DedupIndex,
+    dedup_base_bytes: usize,
+    dedup_appended_bytes: usize,
+    clock: WindowClock,
+    effects: Vec<Effect>,
+    finals: Vec<FinalWindow>,
+    collect_finals: bool,
+    stats: EngineStats,
+    scratch: Vec<(u32, u8, i64)>,
+}
+
+/// Compact the dedup chunks once appended bytes exceed the base and this floor.
+const DEDUP_COMPACT_FLOOR_BYTES: usize = 4 << 20;
+
+impl ShardEngine {
+    /// An empty shard.
+    pub fn new(cfg: Arc<EngineConfig>) -> Self {
+        let horizon = cfg.dedup_horizon_ms;
+        ShardEngine {
+            cfg,
+            hasher: FixedState::with_seed(0x5f0c_f10e),
+            table: HashTable::new(),
+            skus: Vec::new(),
+            dirty: Vec::new(),
+            dedup: DedupIndex::new(horizon),
+            dedup_base_bytes: 0,
+            dedup_appended_bytes: 0,
+            clock: WindowClock::default(),
+            effects: Vec::new(),
+            finals: Vec::new(),
+            collect_finals: false,
+            stats: EngineStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// A shard restored from a snapshot (nothing is dirty afterwards).
+    pub fn restore(cfg: Arc<EngineConfig>, snapshot: ShardSnapshot) -> Self {
+        let mut engine = ShardEngine::new(cfg);
+        engine.clock = WindowClock::resume(snapshot.max_ts);
+        let mut skus = snapshot.skus;
+        skus.sort_by_key(|(_, s)| s.ordinal);
+        // Ordinals are dense when written by this engine; remap defensively if they are not.
+        let mut remap = HashMap::new();
+        for (name, mut state) in skus {
+            let idx = engine.skus.len() as u32;
+            remap.insert(state.ordinal, idx);
+            state.ordinal = idx;
+            for w in &state.windows {
+                engine.clock.track(&engine.cfg.windows, idx, w);
+            }
+            engine.push_slot(name.into_boxed_str(), state);
+        }
+        let entries = snapshot.dedup.len();
+        engine
+            .dedup
+            .restore(snapshot.dedup.into_iter().filter_map(|e| remap.get(&e.sku).map(|&sku| DedupEntry { sku, ..e })));
+        engine.dedup_base_bytes = entries * ENTRY_BYTES;
+        engine
+    }
+
+    /// Keep finalised windows for [`ShardEngine::take_final_windows`] (off by default).
+    pub fn collect_final_windows(&mut self, on: bool) {
+        self.collect_finals = on;
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<EngineConfig> {
+        &self.cfg
+    }
+
+    fn push_slot(&mut self, name: Box<str>, state: SkuState) -> u32 {
+        let idx = self.skus.len() as u32;
+        let hash = self.hasher.hash_one(&*name);
+        let (skus, hasher) = (&self.skus, &self.hasher);
+        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(&*skus[i as usize].name));
+        let reorder_point = self.cfg.reorder_point(&name);
+        self.skus.push(Slot { name, state, reorder_point, dirty: false });
+        idx
+    }
+
+    fn intern(&mut self, sku: &str) -> u32 {
+        let hash = self.hasher.hash_one(sku);
+        if let Some(&idx) = self.table.find(hash, |&i| &*self.skus[i as usize].name == sku) {
+            return idx;
+        }
+        let ordinal = self.skus.len() as u32;
+        self.push_slot(sku.into(), SkuState { ordinal, ..SkuState::default() })
+    }
+
+    fn mark_dirty(&mut self, idx: u32) {
+        let slot = &mut self.skus[idx as usize];
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(idx);
+        }
+    }
+
+    /// Applies one validated event: dedup, ledger rules, windows, watermark.
+    pub fn apply(&mut self, ev: &Event<'_>) -> Applied {
+        let idx = self.intern(&ev.sku);
+        let key = DedupEntry::key(&ev.sku, &ev.id);
+        let slot = &mut self.skus[idx as usize];
+        if self.dedup.check_and_insert(key, ev.ts, idx, slot.state.max_ts) {
+            self.stats.duplicates += 1;
+            return Applied::Duplicate;
+        }
+        let effects_before = self.effects.len();
+        let out = slot.state.apply(ev, slot.reorder_point, &mut self.effects);
+        slot.state.max_ts = Some(slot.state.max_ts.map_or(ev.ts, |m| m.max(ev.ts)));
+        let late = self.clock.contribute(&self.cfg.windows, idx, &mut slot.state.windows, ev.ts, &out.contribution);
+        self.stats.applied += 1;
+        self.stats.late += u64::from(late > 0);
+        self.stats.unmatched += u64::from(out.unmatched);
+        self.stats.effects += (self.effects.len() - effects_before) as u64;
+        self.mark_dirty(idx);
+        self.advance_clock(ev.ts);
+        Applied::Applied
+    }
+
+    fn advance_clock(&mut self, ts: i64) {
+        let mut done = std::mem::take(&mut self.scratch);
+        self.clock.advance(&self.cfg.windows, ts, &mut done);
+        for &(sku, size, start) in &done {
+            let slot = &mut self.skus[sku as usize];
+            if let Some(pos) = slot.state.windows.iter().position(|w| w.size == size && w.start == start) {
+                let w = slot.state.windows.swap_remove(pos);
+                self.stats.windows_final += 1;
+                if self.collect_finals {
+                    self.finals.push(FinalWindow {
+                        sku: slot.name.to_string(),
+                        size_ms: self.cfg.windows.sizes_ms()[usize::from(size)],
+                        start,
+                        counts: w.counts,
+                    });
+                }
+                self.mark_dirty(sku);
+            }
+        }
+        done.clear();
+        self.scratch = done;
+    }
+
+    /// Windows finalised since the last call (when collection is on).
+    pub fn take_final_windows(&mut self) -> Vec<FinalWindow> {
+        std::mem::take(&mut self.finals)
+    }
+
+    /// Cumulative counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Number of SKUs on the shard.
+    pub fn sku_count(&self) -> usize {
+        self.skus.len()
+    }
+
+    /// The state of one SKU, if the shard has seen it.
+    pub fn sku(&self, sku: &str) -> Option<&SkuState> {
+        let hash = self.hasher.hash_one(sku);
+        self.table.find(hash, |&i| &*self.skus[i as usize].name == sku).map(|&i| &self.skus[i as usize].state)
+    }
+
+    /// True when something was applied since the last [`ShardEngine::take_delta`].
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty() || !self.effects.is_empty()
+    }
+
+    /// Effects produced since the last delta, without taking them.
+    pub fn pending_effects(&self) -> &[Effect] {
+        &self.effects
+    }
+
+    /// Takes what changed since the previous call: dirty SKUs, effects, dedup entries.
+    pub fn take_delta(&mut self) -> EngineDelta {
+        let mut states = Vec::with_capacity(self.dirty.len());
+        for idx in self.dirty.drain(..) {
+            let slot = &mut self.skus[idx as usize];
+            slot.dirty = false;
+            states.push((slot.name.to_string(), slot.state.clone()));
+        }
+        let pending = self.dedup.take_pending();
+        self.dedup_appended_bytes += pending.len() * ENTRY_BYTES;
+        let dedup = if self.dedup_appended_bytes > self.dedup_base_bytes.max(DEDUP_COMPACT_FLOOR_BYTES) {
+            let skus = &self.skus;
+            self.dedup.prune(|ordinal| skus.get(ordinal as usize).and_then(|s| s.state.max_ts));
+            let live = self.dedup.entries();
+            let mut bytes = Vec::with_capacity(live.len() * ENTRY_BYTES);
+            live.iter().for_each(|e| e.encode_into(&mut bytes));
+            self.dedup_base_bytes = bytes.len();
+            self.dedup_appended_bytes = 0;
+            DedupDelta::Replace(bytes)
+        } else {
+            let mut bytes = Vec::with_capacity(pending.len() * ENTRY_BYTES);
+            pending.iter().for_each(|e| e.encode_into(&mut bytes));
+            DedupDelta::Append(bytes)
+        };
+        EngineDelta { states, effects: std::mem::take(&mut self.effects), dedup, max_ts: self.clock.max_ts() }
+    }
+
+    /// A canonical snapshot of everything (SKUs sorted by name, dedup entries by key).
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let mut skus: Vec<(String, SkuState)> =
+            self.skus.iter().map(|s| (s.name.to_string(), s.state.clone())).collect();
+        skus.sort_by(|a, b| a.0.cmp(&b.0));
+        ShardSnapshot { max_ts: self.clock.max_ts(), skus, dedup: self.dedup.entries() }
+    }
+
+    /// Approximate heap bytes held (SKU slots, names, lines, windows, dedup, index).
+    pub fn approx_memory_bytes(&self) -> usize {
+        let slots = self.skus.capacity() * std::mem::size_of::<Slot>();
+        let names: usize = self.skus.iter().map(|s| s.name.len()).sum();
+        let lines: usize =
+            self.skus.iter().map(|s| s.state.lines.iter().map(|(k, _)| k.len() + 48).sum::<usize>()).sum();
+        let windows: usize = self
+            .skus
+            .iter()
+            .map(|s| s.state.windows.capacity() * std::mem::size_of::<crate::windows::OpenWindow>())
+            .sum();
+        let index = self.table.capacity() * (std::mem::size_of::<u32>() + 1);
+        slots + names + lines + windows + index + self.dedup.len() * 40
+    }
+
+    /// The dedup index's live entry count.
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+
+    fn engine() -> ShardEngine {
+        ShardEngine::new(Arc::new(EngineConfig::default()))
+    }
+
+    #[test]
+    fn duplicates_are_skipped_and_counted() {
+        let mut e = engine();
+        let ev = br#"{"id":"a","type":"stock_received","sku":"S","ts":1,"qty":3}"#;
+        assert_eq!(e.apply(&decode(ev).unwrap()), Applied::Applied);
+        assert_eq!(e.apply(&decode(ev).unwrap()), Applied::Duplicate);
+        assert_eq!(e.sku("S").unwrap().on_hand, 3);
+        assert_eq!(e.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn delta_holds_dirty_skus_once_and_resets() {
+        let mut e = engine();
+        for (i, sku) in ["A", "B", "A"].iter().enumerate() {
+            let json = format!(r#"{{"id":"{i}","type":"stock_adjusted","sku":"{sku}","ts":{i},"delta":1}}"#);
+            e.apply(&decode(json.as_bytes()).unwrap());
+        }
+        let d = e.take_delta();
+        let names: Vec<_> = d.states.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["A", "B"]);
+        let DedupDelta::Append(bytes) = d.dedup else { panic!() };
+        assert_eq!(bytes.len(), 3 * ENTRY_BYTES);
+        assert!(!e.is_dirty());
+        assert!(e.take_delta().states.is_empty());
+    }
+}

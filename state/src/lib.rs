@@ -1,0 +1,31 @@
+//! # stockflow-state
+//!
+//! The domain of stockflow, free of stream and network I/O:
+//!
+//! - [`event`]: the canonical event of SPEC §1, decoded with borrowed strings and validated
+//!   strictly (errors name the field).
+//! - [`ledger`]: per-SKU stock, reservations per open order line, average cost and COGS (SPEC §2).
+//! - [`windows`]: event-time tumbling windows, the per-shard watermark and sales velocity (§3).
+//! - [`dedup`]: dedup by event id within a horizon of event time.
+//! - [`effects`]: alerts, reorder requests, journal lines and discrepancies with deterministic ids.
+//! - [`engine`]: `ShardEngine`, one shard's state in memory, its snapshot and its commit delta.
+//! - [`store`]: the `StateStore` trait — state, outbox, dead letters and checkpoints together.
+//! - [`embedded`]: `RedbStore`, the durable single-machine store.
+//! - [`reference`]: the straight pass that every backend must agree with.
+
+pub mod dedup;
+pub mod effects;
+pub mod embedded;
+pub mod engine;
+pub mod event;
+pub mod ledger;
+pub mod money;
+pub mod reference;
+pub mod store;
+pub mod windows;
+
+pub use effects::Effect;
+pub use engine::{Applied, EngineConfig, ShardEngine};
+pub use event::{DecodeError, Event, EventKind, decode};
+pub use ledger::SkuState;
+pub use store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
