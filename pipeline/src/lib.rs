@@ -1,1 +1,23 @@
-//! placeholder
+//! # stockflow-pipeline
+//!
+//! Streams and the workers that consume them:
+//!
+//! - [`source`]: the `StreamSource` / `ShardReader` / `StreamProducer` traits every backend
+//!   implements (embedded log now; Kinesis and Kafka behind the same traits).
+//! - [`log`]: `EmbeddedLog`, the durable partitioned log of the single-machine deployment.
+//! - [`worker`]: `ShardWorker`, one task per shard: decode → dedup → apply → commit.
+//! - [`consumer`]: running all shards of a source in one process.
+//! - [`retry`]: the one backoff policy (capped exponential, full jitter).
+//! - [`metrics`]: the pipeline's named telemetry events.
+
+pub mod consumer;
+pub mod log;
+pub mod metrics;
+pub mod retry;
+pub mod source;
+pub mod worker;
+
+pub use consumer::run_all_shards;
+pub use log::EmbeddedLog;
+pub use source::{OutRecord, ReadStatus, RecordBatch, ShardReader, StreamError, StreamProducer, StreamSource};
+pub use worker::{Progress, ShardWorker, WorkerConfig, WorkerError, WorkerReport};

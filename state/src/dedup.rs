@@ -41,7 +41,7 @@ impl DedupEntry {
 
     /// Decodes a buffer of entries; a trailing partial entry is an error.
     pub fn decode_all(bytes: &[u8]) -> Result<Vec<DedupEntry>, String> {
-        if bytes.len() % ENTRY_BYTES != 0 {
+        if !bytes.len().is_multiple_of(ENTRY_BYTES) {
             return Err(format!("dedup chunk of {} bytes is not a multiple of {ENTRY_BYTES}", bytes.len()));
         }
         Ok(bytes
@@ -88,10 +88,10 @@ impl DedupIndex {
 
     /// True if the event was already applied; otherwise remembers it and returns false.
     pub fn check_and_insert(&mut self, key: u128, ts: i64, sku: u32, sku_max_ts: Option<i64>) -> bool {
-        if let Some((seen_ts, _)) = self.live.get(&key) {
-            if sku_max_ts.is_none_or(|m| seen_ts.saturating_add(self.horizon_ms) >= m) {
-                return true;
-            }
+        if let Some((seen_ts, _)) = self.live.get(&key)
+            && sku_max_ts.is_none_or(|m| seen_ts.saturating_add(self.horizon_ms) >= m)
+        {
+            return true;
         }
         self.live.insert(key, (ts, sku));
         self.pending.push(DedupEntry { key, ts, sku });

@@ -123,7 +123,7 @@ pub struct CountDiscrepancy {
 
 /// One effect in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "effect", rename_all = "snake_case")]
 pub enum Effect {
     /// An oversell alert.
     Oversell(OversellAlert),

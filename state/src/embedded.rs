@@ -115,7 +115,7 @@ impl RedbStore {
         Ok(StoredShard { checkpoint: meta.checkpoint, snapshot: ShardSnapshot { max_ts: meta.max_ts, skus, dedup } })
     }
 
-    fn commit_sync(db: &Database, c: ShardCommit) -> Result<(), StoreError> {
+    fn commit_sync(db: &Database, c: &ShardCommit) -> Result<(), StoreError> {
         let txn = db.begin_write().map_err(unavailable)?;
         {
             let mut metas = txn.open_table(SHARD_META).map_err(unavailable)?;
@@ -123,14 +123,14 @@ impl RedbStore {
                 Some(v) => postcard::from_bytes(v.value()).map_err(corrupt)?,
                 None => ShardMeta::default(),
             };
-            if let Some(stored) = &meta.checkpoint {
-                if *stored >= c.checkpoint {
-                    return Err(StoreError::CheckpointRegression {
-                        shard: c.shard,
-                        stored: stored.clone(),
-                        new: c.checkpoint,
-                    });
-                }
+            if let Some(stored) = &meta.checkpoint
+                && *stored >= c.checkpoint
+            {
+                return Err(StoreError::CheckpointRegression {
+                    shard: c.shard.clone(),
+                    stored: stored.clone(),
+                    new: c.checkpoint.clone(),
+                });
             }
             let mut states = txn.open_table(SKU_STATE).map_err(unavailable)?;
             for (sku, state) in &c.states {
@@ -164,7 +164,7 @@ impl RedbStore {
                 dedup.insert((c.shard.as_str(), meta.next_dedup_chunk), bytes.as_slice()).map_err(unavailable)?;
                 meta.next_dedup_chunk += 1;
             }
-            meta.checkpoint = Some(c.checkpoint);
+            meta.checkpoint = Some(c.checkpoint.clone());
             meta.max_ts = c.max_ts;
             let meta_bytes = postcard::to_allocvec(&meta).map_err(corrupt)?;
             metas.insert(c.shard.as_str(), meta_bytes.as_slice()).map_err(unavailable)?;
@@ -193,8 +193,8 @@ impl StateStore for RedbStore {
         self.blocking(move |db| Self::load_shard_sync(db, &shard)).await
     }
 
-    async fn commit(&self, commit: ShardCommit) -> Result<(), StoreError> {
-        self.blocking(move |db| Self::commit_sync(db, commit)).await
+    async fn commit(&self, commit: Arc<ShardCommit>) -> Result<(), StoreError> {
+        self.blocking(move |db| Self::commit_sync(db, &commit)).await
     }
 
     async fn sku_states(&self) -> Result<Vec<(String, SkuState)>, StoreError> {

@@ -340,8 +340,7 @@ impl ShardEngine {
     pub fn approx_memory_bytes(&self) -> usize {
         let slots = self.skus.capacity() * std::mem::size_of::<Slot>();
         let names: usize = self.skus.iter().map(|s| s.name.len()).sum();
-        let lines: usize =
-            self.skus.iter().map(|s| s.state.lines.iter().map(|(k, _)| k.len() + 48).sum::<usize>()).sum();
+        let lines: usize = self.skus.iter().map(|s| s.state.lines.keys().map(|k| k.len() + 48).sum::<usize>()).sum();
         let windows: usize = self
             .skus
             .iter()

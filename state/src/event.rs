@@ -17,8 +17,10 @@ pub const MAX_SKU_BYTES: usize = 64;
 /// The six event types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(Default)]
 pub enum EventKind {
     /// A customer order line reserves stock.
+    #[default]
     OrderPlaced,
     /// An order line is cancelled and releases its reservation.
     OrderCancelled,
@@ -188,12 +190,6 @@ struct WireEvent<'a> {
     currency: Option<Currency>,
 }
 
-impl Default for EventKind {
-    fn default() -> Self {
-        EventKind::OrderPlaced
-    }
-}
-
 /// Why a record is not a valid canonical event. Permanent: the record goes to the dead letters.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -301,10 +297,10 @@ fn validate(raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
     if raw.sku.chars().any(char::is_control) {
         return Err(DecodeError::field_err("sku", "must not contain control characters"));
     }
-    if let Some(c) = raw.currency.as_deref() {
-        if Currency::parse(c).is_none() {
-            return Err(DecodeError::field_err("currency", "must be an ISO 4217 code such as \"USD\""));
-        }
+    if let Some(c) = raw.currency.as_deref()
+        && Currency::parse(c).is_none()
+    {
+        return Err(DecodeError::field_err("currency", "must be an ISO 4217 code such as \"USD\""));
     }
     let kind = raw.kind;
     let body = match kind {
@@ -348,10 +344,9 @@ fn validate(raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
         | EventBody::OrderCancelled { order_id, .. }
         | EventBody::OrderShipped { order_id, .. } => Some(order_id),
         _ => None,
-    } {
-        if order_id.is_empty() || order_id.len() > MAX_ID_BYTES {
-            return Err(DecodeError::field_err("order_id", "must be 1–256 bytes"));
-        }
+    } && (order_id.is_empty() || order_id.len() > MAX_ID_BYTES)
+    {
+        return Err(DecodeError::field_err("order_id", "must be 1–256 bytes"));
     }
     Ok(Event { id: raw.id, sku: raw.sku, ts: raw.ts, body })
 }
@@ -368,7 +363,9 @@ fn diagnose(bytes: &[u8], err: serde_json::Error) -> DecodeError {
     };
     let string = |v: &Value| v.is_string();
     let integer = |v: &Value| v.is_i64();
-    let checks: [(&'static str, bool, fn(&Value) -> bool, &'static str); 12] = [
+    // (field, required, type check, what it must be)
+    type Check = (&'static str, bool, fn(&Value) -> bool, &'static str);
+    let checks: [Check; 12] = [
         ("id", true, string, "must be a string"),
         ("type", true, string, "must be a string"),
         ("sku", true, string, "must be a string"),

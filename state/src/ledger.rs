@@ -167,19 +167,19 @@ impl SkuState {
                         .flatten();
                     self.avg_cost = averaged.unwrap_or(cost.amount);
                     self.cost_currency = Some(cost.currency);
-                    if let Some(amount) = times(cost.amount, *qty).map(|a| cost.currency.round(a)) {
-                        if !amount.is_zero() {
-                            effects.push(Effect::Journal(JournalLine {
-                                entry_id: format!("inventory:{}", ev.id),
-                                sku: ev.sku.to_string(),
-                                kind: JournalKind::InventoryReceipt,
-                                qty: *qty,
-                                unit_cost: cost.amount,
-                                amount,
-                                currency: cost.currency,
-                                ts: ev.ts,
-                            }));
-                        }
+                    if let Some(amount) = times(cost.amount, *qty).map(|a| cost.currency.round(a))
+                        && !amount.is_zero()
+                    {
+                        effects.push(Effect::Journal(JournalLine {
+                            entry_id: format!("inventory:{}", ev.id),
+                            sku: ev.sku.to_string(),
+                            kind: JournalKind::InventoryReceipt,
+                            qty: *qty,
+                            unit_cost: cost.amount,
+                            amount,
+                            currency: cost.currency,
+                            ts: ev.ts,
+                        }));
                     }
                 }
             }

@@ -5,6 +5,7 @@
 use std::cmp::Ordering;
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -161,7 +162,7 @@ pub trait StateStore: Send + Sync + 'static {
     fn load_shard(&self, shard: &str) -> impl Future<Output = Result<StoredShard, StoreError>> + Send;
 
     /// Writes one commit: states, effects, dead letters, dedup entries and the checkpoint.
-    fn commit(&self, commit: ShardCommit) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn commit(&self, commit: Arc<ShardCommit>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Every SKU's state across all shards, sorted by SKU.
     fn sku_states(&self) -> impl Future<Output = Result<Vec<(String, SkuState)>, StoreError>> + Send;

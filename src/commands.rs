@@ -1,0 +1,328 @@
+//! The subcommands other than `demo`: wiring of config, the embedded backend, the ingest app and
+//! the shard workers.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use stockflow_pipeline::{EmbeddedLog, OutRecord, Progress, WorkerReport, run_all_shards};
+use stockflow_state::StateStore;
+use stockflow_state::embedded::RedbStore;
+use stockflow_state::reference::{Outcome, SkuSummary, straight_pass};
+use tokio::sync::watch;
+
+use crate::config::{FileConfig, Settings};
+use crate::{Cli, Command, demo, generate};
+
+/// Arguments of `stockflow run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Address of the ingest server (overrides `ingest.listen`).
+    #[arg(long, env = "STOCKFLOW_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+/// Arguments of `stockflow consume`.
+#[derive(Debug, clap::Args)]
+pub struct ConsumeArgs {
+    /// Stop once every shard has been read to its current end and committed.
+    #[arg(long)]
+    drain: bool,
+}
+
+/// Arguments of `stockflow replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// NDJSON file of canonical events, one per line (bad lines are dead-lettered, not dropped).
+    #[arg(long, value_name = "FILE")]
+    file: PathBuf,
+    /// Records per durable append (1 to 100,000).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: u32,
+    /// Only append; leave consuming to `stockflow run` or `stockflow consume`.
+    #[arg(long)]
+    no_consume: bool,
+}
+
+/// Arguments of `stockflow verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The NDJSON file whose straight pass the stored state must equal.
+    #[arg(long, value_name = "FILE")]
+    events: PathBuf,
+    /// Differences to print at most.
+    #[arg(long, default_value_t = 20)]
+    max_diff: usize,
+}
+
+/// The embedded backend of one data directory, locked against a second process.
+pub struct Embedded {
+    /// The durable log.
+    pub log: EmbeddedLog,
+    /// The state store.
+    pub store: Arc<RedbStore>,
+    _lock: File,
+}
+
+impl Embedded {
+    /// Opens (creating if needed) the log and store in the settings' data directory.
+    pub fn open(settings: &Settings, fsync: bool) -> anyhow::Result<Self> {
+        let lock = lock_data_dir(&settings.data_dir)?;
+        let log = EmbeddedLog::open_with(settings.log_dir(), settings.shards, fsync)
+            .with_context(|| format!("opening the log in {}", settings.log_dir().display()))?;
+        let store = RedbStore::open(settings.state_path())
+            .with_context(|| format!("opening the state store {}", settings.state_path().display()))?;
+        Ok(Embedded { log, store: Arc::new(store), _lock: lock })
+    }
+
+    /// Consumes every shard until `shutdown` (or, after [`EmbeddedLog::seal`], the end).
+    pub async fn consume(
+        &self,
+        settings: &Settings,
+        shutdown: watch::Receiver<bool>,
+        progress: Arc<Progress>,
+    ) -> anyhow::Result<Vec<WorkerReport>> {
+        Ok(run_all_shards(
+            &self.log,
+            Arc::clone(&self.store),
+            Arc::clone(&settings.engine),
+            settings.worker,
+            shutdown,
+            progress,
+        )
+        .await?)
+    }
+}
+
+fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("LOCK");
+    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(_) => bail!(
+            "{} is in use by another stockflow process (the embedded backend is single-process; \
+             stop it, or send events to its ingest API)",
+            dir.display()
+        ),
+    }
+}
+
+/// A receiver that turns true on SIGINT or SIGTERM.
+pub fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    let _ = tx.send(true);
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested: finishing batches and committing");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Runs the chosen subcommand.
+pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {
+    let mut file = match &cli.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let explicit_dir = cli.data_dir.is_some();
+    if let Some(dir) = cli.data_dir {
+        file.data_dir = dir;
+    }
+    if let Some(shards) = cli.shards {
+        file.shards = shards;
+    }
+    let settings = file.validate()?;
+    match cli.command {
+        Command::Demo(args) => demo::run(args, settings, explicit_dir).await,
+        Command::Run(args) => run(args, settings, metrics).await,
+        Command::Consume(args) => consume(args, settings).await,
+        Command::Replay(args) => replay(args, settings).await,
+        Command::Generate(args) => {
+            let stream = generate::generate(&args.stream.to_config());
+            let out = File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+            stream.write_ndjson(std::io::BufWriter::new(out))?;
+            println!("wrote {} events ({} bytes) to {}", stream.len(), stream.bytes(), args.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::State(_) => dump_states(settings).await,
+        Command::Alerts(_) => dump_alerts(settings).await,
+        Command::Dlq(_) => dump_dead_letters(settings).await,
+        Command::Verify(args) => verify(args, settings).await,
+    }
+}
+
+async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {
+    let listen = args.listen.unwrap_or(settings.listen);
+    let backend = Embedded::open(&settings, true)?;
+    let shutdown = shutdown_signal();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the ingest server to {listen}"))?;
+    println!("stockflow: ingest on http://{}/v1/events, metrics on /metrics", listener.local_addr()?);
+    let app = crate::ingest::app(Arc::new(backend.log.clone()), metrics);
+    let mut server_stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    let reports = backend.consume(&settings, shutdown, Arc::new(Progress::default())).await?;
+    server.await.context("ingest server task")??;
+    for r in &reports {
+        tracing::info!(shard = %r.shard, checkpoint = ?r.checkpoint, applied = r.stats.applied, "shard stopped");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn consume(args: ConsumeArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    let backend = Embedded::open(&settings, true)?;
+    if args.drain {
+        backend.log.seal();
+    }
+    let progress = Arc::new(Progress::default());
+    let reports = backend.consume(&settings, shutdown_signal(), Arc::clone(&progress)).await?;
+    print_reports(&reports);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_reports(reports: &[WorkerReport]) {
+    let applied: u64 = reports.iter().map(|r| r.stats.applied).sum();
+    let dups: u64 = reports.iter().map(|r| r.stats.duplicates).sum();
+    println!("consumed: {applied} events applied, {dups} duplicates skipped, {} shards", reports.len());
+}
+
+/// Reads an NDJSON file into its non-empty lines.
+pub fn read_lines(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Non-empty lines of an NDJSON buffer (trailing `\r` removed).
+pub fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
+    buf.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).filter(|l| !l.trim_ascii().is_empty())
+}
+
+#[derive(Deserialize)]
+struct KeyOnly<'a> {
+    #[serde(borrow)]
+    sku: Cow<'a, str>,
+}
+
+/// The partition key of a raw record: its SKU, or `""` for a record without one (it will be
+/// dead-lettered by the shard that gets it).
+pub fn partition_key(record: &[u8]) -> Cow<'_, str> {
+    serde_json::from_slice::<KeyOnly<'_>>(record).map(|k| k.sku).unwrap_or(Cow::Borrowed(""))
+}
+
+async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    let buf = read_lines(&args.file)?;
+    let backend = Embedded::open(&settings, true)?;
+    let records: Vec<(Cow<'_, str>, &[u8])> = lines(&buf).map(|l| (partition_key(l), l)).collect();
+    let started = std::time::Instant::now();
+    for chunk in records.chunks(args.batch as usize) {
+        let out: Vec<OutRecord<'_>> = chunk.iter().map(|(k, p)| OutRecord { key: k, payload: p }).collect();
+        backend.log.append(&out)?;
+    }
+    println!("appended {} records from {} in {:.2?}", records.len(), args.file.display(), started.elapsed());
+    if args.no_consume {
+        return Ok(ExitCode::SUCCESS);
+    }
+    backend.log.seal();
+    let reports = backend.consume(&settings, shutdown_signal(), Arc::new(Progress::default())).await?;
+    print_reports(&reports);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_store(settings: &Settings) -> anyhow::Result<RedbStore> {
+    let path = settings.state_path();
+    if !path.exists() {
+        bail!("no state store at {} (run `stockflow replay` or `stockflow run` first)", path.display());
+    }
+    RedbStore::open(&path).with_context(|| format!("opening {} (is a stockflow process using it?)", path.display()))
+}
+
+fn print_ndjson<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for item in items {
+        serde_json::to_writer(&mut out, &item)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn dump_states(settings: Settings) -> anyhow::Result<ExitCode> {
+    let states = open_store(&settings)?.sku_states().await?;
+    print_ndjson(states.iter().map(|(sku, s)| SkuSummary::of(sku, s)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dump_alerts(settings: Settings) -> anyhow::Result<ExitCode> {
+    let outcome = Outcome::from_parts(&[], open_store(&settings)?.effects().await?, 0);
+    print_ndjson(outcome.alerts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dump_dead_letters(settings: Settings) -> anyhow::Result<ExitCode> {
+    print_ndjson(open_store(&settings)?.dead_letters().await?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The stored outcome of a store.
+pub async fn stored_outcome(store: &RedbStore) -> anyhow::Result<Outcome> {
+    let states = store.sku_states().await?;
+    let effects = store.effects().await?;
+    let dead = store.dead_letters().await?;
+    Ok(Outcome::from_parts(&states, effects, dead.len()))
+}
+
+async fn verify(args: VerifyArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    let buf = read_lines(&args.events)?;
+    let expected = straight_pass(Arc::clone(&settings.engine), lines(&buf));
+    let actual = stored_outcome(&open_store(&settings)?).await?;
+    let diff = expected.diff(&actual, args.max_diff);
+    if diff.is_empty() {
+        println!(
+            "verified: {} SKUs, {} alerts and {} dead letters equal the straight pass over {}",
+            actual.skus.len(),
+            actual.alerts.len(),
+            actual.dead_letters,
+            args.events.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("MISMATCH against the straight pass over {}:", args.events.display());
+        for line in diff {
+            println!("  {line}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}

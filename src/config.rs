@@ -1,0 +1,206 @@
+//! Configuration: a TOML file (`--config`, `STOCKFLOW_CONFIG`) with every field defaulted,
+//! overridden by flags and environment variables, validated once into [`Settings`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use stockflow_pipeline::WorkerConfig;
+use stockflow_state::EngineConfig;
+use stockflow_state::windows::WindowConfig;
+
+/// The configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Directory of the embedded log (`log/`) and state store (`state.redb`).
+    pub data_dir: PathBuf,
+    /// Shards of the embedded log; fixed when the log is created.
+    pub shards: usize,
+    /// Stock rules.
+    pub engine: EngineSection,
+    /// Commit cadence.
+    pub worker: WorkerSection,
+    /// The HTTP server of `stockflow run`.
+    pub ingest: IngestSection,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            data_dir: PathBuf::from("data"),
+            shards: 4,
+            engine: EngineSection::default(),
+            worker: WorkerSection::default(),
+            ingest: IngestSection::default(),
+        }
+    }
+}
+
+/// `[engine]`: the parameters of SPEC §2–§3.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Tumbling window sizes in milliseconds (default one minute and one hour).
+    pub window_sizes_ms: Vec<i64>,
+    /// Allowed lateness of the watermark in milliseconds (default 5 minutes).
+    pub allowed_lateness_ms: i64,
+    /// How long an event id is remembered, in milliseconds of event time (default 24 h).
+    pub dedup_horizon_ms: i64,
+    /// Reorder point of SKUs not listed in `reorder_points` (0 = low-stock alerts off).
+    pub default_reorder_point: i64,
+    /// Reorder point per SKU.
+    pub reorder_points: HashMap<String, i64>,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let d = EngineConfig::default();
+        EngineSection {
+            window_sizes_ms: d.windows.sizes_ms().to_vec(),
+            allowed_lateness_ms: d.windows.allowed_lateness_ms(),
+            dedup_horizon_ms: d.dedup_horizon_ms,
+            default_reorder_point: 0,
+            reorder_points: HashMap::new(),
+        }
+    }
+}
+
+/// `[worker]`: how often shard workers commit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSection {
+    /// Commit after this many records (1 to 1,000,000).
+    pub commit_every_records: usize,
+    /// Commit at least this often while records arrive, in milliseconds (10 to 60,000).
+    pub commit_interval_ms: u64,
+    /// Records per read (1 to 10,000).
+    pub batch_records: usize,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        let d = WorkerConfig::default();
+        WorkerSection {
+            commit_every_records: d.commit_every_records,
+            commit_interval_ms: d.commit_interval.as_millis() as u64,
+            batch_records: d.batch_records,
+        }
+    }
+}
+
+/// `[ingest]`: the HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestSection {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        IngestSection { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Shards of the embedded log.
+    pub shards: usize,
+    /// Engine parameters.
+    pub engine: Arc<EngineConfig>,
+    /// Worker cadence.
+    pub worker: WorkerConfig,
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+}
+
+impl FileConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Checks every field and builds the settings.
+    pub fn validate(self) -> anyhow::Result<Settings> {
+        if !(1..=1024).contains(&self.shards) {
+            bail!("shards = {}: must be 1 to 1024", self.shards);
+        }
+        let e = self.engine;
+        let windows = WindowConfig::new(e.window_sizes_ms, e.allowed_lateness_ms).map_err(anyhow::Error::msg)?;
+        if e.dedup_horizon_ms < 60_000 {
+            bail!("engine.dedup_horizon_ms = {}: must be at least 60000", e.dedup_horizon_ms);
+        }
+        if e.default_reorder_point < 0 || e.reorder_points.values().any(|r| *r < 0) {
+            bail!("engine reorder points must not be negative");
+        }
+        let w = self.worker;
+        if !(1..=1_000_000).contains(&w.commit_every_records) {
+            bail!("worker.commit_every_records = {}: must be 1 to 1000000", w.commit_every_records);
+        }
+        if !(10..=60_000).contains(&w.commit_interval_ms) {
+            bail!("worker.commit_interval_ms = {}: must be 10 to 60000", w.commit_interval_ms);
+        }
+        if !(1..=10_000).contains(&w.batch_records) {
+            bail!("worker.batch_records = {}: must be 1 to 10000", w.batch_records);
+        }
+        Ok(Settings {
+            data_dir: self.data_dir,
+            shards: self.shards,
+            engine: Arc::new(EngineConfig {
+                windows,
+                dedup_horizon_ms: e.dedup_horizon_ms,
+                default_reorder_point: e.default_reorder_point,
+                reorder_points: e.reorder_points,
+            }),
+            worker: WorkerConfig {
+                commit_every_records: w.commit_every_records,
+                commit_interval: Duration::from_millis(w.commit_interval_ms),
+                batch_records: w.batch_records,
+                ..WorkerConfig::default()
+            },
+            listen: self.ingest.listen,
+        })
+    }
+}
+
+impl Settings {
+    /// Directory of the embedded log.
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("log")
+    }
+
+    /// Path of the embedded state store.
+    pub fn state_path(&self) -> PathBuf {
+        self.data_dir.join("state.redb")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_unknown_fields_are_rejected() {
+        let s = FileConfig::default().validate().unwrap();
+        assert_eq!(s.shards, 4);
+        assert_eq!(s.engine.dedup_horizon_ms, 86_400_000);
+        let err = toml::from_str::<FileConfig>("shardz = 3").unwrap_err().to_string();
+        assert!(err.contains("shardz"), "{err}");
+        let parsed: FileConfig =
+            toml::from_str("shards = 2\n[engine]\ndefault_reorder_point = 5\n[engine.reorder_points]\n\"MUG\" = 9\n")
+                .unwrap();
+        let s = parsed.validate().unwrap();
+        assert_eq!((s.engine.reorder_point("MUG"), s.engine.reorder_point("X")), (9, 5));
+        let bad = FileConfig { shards: 0, ..FileConfig::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("shards"));
+    }
+}
