@@ -19,7 +19,8 @@ use stockflow_state::reference::{Outcome, SkuSummary, straight_pass};
 use tokio::sync::watch;
 
 use crate::config::{FileConfig, Settings};
-use crate::{Cli, Command, demo, generate};
+use crate::cli::{Cli, Command};
+use crate::{demo, generate};
 
 /// Arguments of `stockflow run`.
 #[derive(Debug, clap::Args)]
@@ -63,6 +64,7 @@ pub struct VerifyArgs {
 }
 
 /// The embedded backend of one data directory, locked against a second process.
+#[derive(Debug)]
 pub struct Embedded {
     /// The durable log.
     pub log: EmbeddedLog,

@@ -200,6 +200,8 @@ mod tests {
                 .unwrap();
         let s = parsed.validate().unwrap();
         assert_eq!((s.engine.reorder_point("MUG"), s.engine.reorder_point("X")), (9, 5));
+        let example: FileConfig = toml::from_str(include_str!("../deploy/stockflow.example.toml")).unwrap();
+        assert_eq!(example.validate().unwrap().worker, WorkerConfig::default());
         let bad = FileConfig { shards: 0, ..FileConfig::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("shards"));
     }

@@ -151,13 +151,14 @@ pub fn generate(cfg: &GenConfig) -> Stream {
         out.records.push((sku, start..out.buf.len()));
     };
 
-    // Opening physical counts: every SKU starts with ~15% of its expected demand.
+    // Opening physical counts: every SKU starts with ~30% of its expected demand; restocks then
+    // bring ~108% of the demand, so stock mostly keeps up and oversells come from bursts.
     for sku in 0..cfg.skus as u32 {
         if out.records.len() >= cfg.events {
             break;
         }
         let demand = body_events as f64 * 0.48 * 1.5 * weights[sku as usize] / total_weight;
-        let on_hand = (demand * 0.15).ceil() as i64 + 2;
+        let on_hand = (demand * 0.3).ceil() as i64 + 5;
         model_on_hand[sku as usize] = on_hand;
         let ts = cfg.start_ts;
         emit(&mut out, sku, &mut |b| {
@@ -278,7 +279,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
                 });
             } else if k < 0.96 {
                 let sku = zipf(&mut rng);
-                let qty = 5 + rng.below(13) as i64;
+                let qty = 6 + rng.below(15) as i64;
                 model_on_hand[sku as usize] += qty;
                 let cost = price(sku) * 40; // cents: 40% of the price
                 emit(&mut out, sku, &mut |b| {

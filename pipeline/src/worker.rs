@@ -202,7 +202,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
                 }
                 Err(e) => {
                     let position = batch.position(k);
-                    tracing::warn!(shard = %self.shard, %position, error = %e, "dead-lettered a bad record");
+                    tracing::debug!(shard = %self.shard, %position, error = %e, "dead-lettered a bad record");
                     self.dead.push(DeadLetter::new(&self.shard, position, e.to_string(), e.field(), payload));
                     counts.dead_letters += 1;
                 }
@@ -222,6 +222,9 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         counts.windows_final = stats.windows_final - self.seen.windows_final;
         counts.effects = stats.effects - self.seen.effects;
         self.seen = stats;
+        if counts.dead_letters > 0 {
+            tracing::info!(shard = %self.shard, count = counts.dead_letters, "dead-lettered bad records (see `stockflow dlq dump`)");
+        }
         metrics::batch_processed(&self.shard, &counts);
         let p = &self.progress;
         p.read.fetch_add(counts.read, Ordering::Relaxed);

@@ -294,7 +294,7 @@ fn validate(raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
     if raw.sku.is_empty() || raw.sku.len() > MAX_SKU_BYTES {
         return Err(DecodeError::field_err("sku", "must be 1–64 bytes"));
     }
-    if raw.sku.chars().any(char::is_control) {
+    if raw.sku.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) && raw.sku.chars().any(char::is_control) {
         return Err(DecodeError::field_err("sku", "must not contain control characters"));
     }
     if let Some(c) = raw.currency.as_deref()

@@ -1,7 +1,9 @@
 //! The per-SKU ledger: stock, reservations per open order line, average cost and COGS, with
 //! exactly the rules of SPEC §2. Pure and synchronous: no I/O, no clocks.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+
+use foldhash::fast::FixedState;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -12,6 +14,9 @@ use crate::effects::{
 use crate::event::{Event, EventBody, Shipped};
 use crate::money::Currency;
 use crate::windows::{Contribution, OpenWindow, Velocity};
+
+/// Open order lines of a SKU.
+pub type Lines = HashMap<Box<str>, Line, FixedState>;
 
 /// An open order line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -31,8 +36,8 @@ pub struct SkuState {
     pub on_hand: i64,
     /// Units reserved by open order lines.
     pub reserved: i64,
-    /// Open order lines, by order (line) id.
-    pub lines: BTreeMap<Box<str>, Line>,
+    /// Open order lines, by order (line) id. A hash map: hot SKUs hold thousands of open lines.
+    pub lines: Lines,
     /// Moving average unit cost.
     pub avg_cost: Decimal,
     /// Currency of `avg_cost`, once a cost was received.

@@ -3,8 +3,7 @@
 //! A SKU keeps only its *open* windows; the shard keeps a min-heap of window ends so that a
 //! watermark advance finalises exactly the windows it passes, without scanning every SKU.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -189,17 +188,19 @@ impl Velocity {
     }
 }
 
-/// The per-shard watermark and the heap of open window ends.
+/// The per-shard watermark and the open windows, bucketed by their end: window ends are
+/// multiples of the sizes, so a handful of buckets are alive at a time and a watermark advance
+/// pops whole buckets.
 #[derive(Debug, Default)]
 pub struct WindowClock {
     max_ts: Option<i64>,
-    ends: BinaryHeap<Reverse<(i64, u32, u8, i64)>>,
+    ends: BTreeMap<i64, Vec<(u32, u8)>>,
 }
 
 impl WindowClock {
     /// A clock that has seen `max_ts` (from a checkpoint).
     pub fn resume(max_ts: Option<i64>) -> Self {
-        WindowClock { max_ts, ends: BinaryHeap::new() }
+        WindowClock { max_ts, ends: BTreeMap::new() }
     }
 
     /// Largest event time seen on the shard.
@@ -215,7 +216,7 @@ impl WindowClock {
     /// Registers an open window of SKU `sku` (after a restore, or when first created).
     pub fn track(&mut self, cfg: &WindowConfig, sku: u32, w: &OpenWindow) {
         let end = w.start.saturating_add(cfg.sizes_ms[usize::from(w.size)]);
-        self.ends.push(Reverse((end, sku, w.size, w.start)));
+        self.ends.entry(end).or_default().push((sku, w.size));
     }
 
     /// Adds `c` to the SKU's windows for event time `ts`. Returns the number of window sizes for
@@ -261,12 +262,14 @@ impl WindowClock {
         }
         self.max_ts = Some(ts);
         let watermark = ts.saturating_sub(cfg.allowed_lateness_ms);
-        while let Some(Reverse((end, sku, size, start))) = self.ends.peek().copied() {
+        while let Some(entry) = self.ends.first_entry() {
+            let end = *entry.key();
             if end > watermark {
                 break;
             }
-            self.ends.pop();
-            out.push((sku, size, start));
+            for (sku, size) in entry.remove() {
+                out.push((sku, size, end - cfg.sizes_ms[usize::from(size)]));
+            }
         }
     }
 }

@@ -1,0 +1,78 @@
+//! The command line: `stockflow --help` is generated from these types.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// stockflow — a stream processor that keeps an Amazon seller's inventory true in real time.
+///
+/// It reads canonical stock events (orders placed, cancelled and shipped; stock received,
+/// adjusted and counted) from a stream, keeps per-SKU stock, reservations, costs and windows,
+/// raises oversell and low-stock alerts, and commits state, effects and stream position
+/// together so crashes neither lose nor double-count anything.
+#[derive(Debug, Parser)]
+#[command(name = "stockflow", version, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file (TOML). Every field has a default; see deploy/stockflow.example.toml.
+    #[arg(long, global = true, env = "STOCKFLOW_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory of the embedded log and state store (overrides `data_dir`).
+    #[arg(long, global = true, env = "STOCKFLOW_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Shards of a new embedded log (overrides `shards`; an existing log keeps its count).
+    #[arg(long, global = true, env = "STOCKFLOW_SHARDS", value_name = "N")]
+    pub shards: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a peak-season stream, run it through the embedded pipeline, verify the result.
+    ///
+    /// Exits 0 when the stored state equals a straight pass over the stream, 1 otherwise.
+    Demo(crate::demo::DemoArgs),
+    /// Serve the ingest API and consume the stream until SIGINT/SIGTERM (embedded backend).
+    Run(crate::commands::RunArgs),
+    /// Consume the embedded stream until SIGINT/SIGTERM, or with --drain until caught up.
+    Consume(crate::commands::ConsumeArgs),
+    /// Append the canonical events of an NDJSON file to the stream, then consume them.
+    Replay(crate::commands::ReplayArgs),
+    /// Write the demo's deterministic stream to an NDJSON file.
+    Generate(generate_args::GenerateArgs),
+    /// Print per-SKU state as NDJSON, sorted by SKU.
+    State(DumpArgs),
+    /// Print alerts (oversell, low stock) as NDJSON, sorted by alert id.
+    Alerts(DumpArgs),
+    /// Print the dead-letter store as NDJSON.
+    Dlq(DumpArgs),
+    /// Compare the stored state with a straight pass over an NDJSON file; exit 1 on mismatch.
+    Verify(crate::commands::VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    #[command(subcommand)]
+    pub action: DumpAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DumpAction {
+    /// Write every record as one JSON line to stdout.
+    Dump,
+}
+
+pub mod generate_args {
+    use std::path::PathBuf;
+
+    /// Arguments of `stockflow generate`.
+    #[derive(Debug, clap::Args)]
+    pub struct GenerateArgs {
+        /// Output file (NDJSON).
+        #[arg(long, value_name = "FILE")]
+        pub out: PathBuf,
+        #[command(flatten)]
+        pub stream: crate::demo::StreamArgs,
+    }
+}
+

@@ -1,0 +1,20 @@
+//! # stockflow
+//!
+//! The binary crate's library: everything `stockflow` wires together, public so the benches and
+//! end-to-end tests use the same code.
+//!
+//! - [`cli`]: the command line.
+//! - [`config`]: the TOML configuration, validated into `Settings`.
+//! - [`commands`]: the subcommands and the embedded backend's wiring.
+//! - [`demo`]: `stockflow demo`.
+//! - [`generate`]: the deterministic peak-season stream generator.
+//! - [`ingest`]: the ingest HTTP app (`fn app() -> Router`).
+//! - [`telemetry`]: logging and the Prometheus recorder.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod demo;
+pub mod generate;
+pub mod ingest;
+pub mod telemetry;
