@@ -75,4 +75,3 @@ pub mod generate_args {
         pub stream: crate::demo::StreamArgs,
     }
 }
-

@@ -18,8 +18,8 @@ use stockflow_state::embedded::RedbStore;
 use stockflow_state::reference::{Outcome, SkuSummary, straight_pass};
 use tokio::sync::watch;
 
-use crate::config::{FileConfig, Settings};
 use crate::cli::{Cli, Command};
+use crate::config::{FileConfig, Settings};
 use crate::{demo, generate};
 
 /// Arguments of `stockflow run`.

@@ -80,7 +80,10 @@ fn errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no state store"));
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "shardz = 2\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_stockflow")).args(["--config", cfg.to_str().unwrap(), "demo"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stockflow"))
+        .args(["--config", cfg.to_str().unwrap(), "demo"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("shardz"));
 }

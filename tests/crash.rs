@@ -18,11 +18,16 @@ const CONFIG: &str = "shards = 3\n[worker]\ncommit_every_records = 400\ncommit_i
 
 fn stockflow(dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockflow"));
-    cmd.args(["--config", dir.join("stockflow.toml").to_str().unwrap(), "--data-dir", dir.join("data").to_str().unwrap()])
-        .args(args)
-        .env("STOCKFLOW_LOG", "warn,stockflow_pipeline::worker=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "--config",
+        dir.join("stockflow.toml").to_str().unwrap(),
+        "--data-dir",
+        dir.join("data").to_str().unwrap(),
+    ])
+    .args(args)
+    .env("STOCKFLOW_LOG", "warn,stockflow_pipeline::worker=debug")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     cmd
 }
 
