@@ -252,7 +252,7 @@ impl StreamSource for EmbeddedLog {
                 offset + FRAME_HEADER + u64::from(u32::from_le_bytes(header))
             }
         };
-        Ok(LogReader { log: Arc::clone(&self.inner), shard: idx, file, pos, buf: Vec::new() })
+        Ok(LogReader { log: Arc::clone(&self.inner), shard: idx, file, pos })
     }
 }
 
@@ -263,7 +263,6 @@ pub struct LogReader {
     shard: usize,
     file: File,
     pos: u64,
-    buf: Vec<u8>,
 }
 
 impl LogReader {
@@ -273,33 +272,46 @@ impl LogReader {
     }
 
     fn read_available(&mut self, end: u64, batch: &mut RecordBatch, max: usize) -> Result<(), StreamError> {
+        // Read straight into the batch's buffer; records are ranges of it (no copy).
+        let mut buf = batch.take_buffer();
+        let result = self.parse_into(end, &mut buf, batch, max);
+        batch.set_buffer(buf);
+        result
+    }
+
+    fn parse_into(
+        &mut self,
+        end: u64,
+        buf: &mut Vec<u8>,
+        batch: &mut RecordBatch,
+        max: usize,
+    ) -> Result<(), StreamError> {
         let want = ((end - self.pos) as usize).min(READ_CHUNK);
-        self.buf.resize(want, 0);
-        self.file.read_exact_at(&mut self.buf, self.pos).map_err(io)?;
+        buf.resize(want, 0);
+        self.file.read_exact_at(buf, self.pos).map_err(io)?;
         let mut at = 0usize;
-        while batch.len() < max && at + FRAME_HEADER as usize <= self.buf.len() {
-            let h = &self.buf[at..at + 8];
+        while batch.len() < max && at + FRAME_HEADER as usize <= buf.len() {
+            let h = &buf[at..at + 8];
             let n = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
             let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
             let body = at + 8..at + 8 + n;
-            if body.end > self.buf.len() {
+            if body.end > buf.len() {
                 if at == 0 {
                     // One frame larger than the chunk: read exactly it.
-                    self.buf.resize(8 + n, 0);
-                    self.file.read_exact_at(&mut self.buf, self.pos).map_err(io)?;
+                    buf.resize(8 + n, 0);
+                    self.file.read_exact_at(buf, self.pos).map_err(io)?;
                     continue;
                 }
                 break;
             }
-            let payload = &self.buf[body.clone()];
-            if crc32fast::hash(payload) != crc {
+            if crc32fast::hash(&buf[body.clone()]) != crc {
                 let shard = &self.log.shards[self.shard].name;
                 return Err(StreamError::Corrupt(format!(
                     "{shard}: checksum mismatch at offset {}",
                     self.pos + at as u64
                 )));
             }
-            batch.push_offset(self.pos + at as u64, payload);
+            batch.push_range(self.pos + at as u64, body.clone());
             at = body.end;
         }
         self.pos += at as u64;

@@ -44,6 +44,22 @@ impl RecordBatch {
         self.records.push((offset, start..self.buf.len()));
     }
 
+    /// Takes the (cleared) byte buffer, for a reader that fills it in place and then adds records
+    /// with [`RecordBatch::push_range`] before handing it back with [`RecordBatch::set_buffer`].
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Hands the buffer back (see [`RecordBatch::take_buffer`]).
+    pub fn set_buffer(&mut self, buf: Vec<u8>) {
+        self.buf = buf;
+    }
+
+    /// Adds a record whose payload is `range` of the buffer being filled (no copy).
+    pub fn push_range(&mut self, offset: u64, range: Range<usize>) {
+        self.records.push((offset, range));
+    }
+
     /// Appends a record with a full position (Kinesis sequence numbers).
     pub fn push_position(&mut self, position: Position, payload: &[u8]) {
         let idx = self.positions.len() as u64;

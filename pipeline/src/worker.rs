@@ -254,7 +254,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         if self.uncommitted == 0 {
             return Ok(());
         }
-        let delta = self.engine.take_delta();
+        let delta = self.engine.take_delta()?;
         let commit = Arc::new(ShardCommit {
             shard: self.shard.clone(),
             lease_epoch: self.epoch,

@@ -16,6 +16,7 @@ use crate::dedup::{DedupEntry, DedupIndex, ENTRY_BYTES};
 use crate::effects::Effect;
 use crate::event::Event;
 use crate::ledger::SkuState;
+use crate::store::StoreError;
 use crate::windows::{FinalWindow, WindowClock, WindowConfig};
 
 /// Default dedup horizon: 24 hours of event time.
@@ -101,8 +102,8 @@ pub enum DedupDelta {
 /// What changed since the previous commit.
 #[derive(Debug)]
 pub struct EngineDelta {
-    /// Dirty SKUs and their full new state.
-    pub states: Vec<(String, SkuState)>,
+    /// Dirty SKUs and their full new state, encoded with [`SkuState::encode`].
+    pub states: Vec<(String, Vec<u8>)>,
     /// Effects produced, in order.
     pub effects: Vec<Effect>,
     /// Dedup entries to persist.
@@ -301,13 +302,13 @@ impl ShardEngine {
         &self.effects
     }
 
-    /// Takes what changed since the previous call: dirty SKUs, effects, dedup entries.
-    pub fn take_delta(&mut self) -> EngineDelta {
+    /// Takes what changed since the previous call: dirty SKUs (encoded), effects, dedup entries.
+    pub fn take_delta(&mut self) -> Result<EngineDelta, StoreError> {
         let mut states = Vec::with_capacity(self.dirty.len());
         for idx in self.dirty.drain(..) {
             let slot = &mut self.skus[idx as usize];
             slot.dirty = false;
-            states.push((slot.name.to_string(), slot.state.clone()));
+            states.push((slot.name.to_string(), slot.state.encode()?));
         }
         let pending = self.dedup.take_pending();
         self.dedup_appended_bytes += pending.len() * ENTRY_BYTES;
@@ -325,7 +326,7 @@ impl ShardEngine {
             pending.iter().for_each(|e| e.encode_into(&mut bytes));
             DedupDelta::Append(bytes)
         };
-        EngineDelta { states, effects: std::mem::take(&mut self.effects), dedup, max_ts: self.clock.max_ts() }
+        Ok(EngineDelta { states, effects: std::mem::take(&mut self.effects), dedup, max_ts: self.clock.max_ts() })
     }
 
     /// A canonical snapshot of everything (SKUs sorted by name, dedup entries by key).
@@ -382,12 +383,12 @@ mod tests {
             let json = format!(r#"{{"id":"{i}","type":"stock_adjusted","sku":"{sku}","ts":{i},"delta":1}}"#);
             e.apply(&decode(json.as_bytes()).unwrap());
         }
-        let d = e.take_delta();
+        let d = e.take_delta().unwrap();
         let names: Vec<_> = d.states.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["A", "B"]);
         let DedupDelta::Append(bytes) = d.dedup else { panic!() };
         assert_eq!(bytes.len(), 3 * ENTRY_BYTES);
         assert!(!e.is_dirty());
-        assert!(e.take_delta().states.is_empty());
+        assert!(e.take_delta().unwrap().states.is_empty());
     }
 }

@@ -13,6 +13,7 @@ use crate::effects::{
 };
 use crate::event::{Event, EventBody, Shipped};
 use crate::money::Currency;
+use crate::store::StoreError;
 use crate::windows::{Contribution, OpenWindow, Velocity};
 
 /// Open order lines of a SKU.
@@ -68,6 +69,16 @@ fn times(amount: Decimal, qty: i64) -> Option<Decimal> {
 }
 
 impl SkuState {
+    /// The storage encoding (postcard: compact and fast).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        postcard::to_allocvec(self).map_err(|e| StoreError::Corrupt(format!("encoding a SKU state: {e}")))
+    }
+
+    /// Decodes [`SkuState::encode`]'s bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("decoding a SKU state: {e}")))
+    }
+
     /// `on_hand − reserved`.
     pub fn available(&self) -> i64 {
         self.on_hand.saturating_sub(self.reserved)

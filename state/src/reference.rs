@@ -121,9 +121,9 @@ pub fn straight_pass<'a>(cfg: Arc<EngineConfig>, records: impl IntoIterator<Item
             Err(_) => bad += 1,
         }
         if engine.pending_effects().len() > 4096 {
-            effects.extend(engine.take_delta().effects);
+            effects.extend(engine.take_delta().map(|d| d.effects).unwrap_or_default());
         }
     }
-    effects.extend(engine.take_delta().effects);
+    effects.extend(engine.take_delta().map(|d| d.effects).unwrap_or_default());
     Outcome::from_parts(&engine.snapshot().skus, effects, bad)
 }

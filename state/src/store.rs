@@ -101,8 +101,8 @@ pub struct ShardCommit {
     pub checkpoint: Position,
     /// The shard's largest event time (restores the watermark).
     pub max_ts: Option<i64>,
-    /// Dirty SKUs' new states.
-    pub states: Vec<(String, SkuState)>,
+    /// Dirty SKUs' new states, encoded with [`SkuState::encode`].
+    pub states: Vec<(String, Vec<u8>)>,
     /// New effects, in order.
     pub effects: Vec<Effect>,
     /// New dead letters.

@@ -3,9 +3,8 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use stockflow_state::embedded::{decode_state, encode_state};
 use stockflow_state::engine::ShardSnapshot;
-use stockflow_state::{Effect, EngineConfig, ShardEngine, decode};
+use stockflow_state::{Effect, EngineConfig, ShardEngine, SkuState, decode};
 
 /// One generated event as canonical JSON.
 fn event() -> impl Strategy<Value = (u8, u8, u8, i64, i64)> {
@@ -43,12 +42,12 @@ fn run(engine: &mut ShardEngine, lines: &[String], effects: &mut Vec<Effect>) {
     for l in lines {
         engine.apply(&decode(l.as_bytes()).unwrap());
     }
-    effects.extend(engine.take_delta().effects);
+    effects.extend(engine.take_delta().unwrap().effects);
 }
 
 /// A snapshot through the store's codec, as a restart would see it.
 fn through_codec(s: ShardSnapshot) -> ShardSnapshot {
-    let skus = s.skus.into_iter().map(|(k, st)| (k, decode_state(&encode_state(&st).unwrap()).unwrap())).collect();
+    let skus = s.skus.into_iter().map(|(k, st)| (k, SkuState::decode(&st.encode().unwrap()).unwrap())).collect();
     ShardSnapshot { skus, ..s }
 }
 
