@@ -49,6 +49,9 @@ pub struct DemoArgs {
     /// Skip fdatasync on append (measures the pipeline, not the disk).
     #[arg(long)]
     no_fsync: bool,
+    /// Reorder point for SKUs without one in the config (shows low-stock alerts; 0 = off).
+    #[arg(long, default_value_t = 3)]
+    reorder_point: i64,
     /// Also write the generated stream to this NDJSON file.
     #[arg(long, value_name = "FILE")]
     write_events: Option<PathBuf>,
@@ -68,6 +71,11 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
         );
     }
 
+    if settings.engine.default_reorder_point == 0 {
+        let mut engine = (*settings.engine).clone();
+        engine.default_reorder_point = args.reorder_point.max(0);
+        settings.engine = Arc::new(engine);
+    }
     let t = Instant::now();
     let stream = Arc::new(generate(&args.stream.to_config()));
     println!(
