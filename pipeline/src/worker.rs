@@ -3,6 +3,7 @@
 //! state + effects + dead letters + checkpoint every N records or T milliseconds, before it
 //! stops, and at shutdown.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -107,6 +108,10 @@ pub struct ShardWorker<R: ShardReader, S: StateStore> {
     seen: EngineStats,
     progress: Arc<Progress>,
     lag_reported: u64,
+    /// SKUs whose stored state is ahead of the checkpoint (see `StoredShard::floors`).
+    floors: HashMap<String, Position>,
+    /// No commit may carry a checkpoint at or before this: its effects are already stored.
+    commit_floor: Option<Position>,
 }
 
 impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
@@ -123,7 +128,11 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         let stored = store.load_shard(shard).await?;
         let reader = source.open(shard, stored.checkpoint.as_ref()).await?;
         let engine = ShardEngine::restore(engine_cfg, stored.snapshot);
-        tracing::info!(shard, checkpoint = ?stored.checkpoint, skus = engine.sku_count(), "shard restored");
+        let commit_floor = stored.floors.iter().map(|(_, p)| p.clone()).max();
+        tracing::info!(
+            shard, checkpoint = ?stored.checkpoint, skus = engine.sku_count(), floors = stored.floors.len(),
+            "shard restored"
+        );
         Ok(ShardWorker {
             shard: shard.to_string(),
             reader,
@@ -140,6 +149,8 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             seen: EngineStats::default(),
             progress,
             lag_reported: 0,
+            floors: stored.floors.into_iter().collect(),
+            commit_floor,
         })
     }
 
@@ -195,6 +206,13 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             counts.read += 1;
             counts.bytes += payload.len() as u64;
             match decode(payload) {
+                Ok(ev)
+                    if !self.floors.is_empty()
+                        && self.floors.get(ev.sku.as_ref()).is_some_and(|f| batch.position(k) <= *f) =>
+                {
+                    // Already in the SKU's stored state (an interrupted split commit).
+                    self.engine.remember(&ev);
+                }
                 Ok(ev) => {
                     if self.engine.apply(&ev) == Applied::Duplicate {
                         tracing::debug!(shard = %self.shard, id = %ev.id, "duplicate skipped");
@@ -253,6 +271,14 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         let Some(checkpoint) = self.last.clone() else { return Ok(()) };
         if self.uncommitted == 0 {
             return Ok(());
+        }
+        if let Some(floor) = &self.commit_floor {
+            if checkpoint <= *floor {
+                // Committing here would write effects a part of the interrupted commit holds.
+                return Ok(());
+            }
+            self.commit_floor = None;
+            self.floors.clear();
         }
         let delta = self.engine.take_delta()?;
         let commit = Arc::new(ShardCommit {

@@ -103,7 +103,11 @@ impl RedbStore {
             let (_, v) = row.map_err(unavailable)?;
             dedup.extend(DedupEntry::decode_all(v.value()).map_err(StoreError::Corrupt)?);
         }
-        Ok(StoredShard { checkpoint: meta.checkpoint, snapshot: ShardSnapshot { max_ts: meta.max_ts, skus, dedup } })
+        Ok(StoredShard {
+            checkpoint: meta.checkpoint,
+            snapshot: ShardSnapshot { max_ts: meta.max_ts, skus, dedup },
+            floors: Vec::new(),
+        })
     }
 
     fn commit_sync(db: &Database, c: &ShardCommit) -> Result<(), StoreError> {

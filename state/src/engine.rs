@@ -248,6 +248,17 @@ impl ShardEngine {
         Applied::Applied
     }
 
+    /// Records an event that the stored state already reflects (a replay past an interrupted,
+    /// split commit): its id joins the dedup index and its time the watermark; nothing else
+    /// changes. The SKU must already be known.
+    pub fn remember(&mut self, ev: &Event<'_>) {
+        let idx = self.intern(&ev.sku);
+        let key = DedupEntry::key(&ev.sku, &ev.id);
+        let max_ts = self.skus[idx as usize].state.max_ts;
+        self.dedup.check_and_insert(key, ev.ts, idx, max_ts);
+        self.advance_clock(ev.ts);
+    }
+
     fn advance_clock(&mut self, ts: i64) {
         let mut done = std::mem::take(&mut self.scratch);
         self.clock.advance(&self.cfg.windows, ts, &mut done);

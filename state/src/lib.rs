@@ -11,9 +11,11 @@
 //! - [`engine`]: `ShardEngine`, one shard's state in memory, its snapshot and its commit delta.
 //! - [`store`]: the `StateStore` trait — state, outbox, dead letters and checkpoints together.
 //! - [`embedded`]: `RedbStore`, the durable single-machine store.
+//! - [`dynamodb`]: `DynamoStore`, the store of the AWS deployment: fenced, split commits.
 //! - [`reference`]: the straight pass that every backend must agree with.
 
 pub mod dedup;
+pub mod dynamodb;
 pub mod effects;
 pub mod embedded;
 pub mod engine;

@@ -118,6 +118,10 @@ pub struct StoredShard {
     pub checkpoint: Option<Position>,
     /// The state at that checkpoint.
     pub snapshot: ShardSnapshot,
+    /// SKUs whose stored state already reflects records after the checkpoint (a commit that was
+    /// split into parts and interrupted): a replay skips their records up to this position.
+    /// Always empty for stores that commit atomically.
+    pub floors: Vec<(String, Position)>,
 }
 
 /// Store failures. Transient ones are retried; permanent ones stop the shard worker.

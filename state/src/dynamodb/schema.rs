@@ -1,0 +1,157 @@
+//! The DynamoDB tables of the state store, their keys, and `setup` (create or validate them,
+//! idempotently). `deploy/cloudformation/stockflow.yaml` declares the same tables.
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType,
+    ScalarAttributeType, TableStatus, TimeToLiveSpecification,
+};
+
+use crate::store::StoreError;
+
+use super::sdk_error;
+
+/// Names of the five tables, from one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableNames {
+    /// Per-SKU state: `sku` (S) + `part` (N); GSI `by-shard` on `shard` + `sku`.
+    pub sku_state: String,
+    /// Effects: `shard` (S) + `seq` (S), one NDJSON blob per commit part.
+    pub outbox: String,
+    /// Dead letters: `shard` (S) + `pos` (S).
+    pub dead_letters: String,
+    /// Dedup chunks: `shard` (S) + `chunk` (S), TTL on `expires_at`.
+    pub dedup: String,
+    /// Leases and checkpoints (KCL attribute names): `leaseKey` (S).
+    pub leases: String,
+}
+
+/// The GSI of the SKU table that lists a shard's SKUs.
+pub const BY_SHARD_INDEX: &str = "by-shard";
+
+impl TableNames {
+    /// `{prefix}-sku-state`, `{prefix}-outbox`, `{prefix}-dead-letters`, `{prefix}-dedup`,
+    /// `{prefix}-leases`.
+    pub fn with_prefix(prefix: &str) -> Self {
+        TableNames {
+            sku_state: format!("{prefix}-sku-state"),
+            outbox: format!("{prefix}-outbox"),
+            dead_letters: format!("{prefix}-dead-letters"),
+            dedup: format!("{prefix}-dedup"),
+            leases: format!("{prefix}-leases"),
+        }
+    }
+
+    fn all(&self) -> [&str; 5] {
+        [&self.sku_state, &self.outbox, &self.dead_letters, &self.dedup, &self.leases]
+    }
+}
+
+fn attr(name: &str, t: ScalarAttributeType) -> Result<AttributeDefinition, StoreError> {
+    AttributeDefinition::builder().attribute_name(name).attribute_type(t).build().map_err(sdk_error)
+}
+
+fn key(name: &str, t: KeyType) -> Result<KeySchemaElement, StoreError> {
+    KeySchemaElement::builder().attribute_name(name).key_type(t).build().map_err(sdk_error)
+}
+
+/// What `setup` did to one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableOutcome {
+    /// The table was created.
+    Created(String),
+    /// The table existed with the expected key schema.
+    Valid(String),
+}
+
+/// Creates the tables that do not exist (PAY_PER_REQUEST), enables TTL on the dedup table, and
+/// checks the key schema of those that do. Safe to run any number of times.
+pub async fn setup(client: &Client, names: &TableNames) -> Result<Vec<TableOutcome>, StoreError> {
+    use ScalarAttributeType::{N, S};
+    // (table, partition key, sort key)
+    type KeySpec<'a> = (&'a str, (&'a str, ScalarAttributeType), Option<(&'a str, ScalarAttributeType)>);
+    let specs: [KeySpec<'_>; 5] = [
+        (&names.sku_state, ("sku", S), Some(("part", N))),
+        (&names.outbox, ("shard", S), Some(("seq", S))),
+        (&names.dead_letters, ("shard", S), Some(("pos", S))),
+        (&names.dedup, ("shard", S), Some(("chunk", S))),
+        (&names.leases, ("leaseKey", S), None),
+    ];
+    let mut out = Vec::new();
+    for (table, (hash, hash_t), range) in specs {
+        match client.describe_table().table_name(table).send().await {
+            Ok(desc) => {
+                let schema = desc.table().map(|t| t.key_schema().to_vec()).unwrap_or_default();
+                let mut want = vec![hash.to_string()];
+                want.extend(range.as_ref().map(|(r, _)| r.to_string()));
+                let have: Vec<String> = schema.iter().map(|k| k.attribute_name().to_string()).collect();
+                if have != want {
+                    return Err(StoreError::Corrupt(format!(
+                        "table {table} has key {have:?}, expected {want:?}: delete it or use another prefix"
+                    )));
+                }
+                out.push(TableOutcome::Valid(table.to_string()));
+                continue;
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => {}
+            Err(e) => return Err(sdk_error(e)),
+        }
+        let mut req = client
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attr(hash, hash_t.clone())?)
+            .key_schema(key(hash, KeyType::Hash)?);
+        if let Some((r, t)) = &range {
+            req = req.attribute_definitions(attr(r, t.clone())?).key_schema(key(r, KeyType::Range)?);
+        }
+        if table == names.sku_state {
+            req = req.attribute_definitions(attr("shard", S)?).global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(BY_SHARD_INDEX)
+                    .key_schema(key("shard", KeyType::Hash)?)
+                    .key_schema(key("sku", KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::Include)
+                            .non_key_attributes("parts")
+                            .non_key_attributes("pos")
+                            .build(),
+                    )
+                    .build()
+                    .map_err(sdk_error)?,
+            );
+        }
+        req.send().await.map_err(sdk_error)?;
+        out.push(TableOutcome::Created(table.to_string()));
+    }
+    for table in names.all() {
+        wait_active(client, table).await?;
+    }
+    let ttl = client
+        .update_time_to_live()
+        .table_name(&names.dedup)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder().enabled(true).attribute_name("expires_at").build().map_err(sdk_error)?,
+        )
+        .send()
+        .await;
+    if let Err(e) = ttl {
+        // Enabling TTL twice is refused with "TimeToLive is already enabled": that is success.
+        if !format!("{:?}", e.as_service_error()).contains("already enabled") {
+            return Err(sdk_error(e));
+        }
+    }
+    Ok(out)
+}
+
+async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
+    for attempt in 0..120u32 {
+        let desc = client.describe_table().table_name(table).send().await.map_err(sdk_error)?;
+        if desc.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt.min(20)) + 50)).await;
+    }
+    Err(StoreError::Unavailable(format!("table {table} did not become ACTIVE")))
+}

@@ -1,0 +1,169 @@
+//! One store conformance suite, run against the embedded store and against DynamoDB (moto).
+//!
+//! The DynamoDB run reads `DYNAMODB_ENDPOINT` (default `http://127.0.0.1:5001`); under CI
+//! (`CI=true`) an unreachable endpoint fails the test instead of skipping it.
+
+use std::sync::Arc;
+
+use stockflow_state::dynamodb::DynamoStore;
+use stockflow_state::embedded::RedbStore;
+use stockflow_state::engine::DedupDelta;
+use stockflow_state::reference::Outcome;
+use stockflow_state::{
+    Applied, DeadLetter, EngineConfig, Position, ShardCommit, ShardEngine, StateStore, StoreError, decode,
+};
+
+fn events(from: usize, to: usize) -> Vec<String> {
+    (from..to)
+        .map(|i| {
+            let sku = format!("SKU-{}", i % 13);
+            match i % 4 {
+                0 => format!(r#"{{"id":"r{i}","type":"stock_received","sku":"{sku}","ts":{},"qty":2,"unit_cost":"1.25","currency":"USD"}}"#, 1_000_000 + i),
+                1 | 2 => format!(r#"{{"id":"p{i}","type":"order_placed","sku":"{sku}","ts":{},"qty":1,"order_id":"o{i}"}}"#, 1_000_000 + i),
+                _ => format!(r#"{{"id":"s{i}","type":"order_shipped","sku":"{sku}","ts":{},"order_id":"o{}"}}"#, 1_000_000 + i, i - 1),
+            }
+        })
+        .collect()
+}
+
+fn commit_of(engine: &mut ShardEngine, shard: &str, epoch: u64, pos: u64, dead: Vec<DeadLetter>) -> Arc<ShardCommit> {
+    let d = engine.take_delta().unwrap();
+    Arc::new(ShardCommit {
+        shard: shard.into(),
+        lease_epoch: epoch,
+        checkpoint: Position::offset(pos),
+        max_ts: d.max_ts,
+        states: d.states,
+        effects: d.effects,
+        dead_letters: dead,
+        dedup: d.dedup,
+    })
+}
+
+fn per_sku(effects: Vec<stockflow_state::Effect>) -> std::collections::BTreeMap<String, Vec<stockflow_state::Effect>> {
+    let mut m = std::collections::BTreeMap::<String, Vec<_>>::new();
+    for e in effects {
+        m.entry(e.sku().to_string()).or_default().push(e);
+    }
+    m
+}
+
+async fn outcome<S: StateStore>(store: &S) -> Outcome {
+    Outcome::from_parts(
+        &store.sku_states().await.unwrap(),
+        store.effects().await.unwrap(),
+        store.dead_letters().await.unwrap().len(),
+    )
+}
+
+/// The suite: what every `StateStore` must do.
+async fn conformance<S: StateStore>(store: &S, shard: &str, epoch: u64) {
+    let cfg = Arc::new(EngineConfig::default());
+    // A shard never committed is empty.
+    let fresh = store.load_shard(shard).await.unwrap();
+    assert_eq!(fresh.checkpoint, None);
+    assert!(fresh.snapshot.skus.is_empty() && fresh.snapshot.dedup.is_empty() && fresh.floors.is_empty());
+
+    // Commit 1: 60 events and a dead letter.
+    let mut engine = ShardEngine::new(Arc::clone(&cfg));
+    for e in events(0, 60) {
+        engine.apply(&decode(e.as_bytes()).unwrap());
+    }
+    let dl =
+        DeadLetter::new(shard, Position::offset(7), "field `qty`: must be an integer ≥ 1".into(), Some("qty"), b"{}");
+    store.commit(commit_of(&mut engine, shard, epoch, 59, vec![dl.clone()])).await.unwrap();
+
+    // Restore equals the engine, and the checkpoint is there.
+    let stored = store.load_shard(shard).await.unwrap();
+    assert_eq!(stored.checkpoint, Some(Position::offset(59)));
+    assert!(stored.floors.is_empty());
+    let snap = engine.snapshot();
+    let mut restored_skus = stored.snapshot.skus.clone();
+    restored_skus.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(restored_skus, snap.skus);
+    assert_eq!(stored.snapshot.max_ts, snap.max_ts);
+
+    // Dedup survives the restart: an already-applied event is a duplicate for the restored engine.
+    let mut restored = ShardEngine::restore(Arc::clone(&cfg), stored.snapshot);
+    assert_eq!(restored.apply(&decode(events(10, 11)[0].as_bytes()).unwrap()), Applied::Duplicate);
+
+    // Commit 2 from the restored engine; the store now equals one engine over all 120 events.
+    for e in events(60, 120) {
+        restored.apply(&decode(e.as_bytes()).unwrap());
+    }
+    store.commit(commit_of(&mut restored, shard, epoch, 200, vec![])).await.unwrap();
+    let mut straight = ShardEngine::new(Arc::clone(&cfg));
+    let mut fx = Vec::new();
+    for e in events(0, 120) {
+        straight.apply(&decode(e.as_bytes()).unwrap());
+    }
+    fx.extend(straight.take_delta().unwrap().effects);
+    let expected = Outcome::from_parts(&straight.snapshot().skus, fx.clone(), 1);
+    assert_eq!(expected.diff(&outcome(store).await, 10), Vec::<String>::new());
+    // Every effect comes back (not only alerts), in order per SKU (the outbox's ordering promise).
+    assert_eq!(per_sku(store.effects().await.unwrap()), per_sku(fx));
+    assert_eq!(store.dead_letters().await.unwrap(), vec![dl]);
+    assert!(store.checkpoints().await.unwrap().contains(&(shard.to_string(), Position::offset(200))));
+
+    // Checkpoints only move forward.
+    let mut again = ShardEngine::new(Arc::clone(&cfg));
+    again.apply(&decode(events(500, 501)[0].as_bytes()).unwrap());
+    let err = store.commit(commit_of(&mut again, shard, epoch, 200, vec![])).await.unwrap_err();
+    assert!(matches!(err, StoreError::CheckpointRegression { .. }), "{err}");
+    assert_eq!(store.load_shard(shard).await.unwrap().checkpoint, Some(Position::offset(200)));
+
+    // A compacted dedup set replaces the chunks.
+    let mut compact = ShardEngine::restore(Arc::clone(&cfg), store.load_shard(shard).await.unwrap().snapshot);
+    let live = compact.snapshot().dedup;
+    compact.apply(&decode(events(120, 121)[0].as_bytes()).unwrap());
+    let mut c = Arc::try_unwrap(commit_of(&mut compact, shard, epoch, 300, vec![])).unwrap();
+    let mut all = Vec::new();
+    for e in compact.snapshot().dedup {
+        e.encode_into(&mut all);
+    }
+    c.dedup = DedupDelta::Replace(all);
+    store.commit(Arc::new(c)).await.unwrap();
+    let after = store.load_shard(shard).await.unwrap().snapshot.dedup;
+    assert_eq!(after.len(), live.len() + 1);
+}
+
+#[tokio::test]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    conformance(&store, "shard-0000", 0).await;
+}
+
+/// A DynamoDB store on fresh tables, or `None` when no emulator is reachable outside CI.
+pub async fn dynamo_store() -> Option<DynamoStore> {
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5001".into());
+    // SAFETY-free env setup for the SDK's default chain: the emulator accepts any credentials.
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "static"))
+        .endpoint_url(&endpoint)
+        .load()
+        .await;
+    let client = aws_sdk_dynamodb::Client::new(&conf);
+    let prefix =
+        format!("t{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let store = DynamoStore::new(client, &prefix);
+    match store.setup().await {
+        Ok(_) => Some(store),
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("DynamoDB emulator at {endpoint}: {e}"),
+        Err(e) => {
+            eprintln!("skipping: no DynamoDB emulator at {endpoint} ({e}); run scripts/services.sh start");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn dynamodb_store_conforms() {
+    let Some(store) = dynamo_store().await else { return };
+    let epoch = store.take_lease("shardId-000000000001", "worker-a").await.unwrap();
+    conformance(&store, "shardId-000000000001", epoch).await;
+    // setup is idempotent: a second run validates instead of creating.
+    let again = store.setup().await.unwrap();
+    assert!(again.iter().all(|o| matches!(o, stockflow_state::dynamodb::TableOutcome::Valid(_))));
+}
