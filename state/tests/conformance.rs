@@ -137,14 +137,7 @@ async fn embedded_store_conforms() {
 /// A DynamoDB store on fresh tables, or `None` when no emulator is reachable outside CI.
 pub async fn dynamo_store() -> Option<DynamoStore> {
     let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5001".into());
-    // SAFETY-free env setup for the SDK's default chain: the emulator accepts any credentials.
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "static"))
-        .endpoint_url(&endpoint)
-        .load()
-        .await;
-    let client = aws_sdk_dynamodb::Client::new(&conf);
+    let client = DynamoStore::emulator_client(&endpoint).await;
     let prefix =
         format!("t{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
     let store = DynamoStore::new(client, &prefix);

@@ -125,6 +125,18 @@ impl DynamoStore {
         Client::new(&loader.load().await)
     }
 
+    /// A client for a local emulator (moto, dynalite): static credentials `test/test`, region
+    /// `us-east-1`, the given endpoint. Never for AWS.
+    pub async fn emulator_client(endpoint: &str) -> Client {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "emulator"))
+            .endpoint_url(endpoint)
+            .load()
+            .await;
+        Client::new(&conf)
+    }
+
     /// The table names.
     pub fn tables(&self) -> &TableNames {
         &self.tables
