@@ -24,7 +24,7 @@ fn records() -> Vec<(String, String)> {
         let sku = format!("SKU-{:03}", (i * 7919) % 300);
         let ts = 1_795_773_600_000 + i as i64 * 1000;
         let json = match i % 7 {
-            0 | 1 | 2 => format!(
+            0..=2 => format!(
                 r#"{{"id":"p{i}","type":"order_placed","sku":"{sku}","ts":{ts},"qty":{},"order_id":"o{i}"}}"#,
                 1 + i % 3
             ),
