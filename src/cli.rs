@@ -48,6 +48,8 @@ pub enum Command {
     Dlq(DumpArgs),
     /// Compare the stored state with a straight pass over an NDJSON file; exit 1 on mismatch.
     Verify(crate::commands::VerifyArgs),
+    /// Create (or validate) the DynamoDB tables of the AWS deployment; safe to run repeatedly.
+    Setup(crate::commands::SetupArgs),
 }
 
 #[derive(Debug, Args)]

@@ -63,6 +63,17 @@ pub struct VerifyArgs {
     max_diff: usize,
 }
 
+/// Arguments of `stockflow setup`.
+#[derive(Debug, clap::Args)]
+pub struct SetupArgs {
+    /// DynamoDB endpoint override (overrides `dynamodb.endpoint`), e.g. a local emulator.
+    #[arg(long, env = "DYNAMODB_ENDPOINT", value_name = "URL")]
+    dynamodb_endpoint: Option<String>,
+    /// Table name prefix (overrides `dynamodb.table_prefix`).
+    #[arg(long, env = "STOCKFLOW_TABLE_PREFIX", value_name = "PREFIX")]
+    table_prefix: Option<String>,
+}
+
 /// The embedded backend of one data directory, locked against a second process.
 #[derive(Debug)]
 pub struct Embedded {
@@ -176,6 +187,7 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         Command::Alerts(_) => dump_alerts(settings).await,
         Command::Dlq(_) => dump_dead_letters(settings).await,
         Command::Verify(args) => verify(args, settings).await,
+        Command::Setup(args) => setup(args, settings).await,
     }
 }
 
@@ -327,4 +339,19 @@ async fn verify(args: VerifyArgs, settings: Settings) -> anyhow::Result<ExitCode
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+async fn setup(args: SetupArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    use stockflow_state::dynamodb::{DynamoStore, TableOutcome};
+    let endpoint = args.dynamodb_endpoint.or(settings.dynamodb.endpoint);
+    let prefix = args.table_prefix.unwrap_or(settings.dynamodb.table_prefix);
+    let store = DynamoStore::new(DynamoStore::client(endpoint.as_deref()).await, &prefix);
+    for outcome in store.setup().await.context("setting up the DynamoDB tables")? {
+        match outcome {
+            TableOutcome::Created(t) => println!("created  {t}"),
+            TableOutcome::Valid(t) => println!("valid    {t}"),
+        }
+    }
+    println!("TTL enabled on {} (expires_at)", store.tables().dedup);
+    Ok(ExitCode::SUCCESS)
 }

@@ -27,6 +27,25 @@ pub struct FileConfig {
     pub worker: WorkerSection,
     /// The HTTP server of `stockflow run`.
     pub ingest: IngestSection,
+    /// The DynamoDB state store of the AWS deployment.
+    pub dynamodb: DynamoSection,
+}
+
+/// `[dynamodb]`: where the AWS deployment keeps state, outbox, dead letters and leases.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DynamoSection {
+    /// Table name prefix: tables are `{prefix}-sku-state`, `-outbox`, `-dead-letters`, `-dedup`,
+    /// `-leases`.
+    pub table_prefix: String,
+    /// Endpoint override (e.g. `http://127.0.0.1:5001` for a local emulator); unset for AWS.
+    pub endpoint: Option<String>,
+}
+
+impl Default for DynamoSection {
+    fn default() -> Self {
+        DynamoSection { table_prefix: "stockflow".into(), endpoint: None }
+    }
 }
 
 impl Default for FileConfig {
@@ -37,6 +56,7 @@ impl Default for FileConfig {
             engine: EngineSection::default(),
             worker: WorkerSection::default(),
             ingest: IngestSection::default(),
+            dynamodb: DynamoSection::default(),
         }
     }
 }
@@ -120,6 +140,8 @@ pub struct Settings {
     pub worker: WorkerConfig,
     /// HTTP listen address.
     pub listen: SocketAddr,
+    /// DynamoDB settings.
+    pub dynamodb: DynamoSection,
 }
 
 impl FileConfig {
@@ -168,6 +190,14 @@ impl FileConfig {
                 ..WorkerConfig::default()
             },
             listen: self.ingest.listen,
+            dynamodb: {
+                let d = self.dynamodb;
+                let ok = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+                if d.table_prefix.is_empty() || d.table_prefix.len() > 200 || !d.table_prefix.chars().all(ok) {
+                    bail!("dynamodb.table_prefix = {:?}: 1-200 characters of a-z, A-Z, 0-9, _ - .", d.table_prefix);
+                }
+                d
+            },
         })
     }
 }

@@ -96,3 +96,30 @@ fn help_lists_every_subcommand() {
         assert!(help.contains(cmd), "--help lacks {cmd}: {help}");
     }
 }
+
+#[test]
+fn setup_creates_then_validates_the_dynamodb_tables() {
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5001".into());
+    let prefix =
+        format!("cli{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let setup = || {
+        Command::new(env!("CARGO_BIN_EXE_stockflow"))
+            .args(["setup", "--dynamodb-endpoint", &endpoint, "--table-prefix", &prefix])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("STOCKFLOW_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let first = setup();
+    if !first.status.success() && std::env::var("CI").map_or(true, |v| v != "true") {
+        eprintln!("skipping: no DynamoDB emulator at {endpoint}: {}", String::from_utf8_lossy(&first.stderr));
+        return;
+    }
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(stdout(&first).matches("created").count(), 5, "{}", stdout(&first));
+    let second = setup();
+    assert!(second.status.success());
+    assert_eq!(stdout(&second).matches("valid").count(), 5, "{}", stdout(&second));
+}

@@ -26,6 +26,27 @@ pub struct TableNames {
     pub leases: String,
 }
 
+/// Key schema of one table: name suffix, partition key and optional sort key, each with its
+/// DynamoDB type (`S` or `N`). The CloudFormation template declares the same (checked by a test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableKeys {
+    /// `{prefix}-{suffix}`.
+    pub suffix: &'static str,
+    /// Partition key and type.
+    pub hash: (&'static str, &'static str),
+    /// Sort key and type.
+    pub range: Option<(&'static str, &'static str)>,
+}
+
+/// The five tables' key schemas.
+pub const TABLE_KEYS: [TableKeys; 5] = [
+    TableKeys { suffix: "sku-state", hash: ("sku", "S"), range: Some(("part", "N")) },
+    TableKeys { suffix: "outbox", hash: ("shard", "S"), range: Some(("seq", "S")) },
+    TableKeys { suffix: "dead-letters", hash: ("shard", "S"), range: Some(("pos", "S")) },
+    TableKeys { suffix: "dedup", hash: ("shard", "S"), range: Some(("chunk", "S")) },
+    TableKeys { suffix: "leases", hash: ("leaseKey", "S"), range: None },
+];
+
 /// The GSI of the SKU table that lists a shard's SKUs.
 pub const BY_SHARD_INDEX: &str = "by-shard";
 
@@ -33,13 +54,8 @@ impl TableNames {
     /// `{prefix}-sku-state`, `{prefix}-outbox`, `{prefix}-dead-letters`, `{prefix}-dedup`,
     /// `{prefix}-leases`.
     pub fn with_prefix(prefix: &str) -> Self {
-        TableNames {
-            sku_state: format!("{prefix}-sku-state"),
-            outbox: format!("{prefix}-outbox"),
-            dead_letters: format!("{prefix}-dead-letters"),
-            dedup: format!("{prefix}-dedup"),
-            leases: format!("{prefix}-leases"),
-        }
+        let name = |i: usize| format!("{prefix}-{}", TABLE_KEYS[i].suffix);
+        TableNames { sku_state: name(0), outbox: name(1), dead_letters: name(2), dedup: name(3), leases: name(4) }
     }
 
     fn all(&self) -> [&str; 5] {
@@ -67,16 +83,12 @@ pub enum TableOutcome {
 /// Creates the tables that do not exist (PAY_PER_REQUEST), enables TTL on the dedup table, and
 /// checks the key schema of those that do. Safe to run any number of times.
 pub async fn setup(client: &Client, names: &TableNames) -> Result<Vec<TableOutcome>, StoreError> {
-    use ScalarAttributeType::{N, S};
-    // (table, partition key, sort key)
-    type KeySpec<'a> = (&'a str, (&'a str, ScalarAttributeType), Option<(&'a str, ScalarAttributeType)>);
-    let specs: [KeySpec<'_>; 5] = [
-        (&names.sku_state, ("sku", S), Some(("part", N))),
-        (&names.outbox, ("shard", S), Some(("seq", S))),
-        (&names.dead_letters, ("shard", S), Some(("pos", S))),
-        (&names.dedup, ("shard", S), Some(("chunk", S))),
-        (&names.leases, ("leaseKey", S), None),
-    ];
+    let scalar = |t: &str| if t == "N" { ScalarAttributeType::N } else { ScalarAttributeType::S };
+    let specs = names
+        .all()
+        .into_iter()
+        .zip(TABLE_KEYS)
+        .map(|(table, k)| (table, (k.hash.0, scalar(k.hash.1)), k.range.map(|(r, t)| (r, scalar(t)))));
     let mut out = Vec::new();
     for (table, (hash, hash_t), range) in specs {
         match client.describe_table().table_name(table).send().await {
@@ -106,7 +118,7 @@ pub async fn setup(client: &Client, names: &TableNames) -> Result<Vec<TableOutco
             req = req.attribute_definitions(attr(r, t.clone())?).key_schema(key(r, KeyType::Range)?);
         }
         if table == names.sku_state {
-            req = req.attribute_definitions(attr("shard", S)?).global_secondary_indexes(
+            req = req.attribute_definitions(attr("shard", ScalarAttributeType::S)?).global_secondary_indexes(
                 GlobalSecondaryIndex::builder()
                     .index_name(BY_SHARD_INDEX)
                     .key_schema(key("shard", KeyType::Hash)?)
