@@ -191,10 +191,10 @@ impl EmbeddedLog {
             buf.extend_from_slice(&crc32fast::hash(r.payload).to_le_bytes());
             buf.extend_from_slice(r.payload);
         }
-        for (shard, buf) in self.inner.shards.iter().zip(&frames) {
-            if buf.is_empty() {
-                continue;
-            }
+        // Each touched shard is written and synced on its own thread: the fsyncs overlap.
+        let touched: Vec<(&ShardFile, &Vec<u8>)> =
+            self.inner.shards.iter().zip(&frames).filter(|(_, buf)| !buf.is_empty()).collect();
+        let write = |shard: &ShardFile, buf: &[u8]| -> Result<(), StreamError> {
             let mut file = shard.writer.lock().map_err(|_| StreamError::Unavailable("log writer poisoned".into()))?;
             file.write_all(buf).map_err(io)?;
             if self.inner.fsync {
@@ -203,6 +203,19 @@ impl EmbeddedLog {
             shard.len.fetch_add(buf.len() as u64, Ordering::AcqRel);
             drop(file);
             shard.notify.notify_waiters();
+            Ok(())
+        };
+        if touched.len() > 1 && self.inner.fsync {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = touched.iter().map(|(shard, buf)| scope.spawn(|| write(shard, buf))).collect();
+                handles.into_iter().try_for_each(|h| {
+                    h.join().unwrap_or_else(|_| Err(StreamError::Unavailable("log writer thread panicked".into())))
+                })
+            })?;
+        } else {
+            for (shard, buf) in touched {
+                write(shard, buf)?;
+            }
         }
         crate::metrics::log_appended(records.len() as u64, frames.iter().map(|f| f.len() as u64).sum());
         Ok(())

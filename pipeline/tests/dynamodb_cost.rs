@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use stockflow_pipeline::source::OutRecord;
 use stockflow_pipeline::{EmbeddedLog, Progress, ShardWorker, WorkerConfig};
-use stockflow_state::dynamodb::{DynamoStore, LoadMode};
+use stockflow_state::dynamodb::LoadMode;
+use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::{EngineConfig, StateStore};
 use tokio::sync::watch;
 
@@ -31,27 +32,11 @@ fn records() -> Vec<(String, String)> {
         .collect()
 }
 
-async fn dynamo() -> Option<DynamoStore> {
-    let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5001".into());
-    let client = DynamoStore::emulator_client(&endpoint).await;
-    let prefix =
-        format!("c{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    let store = DynamoStore::new(client, &prefix);
-    match store.setup().await {
-        Ok(_) => Some(store),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("DynamoDB emulator at {endpoint}: {e}"),
-        Err(e) => {
-            eprintln!("skipping: no DynamoDB emulator at {endpoint} ({e})");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn write_cost_scales_with_dirty_skus_not_events() {
     let recs = records();
     for commit_every in [5_000usize, 10_000, 20_000] {
-        let Some(store) = dynamo().await else { return };
+        let Some(store) = emulator_store("c").await else { return };
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(dir.path(), 1).unwrap();
         let out: Vec<OutRecord<'_>> = recs.iter().map(|(k, p)| OutRecord { key: k, payload: p.as_bytes() }).collect();

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use stockflow_pipeline::source::OutRecord;
 use stockflow_pipeline::{EmbeddedLog, Progress, ShardWorker, WorkerConfig, WorkerError};
 use stockflow_state::dynamodb::DynamoStore;
+use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::reference::{Outcome, straight_pass};
 use stockflow_state::{EngineConfig, StateStore, StoreError};
 use tokio::sync::watch;
@@ -62,22 +63,6 @@ fn worker_cfg() -> WorkerConfig {
     WorkerConfig { commit_every_records: 450, batch_records: 100, commit_attempts: 0, ..WorkerConfig::default() }
 }
 
-async fn dynamo() -> Option<DynamoStore> {
-    let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5001".into());
-    let client = DynamoStore::emulator_client(&endpoint).await;
-    let prefix =
-        format!("f{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    let store = DynamoStore::new(client, &prefix);
-    match store.setup().await {
-        Ok(_) => Some(store),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("DynamoDB emulator at {endpoint}: {e}"),
-        Err(e) => {
-            eprintln!("skipping: no DynamoDB emulator at {endpoint} ({e})");
-            None
-        }
-    }
-}
-
 async fn run_worker(
     log: &EmbeddedLog,
     store: &DynamoStore,
@@ -105,7 +90,7 @@ async fn a_crash_after_any_part_of_a_split_commit_is_harmless() {
     let recs = records();
     let mut crashed_mid_commit = 0;
     for k in 0..4 {
-        let Some(store) = dynamo().await else { return };
+        let Some(store) = emulator_store("f").await else { return };
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(dir.path(), 1).unwrap();
         append(&log, &recs);
@@ -134,7 +119,7 @@ async fn a_crash_after_any_part_of_a_split_commit_is_harmless() {
 
 #[tokio::test]
 async fn a_zombie_is_refused_and_a_takeover_mid_stream_loses_nothing() {
-    let Some(store) = dynamo().await else { return };
+    let Some(store) = emulator_store("f").await else { return };
     let recs = records();
     let (first, second) = recs.split_at(350);
     let dir = tempfile::tempdir().unwrap();

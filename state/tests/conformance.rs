@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use stockflow_state::dynamodb::DynamoStore;
+use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::embedded::RedbStore;
 use stockflow_state::engine::DedupDelta;
 use stockflow_state::reference::Outcome;
@@ -134,26 +134,9 @@ async fn embedded_store_conforms() {
     conformance(&store, "shard-0000", 0).await;
 }
 
-/// A DynamoDB store on fresh tables, or `None` when no emulator is reachable outside CI.
-pub async fn dynamo_store() -> Option<DynamoStore> {
-    let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5001".into());
-    let client = DynamoStore::emulator_client(&endpoint).await;
-    let prefix =
-        format!("t{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    let store = DynamoStore::new(client, &prefix);
-    match store.setup().await {
-        Ok(_) => Some(store),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("DynamoDB emulator at {endpoint}: {e}"),
-        Err(e) => {
-            eprintln!("skipping: no DynamoDB emulator at {endpoint} ({e}); run scripts/services.sh start");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn dynamodb_store_conforms() {
-    let Some(store) = dynamo_store().await else { return };
+    let Some(store) = emulator_store("t").await else { return };
     let epoch = store.take_lease("shardId-000000000001", "worker-a").await.unwrap();
     conformance(&store, "shardId-000000000001", epoch).await;
     // setup is idempotent: a second run validates instead of creating.

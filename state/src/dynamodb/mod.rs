@@ -12,6 +12,7 @@
 
 mod commit;
 pub mod schema;
+pub mod testing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
