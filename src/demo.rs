@@ -159,7 +159,10 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
     let windows: u64 = reports.iter().map(|r| r.stats.windows_final).sum();
     let commits: u64 = reports.iter().map(|r| r.commits).sum();
     let skus: usize = reports.iter().map(|r| r.skus).sum();
-    let memory: usize = reports.iter().map(|r| r.memory_bytes).sum();
+    let sku_mem: usize = reports.iter().map(|r| r.memory.skus).sum();
+    let line_mem: usize = reports.iter().map(|r| r.memory.lines).sum();
+    let dedup_mem: usize = reports.iter().map(|r| r.memory.dedup).sum();
+    let dedup_ids: usize = reports.iter().map(|r| r.dedup_entries).sum();
     let rate = stream.len() as f64 / elapsed.as_secs_f64();
     println!(
         "processed {} events in {:.2?} ({:.0} events/s end to end; appended in {:.2?}), {} commits",
@@ -171,9 +174,11 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
     );
     println!("applied {applied}, duplicates skipped {duplicates}, late for a window {late}, windows final {windows}");
     println!(
-        "memory: {:.1} MB for {skus} SKUs ({:.0} bytes/SKU incl. open lines, windows and dedup); max lag {:.1} MB",
-        memory as f64 / 1e6,
-        memory as f64 / skus.max(1) as f64,
+        "memory: {:.0} bytes/SKU ({skus} SKUs, incl. open windows) + {:.1} MB open order lines + {:.1} MB dedup \
+         ({dedup_ids} live ids); max lag {:.1} MB",
+        sku_mem as f64 / skus.max(1) as f64,
+        line_mem as f64 / 1e6,
+        dedup_mem as f64 / 1e6,
         max_lag as f64 / 1e6
     );
 

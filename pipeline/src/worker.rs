@@ -86,8 +86,10 @@ pub struct WorkerReport {
     pub commits: u64,
     /// SKUs held in memory at the end.
     pub skus: usize,
-    /// Approximate engine heap bytes at the end.
-    pub memory_bytes: usize,
+    /// Approximate engine memory at the end.
+    pub memory: stockflow_state::engine::MemoryUse,
+    /// Live dedup entries at the end.
+    pub dedup_entries: usize,
 }
 
 /// The worker of one shard.
@@ -195,7 +197,8 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             checkpoint: self.checkpoint.clone(),
             commits: self.commits,
             skus: self.engine.sku_count(),
-            memory_bytes: self.engine.approx_memory_bytes(),
+            memory: self.engine.memory(),
+            dedup_entries: self.engine.dedup_len(),
         })
     }
 

@@ -70,6 +70,17 @@ pub struct EngineStats {
     pub effects: u64,
 }
 
+/// Approximate memory of a shard engine, by part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryUse {
+    /// SKU slots, names, index and open windows.
+    pub skus: usize,
+    /// Open order lines.
+    pub lines: usize,
+    /// Live dedup entries.
+    pub dedup: usize,
+}
+
 /// The result of applying one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -266,6 +277,10 @@ impl ShardEngine {
             let slot = &mut self.skus[sku as usize];
             if let Some(pos) = slot.state.windows.iter().position(|w| w.size == size && w.start == start) {
                 let w = slot.state.windows.swap_remove(pos);
+                if slot.state.windows.is_empty() {
+                    // Most SKUs are idle most of the time: give their window vector back.
+                    slot.state.windows = Vec::new();
+                }
                 self.stats.windows_final += 1;
                 if self.collect_finals {
                     self.finals.push(FinalWindow {
@@ -348,18 +363,26 @@ impl ShardEngine {
         ShardSnapshot { max_ts: self.clock.max_ts(), skus, dedup: self.dedup.entries() }
     }
 
-    /// Approximate heap bytes held (SKU slots, names, lines, windows, dedup, index).
-    pub fn approx_memory_bytes(&self) -> usize {
-        let slots = self.skus.capacity() * std::mem::size_of::<Slot>();
-        let names: usize = self.skus.iter().map(|s| s.name.len()).sum();
-        let lines: usize = self.skus.iter().map(|s| s.state.lines.keys().map(|k| k.len() + 48).sum::<usize>()).sum();
-        let windows: usize = self
+    /// Approximate memory held, by part.
+    pub fn memory(&self) -> MemoryUse {
+        let per_slot = std::mem::size_of::<Slot>() + std::mem::size_of::<u32>() + 1; // slot + index entry
+        let skus = self.skus.capacity() * per_slot
+            + self
+                .skus
+                .iter()
+                .map(|s| s.name.len() + s.state.windows.capacity() * std::mem::size_of::<crate::windows::OpenWindow>())
+                .sum::<usize>();
+        let lines = self
             .skus
             .iter()
-            .map(|s| s.state.windows.capacity() * std::mem::size_of::<crate::windows::OpenWindow>())
+            .map(|s| {
+                s.state.lines.capacity() * (std::mem::size_of::<(Box<str>, crate::ledger::Line)>() + 1)
+                    + s.state.lines.keys().map(|k| k.len()).sum::<usize>()
+            })
             .sum();
-        let index = self.table.capacity() * (std::mem::size_of::<u32>() + 1);
-        slots + names + lines + windows + index + self.dedup.len() * 40
+        // A live dedup entry: 16-byte key + (ts, ordinal) + control byte, at ~7/8 load.
+        let dedup = self.dedup.len() * 37;
+        MemoryUse { skus, lines, dedup }
     }
 
     /// The dedup index's live entry count.
@@ -375,6 +398,13 @@ mod tests {
 
     fn engine() -> ShardEngine {
         ShardEngine::new(Arc::new(EngineConfig::default()))
+    }
+
+    #[test]
+    fn sku_slot_size_is_budgeted() {
+        // docs/BENCHMARKS.md reports bytes per SKU; this keeps the slot from growing unnoticed.
+        let size = std::mem::size_of::<Slot>();
+        assert!(size <= 320, "Slot is {size} bytes");
     }
 
     #[test]

@@ -61,8 +61,10 @@ impl WindowConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Revenue {
     first: Option<(Currency, Decimal)>,
-    // No `skip_serializing_if`: the store's codec (postcard) is not self-describing.
-    more: Vec<(Currency, Decimal)>,
+    // Boxed: nearly always empty, so it costs one pointer. No `skip_serializing_if`: the store's
+    // codec (postcard) is not self-describing.
+    #[allow(clippy::box_collection)] // 8 bytes per window instead of 24 for a rarely used list
+    more: Option<Box<Vec<(Currency, Decimal)>>>,
 }
 
 impl Revenue {
@@ -71,28 +73,31 @@ impl Revenue {
         match &mut self.first {
             None => self.first = Some((currency, amount)),
             Some((c, a)) if *c == currency => *a = a.saturating_add(amount),
-            Some(_) => match self.more.iter_mut().find(|(c, _)| *c == currency) {
-                Some((_, a)) => *a = a.saturating_add(amount),
-                None => self.more.push((currency, amount)),
-            },
+            Some(_) => {
+                let more = self.more.get_or_insert_with(Box::default);
+                match more.iter_mut().find(|(c, _)| *c == currency) {
+                    Some((_, a)) => *a = a.saturating_add(amount),
+                    None => more.push((currency, amount)),
+                }
+            }
         }
     }
 
     /// The amounts, unrounded, in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (Currency, Decimal)> + '_ {
-        self.first.iter().copied().chain(self.more.iter().copied())
+        self.first.iter().copied().chain(self.more.iter().flat_map(|m| m.iter().copied()))
     }
 }
 
 /// The counts of one window.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct WindowCounts {
-    /// Units on `order_placed`.
-    pub units_ordered: u64,
+    /// Units on `order_placed` (saturating: one SKU's window never holds 4 billion units).
+    pub units_ordered: u32,
     /// Units released by `order_cancelled`.
-    pub units_cancelled: u64,
+    pub units_cancelled: u32,
     /// Units shipped by `order_shipped`.
-    pub units_shipped: u64,
+    pub units_shipped: u32,
     /// Number of `order_placed` events.
     pub orders: u32,
     /// Revenue of the placed orders, per currency.
@@ -121,10 +126,11 @@ impl Contribution {
     }
 
     fn add_to(&self, c: &mut WindowCounts) {
-        c.units_ordered += self.ordered;
-        c.units_cancelled += self.cancelled;
-        c.units_shipped += self.shipped;
-        c.orders += self.orders;
+        let units = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        c.units_ordered = c.units_ordered.saturating_add(units(self.ordered));
+        c.units_cancelled = c.units_cancelled.saturating_add(units(self.cancelled));
+        c.units_shipped = c.units_shipped.saturating_add(units(self.shipped));
+        c.orders = c.orders.saturating_add(self.orders);
         if let Some((cur, amount)) = self.revenue {
             c.revenue.add(cur, amount);
         }
@@ -277,6 +283,19 @@ impl WindowClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_sku_window_state_stays_compact() {
+        // Memory per SKU is a budget (docs/BENCHMARKS.md): an open window is 64 bytes at most.
+        assert!(std::mem::size_of::<OpenWindow>() <= 64, "{}", std::mem::size_of::<OpenWindow>());
+        assert!(std::mem::size_of::<Velocity>() <= 112);
+        let mut r = Revenue::default();
+        r.add(Currency::USD, Decimal::ONE);
+        r.add(Currency::parse("EUR").unwrap(), Decimal::TWO);
+        r.add(Currency::USD, Decimal::ONE);
+        let got: Vec<_> = r.iter().map(|(c, a)| format!("{c}:{a}")).collect();
+        assert_eq!(got, ["USD:2", "EUR:2"]);
+    }
 
     #[test]
     fn velocity_keeps_24_hours() {
