@@ -96,7 +96,7 @@ impl SkuState {
         match &ev.body {
             EventBody::OrderPlaced { order_id, qty, unit_price } => {
                 let qty = *qty;
-                let shortfall = qty - before.max(0);
+                let shortfall = qty.saturating_sub(before.max(0));
                 if shortfall > 0 {
                     self.oversells += 1;
                     effects.push(Effect::Oversell(OversellAlert {
@@ -147,7 +147,7 @@ impl SkuState {
                     }
                     (Shipped::Qty(q), None) => q.map(|q| (q, 0)),
                     (Shipped::Total(total), Some(line)) => {
-                        let q = total - line.shipped;
+                        let q = total.saturating_sub(line.shipped);
                         (q > 0).then(|| {
                             line.shipped = *total;
                             (q, q.min(line.remaining))
@@ -178,7 +178,7 @@ impl SkuState {
                     let averaged = (before_on_hand >= 0 && same_currency)
                         .then(|| {
                             let value = times(self.avg_cost, before_on_hand)?.checked_add(times(cost.amount, *qty)?)?;
-                            value.checked_div(Decimal::from(before_on_hand + qty))
+                            value.checked_div(Decimal::from(before_on_hand.saturating_add(*qty)))
                         })
                         .flatten();
                     self.avg_cost = averaged.unwrap_or(cost.amount);
@@ -201,7 +201,7 @@ impl SkuState {
             }
             EventBody::StockAdjusted { delta } => self.on_hand = self.on_hand.saturating_add(*delta),
             EventBody::StockCounted { on_hand } => {
-                let discrepancy = on_hand - self.on_hand;
+                let discrepancy = on_hand.saturating_sub(self.on_hand);
                 if discrepancy != 0 {
                     effects.push(Effect::Discrepancy(CountDiscrepancy {
                         id: format!("count:{}", ev.id),
@@ -222,7 +222,7 @@ impl SkuState {
                         order_id: None,
                         requested: self.reserved,
                         available_before: before,
-                        shortfall: -after,
+                        shortfall: after.saturating_neg(),
                         cause: OversellCause::Count,
                         ts: ev.ts,
                     }));
@@ -401,6 +401,24 @@ mod tests {
         assert_eq!(kinds, ["count:k", "oversell:k"]);
         let Effect::Oversell(a) = &fx[1] else { panic!() };
         assert_eq!((a.cause, a.shortfall, a.available_before), (OversellCause::Count, 2, 1));
+    }
+
+    #[test]
+    fn extreme_quantities_saturate_instead_of_overflowing() {
+        let mut s = SkuState::default();
+        let big = i64::MAX;
+        run(
+            &mut s,
+            &[
+                &ev("a", &format!(r#""type":"stock_adjusted","delta":{}"#, -big)),
+                &ev("b", &format!(r#""type":"stock_adjusted","delta":{}"#, -big)),
+                &ev("k", r#""type":"stock_counted","on_hand":5"#),
+                &ev("p", &format!(r#""type":"order_placed","order_id":"o","qty":{big}"#)),
+                &ev("r", &format!(r#""type":"stock_received","qty":{big},"unit_cost":"1","currency":"USD""#)),
+            ],
+        );
+        assert_eq!(s.on_hand, big);
+        assert_eq!(s.reserved, big);
     }
 
     #[test]

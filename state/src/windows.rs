@@ -176,7 +176,7 @@ impl Velocity {
             None => self.head_hour = Some(hour),
             Some(head) if hour > head => {
                 // Slots head+1 ..= hour hold counts from a day earlier: clear them.
-                for back in 0..(hour - head).min(24) {
+                for back in 0..hour.saturating_sub(head).min(24) {
                     self.units[(hour - back).rem_euclid(24) as usize] = 0;
                 }
                 self.head_hour = Some(hour);
@@ -238,7 +238,7 @@ impl WindowClock {
         let watermark = self.watermark(cfg);
         let mut late = 0;
         for (i, &size) in cfg.sizes_ms.iter().enumerate() {
-            let start = ts.div_euclid(size) * size;
+            let start = ts.div_euclid(size).saturating_mul(size);
             if watermark.is_some_and(|w| start.saturating_add(size) <= w) {
                 late += 1;
                 continue;
@@ -295,6 +295,23 @@ mod tests {
         r.add(Currency::USD, Decimal::ONE);
         let got: Vec<_> = r.iter().map(|(c, a)| format!("{c}:{a}")).collect();
         assert_eq!(got, ["USD:2", "EUR:2"]);
+    }
+
+    #[test]
+    fn extreme_event_times_do_not_overflow() {
+        let cfg = WindowConfig::default();
+        let mut clock = WindowClock::default();
+        let mut open = Vec::new();
+        let c = Contribution { ordered: 1, orders: 1, ..Contribution::default() };
+        let mut done = Vec::new();
+        for ts in [i64::MIN, 0, i64::MAX] {
+            clock.contribute(&cfg, 0, &mut open, ts, &c);
+            clock.advance(&cfg, ts, &mut done);
+        }
+        let mut v = Velocity::default();
+        v.record(i64::MIN, 1);
+        v.record(i64::MAX, 1);
+        assert_eq!(v.units_24h(), 1);
     }
 
     #[test]
