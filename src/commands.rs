@@ -310,18 +310,10 @@ async fn dump_dead_letters(settings: Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The stored outcome of a store.
-pub async fn stored_outcome(store: &RedbStore) -> anyhow::Result<Outcome> {
-    let states = store.sku_states().await?;
-    let effects = store.effects().await?;
-    let dead = store.dead_letters().await?;
-    Ok(Outcome::from_parts(&states, effects, dead.len()))
-}
-
 async fn verify(args: VerifyArgs, settings: Settings) -> anyhow::Result<ExitCode> {
     let buf = read_lines(&args.events)?;
     let expected = straight_pass(Arc::clone(&settings.engine), lines(&buf));
-    let actual = stored_outcome(&open_store(&settings)?).await?;
+    let actual = Outcome::of_store(&open_store(&settings)?).await?;
     let diff = expected.diff(&actual, args.max_diff);
     if diff.is_empty() {
         println!(

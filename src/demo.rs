@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use stockflow_pipeline::{OutRecord, Progress};
-use stockflow_state::reference::straight_pass;
+use stockflow_state::reference::{Outcome, straight_pass};
 
-use crate::commands::{Embedded, shutdown_signal, stored_outcome};
+use crate::commands::{Embedded, shutdown_signal};
 use crate::config::Settings;
 use crate::generate::{GenConfig, generate};
 
@@ -183,7 +183,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
     );
 
     let t = Instant::now();
-    let actual = stored_outcome(&backend.store).await?;
+    let actual = Outcome::of_store(backend.store.as_ref()).await?;
     let expected = straight_pass(Arc::clone(&settings.engine), stream.iter().map(|(_, p)| p));
     let oversells = actual.alerts.iter().filter(|a| a.id().starts_with("oversell:")).count();
     println!(

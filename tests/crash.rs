@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use stockflow::generate::{GenConfig, generate};
 use stockflow_state::EngineConfig;
-use stockflow_state::StateStore;
 use stockflow_state::embedded::RedbStore;
 use stockflow_state::reference::{Outcome, straight_pass};
 
@@ -81,12 +80,7 @@ fn kill_9_at_several_points_loses_and_double_counts_nothing() {
     // ...and our own comparison, including every alert and dead letter.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let store = RedbStore::open(dir.path().join("data").join("state.redb")).unwrap();
-    let actual = rt.block_on(async {
-        let states = store.sku_states().await.unwrap();
-        let effects = store.effects().await.unwrap();
-        let dead = store.dead_letters().await.unwrap();
-        Outcome::from_parts(&states, effects, dead.len())
-    });
+    let actual = rt.block_on(Outcome::of_store(&store)).unwrap();
     let expected = straight_pass(Arc::new(EngineConfig::default()), stream.iter().map(|(_, p)| p));
     assert_eq!(expected.diff(&actual, 20), Vec::<String>::new());
     assert!(!actual.alerts.is_empty() && actual.dead_letters > 0);

@@ -359,13 +359,6 @@ mod tests {
         v
     }
 
-    async fn outcome(store: &RedbStore) -> Outcome {
-        let states = store.sku_states().await.unwrap();
-        let effects = store.effects().await.unwrap();
-        let dead = store.dead_letters().await.unwrap();
-        Outcome::from_parts(&states, effects, dead.len())
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replay_in_two_runs_equals_the_straight_pass() {
         let dir = tempfile::tempdir().unwrap();
@@ -404,7 +397,7 @@ mod tests {
                 .unwrap();
         assert_eq!(reports.len(), 3);
         let expected = straight_pass(cfg, evs.iter().map(|(_, p)| p.as_bytes()));
-        let actual = outcome(&store).await;
+        let actual = Outcome::of_store(store.as_ref()).await.unwrap();
         assert_eq!(expected.diff(&actual, 20), Vec::<String>::new());
         assert_eq!(actual.dead_letters, 61);
         assert!(!actual.alerts.is_empty(), "the stream oversells");

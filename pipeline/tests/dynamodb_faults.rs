@@ -77,10 +77,7 @@ async fn run_worker(
 
 async fn assert_equals_straight_pass(store: &DynamoStore, recs: &[(String, String)]) {
     let expected = straight_pass(Arc::new(EngineConfig::default()), recs.iter().map(|(_, p)| p.as_bytes()));
-    let states = store.sku_states().await.unwrap();
-    let effects = store.effects().await.unwrap();
-    let dead = store.dead_letters().await.unwrap();
-    let actual = Outcome::from_parts(&states, effects, dead.len());
+    let actual = Outcome::of_store(store).await.unwrap();
     assert_eq!(expected.diff(&actual, 20), Vec::<String>::new());
     assert!(!actual.alerts.is_empty() && actual.dead_letters > 0);
 }

@@ -328,6 +328,12 @@ impl ShardEngine {
         &self.effects
     }
 
+    /// Takes the effects produced since the last delta, leaving dirty SKUs as they are (for a
+    /// straight pass that never persists: no state is encoded).
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
     /// Takes what changed since the previous call: dirty SKUs (encoded), effects, dedup entries.
     pub fn take_delta(&mut self) -> Result<EngineDelta, StoreError> {
         let mut states = Vec::with_capacity(self.dirty.len());

@@ -66,6 +66,14 @@ impl Outcome {
         Outcome { skus, alerts, dead_letters }
     }
 
+    /// The outcome a store holds: every SKU state, alert and dead letter.
+    pub async fn of_store<S: crate::store::StateStore>(store: &S) -> Result<Self, crate::store::StoreError> {
+        let states = store.sku_states().await?;
+        let effects = store.effects().await?;
+        let dead_letters = store.dead_letters().await?.len();
+        Ok(Outcome::from_parts(&states, effects, dead_letters))
+    }
+
     /// Human-readable differences, at most `limit` lines (empty when equal).
     pub fn diff(&self, actual: &Outcome, limit: usize) -> Vec<String> {
         let mut out = Vec::new();
@@ -120,10 +128,7 @@ pub fn straight_pass<'a>(cfg: Arc<EngineConfig>, records: impl IntoIterator<Item
             }
             Err(_) => bad += 1,
         }
-        if engine.pending_effects().len() > 4096 {
-            effects.extend(engine.take_delta().map(|d| d.effects).unwrap_or_default());
-        }
     }
-    effects.extend(engine.take_delta().map(|d| d.effects).unwrap_or_default());
+    effects.extend(engine.take_effects());
     Outcome::from_parts(&engine.snapshot().skus, effects, bad)
 }

@@ -48,14 +48,6 @@ fn per_sku(effects: Vec<stockflow_state::Effect>) -> std::collections::BTreeMap<
     m
 }
 
-async fn outcome<S: StateStore>(store: &S) -> Outcome {
-    Outcome::from_parts(
-        &store.sku_states().await.unwrap(),
-        store.effects().await.unwrap(),
-        store.dead_letters().await.unwrap().len(),
-    )
-}
-
 /// The suite: what every `StateStore` must do.
 async fn conformance<S: StateStore>(store: &S, shard: &str, epoch: u64) {
     let cfg = Arc::new(EngineConfig::default());
@@ -99,7 +91,7 @@ async fn conformance<S: StateStore>(store: &S, shard: &str, epoch: u64) {
     }
     fx.extend(straight.take_delta().unwrap().effects);
     let expected = Outcome::from_parts(&straight.snapshot().skus, fx.clone(), 1);
-    assert_eq!(expected.diff(&outcome(store).await, 10), Vec::<String>::new());
+    assert_eq!(expected.diff(&Outcome::of_store(store).await.unwrap(), 10), Vec::<String>::new());
     // Every effect comes back (not only alerts), in order per SKU (the outbox's ordering promise).
     assert_eq!(per_sku(store.effects().await.unwrap()), per_sku(fx));
     assert_eq!(store.dead_letters().await.unwrap(), vec![dl]);
