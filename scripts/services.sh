@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/services.sh install [SERVICES] | start [SERVICES] | stop | status
 # The services stockflow's tests need, on 127.0.0.1, installed from the package registries only.
-# SERVICES default to $STOCKFLOW_SERVICES or "moto" (the DynamoDB emulator the state-store tests use).
+# SERVICES default to $STOCKFLOW_SERVICES or "moto kinesis" (DynamoDB state and leases; the Kinesis stream).
 # Endpoints for the tests: DYNAMODB_ENDPOINT=http://127.0.0.1:5001, KINESIS_ENDPOINT=http://127.0.0.1:4568.
 # Emulators:
 #   kinesis-local (npm, Kinesis incl. reshard + SubscribeToShard)  -> http://127.0.0.1:4568
@@ -71,7 +71,7 @@ install_all() {
   echo "installed in $EMU: $*"
 }
 cmd=${1:-}; shift || true
-DEFAULT_SERVICES=${STOCKFLOW_SERVICES:-moto}
+DEFAULT_SERVICES=${STOCKFLOW_SERVICES:-moto kinesis}
 case $cmd in
   install) [ $# -gt 0 ] || set -- $DEFAULT_SERVICES; install_all "$@" ;;
   start) [ $# -gt 0 ] || set -- $DEFAULT_SERVICES

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace. Installs and starts whatever the tests need first
-# (scripts/services.sh: moto for the DynamoDB state-store suites; the embedded backend needs nothing).
+# (scripts/services.sh: moto for DynamoDB state and leases, kinesis-local for the consumer-group
+# suites; the embedded backend needs nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x scripts/services.sh ] && [ "${STOCKFLOW_SKIP_SERVICES:-0}" != 1 ]; then
@@ -9,6 +10,7 @@ if [ -x scripts/services.sh ] && [ "${STOCKFLOW_SKIP_SERVICES:-0}" != 1 ]; then
   trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
 fi
 export DYNAMODB_ENDPOINT=${DYNAMODB_ENDPOINT:-http://127.0.0.1:5001}
+export KINESIS_ENDPOINT=${KINESIS_ENDPOINT:-http://127.0.0.1:4568}
 # The emulators accept any credentials; the SDK still wants some and a region.
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test} AWS_REGION=${AWS_REGION:-us-east-1}
 cargo test --release --workspace "$@"

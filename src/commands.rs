@@ -33,9 +33,25 @@ pub struct RunArgs {
 /// Arguments of `stockflow consume`.
 #[derive(Debug, clap::Args)]
 pub struct ConsumeArgs {
-    /// Stop once every shard has been read to its current end and committed.
+    /// Stop once every shard has been read to its current end and committed (embedded log).
     #[arg(long)]
     drain: bool,
+    /// Read this Kinesis stream as a consumer-group member, state in DynamoDB (overrides
+    /// `kinesis.stream`); without it, the embedded log is read.
+    #[arg(long, env = "STOCKFLOW_STREAM", value_name = "NAME")]
+    stream: Option<String>,
+    /// Kinesis endpoint override (overrides `kinesis.endpoint`), e.g. a local emulator.
+    #[arg(long, env = "KINESIS_ENDPOINT", value_name = "URL")]
+    kinesis_endpoint: Option<String>,
+    /// DynamoDB endpoint override (overrides `dynamodb.endpoint`), e.g. a local emulator.
+    #[arg(long, env = "DYNAMODB_ENDPOINT", value_name = "URL")]
+    dynamodb_endpoint: Option<String>,
+    /// Table name prefix (overrides `dynamodb.table_prefix`).
+    #[arg(long, env = "STOCKFLOW_TABLE_PREFIX", value_name = "PREFIX")]
+    table_prefix: Option<String>,
+    /// Serve /metrics and /healthz on this address (Kinesis consumer).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Arguments of `stockflow replay`.
@@ -174,7 +190,7 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     match cli.command {
         Command::Demo(args) => demo::run(args, settings, explicit_dir).await,
         Command::Run(args) => run(args, settings, metrics).await,
-        Command::Consume(args) => consume(args, settings).await,
+        Command::Consume(args) => consume(args, settings, metrics).await,
         Command::Replay(args) => replay(args, settings).await,
         Command::Generate(args) => {
             let stream = generate::generate(&args.stream.to_config());
@@ -216,7 +232,16 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     Ok(ExitCode::SUCCESS)
 }
 
-async fn consume(args: ConsumeArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+async fn consume(args: ConsumeArgs, settings: Settings, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {
+    if let Some(stream) = args.stream.clone().or_else(|| settings.kinesis.stream.clone()) {
+        let targets = crate::group::AwsTargets {
+            stream,
+            kinesis_endpoint: args.kinesis_endpoint.or_else(|| settings.kinesis.endpoint.clone()),
+            dynamodb_endpoint: args.dynamodb_endpoint.or_else(|| settings.dynamodb.endpoint.clone()),
+            table_prefix: args.table_prefix.unwrap_or_else(|| settings.dynamodb.table_prefix.clone()),
+        };
+        return crate::group::consume(&settings, targets, args.metrics_listen, metrics).await;
+    }
     let backend = Embedded::open(&settings, true)?;
     if args.drain {
         backend.log.seal();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use stockflow_pipeline::WorkerConfig;
+use stockflow_pipeline::group::GroupConfig;
 use stockflow_state::EngineConfig;
 use stockflow_state::windows::WindowConfig;
 
@@ -29,6 +30,69 @@ pub struct FileConfig {
     pub ingest: IngestSection,
     /// The DynamoDB state store of the AWS deployment.
     pub dynamodb: DynamoSection,
+    /// The Kinesis stream of the AWS deployment.
+    pub kinesis: KinesisSection,
+    /// The consumer group (leases) of the AWS deployment.
+    pub group: GroupSection,
+}
+
+/// `[kinesis]`: the stream `consume` reads when `stream` is set (state then lives in DynamoDB).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisSection {
+    /// Stream name; unset = the embedded log.
+    pub stream: Option<String>,
+    /// Endpoint override (e.g. `http://127.0.0.1:4568` for kinesis-local); unset for AWS.
+    pub endpoint: Option<String>,
+    /// `polling` (GetRecords) or `fan-out` (enhanced fan-out, SubscribeToShard).
+    pub mode: String,
+    /// Name of the enhanced fan-out consumer (registered if missing).
+    pub consumer_name: String,
+    /// Wait after a GetRecords that returned less than a full batch, ms (200 to 10,000).
+    pub idle_poll_ms: u64,
+    /// Records per GetRecords (1 to 10,000).
+    pub get_records_limit: i32,
+}
+
+impl Default for KinesisSection {
+    fn default() -> Self {
+        KinesisSection {
+            stream: None,
+            endpoint: None,
+            mode: "polling".into(),
+            consumer_name: "stockflow".into(),
+            idle_poll_ms: 500,
+            get_records_limit: 10_000,
+        }
+    }
+}
+
+/// `[group]`: leases of the consumer group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupSection {
+    /// A lease not renewed for this long is taken over, ms (1,000 to 600,000; heartbeats every third).
+    pub failover_ms: u64,
+    /// How often the lease table is scanned for leases to take, ms (100 to 60,000).
+    pub take_interval_ms: u64,
+    /// How often shards are listed, ms (1,000 to 3,600,000).
+    pub shard_sync_interval_ms: u64,
+    /// Most leases one process holds (0 = no limit).
+    pub max_leases: usize,
+    /// This process's identity; default host:pid:random.
+    pub worker_id: Option<String>,
+}
+
+impl Default for GroupSection {
+    fn default() -> Self {
+        GroupSection {
+            failover_ms: 10_000,
+            take_interval_ms: 1_000,
+            shard_sync_interval_ms: 60_000,
+            max_leases: 0,
+            worker_id: None,
+        }
+    }
 }
 
 /// `[dynamodb]`: where the AWS deployment keeps state, outbox, dead letters and leases.
@@ -57,6 +121,8 @@ impl Default for FileConfig {
             worker: WorkerSection::default(),
             ingest: IngestSection::default(),
             dynamodb: DynamoSection::default(),
+            kinesis: KinesisSection::default(),
+            group: GroupSection::default(),
         }
     }
 }
@@ -142,6 +208,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// DynamoDB settings.
     pub dynamodb: DynamoSection,
+    /// Kinesis settings (validated).
+    pub kinesis: KinesisSection,
+    /// Consumer-group settings.
+    pub group: GroupConfig,
 }
 
 impl FileConfig {
@@ -174,7 +244,36 @@ impl FileConfig {
         if !(1..=10_000).contains(&w.batch_records) {
             bail!("worker.batch_records = {}: must be 1 to 10000", w.batch_records);
         }
+        let k = self.kinesis;
+        if !["polling", "fan-out"].contains(&k.mode.as_str()) {
+            bail!("kinesis.mode = {:?}: must be \"polling\" or \"fan-out\"", k.mode);
+        }
+        if !(200..=10_000).contains(&k.idle_poll_ms) {
+            bail!("kinesis.idle_poll_ms = {}: must be 200 to 10000", k.idle_poll_ms);
+        }
+        if !(1..=10_000).contains(&k.get_records_limit) {
+            bail!("kinesis.get_records_limit = {}: must be 1 to 10000", k.get_records_limit);
+        }
+        let g = self.group;
+        if !(1_000..=600_000).contains(&g.failover_ms) {
+            bail!("group.failover_ms = {}: must be 1000 to 600000", g.failover_ms);
+        }
+        if !(100..=60_000).contains(&g.take_interval_ms) {
+            bail!("group.take_interval_ms = {}: must be 100 to 60000", g.take_interval_ms);
+        }
+        if !(1_000..=3_600_000).contains(&g.shard_sync_interval_ms) {
+            bail!("group.shard_sync_interval_ms = {}: must be 1000 to 3600000", g.shard_sync_interval_ms);
+        }
+        let group = GroupConfig {
+            failover: Duration::from_millis(g.failover_ms),
+            take_interval: Duration::from_millis(g.take_interval_ms),
+            shard_sync_interval: Duration::from_millis(g.shard_sync_interval_ms),
+            max_leases: if g.max_leases == 0 { usize::MAX } else { g.max_leases },
+            ..GroupConfig::new(g.worker_id.unwrap_or_else(stockflow_pipeline::group::worker_id))
+        };
         Ok(Settings {
+            kinesis: k,
+            group,
             data_dir: self.data_dir,
             shards: self.shards,
             engine: Arc::new(EngineConfig {

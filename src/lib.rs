@@ -8,6 +8,7 @@
 //! - [`commands`]: the subcommands and the embedded backend's wiring.
 //! - [`demo`]: `stockflow demo`.
 //! - [`generate`]: the deterministic peak-season stream generator.
+//! - [`group`]: `consume` on Kinesis + DynamoDB as a consumer-group member.
 //! - [`ingest`]: the ingest HTTP app (`fn app() -> Router`).
 //! - [`telemetry`]: logging and the Prometheus recorder.
 
@@ -16,5 +17,6 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod generate;
+pub mod group;
 pub mod ingest;
 pub mod telemetry;

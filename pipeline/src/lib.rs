@@ -7,10 +7,14 @@
 //! - [`log`]: `EmbeddedLog`, the durable partitioned log of the single-machine deployment.
 //! - [`worker`]: `ShardWorker`, one task per shard: decode → dedup → apply → commit.
 //! - [`consumer`]: running all shards of a source in one process.
+//! - [`group`]: the consumer group: leases, balancing, failover, handoff, resharding.
+//! - [`kinesis`]: Amazon Kinesis (polling and enhanced fan-out, KPL de-aggregation, producer).
 //! - [`retry`]: the one backoff policy (capped exponential, full jitter).
 //! - [`metrics`]: the pipeline's named telemetry events.
 
 pub mod consumer;
+pub mod group;
+pub mod kinesis;
 pub mod log;
 pub mod metrics;
 pub mod retry;
@@ -19,5 +23,7 @@ pub mod worker;
 
 pub use consumer::run_all_shards;
 pub use log::EmbeddedLog;
-pub use source::{OutRecord, ReadStatus, RecordBatch, ShardReader, StreamError, StreamProducer, StreamSource};
+pub use source::{
+    OutRecord, ReadStatus, RecordBatch, ShardInfo, ShardReader, StreamError, StreamProducer, StreamSource,
+};
 pub use worker::{Progress, ShardWorker, WorkerConfig, WorkerError, WorkerReport};

@@ -65,3 +65,23 @@ pub fn lag(shard: &str, lag: &crate::source::Lag) {
         gauge!("stockflow_shard_lag_seconds", "shard" => shard.to_string()).set(ms as f64 / 1000.0);
     }
 }
+
+/// A stream read call failed (`op`: `GetRecords`, `GetShardIterator`, `SubscribeToShard`).
+pub fn stream_error(shard: &str, op: &'static str) {
+    counter!("stockflow_stream_errors_total", "shard" => shard.to_string(), "op" => op).increment(1);
+}
+
+/// Leases this worker holds now.
+pub fn leases_owned(n: usize) {
+    gauge!("stockflow_leases_owned").set(n as f64);
+}
+
+/// A lease changed hands here (`event`: `taken`, `stolen`, `lost`, `released`, `ended`, `created`).
+pub fn lease_event(event: &'static str) {
+    counter!("stockflow_lease_events_total", "event" => event).increment(1);
+}
+
+/// A lease-table call failed (`op`: `scan`, `renew`, `take`, ...).
+pub fn lease_error(op: &'static str) {
+    counter!("stockflow_lease_errors_total", "op" => op).increment(1);
+}

@@ -39,6 +39,11 @@ impl Backoff {
         Some(Duration::from_nanos(if nanos == 0 { 0 } else { r % (nanos + 1) }))
     }
 
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
     /// Attempts made so far.
     pub fn attempts(&self) -> u32 {
         self.attempt

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::ops::Range;
 
 use stockflow_state::Position;
+use stockflow_state::lease::HashRange;
 
 /// A batch of records read from one shard, reusing its buffers between reads.
 #[derive(Debug, Default)]
@@ -134,6 +135,29 @@ pub trait ShardReader: Send + 'static {
 
     /// How far the reader is behind the head of the shard after its last read.
     fn lag(&self) -> Lag;
+
+    /// After [`ReadStatus::End`]: the shards that continue this one (a reshard), if any.
+    fn children(&self) -> Vec<ShardInfo> {
+        Vec::new()
+    }
+}
+
+/// A shard with its lineage: the shards it continues and the hash keys it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    /// The shard id.
+    pub id: String,
+    /// The shards it was split or merged from (none for an original shard).
+    pub parents: Vec<String>,
+    /// Its hash keys (`None` where the backend has no hash ranges).
+    pub hash_range: Option<HashRange>,
+}
+
+impl ShardInfo {
+    /// A shard without parents or range (embedded log, Kafka partitions).
+    pub fn root(id: String) -> Self {
+        ShardInfo { id, parents: Vec::new(), hash_range: None }
+    }
 }
 
 /// A stream's shards, each opened at a position.
@@ -143,6 +167,11 @@ pub trait StreamSource: Send + Sync + 'static {
 
     /// The shard ids.
     fn shards(&self) -> impl Future<Output = Result<Vec<String>, StreamError>> + Send;
+
+    /// The shards with their lineage (open and closed ones still in retention).
+    fn shard_infos(&self) -> impl Future<Output = Result<Vec<ShardInfo>, StreamError>> + Send {
+        async { Ok(self.shards().await?.into_iter().map(ShardInfo::root).collect()) }
+    }
 
     /// Opens `shard` just after `after` (or at its start when `None`).
     fn open(

@@ -17,7 +17,9 @@ use tokio::time::MissedTickBehavior;
 
 use crate::metrics::{self, BatchCounts};
 use crate::retry::Backoff;
-use crate::source::{ReadStatus, RecordBatch, ShardReader, StreamError, StreamSource};
+use crate::source::{ReadStatus, RecordBatch, ShardInfo, ShardReader, StreamError, StreamSource};
+use stockflow_state::engine::ShardSnapshot;
+use stockflow_state::lease::HashRange;
 
 /// Commit cadence and read sizes, validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +92,19 @@ pub struct WorkerReport {
     pub memory: stockflow_state::engine::MemoryUse,
     /// Live dedup entries at the end.
     pub dedup_entries: usize,
+    /// The shard was read to its end and everything committed.
+    pub ended: bool,
+    /// Its children, when it ended because of a reshard.
+    pub children: Vec<ShardInfo>,
+}
+
+/// Where a child shard's SKUs come from before its first commit (a reshard).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// Every ancestor shard whose stored SKUs may fall in this shard's range, nearest first.
+    pub ancestors: Vec<String>,
+    /// The shard's hash keys: the SKUs of the ancestors it takes over.
+    pub range: Option<HashRange>,
 }
 
 /// The worker of one shard.
@@ -127,9 +142,37 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         epoch: u64,
         progress: Arc<Progress>,
     ) -> Result<Self, WorkerError> {
+        Self::start_with(source, shard, &Lineage::default(), store, engine_cfg, cfg, epoch, progress).await
+    }
+
+    /// Like [`ShardWorker::start`], for a shard that may continue others: until its first
+    /// commit (no checkpoint yet), it takes over the ancestors' SKUs in its hash range and their
+    /// dedup ids, and its first commit stores them all under this shard.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_with<Src: StreamSource<Reader = R>>(
+        source: &Src,
+        shard: &str,
+        lineage: &Lineage,
+        store: Arc<S>,
+        engine_cfg: Arc<EngineConfig>,
+        cfg: WorkerConfig,
+        epoch: u64,
+        progress: Arc<Progress>,
+    ) -> Result<Self, WorkerError> {
         let stored = store.load_shard(shard).await?;
+        let engine = if stored.checkpoint.is_none() && !lineage.ancestors.is_empty() {
+            let mut parts = vec![stored.snapshot];
+            for ancestor in &lineage.ancestors {
+                parts.push(store.load_shard(ancestor).await?.snapshot);
+            }
+            let range = lineage.range.unwrap_or(HashRange::ALL);
+            let merged = ShardSnapshot::merge(parts, |sku| range.holds(sku));
+            tracing::info!(shard, ancestors = ?lineage.ancestors, skus = merged.skus.len(), "taking over the parents' SKUs");
+            ShardEngine::adopt(engine_cfg, merged)
+        } else {
+            ShardEngine::restore(engine_cfg, stored.snapshot)
+        };
         let reader = source.open(shard, stored.checkpoint.as_ref()).await?;
-        let engine = ShardEngine::restore(engine_cfg, stored.snapshot);
         let commit_floor = stored.floors.iter().map(|(_, p)| p.clone()).max();
         tracing::info!(
             shard, checkpoint = ?stored.checkpoint, skus = engine.sku_count(), floors = stored.floors.len(),
@@ -161,6 +204,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         let mut batch = RecordBatch::new();
         let mut tick = tokio::time::interval(self.cfg.commit_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut ended = false;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -184,6 +228,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
                         self.commit().await?;
                     }
                     if status == ReadStatus::End {
+                        ended = true;
                         break;
                     }
                 }
@@ -191,6 +236,9 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         }
         self.commit().await?;
         self.report_lag();
+        if ended {
+            tracing::info!(shard = %self.shard, checkpoint = ?self.checkpoint, "shard read to its end and committed");
+        }
         Ok(WorkerReport {
             shard: self.shard.clone(),
             stats: self.engine.stats(),
@@ -199,6 +247,8 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             skus: self.engine.sku_count(),
             memory: self.engine.memory(),
             dedup_entries: self.engine.dedup_len(),
+            ended,
+            children: if ended { self.reader.children() } else { Vec::new() },
         })
     }
 

@@ -5,31 +5,38 @@
 //! entry is live while `entry.ts + horizon ≥ sku.max_ts` (the SKU's largest event time before the
 //! event). Pruning only removes entries that rule already ignores, so it never changes a decision.
 //! Keys are 128-bit xxh3 hashes of sku and id: a collision among a billion ids has probability
-//! below 10⁻²⁰.
+//! below 10⁻²⁰. Stored entries name their SKU by a 64-bit hash of its name ([`sku_id`]), not by
+//! a shard-local ordinal, so that they follow the SKU into whichever shard holds it after a
+//! reshard.
 
 use std::collections::HashMap;
 
 use foldhash::fast::FixedState;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128_with_seed};
 
-/// One remembered event id.
+/// One remembered event id, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupEntry {
     /// Hash of `(sku, id)`.
     pub key: u128,
     /// Event time of the applied event.
     pub ts: i64,
-    /// Ordinal of the SKU within its shard.
-    pub sku: u32,
+    /// The SKU, by [`sku_id`].
+    pub sku: u64,
 }
 
 /// Bytes of one encoded entry.
-pub const ENTRY_BYTES: usize = 28;
+pub const ENTRY_BYTES: usize = 32;
+
+/// A SKU's shard-independent 64-bit id (also the seed of its events' dedup keys).
+pub fn sku_id(sku: &str) -> u64 {
+    xxh3_64(sku.as_bytes())
+}
 
 impl DedupEntry {
     /// The dedup key of an event.
     pub fn key(sku: &str, id: &str) -> u128 {
-        xxh3_128_with_seed(id.as_bytes(), xxh3_64(sku.as_bytes()))
+        xxh3_128_with_seed(id.as_bytes(), sku_id(sku))
     }
 
     /// Appends the fixed-size little-endian encoding.
@@ -49,7 +56,7 @@ impl DedupEntry {
             .map(|c| DedupEntry {
                 key: u128::from_le_bytes(c[0..16].try_into().unwrap_or_default()),
                 ts: i64::from_le_bytes(c[16..24].try_into().unwrap_or_default()),
-                sku: u32::from_le_bytes(c[24..28].try_into().unwrap_or_default()),
+                sku: u64::from_le_bytes(c[24..32].try_into().unwrap_or_default()),
             })
             .collect())
     }
@@ -60,7 +67,7 @@ impl DedupEntry {
 pub struct DedupIndex {
     horizon_ms: i64,
     live: HashMap<u128, (i64, u32), FixedState>,
-    pending: Vec<DedupEntry>,
+    pending: Vec<(u128, i64, u32)>,
 }
 
 impl DedupIndex {
@@ -79,10 +86,14 @@ impl DedupIndex {
         self.live.is_empty()
     }
 
-    /// Restores entries from the store (no pending entries are created).
-    pub fn restore(&mut self, entries: impl IntoIterator<Item = DedupEntry>) {
-        for e in entries {
-            self.live.insert(e.key, (e.ts, e.sku));
+    /// Restores `(key, ts, sku ordinal)` entries from the store (no pending entries are created).
+    /// When a key comes twice (the merged stores of a reshard), the later event time is kept.
+    pub fn restore(&mut self, entries: impl IntoIterator<Item = (u128, i64, u32)>) {
+        for (key, ts, sku) in entries {
+            let e = self.live.entry(key).or_insert((ts, sku));
+            if ts > e.0 {
+                *e = (ts, sku);
+            }
         }
     }
 
@@ -94,13 +105,20 @@ impl DedupIndex {
             return true;
         }
         self.live.insert(key, (ts, sku));
-        self.pending.push(DedupEntry { key, ts, sku });
+        self.pending.push((key, ts, sku));
         false
     }
 
-    /// Entries added since the last call.
-    pub fn take_pending(&mut self) -> Vec<DedupEntry> {
-        std::mem::take(&mut self.pending)
+    /// Number of entries added since the last [`DedupIndex::drain_pending`].
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Entries added since the last call, as stored; `sku_id(ordinal)` names each SKU.
+    pub fn drain_pending(&mut self, sku_id: impl Fn(u32) -> u64, mut each: impl FnMut(DedupEntry)) {
+        for (key, ts, sku) in self.pending.drain(..) {
+            each(DedupEntry { key, ts, sku: sku_id(sku) });
+        }
     }
 
     /// Drops entries the rule already ignores; `sku_max_ts(ordinal)` gives each SKU's max ts.
@@ -110,9 +128,9 @@ impl DedupIndex {
     }
 
     /// Every live entry, in key order (for a compacted chunk and for snapshots).
-    pub fn entries(&self) -> Vec<DedupEntry> {
+    pub fn entries(&self, sku_id: impl Fn(u32) -> u64) -> Vec<DedupEntry> {
         let mut v: Vec<DedupEntry> =
-            self.live.iter().map(|(k, (ts, sku))| DedupEntry { key: *k, ts: *ts, sku: *sku }).collect();
+            self.live.iter().map(|(k, (ts, sku))| DedupEntry { key: *k, ts: *ts, sku: sku_id(*sku) }).collect();
         v.sort_unstable_by_key(|e| e.key);
         v
     }
@@ -140,13 +158,11 @@ mod tests {
         d.check_and_insert(1, 0, 0, None);
         d.check_and_insert(2, 5000, 1, None);
         d.prune(|sku| Some(if sku == 0 { 2000 } else { 5000 }));
-        assert_eq!(d.entries().iter().map(|e| e.key).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(d.entries(u64::from).iter().map(|e| e.key).collect::<Vec<_>>(), vec![2]);
         let mut buf = Vec::new();
-        for e in d.take_pending() {
-            e.encode_into(&mut buf);
-        }
+        d.drain_pending(|o| u64::from(o) + 70, |e| e.encode_into(&mut buf));
         let back = DedupEntry::decode_all(&buf).unwrap();
-        assert_eq!(back, vec![DedupEntry { key: 1, ts: 0, sku: 0 }, DedupEntry { key: 2, ts: 5000, sku: 1 }]);
+        assert_eq!(back, vec![DedupEntry { key: 1, ts: 0, sku: 70 }, DedupEntry { key: 2, ts: 5000, sku: 71 }]);
         assert!(DedupEntry::decode_all(&buf[1..]).is_err());
     }
 }

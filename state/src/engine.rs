@@ -12,7 +12,7 @@ use std::sync::Arc;
 use foldhash::fast::FixedState;
 use hashbrown::HashTable;
 
-use crate::dedup::{DedupEntry, DedupIndex, ENTRY_BYTES};
+use crate::dedup::{DedupEntry, DedupIndex, ENTRY_BYTES, sku_id};
 use crate::effects::Effect;
 use crate::event::Event;
 use crate::ledger::SkuState;
@@ -101,6 +101,28 @@ pub struct ShardSnapshot {
     pub dedup: Vec<DedupEntry>,
 }
 
+impl ShardSnapshot {
+    /// Merges the snapshots of several shards, keeping the SKUs `keep` accepts and their dedup
+    /// entries (a reshard: a child takes over the SKUs of its parents whose hash keys it owns).
+    pub fn merge(parts: impl IntoIterator<Item = ShardSnapshot>, keep: impl Fn(&str) -> bool) -> ShardSnapshot {
+        let mut out = ShardSnapshot::default();
+        let mut dedup = Vec::new();
+        for part in parts {
+            out.max_ts = out.max_ts.max(part.max_ts);
+            out.skus.extend(part.skus.into_iter().filter(|(sku, _)| keep(sku)));
+            dedup.extend(part.dedup);
+        }
+        out.skus.sort_by(|a, b| a.0.cmp(&b.0));
+        out.skus.dedup_by(|a, b| a.0 == b.0);
+        let kept: std::collections::HashSet<u64> = out.skus.iter().map(|(s, _)| sku_id(s)).collect();
+        dedup.retain(|e| kept.contains(&e.sku));
+        dedup.sort_unstable_by_key(|e| (e.key, std::cmp::Reverse(e.ts)));
+        dedup.dedup_by_key(|e| e.key);
+        out.dedup = dedup;
+        out
+    }
+}
+
 /// How the dedup entries of a commit are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DedupDelta {
@@ -142,6 +164,7 @@ pub struct ShardEngine {
     dedup: DedupIndex,
     dedup_base_bytes: usize,
     dedup_appended_bytes: usize,
+    force_dedup_replace: bool,
     clock: WindowClock,
     effects: Vec<Effect>,
     finals: Vec<FinalWindow>,
@@ -166,6 +189,7 @@ impl ShardEngine {
             dedup: DedupIndex::new(horizon),
             dedup_base_bytes: 0,
             dedup_appended_bytes: 0,
+            force_dedup_replace: false,
             clock: WindowClock::default(),
             effects: Vec::new(),
             finals: Vec::new(),
@@ -181,22 +205,34 @@ impl ShardEngine {
         engine.clock = WindowClock::resume(snapshot.max_ts);
         let mut skus = snapshot.skus;
         skus.sort_by_key(|(_, s)| s.ordinal);
-        // Ordinals are dense when written by this engine; remap defensively if they are not.
-        let mut remap = HashMap::new();
+        // Ordinals are dense when written by one engine; SKUs merged from several shards (a
+        // reshard) are renumbered. Dedup entries name SKUs by id, not ordinal.
         for (name, mut state) in skus {
             let idx = engine.skus.len() as u32;
-            remap.insert(state.ordinal, idx);
             state.ordinal = idx;
             for w in &state.windows {
                 engine.clock.track(&engine.cfg.windows, idx, w);
             }
             engine.push_slot(name.into_boxed_str(), state);
         }
+        let by_id: HashMap<u64, u32> =
+            engine.skus.iter().enumerate().map(|(i, s)| (sku_id(&s.name), i as u32)).collect();
         let entries = snapshot.dedup.len();
-        engine
-            .dedup
-            .restore(snapshot.dedup.into_iter().filter_map(|e| remap.get(&e.sku).map(|&sku| DedupEntry { sku, ..e })));
+        engine.dedup.restore(snapshot.dedup.into_iter().filter_map(|e| by_id.get(&e.sku).map(|&o| (e.key, e.ts, o))));
         engine.dedup_base_bytes = entries * ENTRY_BYTES;
+        engine
+    }
+
+    /// A shard that takes over SKUs from other shards (the parents of a reshard): restored from
+    /// their merged snapshot, with every SKU dirty and the whole dedup set due, so that the
+    /// first commit stores all of it under this shard.
+    pub fn adopt(cfg: Arc<EngineConfig>, snapshot: ShardSnapshot) -> Self {
+        let mut engine = ShardEngine::restore(cfg, snapshot);
+        for idx in 0..engine.skus.len() as u32 {
+            engine.mark_dirty(idx);
+        }
+        engine.dedup_base_bytes = 0;
+        engine.force_dedup_replace = true;
         engine
     }
 
@@ -342,20 +378,24 @@ impl ShardEngine {
             slot.dirty = false;
             states.push((slot.name.to_string(), slot.state.encode()?));
         }
-        let pending = self.dedup.take_pending();
-        self.dedup_appended_bytes += pending.len() * ENTRY_BYTES;
-        let dedup = if self.dedup_appended_bytes > self.dedup_base_bytes.max(DEDUP_COMPACT_FLOOR_BYTES) {
-            let skus = &self.skus;
+        self.dedup_appended_bytes += self.dedup.pending_len() * ENTRY_BYTES;
+        let skus = &self.skus;
+        let id_of = |ordinal: u32| skus.get(ordinal as usize).map_or(0, |s| sku_id(&s.name));
+        let dedup = if self.force_dedup_replace
+            || self.dedup_appended_bytes > self.dedup_base_bytes.max(DEDUP_COMPACT_FLOOR_BYTES)
+        {
+            self.force_dedup_replace = false;
+            self.dedup.drain_pending(id_of, drop);
             self.dedup.prune(|ordinal| skus.get(ordinal as usize).and_then(|s| s.state.max_ts));
-            let live = self.dedup.entries();
+            let live = self.dedup.entries(id_of);
             let mut bytes = Vec::with_capacity(live.len() * ENTRY_BYTES);
             live.iter().for_each(|e| e.encode_into(&mut bytes));
             self.dedup_base_bytes = bytes.len();
             self.dedup_appended_bytes = 0;
             DedupDelta::Replace(bytes)
         } else {
-            let mut bytes = Vec::with_capacity(pending.len() * ENTRY_BYTES);
-            pending.iter().for_each(|e| e.encode_into(&mut bytes));
+            let mut bytes = Vec::with_capacity(self.dedup.pending_len() * ENTRY_BYTES);
+            self.dedup.drain_pending(id_of, |e| e.encode_into(&mut bytes));
             DedupDelta::Append(bytes)
         };
         Ok(EngineDelta { states, effects: std::mem::take(&mut self.effects), dedup, max_ts: self.clock.max_ts() })
@@ -366,7 +406,8 @@ impl ShardEngine {
         let mut skus: Vec<(String, SkuState)> =
             self.skus.iter().map(|s| (s.name.to_string(), s.state.clone())).collect();
         skus.sort_by(|a, b| a.0.cmp(&b.0));
-        ShardSnapshot { max_ts: self.clock.max_ts(), skus, dedup: self.dedup.entries() }
+        let id_of = |ordinal: u32| self.skus.get(ordinal as usize).map_or(0, |s| sku_id(&s.name));
+        ShardSnapshot { max_ts: self.clock.max_ts(), skus, dedup: self.dedup.entries(id_of) }
     }
 
     /// Approximate memory held, by part.
@@ -437,5 +478,36 @@ mod tests {
         assert_eq!(bytes.len(), 3 * ENTRY_BYTES);
         assert!(!e.is_dirty());
         assert!(e.take_delta().unwrap().states.is_empty());
+    }
+
+    #[test]
+    fn a_child_adopts_its_parents_skus_and_dedup_ids_in_its_range() {
+        let ev = |id: &str, sku: &str, ts: i64| {
+            format!(r#"{{"id":"{id}","type":"stock_adjusted","sku":"{sku}","ts":{ts},"delta":1}}"#)
+        };
+        // Two parents (a merge), each with SKUs the child keeps ("K*") and one it does not.
+        let mut parents = [engine(), engine()];
+        for (p, e) in parents.iter_mut().enumerate() {
+            for (i, sku) in [format!("K{p}"), format!("X{p}")].iter().enumerate() {
+                e.apply(&decode(ev(&format!("{p}-{i}"), sku, 10 + p as i64).as_bytes()).unwrap());
+            }
+        }
+        let merged = ShardSnapshot::merge(parents.iter().map(ShardEngine::snapshot), |sku| sku.starts_with('K'));
+        assert_eq!(merged.max_ts, Some(11));
+        assert_eq!(merged.skus.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), ["K0", "K1"]);
+        assert_eq!(merged.dedup.len(), 2, "only the kept SKUs' ids");
+        let mut child = ShardEngine::adopt(Arc::new(EngineConfig::default()), merged);
+        // The parents' ids are remembered for the SKUs that moved.
+        assert_eq!(child.apply(&decode(ev("1-0", "K1", 12).as_bytes()).unwrap()), Applied::Duplicate);
+        assert_eq!(child.apply(&decode(ev("1-9", "K1", 12).as_bytes()).unwrap()), Applied::Applied);
+        // The first delta stores everything under the child: all SKUs and the whole dedup set.
+        let d = child.take_delta().unwrap();
+        assert_eq!(d.states.len(), 2);
+        let DedupDelta::Replace(bytes) = d.dedup else { panic!("expected a full dedup set") };
+        assert_eq!(bytes.len(), 3 * ENTRY_BYTES);
+        let restored = ShardEngine::restore(Arc::new(EngineConfig::default()), child.snapshot());
+        assert_eq!(restored.snapshot(), child.snapshot());
+        // Later deltas are incremental again.
+        assert!(matches!(child.take_delta().unwrap().dedup, DedupDelta::Append(b) if b.is_empty()));
     }
 }

@@ -10,6 +10,7 @@
 //! - [`effects`]: alerts, reorder requests, journal lines and discrepancies with deterministic ids.
 //! - [`engine`]: `ShardEngine`, one shard's state in memory, its snapshot and its commit delta.
 //! - [`store`]: the `StateStore` trait — state, outbox, dead letters and checkpoints together.
+//! - [`lease`]: leases of shards with a fencing epoch, the `LeaseStore` trait, in-process leases.
 //! - [`embedded`]: `RedbStore`, the durable single-machine store.
 //! - [`dynamodb`]: `DynamoStore`, the store of the AWS deployment: fenced, split commits.
 //! - [`reference`]: the straight pass that every backend must agree with.
@@ -20,6 +21,7 @@ pub mod effects;
 pub mod embedded;
 pub mod engine;
 pub mod event;
+pub mod lease;
 pub mod ledger;
 pub mod money;
 pub mod reference;

@@ -11,6 +11,7 @@
 //! checkpoint is written last, conditioned on the epoch and on moving forward.
 
 mod commit;
+mod leases;
 pub mod schema;
 pub mod testing;
 
@@ -33,7 +34,7 @@ use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, St
 /// Largest slice of a blob stored in one item (DynamoDB items are at most 400 KB).
 pub const MAX_PART_BYTES: usize = 350_000;
 
-type Item = HashMap<String, AttributeValue>;
+pub(crate) type Item = HashMap<String, AttributeValue>;
 
 pub(crate) fn sdk_error(e: impl std::fmt::Display + std::fmt::Debug) -> StoreError {
     StoreError::Unavailable(format!("{e}: {e:?}"))
@@ -45,7 +46,7 @@ pub fn position_key(p: &Position) -> String {
     format!("{digits:0>64}:{:020}", p.sub)
 }
 
-fn parse_position_key(key: &str) -> Option<Position> {
+pub(crate) fn parse_position_key(key: &str) -> Option<Position> {
     let (seq, sub) = key.split_once(':')?;
     let trimmed = seq.trim_start_matches('0');
     Some(Position { sequence: if trimmed.is_empty() { "0".into() } else { trimmed.into() }, sub: sub.parse().ok()? })
@@ -62,6 +63,12 @@ pub struct WriteStats {
     pub bytes: AtomicU64,
     /// Read calls (Query, BatchGetItem, GetItem, Scan).
     pub reads: AtomicU64,
+    /// Lease-table writes (create, take, renew, release, end).
+    pub lease_calls: AtomicU64,
+    /// Of which heartbeats.
+    pub lease_renewals: AtomicU64,
+    /// Lease-table scans (each may page).
+    pub lease_scans: AtomicU64,
 }
 
 /// Fault injection for tests: fail a commit after this many of its transactions succeeded, once.

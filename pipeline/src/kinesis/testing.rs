@@ -1,0 +1,46 @@
+//! Test support: fresh, uniquely named streams on a local Kinesis emulator (kinesis-local).
+
+use std::time::Duration;
+
+use aws_sdk_kinesis::Client;
+
+use crate::retry::Backoff;
+
+/// The emulator endpoint: `KINESIS_ENDPOINT`, default `http://127.0.0.1:4568`.
+pub fn endpoint() -> String {
+    std::env::var("KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4568".into())
+}
+
+/// A new stream `{tag}{nanos}` with `shards` shards, active. Returns `None` when no emulator
+/// answers — except under CI (`CI=true`), where a missing emulator is a failure, not a skip.
+pub async fn emulator_stream(tag: &str, shards: i32) -> Option<(Client, String)> {
+    let endpoint = endpoint();
+    let client = super::client(Some(&endpoint), true).await;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let name = format!("{tag}{nanos:x}");
+    if let Err(e) = client.create_stream().stream_name(&name).shard_count(shards).send().await {
+        let e = aws_sdk_kinesis::error::DisplayErrorContext(e);
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("Kinesis emulator at {endpoint} is required under CI: {e}");
+        }
+        eprintln!("skipping: no Kinesis emulator at {endpoint} ({e}); run scripts/services.sh start");
+        return None;
+    }
+    wait_active(&client, &name).await;
+    Some((client, name))
+}
+
+/// Waits until the stream is `ACTIVE` (after create, split, merge).
+pub async fn wait_active(client: &Client, name: &str) {
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500), 200);
+    loop {
+        let out = client.describe_stream_summary().stream_name(name).send().await;
+        if let Ok(out) = out
+            && out.stream_description_summary().is_some_and(|s| s.stream_status().as_str() == "ACTIVE")
+        {
+            return;
+        }
+        let delay = backoff.next_delay().unwrap_or_else(|| panic!("stream {name} never became ACTIVE"));
+        tokio::time::sleep(delay).await;
+    }
+}
