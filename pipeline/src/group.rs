@@ -2,16 +2,18 @@
 //! without the KCL's known failure modes.
 //!
 //! One [`Coordinator`] per process runs three timers:
-//! - **renew** (every `failover / 3`): one conditional heartbeat per owned lease, touching only
-//!   `leaseCounter`. A refused heartbeat means the lease moved: the shard's worker is aborted at
-//!   once (its commits would be fenced anyway). A lease not renewed for `failover` (store
-//!   unreachable) is given up the same way.
+//! - **renew** (every `failover / 3`, in its own task so a slow scan never delays it): one
+//!   conditional heartbeat per owned lease, concurrently, touching only `leaseCounter`. A refused
+//!   heartbeat means the lease moved: the shard's worker is aborted at once (its commits would
+//!   be fenced anyway). A lease not renewed for `failover` (store unreachable) is given up the
+//!   same way.
 //! - **take** (every `take_interval`, 1 s by default): one scan of the lease table. A lease is
 //!   takeable when it has no owner (released on a graceful shutdown, never taken, or ended
 //!   parents' children) or when its counter has not moved for `failover` as seen by *this*
 //!   process's clock (no clock agreement needed). The process takes leases up to its fair share
-//!   (`⌈eligible / workers⌉`), then steals at most one lease per pass from the most loaded worker
-//!   if it is still below its share.
+//!   (`⌈eligible / workers⌉`, half the missing ones per pass), then, still below its share,
+//!   steals at most one lease per pass from the most loaded worker if that one holds at least two
+//!   more than this process.
 //! - **sync** (at start, every `shard_sync_interval`, and whenever a shard ends): `ListShards`,
 //!   creating the rows of shards without one (a deleted row is recreated).
 //!
@@ -99,7 +101,54 @@ struct Owned {
     epoch: u64,
     stop: watch::Sender<bool>,
     abort: AbortHandle,
-    last_renewed: Instant,
+}
+
+/// The leases the heartbeat task renews: key → epoch (shared with the coordinator loop).
+type Held = Arc<std::sync::Mutex<HashMap<String, u64>>>;
+
+fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Heartbeats, in their own task so that a slow scan or take never delays them: every
+/// `failover / 3`, all held leases are renewed concurrently. A refused heartbeat, or none
+/// accepted for `failover` (store unreachable), reports the lease lost.
+async fn heartbeats<L: LeaseStore>(
+    leases: Arc<L>,
+    owner: String,
+    failover: Duration,
+    held: Held,
+    lost: tokio::sync::mpsc::UnboundedSender<(String, u64)>,
+) {
+    let mut tick = tokio::time::interval(failover / 3);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut renewed: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let batch: Vec<(String, u64)> = lock(&held).iter().map(|(k, e)| (k.clone(), *e)).collect();
+        renewed.retain(|k, _| batch.iter().any(|(b, _)| b == k));
+        let results = futures::future::join_all(batch.iter().map(|(k, e)| leases.renew_lease(k, &owner, *e))).await;
+        for ((key, epoch), result) in batch.into_iter().zip(results) {
+            let last = *renewed.entry(key.clone()).or_insert(now);
+            match result {
+                Ok(true) => {
+                    renewed.insert(key, Instant::now());
+                }
+                Ok(false) => {
+                    let _ = lost.send((key, epoch));
+                }
+                Err(e) => {
+                    metrics::lease_error("renew");
+                    tracing::warn!(shard = %key, error = %e, "heartbeat failed");
+                    if now.duration_since(last) >= failover {
+                        // Others may have taken it by now: stop before a write could race them.
+                        let _ = lost.send((key, epoch));
+                    }
+                }
+            }
+        }
+    }
 }
 
 type Joined = (String, u64, Result<WorkerReport, WorkerError>);
@@ -133,8 +182,18 @@ impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
     /// Runs until `shutdown` turns true: takes, renews and balances leases and runs a worker
     /// per owned shard; at shutdown commits and releases every lease.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<GroupReport, WorkerError> {
+        let held: Held = Arc::default();
+        let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel();
+        let heart = tokio::spawn(heartbeats(
+            Arc::clone(&self.leases),
+            self.cfg.worker_id.clone(),
+            self.cfg.failover,
+            Arc::clone(&held),
+            lost_tx,
+        ));
         let mut run = Run {
             c: &self,
+            held,
             owned: HashMap::new(),
             tasks: JoinSet::new(),
             observed: HashMap::new(),
@@ -143,10 +202,9 @@ impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
         };
         tracing::info!(worker = %self.cfg.worker_id, failover = ?self.cfg.failover, "joining the consumer group");
         run.sync_shards().await;
-        let mut renew = tokio::time::interval(self.cfg.renew_interval());
         let mut take = tokio::time::interval(self.cfg.take_interval);
         let mut sync = tokio::time::interval(self.cfg.shard_sync_interval);
-        for t in [&mut renew, &mut take, &mut sync] {
+        for t in [&mut take, &mut sync] {
             t.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
         sync.tick().await; // the first sync ran above
@@ -169,12 +227,17 @@ impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
                         Err(j) => std::panic::resume_unwind(j.into_panic()),
                     }
                 }
-                _ = renew.tick() => run.renew().await,
+                Some((key, epoch)) = lost_rx.recv() => {
+                    if run.owned.get(&key).is_some_and(|o| o.epoch == epoch) {
+                        run.lose(&key);
+                    }
+                }
                 _ = take.tick() => run.take_pass().await,
                 _ = sync.tick() => run.sync_shards().await,
             }
         };
         run.shutdown().await;
+        heart.abort();
         metrics::leases_owned(0);
         result.map(|()| run.report)
     }
@@ -182,6 +245,8 @@ impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
 
 struct Run<'a, Src, L, S> {
     c: &'a Coordinator<Src, L, S>,
+    /// What the heartbeat task renews (kept equal to `owned`).
+    held: Held,
     owned: HashMap<String, Owned>,
     tasks: JoinSet<Joined>,
     /// Each lease's counter and when this process last saw it change.
@@ -233,30 +298,13 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         }
     }
 
-    async fn renew(&mut self) {
-        let now = Instant::now();
-        let mut lost = Vec::new();
-        for (key, o) in &mut self.owned {
-            match self.c.leases.renew_lease(key, &self.c.cfg.worker_id, o.epoch).await {
-                Ok(true) => o.last_renewed = now,
-                Ok(false) => lost.push(key.clone()),
-                Err(e) => {
-                    metrics::lease_error("renew");
-                    tracing::warn!(shard = %key, error = %e, "heartbeat failed");
-                    if now.duration_since(o.last_renewed) >= self.c.cfg.failover {
-                        // Others may have taken it by now: stop before a write could race them.
-                        lost.push(key.clone());
-                    }
-                }
-            }
-        }
-        for key in lost {
-            self.lose(&key);
-        }
+    fn forget(&mut self, key: &str) -> Option<Owned> {
+        lock(&self.held).remove(key);
+        self.owned.remove(key)
     }
 
     fn lose(&mut self, key: &str) {
-        if let Some(o) = self.owned.remove(key) {
+        if let Some(o) = self.forget(key) {
             o.abort.abort();
             self.report.lost += 1;
             metrics::lease_event("lost");
@@ -266,6 +314,7 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
     }
 
     async fn take_pass(&mut self) {
+        let scan_started = Instant::now();
         let leases = match self.c.leases.leases().await {
             Ok(l) => l,
             Err(e) => {
@@ -274,11 +323,14 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
                 return;
             }
         };
-        let now = Instant::now();
+        // A counter value first seen in a scan is dated to that scan's *end*, and an unchanged one
+        // is checked at this scan's *start*: the owner has certainly not renewed for at least the
+        // time between the two, however slow the scans (a slow store never expires live leases).
+        let scanned = Instant::now();
         for l in &leases {
-            let e = self.observed.entry(l.key.clone()).or_insert((l.counter, now));
+            let e = self.observed.entry(l.key.clone()).or_insert((l.counter, scanned));
             if e.0 != l.counter {
-                *e = (l.counter, now);
+                *e = (l.counter, scanned);
             }
         }
         let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
@@ -311,7 +363,10 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         let expired = |l: &Lease| match &l.owner {
             None => true,
             Some(o) if o == self.me() => !self.owned.contains_key(&l.key),
-            Some(_) => self.observed.get(&l.key).is_some_and(|(_, t)| now.duration_since(*t) >= self.c.cfg.failover),
+            Some(_) => self
+                .observed
+                .get(&l.key)
+                .is_some_and(|(_, t)| scan_started.saturating_duration_since(*t) >= self.c.cfg.failover),
         };
         let mut load: HashMap<&str, Vec<&Lease>> = HashMap::new();
         for l in eligible.iter().filter(|l| !expired(l)) {
@@ -333,6 +388,15 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         let mut free: Vec<&Lease> = eligible.iter().copied().filter(|l| expired(l)).collect();
         free.sort_by_key(|l| (l.owner.is_some(), l.key.clone()));
         let any_free = !free.is_empty();
+        tracing::debug!(
+            eligible = eligible.len(),
+            workers,
+            target,
+            owned = self.owned.len(),
+            free = free.len(),
+            scan_ms = scanned.duration_since(scan_started).as_millis() as u64,
+            "take pass"
+        );
         for l in free {
             if takes == 0 {
                 break;
@@ -345,10 +409,12 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         if need == 0 || any_free {
             return;
         }
-        // Still below the fair share: steal one lease from the most loaded worker above it.
+        // Still below the fair share: steal one lease from the most loaded worker, if moving it
+        // makes the spread smaller (it holds at least two more than this process).
+        let mine = self.owned.len();
         let victim = load
             .iter()
-            .filter(|(o, ls)| **o != self.me() && ls.len() > target)
+            .filter(|(o, ls)| **o != self.me() && ls.len() >= mine + 2)
             .max_by_key(|(o, ls)| (ls.len(), *o))
             .and_then(|(_, ls)| ls.iter().max_by_key(|l| l.key.clone()).copied());
         if let Some(l) = victim {
@@ -401,7 +467,8 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
             .await;
             (key, epoch, result)
         });
-        self.owned.insert(l.key.clone(), Owned { epoch, stop, abort, last_renewed: Instant::now() });
+        lock(&self.held).insert(l.key.clone(), epoch);
+        self.owned.insert(l.key.clone(), Owned { epoch, stop, abort });
         metrics::leases_owned(self.owned.len());
         true
     }
@@ -411,7 +478,9 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         let still_ours = self.owned.get(&key).is_some_and(|o| o.epoch == epoch);
         match result {
             Ok(report) => {
-                self.owned.remove(&key);
+                if still_ours {
+                    self.forget(&key);
+                }
                 metrics::leases_owned(self.owned.len());
                 if report.ended && still_ours {
                     self.end(&key, epoch, &report.children).await;
@@ -432,7 +501,7 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
             Err(e) => {
                 tracing::error!(shard = %key, error = %e, "shard worker failed");
                 if still_ours {
-                    self.owned.remove(&key);
+                    self.forget(&key);
                     let _ = self.c.leases.release_lease(&key, self.me(), epoch).await;
                 }
                 Err(e)
@@ -462,7 +531,10 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         }
         while let Some(joined) = self.tasks.join_next().await {
             let Ok((key, epoch, result)) = joined else { continue };
-            let still_ours = self.owned.remove(&key).is_some_and(|o| o.epoch == epoch);
+            let still_ours = self.owned.get(&key).is_some_and(|o| o.epoch == epoch);
+            if still_ours {
+                self.forget(&key);
+            }
             match result {
                 Ok(report) if still_ours => {
                     if report.ended {

@@ -11,7 +11,8 @@ pub fn endpoint() -> String {
     std::env::var("KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4568".into())
 }
 
-/// A new stream `{tag}{nanos}` with `shards` shards, active. Returns `None` when no emulator
+/// A new stream `{tag}{nanos}` with `shards` shards, active. (Tests leave their streams; the
+/// project's script starts kinesis-local with a high shard limit, `KINESIS_SHARD_LIMIT`.) Returns `None` when no emulator
 /// answers — except under CI (`CI=true`), where a missing emulator is a failure, not a skip.
 pub async fn emulator_stream(tag: &str, shards: i32) -> Option<(Client, String)> {
     let endpoint = endpoint();
@@ -19,6 +20,12 @@ pub async fn emulator_stream(tag: &str, shards: i32) -> Option<(Client, String)>
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let name = format!("{tag}{nanos:x}");
     if let Err(e) = client.create_stream().stream_name(&name).shard_count(shards).send().await {
+        // The emulator answered and refused: a failure, never a skip.
+        assert!(
+            e.as_service_error().is_none(),
+            "CreateStream {name}: {}",
+            aws_sdk_kinesis::error::DisplayErrorContext(&e)
+        );
         let e = aws_sdk_kinesis::error::DisplayErrorContext(e);
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("Kinesis emulator at {endpoint} is required under CI: {e}");
