@@ -34,8 +34,11 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Serve the ingest API and consume the stream until SIGINT/SIGTERM (embedded backend).
     Run(crate::commands::RunArgs),
-    /// Consume the embedded stream until SIGINT/SIGTERM, or with --drain until caught up.
+    /// Consume the embedded stream until SIGINT/SIGTERM, or with --drain until caught up; with
+    /// --stream, join the consumer group of a Kinesis stream (state and leases in DynamoDB).
     Consume(crate::commands::ConsumeArgs),
+    /// The ingest HTTP server alone (`ingest serve`), onto Kinesis (--stream) or the embedded log.
+    Ingest(IngestArgs),
     /// Append the canonical events of an NDJSON file to the stream, then consume them.
     Replay(crate::commands::ReplayArgs),
     /// Write the demo's deterministic stream to an NDJSON file.
@@ -50,6 +53,19 @@ pub enum Command {
     Verify(crate::commands::VerifyArgs),
     /// Create (or validate) the DynamoDB tables of the AWS deployment; safe to run repeatedly.
     Setup(crate::commands::SetupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    #[command(subcommand)]
+    pub action: IngestAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IngestAction {
+    /// Serve POST /v1/events, /healthz and /metrics until SIGINT/SIGTERM. Webhook signatures are
+    /// required when STOCKFLOW_WEBHOOK_SECRETS or STOCKFLOW_WEBHOOK_SECRETS_FILE is set.
+    Serve(crate::commands::ServeArgs),
 }
 
 #[derive(Debug, Args)]

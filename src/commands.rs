@@ -54,6 +54,21 @@ pub struct ConsumeArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
+/// Arguments of `stockflow ingest serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (overrides `ingest.listen`).
+    #[arg(long, env = "STOCKFLOW_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Put events on this Kinesis stream (overrides `kinesis.stream`); without it, on the
+    /// embedded log of the data directory.
+    #[arg(long, env = "STOCKFLOW_STREAM", value_name = "NAME")]
+    stream: Option<String>,
+    /// Kinesis endpoint override (overrides `kinesis.endpoint`), e.g. a local emulator.
+    #[arg(long, env = "KINESIS_ENDPOINT", value_name = "URL")]
+    kinesis_endpoint: Option<String>,
+}
+
 /// Arguments of `stockflow replay`.
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
@@ -191,6 +206,9 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         Command::Demo(args) => demo::run(args, settings, explicit_dir).await,
         Command::Run(args) => run(args, settings, metrics).await,
         Command::Consume(args) => consume(args, settings, metrics).await,
+        Command::Ingest(crate::cli::IngestArgs { action: crate::cli::IngestAction::Serve(args) }) => {
+            ingest_serve(args, settings, metrics).await
+        }
         Command::Replay(args) => replay(args, settings).await,
         Command::Generate(args) => {
             let stream = generate::generate(&args.stream.to_config());
@@ -215,7 +233,9 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
         .await
         .with_context(|| format!("binding the ingest server to {listen}"))?;
     println!("stockflow: ingest on http://{}/v1/events, metrics on /metrics", listener.local_addr()?);
-    let app = crate::ingest::app(Arc::new(backend.log.clone()), metrics);
+    let verifier = crate::webhook::from_env()?.map(Arc::new);
+    let app =
+        crate::ingest::app(crate::ingest::IngestState { producer: Arc::new(backend.log.clone()), metrics, verifier });
     let mut server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -228,6 +248,48 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     server.await.context("ingest server task")??;
     for r in &reports {
         tracing::info!(shard = %r.shard, checkpoint = ?r.checkpoint, applied = r.stats.applied, "shard stopped");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ingest_serve(
+    args: ServeArgs,
+    settings: Settings,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<ExitCode> {
+    let listen = args.listen.unwrap_or(settings.listen);
+    let verifier = crate::webhook::from_env()?.map(Arc::new);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the ingest server to {listen}"))?;
+    let mut stop = shutdown_signal();
+    let graceful = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let signed = if verifier.is_some() { "signed" } else { "unsigned" };
+    if let Some(stream) = args.stream.or_else(|| settings.kinesis.stream.clone()) {
+        let endpoint = args.kinesis_endpoint.or_else(|| settings.kinesis.endpoint.clone());
+        let client = stockflow_pipeline::kinesis::client(endpoint.as_deref(), false).await;
+        let producer = Arc::new(stockflow_pipeline::kinesis::KinesisProducer::new(client, &stream));
+        println!(
+            "stockflow: ingest ({signed}) on http://{}/v1/events -> Kinesis stream {stream}",
+            listener.local_addr()?
+        );
+        let app = crate::ingest::app(crate::ingest::IngestState { producer, metrics, verifier });
+        axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
+    } else {
+        let backend = Embedded::open(&settings, true)?;
+        println!(
+            "stockflow: ingest ({signed}) on http://{}/v1/events -> {}",
+            listener.local_addr()?,
+            settings.log_dir().display()
+        );
+        let app = crate::ingest::app(crate::ingest::IngestState {
+            producer: Arc::new(backend.log.clone()),
+            metrics,
+            verifier,
+        });
+        axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,13 +1,18 @@
 //! The ingest HTTP app: one axum `Router`, built by [`app`], served by `stockflow run` (and, in
-//! the AWS deployment, by the Lambda). This foundation serves the canonical-event endpoint; the
-//! Amazon and manufacturer endpoints and webhook signatures build on it.
+//! the AWS deployment, by the Lambda). It serves the canonical-event endpoint; the Amazon and
+//! manufacturer endpoints build on it.
 //!
-//! A 2xx answer means every event of the request is durably on the stream.
+//! A 2xx answer means every event of the request is durably on the stream. Errors are JSON
+//! `{error, field, index}`: 400 bad input (the first bad event is named; nothing of the request is
+//! put), 401 bad or missing webhook signature (when secrets are configured, [`crate::webhook`]),
+//! 413 over 500 events, 1 MiB per event or 10 MiB per request, 415 not JSON/NDJSON, 503 with
+//! `Retry-After` when the stream stays unavailable past the producer's retries.
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,21 +21,71 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use stockflow_pipeline::{OutRecord, StreamProducer};
 
+use crate::webhook::Verifier;
+
 /// Most events accepted in one request (a Kinesis PutRecords call takes 500).
 pub const MAX_EVENTS_PER_REQUEST: usize = 500;
+/// Largest event.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+/// Largest request body.
+pub const MAX_REQUEST_BYTES: usize = 10 << 20;
 
-struct AppState<P> {
-    producer: Arc<P>,
-    metrics: Option<PrometheusHandle>,
+/// What the app serves with.
+#[derive(Debug)]
+pub struct IngestState<P> {
+    /// Where accepted events go.
+    pub producer: Arc<P>,
+    /// Rendered at `/metrics` when set.
+    pub metrics: Option<PrometheusHandle>,
+    /// When set, every POST must carry a valid Standard Webhooks signature.
+    pub verifier: Option<Arc<Verifier>>,
 }
 
-/// The ingest router over a stream producer; `/metrics` renders `metrics` when given.
-pub fn app<P: StreamProducer>(producer: Arc<P>, metrics: Option<PrometheusHandle>) -> Router {
+impl<P> IngestState<P> {
+    /// Unsigned ingest over `producer`, without `/metrics`.
+    pub fn new(producer: Arc<P>) -> Self {
+        IngestState { producer, metrics: None, verifier: None }
+    }
+}
+
+/// The ingest router.
+pub fn app<P: StreamProducer>(state: IngestState<P>) -> Router {
     Router::new()
         .route("/v1/events", post(post_events::<P>))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(render_metrics::<P>))
-        .with_state(Arc::new(AppState { producer, metrics }))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(Arc::new(state))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The signature check of a POST (401 when it fails), when secrets are configured.
+fn authenticate<P>(state: &IngestState<P>, headers: &HeaderMap, body: &[u8]) -> Result<(), Box<Response>> {
+    let Some(v) = &state.verifier else { return Ok(()) };
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    v.verify(h("webhook-id"), h("webhook-timestamp"), h("webhook-signature"), body, unix_now()).map_err(|e| {
+        metrics::counter!("stockflow_ingest_rejected_total", "reason" => "signature").increment(1);
+        Box::new(error(StatusCode::UNAUTHORIZED, e.to_string(), None, None))
+    })
+}
+
+/// JSON or NDJSON, else 415.
+fn content_kind(headers: &HeaderMap) -> Result<bool, Box<Response>> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(false),
+        "application/x-ndjson" | "application/jsonl" => Ok(true),
+        _ => Err(Box::new(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content type {ct:?}: send application/json or application/x-ndjson"),
+            None,
+            None,
+        ))),
+    }
 }
 
 fn error(status: StatusCode, message: String, index: Option<usize>, field: Option<&str>) -> Response {
@@ -53,14 +108,17 @@ fn split_documents(body: &[u8], ndjson: bool) -> Result<Vec<&[u8]>, String> {
 }
 
 async fn post_events<P: StreamProducer>(
-    State(state): State<Arc<AppState<P>>>,
+    State(state): State<Arc<IngestState<P>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let ndjson = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-ndjson"));
+    if let Err(r) = authenticate(&state, &headers, &body) {
+        return *r;
+    }
+    let ndjson = match content_kind(&headers) {
+        Ok(n) => n,
+        Err(r) => return *r,
+    };
     let docs = match split_documents(&body, ndjson) {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, e, None, None),
@@ -79,11 +137,24 @@ async fn post_events<P: StreamProducer>(
     let mut records = Vec::with_capacity(docs.len());
     let mut keys = Vec::with_capacity(docs.len());
     for (i, doc) in docs.iter().enumerate() {
+        if doc.len() > MAX_EVENT_BYTES {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("event of {} bytes; at most {MAX_EVENT_BYTES}", doc.len()),
+                Some(i),
+                None,
+            );
+        }
         match stockflow_state::decode(doc) {
             Ok(ev) => keys.push(ev.sku.into_owned()),
             Err(e) => {
                 metrics::counter!("stockflow_ingest_rejected_total", "reason" => "invalid").increment(1);
-                return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string(), Some(i), e.field());
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("event {i} is invalid (the request was rejected whole): {e}"),
+                    Some(i),
+                    e.field(),
+                );
             }
         }
     }
@@ -97,12 +168,14 @@ async fn post_events<P: StreamProducer>(
         }
         Err(e) => {
             tracing::error!(error = %e, "stream put failed");
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("stream unavailable: {e}"), None, None)
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, format!("stream unavailable: {e}"), None, None);
+            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            r
         }
     }
 }
 
-async fn render_metrics<P: StreamProducer>(State(state): State<Arc<AppState<P>>>) -> Response {
+async fn render_metrics<P: StreamProducer>(State(state): State<Arc<IngestState<P>>>) -> Response {
     match &state.metrics {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
         None => error(StatusCode::NOT_FOUND, "metrics are not enabled in this process".into(), None, None),
@@ -118,8 +191,20 @@ mod tests {
     use tower::ServiceExt;
 
     async fn call(app: Router, body: &str, content_type: &str) -> (StatusCode, serde_json::Value) {
-        let req = Request::post("/v1/events").header("content-type", content_type).body(Body::from(body.to_string()));
-        let resp = app.oneshot(req.unwrap()).await.unwrap();
+        call_with(app, body, content_type, &[]).await
+    }
+
+    async fn call_with(
+        app: Router,
+        body: &str,
+        content_type: &str,
+        headers: &[(&str, String)],
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = Request::post("/v1/events").header("content-type", content_type);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = app.oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
         (status, serde_json::from_slice(&bytes).unwrap())
@@ -129,7 +214,7 @@ mod tests {
     async fn accepts_object_array_and_ndjson_and_names_bad_fields() {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(EmbeddedLog::open(dir.path(), 1).unwrap());
-        let app = app(Arc::clone(&log), None);
+        let app = app(IngestState::new(Arc::clone(&log)));
         let ev = |id: &str| format!(r#"{{"id":"{id}","type":"stock_adjusted","sku":"S","ts":1,"delta":2}}"#);
         let (s, b) = call(app.clone(), &ev("a"), "application/json").await;
         assert_eq!((s, b["accepted"].as_u64()), (StatusCode::ACCEPTED, Some(1)));
@@ -139,8 +224,16 @@ mod tests {
         assert_eq!((s, b["accepted"].as_u64()), (StatusCode::ACCEPTED, Some(2)));
         let bad = format!(r#"[{},{{"id":"x","type":"stock_adjusted","sku":"S","ts":1,"delta":0}}]"#, ev("f"));
         let (s, b) = call(app.clone(), &bad, "application/json").await;
-        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(s, StatusCode::BAD_REQUEST);
         assert_eq!((b["field"].as_str(), b["index"].as_u64()), (Some("delta"), Some(1)));
+        let (s, _) = call(app.clone(), &ev("t"), "text/plain").await;
+        assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let huge = format!(
+            r#"{{"id":"h","type":"stock_adjusted","sku":"S","ts":1,"delta":2,"pad":"{}"}}"#,
+            "x".repeat(MAX_EVENT_BYTES)
+        );
+        let (s, b) = call(app.clone(), &huge, "application/json").await;
+        assert_eq!((s, b["index"].as_u64()), (StatusCode::PAYLOAD_TOO_LARGE, Some(0)));
         let (s, _) = call(app.clone(), "[1,", "application/json").await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         let many = (0..501).map(|i| ev(&format!("m{i}"))).collect::<Vec<_>>().join("\n");
@@ -155,5 +248,46 @@ mod tests {
             n += batch.len();
         }
         assert_eq!(n, 5);
+    }
+
+    #[tokio::test]
+    async fn signed_ingest_refuses_unsigned_tampered_and_replayed_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), 1).unwrap());
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let verifier = Arc::new(Verifier::new(&[secret]).unwrap());
+        let app = app(IngestState { producer: Arc::clone(&log), metrics: None, verifier: Some(verifier) });
+        let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &secret[6..]).unwrap();
+        let body = r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2}"#;
+        let now = unix_now();
+        let signed = |id: &str, body: &str| {
+            vec![
+                ("webhook-id", id.to_string()),
+                ("webhook-timestamp", now.to_string()),
+                ("webhook-signature", Verifier::sign(&key, id, now, body.as_bytes())),
+            ]
+        };
+        let (s, b) = call(app.clone(), body, "application/json").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(b["error"].as_str().unwrap().contains("webhook-id"), "{b}");
+        let (s, _) = call_with(app.clone(), body, "application/json", &signed("m1", body)).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        let (s, b) = call_with(app.clone(), body, "application/json", &signed("m1", body)).await;
+        assert_eq!((s, b["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("webhook-id was already received")));
+        let tampered = body.replace("\"delta\":2", "\"delta\":200");
+        let (s, _) = call_with(app.clone(), &tampered, "application/json", &signed("m2", body)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let mut empty = signed("m3", body);
+        empty[2].1 = String::new();
+        let (s, _) = call_with(app, body, "application/json", &empty).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        log.seal();
+        let mut reader = log.open("shard-0000", None).await.unwrap();
+        let mut batch = RecordBatch::new();
+        let mut n = 0;
+        while reader.next_batch(&mut batch, 100).await.unwrap() == ReadStatus::Open {
+            n += batch.len();
+        }
+        assert_eq!(n, 1, "only the one signed request reached the stream");
     }
 }

@@ -10,6 +10,7 @@
 //! - [`generate`]: the deterministic peak-season stream generator.
 //! - [`group`]: `consume` on Kinesis + DynamoDB as a consumer-group member.
 //! - [`ingest`]: the ingest HTTP app (`fn app() -> Router`).
+//! - [`webhook`]: Standard Webhooks signature verification (secrets rotate, replays refused).
 //! - [`telemetry`]: logging and the Prometheus recorder.
 
 pub mod cli;
@@ -20,3 +21,4 @@ pub mod generate;
 pub mod group;
 pub mod ingest;
 pub mod telemetry;
+pub mod webhook;

@@ -68,7 +68,7 @@ fn sigterm_commits_what_was_applied_before_exit() {
         "/v1/events",
         "{\"id\":\"x\",\"type\":\"stock_received\",\"sku\":\"S\",\"ts\":1,\"qty\":0}",
     );
-    assert_eq!(status, 422);
+    assert_eq!(status, 400);
     assert!(resp.contains("\"field\":\"qty\""), "{resp}");
 
     // Wait until the consumer has applied all 40, observed through /metrics (bounded by 60 s).

@@ -85,3 +85,8 @@ pub fn lease_event(event: &'static str) {
 pub fn lease_error(op: &'static str) {
     counter!("stockflow_lease_errors_total", "op" => op).increment(1);
 }
+
+/// Kinesis records refused by a `PutRecords` call and retried.
+pub fn put_retried(n: usize) {
+    counter!("stockflow_put_records_retried_total").increment(n as u64);
+}

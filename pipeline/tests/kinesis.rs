@@ -8,13 +8,16 @@ use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use stockflow_pipeline::kinesis::testing::{emulator_stream, wait_active};
-use stockflow_pipeline::kinesis::{KinesisConfig, KinesisProducer, KinesisSource, ReadMode, kpl};
+use stockflow_pipeline::kinesis::{
+    Fault, KinesisConfig, KinesisProducer, KinesisSource, ProducerConfig, ReadMode, kpl,
+};
 use stockflow_pipeline::{OutRecord, ReadStatus, RecordBatch, ShardReader, StreamProducer, StreamSource};
 use stockflow_state::Position;
 
 /// Puts 5 plain records, one KPL aggregate of 3, then 2 plain ones, on one key.
 async fn put_mixed(client: &Client, stream: &str) -> Vec<String> {
-    let producer = KinesisProducer::new(client.clone(), stream);
+    let plain_cfg = ProducerConfig { aggregate: false, ..ProducerConfig::default() };
+    let producer = KinesisProducer::with_config(client.clone(), stream, plain_cfg);
     let plain: Vec<String> = (0..7).map(|i| format!("plain-{i}")).collect();
     let recs: Vec<OutRecord<'_>> = plain[..5].iter().map(|p| OutRecord { key: "K", payload: p.as_bytes() }).collect();
     producer.put(&recs).await.unwrap();
@@ -134,4 +137,64 @@ async fn a_shard_ends_naming_its_children_after_split_and_merge() {
     let mut expected = vec![children[0].id.clone(), children[1].id.clone()];
     expected.sort();
     assert_eq!(parents, expected);
+}
+
+/// Reads a one-shard stream from its start: (position, payload) per user record.
+async fn read_all(client: &Client, stream: &str, n: usize) -> Vec<(Position, String)> {
+    let mut cfg = KinesisConfig::new(stream);
+    cfg.idle_poll = Duration::from_millis(200);
+    let source = KinesisSource::new(client.clone(), cfg).await.unwrap();
+    let shard = source.shards().await.unwrap().remove(0);
+    let mut reader = source.open(&shard, None).await.unwrap();
+    read(&mut reader, n).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_keeps_each_skus_order_under_partial_failure_and_throttling() {
+    let Some((client, stream)) = emulator_stream("sf-put-", 1).await else { return };
+    let cfg = ProducerConfig { aggregate: false, base_backoff: Duration::from_millis(5), ..ProducerConfig::default() };
+    let producer = KinesisProducer::with_config(client.clone(), &stream, cfg);
+    let recs = [("A", "A1"), ("B", "B1"), ("A", "A2"), ("C", "C1"), ("A", "A3"), ("B", "B2")];
+    // The first call refuses A1 (its first entry) and takes B1 and C1; the second is throttled.
+    producer.faults().push(Fault::Refuse(vec![0]));
+    producer.faults().push(Fault::Throttle);
+    let out: Vec<OutRecord<'_>> = recs.iter().map(|(k, p)| OutRecord { key: k, payload: p.as_bytes() }).collect();
+    producer.put(&out).await.unwrap();
+    let got: Vec<String> = read_all(&client, &stream, recs.len()).await.into_iter().map(|(_, p)| p).collect();
+    let at = |p: &str| got.iter().position(|g| g == p).unwrap_or_else(|| panic!("{p} missing from {got:?}"));
+    assert!(at("B1") < at("A1"), "the partial failure happened: B1 landed first ({got:?})");
+    for key in ["A", "B", "C"] {
+        let order: Vec<&String> = got.iter().filter(|p| p.starts_with(key)).collect();
+        let sent: Vec<&str> = recs.iter().filter(|(k, _)| *k == key).map(|(_, p)| *p).collect();
+        assert_eq!(order, sent, "order of {key}");
+    }
+    assert_eq!(got.len(), recs.len(), "each record exactly once");
+
+    // Out of retries: an error, never a silent success.
+    let cfg = ProducerConfig { attempts: 2, base_backoff: Duration::from_millis(1), ..ProducerConfig::default() };
+    let stubborn = KinesisProducer::with_config(client.clone(), &stream, cfg);
+    for _ in 0..3 {
+        stubborn.faults().push(Fault::Throttle);
+    }
+    let err = stubborn.put(&out[..1]).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_packs_a_skus_records_into_one_aggregate_per_call() {
+    let Some((client, stream)) = emulator_stream("sf-agg-", 1).await else { return };
+    let producer = KinesisProducer::new(client.clone(), &stream);
+    let payloads: Vec<(String, String)> = (0..60).map(|i| (format!("K{}", i % 3), format!("event-{i}"))).collect();
+    producer.faults().push(Fault::Refuse(vec![1])); // K1's aggregate is refused once
+    let out: Vec<OutRecord<'_>> = payloads.iter().map(|(k, p)| OutRecord { key: k, payload: p.as_bytes() }).collect();
+    producer.put(&out).await.unwrap();
+    let got = read_all(&client, &stream, payloads.len()).await;
+    let mut sequences: Vec<&str> = got.iter().map(|(p, _)| p.sequence.as_str()).collect();
+    sequences.dedup();
+    assert_eq!(sequences.len(), 3, "three Kinesis records, one per SKU");
+    for key in ["K0", "K1", "K2"] {
+        let sent: Vec<&String> = payloads.iter().filter(|(k, _)| k == key).map(|(_, p)| p).collect();
+        let read: Vec<&String> = got.iter().filter(|(_, p)| sent.contains(&p)).map(|(_, p)| p).collect();
+        assert_eq!(read, sent);
+    }
 }

@@ -10,28 +10,28 @@
 //!   before it, so a checkpoint between the user records of a KPL aggregate ([`kpl`]) resumes
 //!   exactly. A shard's end (`NextShardIterator` null / no continuation) is reported with the
 //!   children Kinesis names in `ChildShards`.
-//! - Writing: [`KinesisProducer`], `PutRecords` in ≤ 500-record / 5 MB calls, retrying only the
-//!   records Kinesis refused.
+//! - Writing: [`KinesisProducer`], `PutRecords` in ≤ 500-record / 5 MiB calls, retrying only the
+//!   records Kinesis refused, never letting a SKU's later record land before an earlier one.
 
 pub mod kpl;
+mod producer;
 pub mod testing;
+
+pub use producer::{Fault, KinesisProducer, MAX_RECORD_BYTES, ProducerConfig, PutFaults};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{ChildShard, PutRecordsRequestEntry, ShardIteratorType, StartingPosition};
+use aws_sdk_kinesis::types::{ChildShard, ShardIteratorType, StartingPosition};
 use stockflow_state::Position;
 use stockflow_state::lease::HashRange;
 use tokio::sync::mpsc;
 
 use crate::metrics;
 use crate::retry::Backoff;
-use crate::source::{
-    Lag, OutRecord, ReadStatus, RecordBatch, ShardInfo, ShardReader, StreamError, StreamProducer, StreamSource,
-};
+use crate::source::{Lag, ReadStatus, RecordBatch, ShardInfo, ShardReader, StreamError, StreamSource};
 
 /// How records are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +92,7 @@ pub async fn client(endpoint: Option<&str>, emulator: bool) -> Client {
     Client::new(&loader.timeout_config(timeouts).load().await)
 }
 
-fn sdk_err<E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static>(
+pub(crate) fn sdk_err<E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static>(
     op: &str,
     e: aws_sdk_kinesis::error::SdkError<E, aws_sdk_kinesis::config::http::HttpResponse>,
 ) -> StreamError {
@@ -497,80 +497,5 @@ impl Fetcher {
                 }
             }
         }
-    }
-}
-
-/// Puts records on a Kinesis stream, partition key = SKU.
-#[derive(Debug, Clone)]
-pub struct KinesisProducer {
-    client: Client,
-    stream: String,
-    attempts: u32,
-}
-
-/// `PutRecords` limits.
-const MAX_PUT_RECORDS: usize = 500;
-const MAX_PUT_BYTES: usize = 5 << 20;
-
-impl KinesisProducer {
-    /// A producer for `stream`.
-    pub fn new(client: Client, stream: &str) -> Self {
-        KinesisProducer { client, stream: stream.to_string(), attempts: 8 }
-    }
-
-    async fn put_chunk(&self, chunk: Vec<PutRecordsRequestEntry>) -> Result<(), StreamError> {
-        let mut pending = chunk;
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2), self.attempts);
-        loop {
-            let out =
-                self.client.put_records().stream_name(&self.stream).set_records(Some(pending.clone())).send().await;
-            let failed: Vec<PutRecordsRequestEntry> = match out {
-                Ok(out) if out.failed_record_count().unwrap_or(0) == 0 => return Ok(()),
-                Ok(out) => out
-                    .records()
-                    .iter()
-                    .zip(pending)
-                    .filter(|(r, _)| r.error_code().is_some())
-                    .map(|(_, e)| e)
-                    .collect(),
-                Err(e) => {
-                    let err = sdk_err("PutRecords", e);
-                    if !err.is_transient() {
-                        return Err(err);
-                    }
-                    pending
-                }
-            };
-            pending = failed;
-            let Some(delay) = backoff.next_delay() else {
-                return Err(StreamError::Unavailable(format!("{} records not accepted after retries", pending.len())));
-            };
-            tokio::time::sleep(delay).await;
-        }
-    }
-}
-
-impl StreamProducer for KinesisProducer {
-    async fn put(&self, records: &[OutRecord<'_>]) -> Result<(), StreamError> {
-        let mut chunk = Vec::new();
-        let mut bytes = 0;
-        for r in records {
-            let size = r.key.len() + r.payload.len();
-            if !chunk.is_empty() && (chunk.len() == MAX_PUT_RECORDS || bytes + size > MAX_PUT_BYTES) {
-                self.put_chunk(std::mem::take(&mut chunk)).await?;
-                bytes = 0;
-            }
-            let entry = PutRecordsRequestEntry::builder()
-                .partition_key(r.key)
-                .data(Blob::new(r.payload))
-                .build()
-                .map_err(|e| StreamError::Invalid(e.to_string()))?;
-            chunk.push(entry);
-            bytes += size;
-        }
-        if !chunk.is_empty() {
-            self.put_chunk(chunk).await?;
-        }
-        Ok(())
     }
 }

@@ -1,0 +1,207 @@
+//! Standard Webhooks signatures (<https://www.standardwebhooks.com>): a sender signs
+//! `"{webhook-id}.{webhook-timestamp}.{body}"` with HMAC-SHA256 under a shared secret and sends
+//! `webhook-signature: v1,<base64>` (several space-separated signatures while a key rotates).
+//!
+//! [`Verifier`] accepts a request when one signature matches one of its secrets (several at once:
+//! the old and the new during a rotation), the timestamp is within the tolerance (5 minutes either
+//! way), and the `webhook-id` was not already accepted within the tolerance (replay). The
+//! comparison is constant-time and rejects wrong lengths, so an empty or truncated signature fails.
+//! Secrets are never logged (`Debug` shows only how many there are).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// Why a request's signature was refused (each maps to HTTP 401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    /// A required header is missing or empty.
+    #[error("missing header {0}")]
+    Missing(&'static str),
+    /// `webhook-timestamp` is not an integer number of seconds.
+    #[error("webhook-timestamp is not a Unix time in seconds")]
+    BadTimestamp,
+    /// The timestamp is outside the tolerance.
+    #[error("webhook-timestamp is more than {0} s away from now")]
+    Stale(u64),
+    /// No signature matches any secret.
+    #[error("no valid signature")]
+    Invalid,
+    /// This `webhook-id` was already accepted.
+    #[error("webhook-id was already received")]
+    Replayed,
+}
+
+/// Verifies Standard Webhooks signatures (see the module docs).
+pub struct Verifier {
+    secrets: Vec<Vec<u8>>,
+    tolerance: Duration,
+    /// Accepted ids and their timestamps, pruned once outside the tolerance.
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("secrets", &self.secrets.len()).field("tolerance", &self.tolerance).finish()
+    }
+}
+
+impl Verifier {
+    /// A verifier for secrets written `whsec_<base64>` (or raw base64), 5-minute tolerance.
+    pub fn new<S: AsRef<str>>(secrets: &[S]) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for (i, s) in secrets.iter().enumerate() {
+            let s = s.as_ref().trim();
+            let b64 = s.strip_prefix("whsec_").unwrap_or(s);
+            let key = STANDARD.decode(b64).map_err(|_| format!("webhook secret #{} is not base64", i + 1))?;
+            if key.len() < 16 {
+                return Err(format!("webhook secret #{} is shorter than 16 bytes", i + 1));
+            }
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err("no webhook secret given".into());
+        }
+        Ok(Verifier { secrets: keys, tolerance: Duration::from_secs(300), seen: Mutex::new(HashMap::new()) })
+    }
+
+    /// The signature a sender computes (tests and senders).
+    pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+        mac.update(format!("{id}.{timestamp}.").as_bytes());
+        mac.update(body);
+        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+    }
+
+    /// Checks one request at `now` (Unix seconds).
+    pub fn verify(
+        &self,
+        id: Option<&str>,
+        timestamp: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), SignatureError> {
+        let id = id.filter(|s| !s.is_empty()).ok_or(SignatureError::Missing("webhook-id"))?;
+        let ts_text = timestamp.filter(|s| !s.is_empty()).ok_or(SignatureError::Missing("webhook-timestamp"))?;
+        let signature = signature.ok_or(SignatureError::Missing("webhook-signature"))?;
+        let ts: i64 = ts_text.trim().parse().map_err(|_| SignatureError::BadTimestamp)?;
+        let tol = self.tolerance.as_secs();
+        if ts.abs_diff(now) > tol {
+            return Err(SignatureError::Stale(tol));
+        }
+        let matched = signature.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|b64| {
+            let Ok(given) = STANDARD.decode(b64) else { return false };
+            self.secrets.iter().any(|key| {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+                mac.update(id.as_bytes());
+                mac.update(b".");
+                mac.update(ts_text.trim().as_bytes());
+                mac.update(b".");
+                mac.update(body);
+                // Constant time; a wrong length (empty, truncated) fails.
+                mac.verify_slice(&given).is_ok()
+            })
+        });
+        if !matched {
+            return Err(SignatureError::Invalid);
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.len() > 100_000 {
+            seen.retain(|_, t| t.abs_diff(now) <= tol);
+        }
+        if seen.get(id).is_some_and(|t| t.abs_diff(now) <= tol) {
+            return Err(SignatureError::Replayed);
+        }
+        seen.insert(id.to_string(), ts);
+        Ok(())
+    }
+}
+
+/// The verifier of the local server: secrets from `STOCKFLOW_WEBHOOK_SECRETS` (comma-separated)
+/// or the file named by `STOCKFLOW_WEBHOOK_SECRETS_FILE` (one per line); `None` when neither is
+/// set (unsigned ingest, for a server reachable only from trusted hosts).
+pub fn from_env() -> anyhow::Result<Option<Verifier>> {
+    let text = match (std::env::var("STOCKFLOW_WEBHOOK_SECRETS"), std::env::var("STOCKFLOW_WEBHOOK_SECRETS_FILE")) {
+        (Ok(list), _) => list.replace(',', "\n"),
+        (_, Ok(path)) => std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?,
+        _ => return Ok(None),
+    };
+    let secrets: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    Verifier::new(&secrets).map(Some).map_err(anyhow::Error::msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const NEW: &str = "whsec_dGhpcyBpcyB0aGUgbmV3IHNlY3JldCBrZXkh";
+
+    fn key(s: &str) -> Vec<u8> {
+        STANDARD.decode(s.strip_prefix("whsec_").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn accepts_a_valid_signature_once_and_refuses_tampering_age_replay_and_empty() {
+        let v = Verifier::new(&[OLD]).unwrap();
+        let now = 1_700_000_000;
+        let body = br#"{"id":"e1"}"#;
+        let sig = Verifier::sign(&key(OLD), "msg_1", now, body);
+        let ts = now.to_string();
+        assert_eq!(v.verify(Some("msg_1"), Some(&ts), Some(&sig), body, now + 10), Ok(()));
+        // The same id again within the tolerance: a replay.
+        assert_eq!(v.verify(Some("msg_1"), Some(&ts), Some(&sig), body, now + 20), Err(SignatureError::Replayed));
+        // A tampered body.
+        let sig2 = Verifier::sign(&key(OLD), "msg_2", now, body);
+        assert_eq!(
+            v.verify(Some("msg_2"), Some(&ts), Some(&sig2), br#"{"id":"e2"}"#, now),
+            Err(SignatureError::Invalid)
+        );
+        // An old (or future) timestamp, even correctly signed.
+        let old_ts = (now - 301).to_string();
+        let sig3 = Verifier::sign(&key(OLD), "msg_3", now - 301, body);
+        assert_eq!(v.verify(Some("msg_3"), Some(&old_ts), Some(&sig3), body, now), Err(SignatureError::Stale(300)));
+        // Empty, truncated and missing signatures.
+        for bad in ["", "v1,", "v1,AAAA", &sig2[..sig2.len() - 4]] {
+            assert_eq!(
+                v.verify(Some("msg_2"), Some(&ts), Some(bad), body, now),
+                Err(SignatureError::Invalid),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            v.verify(Some("msg_2"), Some(&ts), None, body, now),
+            Err(SignatureError::Missing("webhook-signature"))
+        );
+        assert_eq!(v.verify(None, Some(&ts), Some(&sig2), body, now), Err(SignatureError::Missing("webhook-id")));
+        assert_eq!(v.verify(Some("msg_2"), Some("soon"), Some(&sig2), body, now), Err(SignatureError::BadTimestamp));
+    }
+
+    #[test]
+    fn rotated_keys_are_accepted_together_and_a_removed_key_is_refused() {
+        let now = 1_700_000_000;
+        let ts = now.to_string();
+        let body = b"[]";
+        let both = Verifier::new(&[OLD, NEW]).unwrap();
+        let by_old = Verifier::sign(&key(OLD), "a", now, body);
+        let by_new = Verifier::sign(&key(NEW), "b", now, body);
+        assert_eq!(both.verify(Some("a"), Some(&ts), Some(&by_old), body, now), Ok(()));
+        assert_eq!(both.verify(Some("b"), Some(&ts), Some(&by_new), body, now), Ok(()));
+        // A sender listing several signatures (during its own rotation): one match suffices.
+        let by_new_c = Verifier::sign(&key(NEW), "c", now, body);
+        let listed = format!("v1,bm9wZQ== {by_new_c}");
+        assert_eq!(both.verify(Some("c"), Some(&ts), Some(&listed), body, now), Ok(()));
+        let new_only = Verifier::new(&[NEW]).unwrap();
+        let by_old_d = Verifier::sign(&key(OLD), "d", now, body);
+        assert_eq!(new_only.verify(Some("d"), Some(&ts), Some(&by_old_d), body, now), Err(SignatureError::Invalid));
+        assert!(Verifier::new::<&str>(&[]).is_err());
+        assert!(Verifier::new(&["whsec_not base64!"]).is_err());
+        assert!(!format!("{both:?}").contains("MfKQ"), "secrets are never printed");
+    }
+}
