@@ -190,6 +190,18 @@ mod tests {
     use stockflow_pipeline::{EmbeddedLog, ReadStatus, RecordBatch, ShardReader, StreamSource};
     use tower::ServiceExt;
 
+    /// Seals the one-shard log and counts its records.
+    async fn records_on(log: &EmbeddedLog) -> usize {
+        log.seal();
+        let mut reader = log.open("shard-0000", None).await.unwrap();
+        let mut batch = RecordBatch::new();
+        let mut n = 0;
+        while reader.next_batch(&mut batch, 100).await.unwrap() == ReadStatus::Open {
+            n += batch.len();
+        }
+        n
+    }
+
     async fn call(app: Router, body: &str, content_type: &str) -> (StatusCode, serde_json::Value) {
         call_with(app, body, content_type, &[]).await
     }
@@ -240,14 +252,7 @@ mod tests {
         let (s, _) = call(app, &many, "application/x-ndjson").await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
         // Exactly the five accepted events are on the stream; the rejected request added none.
-        log.seal();
-        let mut reader = log.open("shard-0000", None).await.unwrap();
-        let mut batch = RecordBatch::new();
-        let mut n = 0;
-        while reader.next_batch(&mut batch, 100).await.unwrap() == ReadStatus::Open {
-            n += batch.len();
-        }
-        assert_eq!(n, 5);
+        assert_eq!(records_on(&log).await, 5);
     }
 
     #[tokio::test]
@@ -281,13 +286,6 @@ mod tests {
         empty[2].1 = String::new();
         let (s, _) = call_with(app, body, "application/json", &empty).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
-        log.seal();
-        let mut reader = log.open("shard-0000", None).await.unwrap();
-        let mut batch = RecordBatch::new();
-        let mut n = 0;
-        while reader.next_batch(&mut batch, 100).await.unwrap() == ReadStatus::Open {
-            n += batch.len();
-        }
-        assert_eq!(n, 1, "only the one signed request reached the stream");
+        assert_eq!(records_on(&log).await, 1, "only the one signed request reached the stream");
     }
 }

@@ -168,6 +168,13 @@ impl LocalLeases {
     }
 }
 
+/// The holder gives the lease up: no owner, a new epoch.
+fn give_up(l: &mut Lease) {
+    l.owner = None;
+    l.counter += 1;
+    l.epoch += 1;
+}
+
 fn held<'a>(rows: &'a mut BTreeMap<String, Lease>, key: &str, owner: &str, epoch: u64) -> Option<&'a mut Lease> {
     rows.get_mut(key).filter(|l| l.owner.as_deref() == Some(owner) && l.epoch == epoch)
 }
@@ -217,24 +224,14 @@ impl LeaseStore for LocalLeases {
     }
 
     async fn release_lease(&self, key: &str, owner: &str, epoch: u64) -> Result<bool, StoreError> {
-        Ok(self.with(|rows| {
-            held(rows, key, owner, epoch)
-                .map(|l| {
-                    l.owner = None;
-                    l.counter += 1;
-                    l.epoch += 1;
-                })
-                .is_some()
-        }))
+        Ok(self.with(|rows| held(rows, key, owner, epoch).map(give_up).is_some()))
     }
 
     async fn end_lease(&self, key: &str, owner: &str, epoch: u64, children: &[String]) -> Result<bool, StoreError> {
         Ok(self.with(|rows| {
             held(rows, key, owner, epoch)
                 .map(|l| {
-                    l.owner = None;
-                    l.counter += 1;
-                    l.epoch += 1;
+                    give_up(l);
                     l.ended = true;
                     l.children = children.to_vec();
                 })

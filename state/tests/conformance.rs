@@ -135,3 +135,27 @@ async fn dynamodb_store_conforms() {
     let again = store.setup().await.unwrap();
     assert!(again.iter().all(|o| matches!(o, stockflow_state::dynamodb::TableOutcome::Valid(_))));
 }
+
+#[tokio::test]
+async fn dynamodb_effects_larger_than_one_item_read_back_whole() {
+    let Some(store) = emulator_store("sf-big-").await else { return };
+    let epoch = store.take_lease("s", "w").await.unwrap();
+    // 4,000 orders on empty stock: 4,000 oversell alerts, well over one 350 KB outbox item, so
+    // the commit's NDJSON is cut across items (mid-line).
+    let mut engine = ShardEngine::new(Arc::new(EngineConfig::default()));
+    for i in 0..4_000 {
+        let ev = format!(
+            r#"{{"id":"o{i}","type":"order_placed","sku":"SKU-{}","ts":{i},"qty":1,"order_id":"o{i}"}}"#,
+            i % 50
+        );
+        engine.apply(&decode(ev.as_bytes()).unwrap());
+    }
+    let expected: Vec<_> = engine.pending_effects().to_vec();
+    let bytes: usize = expected.iter().map(|e| serde_json::to_vec(e).unwrap().len() + 1).sum();
+    assert!(bytes > 350_000, "the effects span items ({bytes} bytes)");
+    store.commit(commit_of(&mut engine, "s", epoch, 4_000, Vec::new())).await.unwrap();
+    let stored = store.effects().await.unwrap();
+    assert_eq!(stored.len(), expected.len());
+    // Commits store effects grouped by SKU; each SKU's order is kept.
+    assert!(per_sku(stored) == per_sku(expected), "effects differ per SKU");
+}

@@ -427,12 +427,28 @@ impl StateStore for DynamoStore {
             (s("shard"), s("seq"))
         };
         items.sort_by_key(key);
+        // A commit part's NDJSON may span several items (`{checkpoint}#{part}#{chunk}`, cut at
+        // byte boundaries): join the chunks of a part before splitting lines.
         let mut out = Vec::new();
-        for item in items {
-            for line in blob(&item, "data").split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let mut joined: Vec<u8> = Vec::new();
+        let mut current: Option<(String, String)> = None;
+        let flush = |buf: &mut Vec<u8>, out: &mut Vec<Effect>| -> Result<(), StoreError> {
+            for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 out.push(serde_json::from_slice(line).map_err(|e| StoreError::Corrupt(e.to_string()))?);
             }
+            buf.clear();
+            Ok(())
+        };
+        for item in items {
+            let (shard, seq) = key(&item);
+            let part = seq.rsplit_once('#').map_or(seq.as_str(), |(p, _)| p).to_string();
+            if current.as_ref() != Some(&(shard.clone(), part.clone())) {
+                flush(&mut joined, &mut out)?;
+                current = Some((shard, part));
+            }
+            joined.extend_from_slice(&blob(&item, "data"));
         }
+        flush(&mut joined, &mut out)?;
         Ok(out)
     }
 
