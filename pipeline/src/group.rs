@@ -116,11 +116,12 @@ fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
 async fn heartbeats<L: LeaseStore>(
     leases: Arc<L>,
     owner: String,
+    renew_every: Duration,
     failover: Duration,
     held: Held,
     lost: tokio::sync::mpsc::UnboundedSender<(String, u64)>,
 ) {
-    let mut tick = tokio::time::interval(failover / 3);
+    let mut tick = tokio::time::interval(renew_every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut renewed: HashMap<String, Instant> = HashMap::new();
     loop {
@@ -187,6 +188,7 @@ impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
         let heart = tokio::spawn(heartbeats(
             Arc::clone(&self.leases),
             self.cfg.worker_id.clone(),
+            self.cfg.renew_interval(),
             self.cfg.failover,
             Arc::clone(&held),
             lost_tx,
@@ -346,14 +348,9 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         for k in gone {
             self.lose(&k);
         }
-        if by_key.len() < self.known_shards.len() {
-            for id in self.known_shards.clone() {
-                if !by_key.contains_key(id.as_str()) {
-                    tracing::warn!(shard = %id, "lease row missing; recreating it");
-                    self.sync_shards().await;
-                    break;
-                }
-            }
+        if let Some(id) = self.known_shards.iter().find(|id| !by_key.contains_key(id.as_str())) {
+            tracing::warn!(shard = %id, "lease row missing; recreating it");
+            self.sync_shards().await;
         }
         let parent_done = |p: &String| match by_key.get(p.as_str()) {
             Some(l) => l.ended,

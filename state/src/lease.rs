@@ -148,24 +148,6 @@ impl LocalLeases {
         let mut rows = self.rows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut rows)
     }
-
-    /// Deletes a row (tests: a lease row deleted by an operator is recreated).
-    pub fn delete(&self, key: &str) -> bool {
-        self.with(|rows| rows.remove(key).is_some())
-    }
-
-    /// Records a checkpoint (the embedded state store keeps its own; this mirrors it for
-    /// coordinators that read checkpoints from leases).
-    pub fn set_checkpoint(&self, key: &str, epoch: u64, position: Position) -> bool {
-        self.with(|rows| match rows.get_mut(key) {
-            Some(l) if l.epoch == epoch => {
-                l.checkpoint = Some(position);
-                l.owner_switches = 0;
-                true
-            }
-            _ => false,
-        })
-    }
 }
 
 /// The holder gives the lease up: no owner, a new epoch.

@@ -143,11 +143,6 @@ impl KinesisSource {
         };
         Ok(KinesisSource { client, cfg: Arc::new(cfg), consumer_arn })
     }
-
-    /// The client.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
 }
 
 /// Registers (or finds) the enhanced fan-out consumer and waits until it is `ACTIVE`.
