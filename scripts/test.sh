@@ -11,6 +11,8 @@ if [ -x scripts/services.sh ] && [ "${STOCKFLOW_SKIP_SERVICES:-0}" != 1 ]; then
 fi
 export DYNAMODB_ENDPOINT=${DYNAMODB_ENDPOINT:-http://127.0.0.1:5001}
 export KINESIS_ENDPOINT=${KINESIS_ENDPOINT:-http://127.0.0.1:4568}
+# moto serves Secrets Manager too (webhook secrets).
+export SECRETSMANAGER_ENDPOINT=${SECRETSMANAGER_ENDPOINT:-$DYNAMODB_ENDPOINT}
 # The emulators accept any credentials; the SDK still wants some and a region.
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test} AWS_REGION=${AWS_REGION:-us-east-1}
 cargo test --release --workspace "$@"

@@ -233,9 +233,12 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
         .await
         .with_context(|| format!("binding the ingest server to {listen}"))?;
     println!("stockflow: ingest on http://{}/v1/events, metrics on /metrics", listener.local_addr()?);
-    let verifier = crate::webhook::from_env()?.map(Arc::new);
-    let app =
-        crate::ingest::app(crate::ingest::IngestState { producer: Arc::new(backend.log.clone()), metrics, verifier });
+    let verifier = crate::webhook::load(std::time::Duration::from_secs(300)).await?;
+    let app = crate::ingest::app(crate::ingest::IngestState {
+        metrics,
+        verifier,
+        ..ingest_state(&settings, backend.log.clone())
+    });
     let mut server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -258,7 +261,7 @@ async fn ingest_serve(
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<ExitCode> {
     let listen = args.listen.unwrap_or(settings.listen);
-    let verifier = crate::webhook::from_env()?.map(Arc::new);
+    let verifier = crate::webhook::load(std::time::Duration::from_secs(300)).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the ingest server to {listen}"))?;
@@ -270,12 +273,13 @@ async fn ingest_serve(
     if let Some(stream) = args.stream.or_else(|| settings.kinesis.stream.clone()) {
         let endpoint = args.kinesis_endpoint.or_else(|| settings.kinesis.endpoint.clone());
         let client = stockflow_pipeline::kinesis::client(endpoint.as_deref(), false).await;
-        let producer = Arc::new(stockflow_pipeline::kinesis::KinesisProducer::new(client, &stream));
+        let producer = stockflow_pipeline::kinesis::KinesisProducer::new(client, &stream);
         println!(
             "stockflow: ingest ({signed}) on http://{}/v1/events -> Kinesis stream {stream}",
             listener.local_addr()?
         );
-        let app = crate::ingest::app(crate::ingest::IngestState { producer, metrics, verifier });
+        let app =
+            crate::ingest::app(crate::ingest::IngestState { metrics, verifier, ..ingest_state(&settings, producer) });
         axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
     } else {
         let backend = Embedded::open(&settings, true)?;
@@ -285,13 +289,25 @@ async fn ingest_serve(
             settings.log_dir().display()
         );
         let app = crate::ingest::app(crate::ingest::IngestState {
-            producer: Arc::new(backend.log.clone()),
             metrics,
             verifier,
+            ..ingest_state(&settings, backend.log.clone())
         });
         axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The ingest state over `producer`, behind the group-commit batcher configured in `[ingest]`.
+fn ingest_state<P: stockflow_pipeline::StreamProducer>(
+    settings: &Settings,
+    producer: P,
+) -> crate::ingest::IngestState<stockflow_pipeline::batcher::Batching<P>> {
+    let batching = stockflow_pipeline::batcher::Batching::new(Arc::new(producer), settings.ingest_batch);
+    crate::ingest::IngestState {
+        amazon: settings.amazon.clone(),
+        ..crate::ingest::IngestState::new(Arc::new(batching))
+    }
 }
 
 async fn consume(args: ConsumeArgs, settings: Settings, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {

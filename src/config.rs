@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use stockflow_pipeline::WorkerConfig;
+use stockflow_pipeline::batcher::BatchConfig;
 use stockflow_pipeline::group::GroupConfig;
 use stockflow_state::EngineConfig;
 use stockflow_state::windows::WindowConfig;
@@ -179,17 +180,30 @@ impl Default for WorkerSection {
     }
 }
 
-/// `[ingest]`: the HTTP server.
+/// `[ingest]`: the HTTP server and how it batches puts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestSection {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// How long a put batch waits for more requests after its first, ms (0: only what queued
+    /// while the previous batch was written; 0 to 1000).
+    pub linger_ms: u64,
+    /// Put batches written at once (1 to 64).
+    pub max_in_flight: usize,
+    /// The SP-API marketplace whose FBA availability counts (e.g. `ATVPDKIKX0DER`); unset: the
+    /// first marketplace of each notification.
+    pub marketplace_id: Option<String>,
 }
 
 impl Default for IngestSection {
     fn default() -> Self {
-        IngestSection { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        IngestSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            linger_ms: 0,
+            max_in_flight: 4,
+            marketplace_id: None,
+        }
     }
 }
 
@@ -212,6 +226,10 @@ pub struct Settings {
     pub kinesis: KinesisSection,
     /// Consumer-group settings.
     pub group: GroupConfig,
+    /// How ingest batches its puts.
+    pub ingest_batch: BatchConfig,
+    /// How SP-API notifications are read.
+    pub amazon: crate::ingest::AmazonConfig,
 }
 
 impl FileConfig {
@@ -271,7 +289,20 @@ impl FileConfig {
             max_leases: if g.max_leases == 0 { usize::MAX } else { g.max_leases },
             ..GroupConfig::new(g.worker_id.unwrap_or_else(stockflow_pipeline::group::worker_id))
         };
+        let i = &self.ingest;
+        if i.linger_ms > 1_000 {
+            bail!("ingest.linger_ms = {}: must be 0 to 1000", i.linger_ms);
+        }
+        if !(1..=64).contains(&i.max_in_flight) {
+            bail!("ingest.max_in_flight = {}: must be 1 to 64", i.max_in_flight);
+        }
         Ok(Settings {
+            ingest_batch: BatchConfig {
+                linger: Duration::from_millis(i.linger_ms),
+                max_in_flight: i.max_in_flight,
+                ..BatchConfig::default()
+            },
+            amazon: crate::ingest::AmazonConfig { marketplace_id: i.marketplace_id.clone() },
             kinesis: k,
             group,
             data_dir: self.data_dir,

@@ -9,7 +9,7 @@
 //! Secrets are never logged (`Debug` shows only how many there are).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -39,7 +39,8 @@ pub enum SignatureError {
 
 /// Verifies Standard Webhooks signatures (see the module docs).
 pub struct Verifier {
-    secrets: Vec<Vec<u8>>,
+    /// Replaced whole when the secret source changes (rotation without a restart).
+    secrets: RwLock<Vec<Vec<u8>>>,
     tolerance: Duration,
     /// Accepted ids and their timestamps, pruned once outside the tolerance.
     seen: Mutex<HashMap<String, i64>>,
@@ -47,27 +48,28 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("secrets", &self.secrets.len()).field("tolerance", &self.tolerance).finish()
+        let n = self.secrets.read().map_or(0, |s| s.len());
+        f.debug_struct("Verifier").field("secrets", &n).field("tolerance", &self.tolerance).finish()
     }
 }
 
 impl Verifier {
     /// A verifier for secrets written `whsec_<base64>` (or raw base64), 5-minute tolerance.
     pub fn new<S: AsRef<str>>(secrets: &[S]) -> Result<Self, String> {
-        let mut keys = Vec::new();
-        for (i, s) in secrets.iter().enumerate() {
-            let s = s.as_ref().trim();
-            let b64 = s.strip_prefix("whsec_").unwrap_or(s);
-            let key = STANDARD.decode(b64).map_err(|_| format!("webhook secret #{} is not base64", i + 1))?;
-            if key.len() < 16 {
-                return Err(format!("webhook secret #{} is shorter than 16 bytes", i + 1));
-            }
-            keys.push(key);
-        }
-        if keys.is_empty() {
-            return Err("no webhook secret given".into());
-        }
-        Ok(Verifier { secrets: keys, tolerance: Duration::from_secs(300), seen: Mutex::new(HashMap::new()) })
+        let keys = decode_secrets(secrets)?;
+        Ok(Verifier {
+            secrets: RwLock::new(keys),
+            tolerance: Duration::from_secs(300),
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Replaces the secrets (a rotation read from the secret store); the replay memory stays. On
+    /// error the old secrets stay in force.
+    pub fn replace_secrets<S: AsRef<str>>(&self, secrets: &[S]) -> Result<(), String> {
+        let keys = decode_secrets(secrets)?;
+        *self.secrets.write().unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+        Ok(())
     }
 
     /// The signature a sender computes (tests and senders).
@@ -97,7 +99,8 @@ impl Verifier {
         }
         let matched = signature.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|b64| {
             let Ok(given) = STANDARD.decode(b64) else { return false };
-            self.secrets.iter().any(|key| {
+            let secrets = self.secrets.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            secrets.iter().any(|key| {
                 let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
                 mac.update(id.as_bytes());
                 mac.update(b".");
@@ -123,6 +126,24 @@ impl Verifier {
     }
 }
 
+/// Decodes `whsec_<base64>` (or raw base64) secrets of at least 16 bytes.
+fn decode_secrets<S: AsRef<str>>(secrets: &[S]) -> Result<Vec<Vec<u8>>, String> {
+    let mut keys = Vec::new();
+    for (i, s) in secrets.iter().enumerate() {
+        let s = s.as_ref().trim();
+        let b64 = s.strip_prefix("whsec_").unwrap_or(s);
+        let key = STANDARD.decode(b64).map_err(|_| format!("webhook secret #{} is not base64", i + 1))?;
+        if key.len() < 16 {
+            return Err(format!("webhook secret #{} is shorter than 16 bytes", i + 1));
+        }
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err("no webhook secret given".into());
+    }
+    Ok(keys)
+}
+
 /// The verifier of the local server: secrets from `STOCKFLOW_WEBHOOK_SECRETS` (comma-separated)
 /// or the file named by `STOCKFLOW_WEBHOOK_SECRETS_FILE` (one per line); `None` when neither is
 /// set (unsigned ingest, for a server reachable only from trusted hosts).
@@ -134,6 +155,73 @@ pub fn from_env() -> anyhow::Result<Option<Verifier>> {
     };
     let secrets: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     Verifier::new(&secrets).map(Some).map_err(anyhow::Error::msg)
+}
+
+/// The secrets held in a secret's text: a JSON array of secrets, a JSON object with a `secrets`
+/// array, or secrets separated by newlines or commas.
+pub fn parse_secret_text(text: &str) -> Vec<String> {
+    let text = text.trim();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+        let list = v.as_array().or_else(|| v.get("secrets").and_then(serde_json::Value::as_array));
+        if let Some(list) = list {
+            return list.iter().filter_map(|s| s.as_str()).map(str::to_string).collect();
+        }
+    }
+    text.split(['\n', ',']).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// Reads webhook secrets from AWS Secrets Manager (`GetSecretValue`, the current version).
+pub async fn secrets_from_manager(
+    client: &aws_sdk_secretsmanager::Client,
+    secret_id: &str,
+) -> anyhow::Result<Vec<String>> {
+    let out = client.get_secret_value().secret_id(secret_id).send().await.map_err(|e| {
+        anyhow::anyhow!("GetSecretValue {secret_id}: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(e))
+    })?;
+    let text = out.secret_string().ok_or_else(|| anyhow::anyhow!("secret {secret_id} has no SecretString"))?;
+    Ok(parse_secret_text(text))
+}
+
+/// A Secrets Manager client; `endpoint` overrides the service address (a local emulator).
+pub async fn secrets_client(endpoint: Option<&str>) -> aws_sdk_secretsmanager::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(url) = endpoint {
+        loader = loader.endpoint_url(url);
+    }
+    aws_sdk_secretsmanager::Client::new(&loader.load().await)
+}
+
+/// The verifier of a deployed process: from Secrets Manager when `STOCKFLOW_WEBHOOK_SECRET_ID` is
+/// set (re-read every `refresh`, so a rotation reaches running processes; a failed re-read keeps
+/// the secrets in force and is logged), else [`from_env`]. The endpoint override is
+/// `SECRETSMANAGER_ENDPOINT`.
+pub async fn load(refresh: Duration) -> anyhow::Result<Option<std::sync::Arc<Verifier>>> {
+    let Ok(secret_id) = std::env::var("STOCKFLOW_WEBHOOK_SECRET_ID") else {
+        return Ok(from_env()?.map(std::sync::Arc::new));
+    };
+    let client = secrets_client(std::env::var("SECRETSMANAGER_ENDPOINT").ok().as_deref()).await;
+    let verifier = std::sync::Arc::new(from_manager(&client, &secret_id).await?);
+    let weak = std::sync::Arc::downgrade(&verifier);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(refresh).await;
+            let Some(v) = weak.upgrade() else { return };
+            match secrets_from_manager(&client, &secret_id)
+                .await
+                .and_then(|s| v.replace_secrets(&s).map_err(anyhow::Error::msg))
+            {
+                Ok(()) => tracing::debug!("webhook secrets re-read"),
+                Err(e) => tracing::warn!(error = %e, "webhook secrets not re-read; the current ones stay in force"),
+            }
+        }
+    });
+    Ok(Some(verifier))
+}
+
+/// A verifier holding the secrets of `secret_id`.
+pub async fn from_manager(client: &aws_sdk_secretsmanager::Client, secret_id: &str) -> anyhow::Result<Verifier> {
+    let secrets = secrets_from_manager(client, secret_id).await?;
+    Verifier::new(&secrets).map_err(|e| anyhow::anyhow!("secret {secret_id}: {e}"))
 }
 
 #[cfg(test)]

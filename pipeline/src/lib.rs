@@ -9,9 +9,11 @@
 //! - [`consumer`]: running all shards of a source in one process.
 //! - [`group`]: the consumer group: leases, balancing, failover, handoff, resharding.
 //! - [`kinesis`]: Amazon Kinesis (polling and enhanced fan-out, KPL de-aggregation, producer).
+//! - [`batcher`]: group commit of concurrent puts in front of any producer.
 //! - [`retry`]: the one backoff policy (capped exponential, full jitter).
 //! - [`metrics`]: the pipeline's named telemetry events.
 
+pub mod batcher;
 pub mod consumer;
 pub mod group;
 pub mod kinesis;

@@ -233,7 +233,14 @@ impl EmbeddedLog {
 
 impl StreamProducer for EmbeddedLog {
     async fn put(&self, records: &[OutRecord<'_>]) -> Result<(), StreamError> {
-        self.append(records)
+        // The append blocks on fdatasync: on a multi-threaded runtime, let the other tasks of this
+        // worker thread move elsewhere meanwhile.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) if self.inner.fsync => {
+                tokio::task::block_in_place(|| self.append(records))
+            }
+            _ => self.append(records),
+        }
     }
 }
 

@@ -90,3 +90,9 @@ pub fn lease_error(op: &'static str) {
 pub fn put_retried(n: usize) {
     counter!("stockflow_put_records_retried_total").increment(n as u64);
 }
+
+/// One batched put: how many callers' requests and records it carried.
+pub fn put_batch(requests: usize, records: usize) {
+    histogram!("stockflow_put_batch_requests").record(requests as f64);
+    histogram!("stockflow_put_batch_records").record(records as f64);
+}

@@ -110,6 +110,15 @@ impl StreamError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StreamError::Unavailable(_))
     }
+
+    /// The same error again, for each of several waiters on one outcome.
+    pub fn duplicate(&self) -> StreamError {
+        match self {
+            StreamError::Unavailable(m) => StreamError::Unavailable(m.clone()),
+            StreamError::Corrupt(m) => StreamError::Corrupt(m.clone()),
+            StreamError::Invalid(m) => StreamError::Invalid(m.clone()),
+        }
+    }
 }
 
 /// How far a reader is behind; each backend knows some of these.

@@ -1,0 +1,39 @@
+//! `stockflow-ingest-lambda`: the ingest app as an AWS Lambda function behind API Gateway, an SQS
+//! queue (SP-API notifications) and an EventBridge rule (listings notifications); see
+//! `stockflow::ingest::lambda` and `docs/ingest.md`.
+//!
+//! Environment: `STOCKFLOW_STREAM` (the Kinesis stream, required), `STOCKFLOW_WEBHOOK_SECRET_ID`
+//! (a Secrets Manager secret holding the webhook secrets; unset: `STOCKFLOW_WEBHOOK_SECRETS`, or
+//! unsigned), `STOCKFLOW_MARKETPLACE_ID` (FBA counts of this marketplace), `STOCKFLOW_LOG`,
+//! `KINESIS_ENDPOINT` / `SECRETSMANAGER_ENDPOINT` (emulators).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lambda_runtime::{LambdaEvent, service_fn};
+use serde_json::Value;
+use stockflow::ingest::{AmazonConfig, IngestState, app_shared, lambda};
+use stockflow_pipeline::kinesis::{KinesisProducer, client};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    let metrics = stockflow::telemetry::init();
+    let stream = std::env::var("STOCKFLOW_STREAM").map_err(|_| "STOCKFLOW_STREAM is not set")?;
+    let kinesis = client(std::env::var("KINESIS_ENDPOINT").ok().as_deref(), false).await;
+    let verifier = stockflow::webhook::load(Duration::from_secs(300)).await.map_err(|e| format!("{e:#}"))?;
+    let state = Arc::new(IngestState {
+        producer: Arc::new(KinesisProducer::new(kinesis, &stream)),
+        metrics,
+        verifier,
+        amazon: AmazonConfig { marketplace_id: std::env::var("STOCKFLOW_MARKETPLACE_ID").ok() },
+    });
+    let router = app_shared(Arc::clone(&state));
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let (router, state) = (router.clone(), Arc::clone(&state));
+        async move { lambda::invoke(&router, &state, event).await }
+    }))
+    .await
+}

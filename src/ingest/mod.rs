@@ -1,0 +1,456 @@
+//! The ingest HTTP app: one axum `Router`, built by [`app`], served by `stockflow ingest serve`,
+//! inside `stockflow run`, and in AWS by the Lambda (`stockflow-ingest-lambda`, [`lambda`]).
+//!
+//! Routes: canonical events (`/v1/events`), Amazon SP-API notifications
+//! (`/v1/amazon/notifications`, [`amazon`]), manufacturer documents (`/v1/manufacturer/events`,
+//! [`manufacturer`]), `/healthz`, `/metrics`.
+//!
+//! A 2xx answer means every event of the request is durably on the stream. Errors are JSON
+//! `{error, field, index}`: 400 bad input (the first bad document is named; nothing of the request
+//! is put), 401 bad or missing webhook signature (when secrets are configured, [`crate::webhook`]),
+//! 413 over 500 events, 1 MiB per event or 10 MiB per request, 415 not JSON/NDJSON, 503 with
+//! `Retry-After` when the stream stays unavailable past the producer's retries.
+
+pub mod amazon;
+pub mod lambda;
+pub mod manufacturer;
+pub mod time;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use stockflow_pipeline::{OutRecord, StreamError, StreamProducer};
+
+use crate::webhook::Verifier;
+pub use amazon::AmazonConfig;
+
+/// Most events accepted in one request (a Kinesis PutRecords call takes 500).
+pub const MAX_EVENTS_PER_REQUEST: usize = 500;
+/// Largest event.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+/// Largest request body.
+pub const MAX_REQUEST_BYTES: usize = 10 << 20;
+
+/// What the app serves with.
+#[derive(Debug)]
+pub struct IngestState<P> {
+    /// Where accepted events go.
+    pub producer: Arc<P>,
+    /// Rendered at `/metrics` when set.
+    pub metrics: Option<PrometheusHandle>,
+    /// When set, every POST must carry a valid Standard Webhooks signature.
+    pub verifier: Option<Arc<Verifier>>,
+    /// How SP-API notifications are read.
+    pub amazon: AmazonConfig,
+}
+
+impl<P> IngestState<P> {
+    /// Unsigned ingest over `producer`, without `/metrics`.
+    pub fn new(producer: Arc<P>) -> Self {
+        IngestState { producer, metrics: None, verifier: None, amazon: AmazonConfig::default() }
+    }
+}
+
+/// A canonical event built by a mapping: its SKU (the partition key) and its JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canonical {
+    /// Partition key.
+    pub sku: String,
+    /// The canonical JSON document (SPEC §1), already validated.
+    pub json: String,
+}
+
+/// Why a sender's document cannot be mapped: the field (a path such as
+/// `Payload.OrderChangeNotification.Summary.OrderItems[0].SellerSKU`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct MapError {
+    /// Path of the offending field in the sender's document.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl MapError {
+    /// A mapping error at `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        MapError { field: field.into(), message: message.into() }
+    }
+}
+
+/// The ingest router.
+pub fn app<P: StreamProducer>(state: IngestState<P>) -> Router {
+    app_shared(Arc::new(state))
+}
+
+/// The ingest router over state the caller shares too (the Lambda's SQS and EventBridge paths).
+pub fn app_shared<P: StreamProducer>(state: Arc<IngestState<P>>) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events::<P>))
+        .route("/v1/amazon/notifications", post(post_amazon::<P>))
+        .route("/v1/manufacturer/events", post(post_manufacturer::<P>))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(render_metrics::<P>))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(state)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The checks every POST shares: the signature (401, when secrets are configured), then the
+/// content type (415); `Ok(true)` for NDJSON.
+fn admit<P>(state: &IngestState<P>, headers: &HeaderMap, body: &[u8]) -> Result<bool, Box<Response>> {
+    if let Some(v) = &state.verifier {
+        let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        v.verify(h("webhook-id"), h("webhook-timestamp"), h("webhook-signature"), body, unix_now()).map_err(|e| {
+            metrics::counter!("stockflow_ingest_rejected_total", "reason" => "signature").increment(1);
+            Box::new(error(StatusCode::UNAUTHORIZED, e.to_string(), None, None))
+        })?;
+    }
+    content_kind(headers)
+}
+
+/// JSON or NDJSON, else 415.
+fn content_kind(headers: &HeaderMap) -> Result<bool, Box<Response>> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(false),
+        "application/x-ndjson" | "application/jsonl" => Ok(true),
+        _ => Err(Box::new(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content type {ct:?}: send application/json or application/x-ndjson"),
+            None,
+            None,
+        ))),
+    }
+}
+
+fn error(status: StatusCode, message: String, index: Option<usize>, field: Option<&str>) -> Response {
+    let body = json!({ "error": message, "index": index, "field": field });
+    (status, axum::Json(body)).into_response()
+}
+
+fn invalid(route: &'static str, message: String, index: Option<usize>, field: Option<&str>) -> Response {
+    metrics::counter!("stockflow_ingest_rejected_total", "reason" => "invalid", "route" => route).increment(1);
+    error(StatusCode::BAD_REQUEST, message, index, field)
+}
+
+/// Splits a body into documents: a JSON array, NDJSON, or one object; 400/413 when it cannot.
+fn split_documents(body: &[u8], ndjson: bool) -> Result<Vec<&[u8]>, Box<Response>> {
+    let trimmed = body.trim_ascii();
+    let lines =
+        || -> Vec<&[u8]> { trimmed.split(|b| *b == b'\n').map(<[u8]>::trim_ascii).filter(|l| !l.is_empty()).collect() };
+    let docs: Vec<&[u8]> = if ndjson {
+        lines()
+    } else if trimmed.first() == Some(&b'[') {
+        let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(trimmed)
+            .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("malformed JSON array: {e}"), None, None)))?;
+        items.into_iter().map(|r| r.get().as_bytes()).collect()
+    } else if trimmed.contains(&b'\n') {
+        // One (pretty-printed) document, or NDJSON sent as application/json.
+        match serde_json::from_slice::<serde::de::IgnoredAny>(trimmed) {
+            Ok(_) => vec![trimmed],
+            Err(_) => lines(),
+        }
+    } else {
+        vec![trimmed]
+    };
+    if docs.is_empty() || docs == [b"".as_slice()] {
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, "no documents in the body".into(), None, None)));
+    }
+    if docs.len() > MAX_EVENTS_PER_REQUEST {
+        return Err(Box::new(too_many(docs.len())));
+    }
+    if let Some(i) = docs.iter().position(|d| d.len() > MAX_EVENT_BYTES) {
+        return Err(Box::new(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("document of {} bytes; at most {MAX_EVENT_BYTES}", docs[i].len()),
+            Some(i),
+            None,
+        )));
+    }
+    Ok(docs)
+}
+
+fn too_many(n: usize) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("{n} events in one request; at most {MAX_EVENTS_PER_REQUEST}"),
+        None,
+        None,
+    )
+}
+
+/// Puts the records and answers: 202 `{accepted, ignored}` once they are durable, 503 with
+/// `Retry-After` when the stream stays unavailable.
+async fn put_and_answer<P: StreamProducer>(
+    producer: &P,
+    route: &'static str,
+    records: &[OutRecord<'_>],
+    ignored: usize,
+) -> Response {
+    match put(producer, route, records).await {
+        Ok(()) => {
+            (StatusCode::ACCEPTED, axum::Json(json!({ "accepted": records.len(), "ignored": ignored }))).into_response()
+        }
+        Err(e) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, format!("stream unavailable: {e}"), None, None);
+            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+/// Puts the records (nothing when empty) and counts them.
+pub async fn put<P: StreamProducer>(
+    producer: &P,
+    route: &'static str,
+    records: &[OutRecord<'_>],
+) -> Result<(), StreamError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    match producer.put(records).await {
+        Ok(()) => {
+            metrics::counter!("stockflow_ingested_events_total", "route" => route).increment(records.len() as u64);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, route, "stream put failed");
+            metrics::counter!("stockflow_ingest_rejected_total", "reason" => "unavailable", "route" => route)
+                .increment(1);
+            Err(e)
+        }
+    }
+}
+
+async fn post_events<P: StreamProducer>(
+    State(state): State<Arc<IngestState<P>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let docs = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
+        Ok(d) => d,
+        Err(r) => return *r,
+    };
+    let mut keys = Vec::with_capacity(docs.len());
+    for (i, doc) in docs.iter().enumerate() {
+        match stockflow_state::decode(doc) {
+            Ok(ev) => keys.push(ev.sku.into_owned()),
+            Err(e) => {
+                let msg = format!("event {i} is invalid (the request was rejected whole): {e}");
+                return invalid("events", msg, Some(i), e.field());
+            }
+        }
+    }
+    let records: Vec<OutRecord<'_>> =
+        docs.iter().zip(&keys).map(|(doc, key)| OutRecord { key, payload: doc }).collect();
+    put_and_answer(&*state.producer, "events", &records, 0).await
+}
+
+/// Maps every document of a request, or names the first that cannot be mapped (by index).
+fn map_all(
+    docs: &[&[u8]],
+    mut map: impl FnMut(&serde_json::Value) -> Result<Option<Vec<Canonical>>, MapError>,
+) -> Result<(Vec<Canonical>, usize), (usize, MapError)> {
+    let mut out = Vec::with_capacity(docs.len());
+    let mut ignored = 0;
+    for (i, doc) in docs.iter().enumerate() {
+        let value: serde_json::Value =
+            serde_json::from_slice(doc).map_err(|e| (i, MapError::new("$", format!("malformed JSON: {e}"))))?;
+        match map(&value).map_err(|e| (i, e))? {
+            Some(events) => out.extend(events),
+            None => ignored += 1,
+        }
+    }
+    Ok((out, ignored))
+}
+
+/// Answers a mapped request: 400 naming the document and field, 413 when it maps to too many
+/// events, else the put.
+async fn answer_mapped<P: StreamProducer>(
+    producer: &P,
+    route: &'static str,
+    mapped: Result<(Vec<Canonical>, usize), (usize, MapError)>,
+) -> Response {
+    match mapped {
+        Err((i, e)) => {
+            let msg = format!("document {i} is invalid (the request was rejected whole): {e}");
+            invalid(route, msg, Some(i), Some(&e.field))
+        }
+        Ok((events, _)) if events.len() > MAX_EVENTS_PER_REQUEST => too_many(events.len()),
+        Ok((events, ignored)) => {
+            let records: Vec<OutRecord<'_>> =
+                events.iter().map(|c| OutRecord { key: &c.sku, payload: c.json.as_bytes() }).collect();
+            put_and_answer(producer, route, &records, ignored).await
+        }
+    }
+}
+
+async fn post_amazon<P: StreamProducer>(
+    State(state): State<Arc<IngestState<P>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let docs = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
+        Ok(d) => d,
+        Err(r) => return *r,
+    };
+    let mapped = map_all(&docs, |n| amazon_events(n, &state.amazon));
+    answer_mapped(&*state.producer, "amazon", mapped).await
+}
+
+/// One SP-API notification's events, or `None` (counted) for a type stockflow does not act on.
+pub fn amazon_events(n: &serde_json::Value, cfg: &AmazonConfig) -> Result<Option<Vec<Canonical>>, MapError> {
+    match amazon::map_notification(n, cfg)? {
+        amazon::Mapped::Events(events) => Ok(Some(events)),
+        amazon::Mapped::Ignored(kind) => {
+            let label = if kind.len() <= 64 && kind.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+                kind
+            } else {
+                "other".to_string()
+            };
+            metrics::counter!("stockflow_ingest_ignored_total", "type" => label).increment(1);
+            Ok(None)
+        }
+    }
+}
+
+async fn post_manufacturer<P: StreamProducer>(
+    State(state): State<Arc<IngestState<P>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let docs = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
+        Ok(d) => d,
+        Err(r) => return *r,
+    };
+    let mapped = map_all(&docs, |d| manufacturer::map_document(d).map(Some));
+    answer_mapped(&*state.producer, "manufacturer", mapped).await
+}
+
+async fn render_metrics<P: StreamProducer>(State(state): State<Arc<IngestState<P>>>) -> Response {
+    match &state.metrics {
+        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => error(StatusCode::NOT_FOUND, "metrics are not enabled in this process".into(), None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use stockflow_pipeline::{EmbeddedLog, ReadStatus, RecordBatch, ShardReader, StreamSource};
+    use tower::ServiceExt;
+
+    /// Seals the one-shard log and counts its records.
+    async fn records_on(log: &EmbeddedLog) -> usize {
+        log.seal();
+        let mut reader = log.open("shard-0000", None).await.unwrap();
+        let mut batch = RecordBatch::new();
+        let mut n = 0;
+        while reader.next_batch(&mut batch, 100).await.unwrap() == ReadStatus::Open {
+            n += batch.len();
+        }
+        n
+    }
+
+    async fn call(app: Router, body: &str, content_type: &str) -> (StatusCode, serde_json::Value) {
+        call_with(app, body, content_type, &[]).await
+    }
+
+    async fn call_with(
+        app: Router,
+        body: &str,
+        content_type: &str,
+        headers: &[(&str, String)],
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = Request::post("/v1/events").header("content-type", content_type);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = app.oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn accepts_object_array_and_ndjson_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), 1).unwrap());
+        let app = app(IngestState::new(Arc::clone(&log)));
+        let ev = |id: &str| format!(r#"{{"id":"{id}","type":"stock_adjusted","sku":"S","ts":1,"delta":2}}"#);
+        let (s, b) = call(app.clone(), &ev("a"), "application/json").await;
+        assert_eq!((s, b["accepted"].as_u64()), (StatusCode::ACCEPTED, Some(1)));
+        let (s, b) = call(app.clone(), &format!("[{},{}]", ev("b"), ev("c")), "application/json").await;
+        assert_eq!((s, b["accepted"].as_u64()), (StatusCode::ACCEPTED, Some(2)));
+        let (s, b) = call(app.clone(), &format!("{}\n{}\n", ev("d"), ev("e")), "application/x-ndjson").await;
+        assert_eq!((s, b["accepted"].as_u64()), (StatusCode::ACCEPTED, Some(2)));
+        let bad = format!(r#"[{},{{"id":"x","type":"stock_adjusted","sku":"S","ts":1,"delta":0}}]"#, ev("f"));
+        let (s, b) = call(app.clone(), &bad, "application/json").await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!((b["field"].as_str(), b["index"].as_u64()), (Some("delta"), Some(1)));
+        let (s, _) = call(app.clone(), &ev("t"), "text/plain").await;
+        assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let huge = format!(
+            r#"{{"id":"h","type":"stock_adjusted","sku":"S","ts":1,"delta":2,"pad":"{}"}}"#,
+            "x".repeat(MAX_EVENT_BYTES)
+        );
+        let (s, b) = call(app.clone(), &huge, "application/json").await;
+        assert_eq!((s, b["index"].as_u64()), (StatusCode::PAYLOAD_TOO_LARGE, Some(0)));
+        let (s, _) = call(app.clone(), "[1,", "application/json").await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let many = (0..501).map(|i| ev(&format!("m{i}"))).collect::<Vec<_>>().join("\n");
+        let (s, _) = call(app, &many, "application/x-ndjson").await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+        // Exactly the five accepted events are on the stream; the rejected request added none.
+        assert_eq!(records_on(&log).await, 5);
+    }
+
+    #[tokio::test]
+    async fn signed_ingest_refuses_unsigned_tampered_and_replayed_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), 1).unwrap());
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let verifier = Arc::new(Verifier::new(&[secret]).unwrap());
+        let app = app(IngestState { verifier: Some(verifier), ..IngestState::new(Arc::clone(&log)) });
+        let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &secret[6..]).unwrap();
+        let body = r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2}"#;
+        let now = unix_now();
+        let signed = |id: &str, body: &str| {
+            vec![
+                ("webhook-id", id.to_string()),
+                ("webhook-timestamp", now.to_string()),
+                ("webhook-signature", Verifier::sign(&key, id, now, body.as_bytes())),
+            ]
+        };
+        let (s, b) = call(app.clone(), body, "application/json").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(b["error"].as_str().unwrap().contains("webhook-id"), "{b}");
+        let (s, _) = call_with(app.clone(), body, "application/json", &signed("m1", body)).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        let (s, b) = call_with(app.clone(), body, "application/json", &signed("m1", body)).await;
+        assert_eq!((s, b["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("webhook-id was already received")));
+        let tampered = body.replace("\"delta\":2", "\"delta\":200");
+        let (s, _) = call_with(app.clone(), &tampered, "application/json", &signed("m2", body)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let mut empty = signed("m3", body);
+        empty[2].1 = String::new();
+        let (s, _) = call_with(app, body, "application/json", &empty).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(records_on(&log).await, 1, "only the one signed request reached the stream");
+    }
+}
