@@ -34,3 +34,47 @@ fn cloudformation_tables_match_the_store_schema() {
         }
     }
 }
+
+#[test]
+fn cloudformation_ingest_wires_the_lambda_to_its_three_triggers() {
+    let tpl: Value = serde_json::from_str(include_str!("../deploy/cloudformation/ingest.json")).unwrap();
+    let r = &tpl["Resources"];
+    let f = &r["IngestFunction"]["Properties"];
+    assert_eq!((f["Runtime"].as_str(), f["Architectures"][0].as_str()), (Some("provided.al2023"), Some("arm64")));
+    assert!(f["Timeout"].as_i64().unwrap() < 29, "under API Gateway's 29 s integration timeout");
+    let env = &f["Environment"]["Variables"];
+    // The variables the binary reads (src/bin/stockflow-ingest-lambda.rs).
+    let bin = include_str!("../src/bin/stockflow-ingest-lambda.rs");
+    for var in env.as_object().unwrap().keys() {
+        assert!(bin.contains(var.as_str()) || var == "STOCKFLOW_LOG", "{var} is not read by the function");
+    }
+    assert_eq!(env["STOCKFLOW_STREAM"]["Ref"], "EventStream");
+    let mapping = &r["NotificationsMapping"]["Properties"];
+    assert_eq!(mapping["FunctionResponseTypes"][0], "ReportBatchItemFailures");
+    let queue = &r["NotificationsQueue"]["Properties"];
+    assert!(queue["RedrivePolicy"]["maxReceiveCount"].as_i64().unwrap() >= 1);
+    assert!(queue["VisibilityTimeout"].as_i64().unwrap() >= 6 * f["Timeout"].as_i64().unwrap(), "AWS: ≥ 6 × function timeout");
+    assert_eq!(r["ListingsRule"]["Properties"]["Targets"][0]["Arn"]["Fn::GetAtt"][0], "IngestFunction");
+    assert_eq!(r["IngestApi"]["Type"], "AWS::ApiGateway::RestApi", "a REST API, so WAF can attach");
+    assert_eq!(r["IngestProxyMethod"]["Properties"]["Integration"]["Type"], "AWS_PROXY");
+    // Every Ref / GetAtt names a resource, parameter or pseudo parameter of the template.
+    let mut names: Vec<String> = r.as_object().unwrap().keys().cloned().collect();
+    names.extend(tpl["Parameters"].as_object().unwrap().keys().cloned());
+    fn walk(v: &Value, names: &[String]) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(t)) = m.get("Ref") {
+                    assert!(t.starts_with("AWS::") || names.contains(t), "Ref {t}");
+                }
+                if let Some(t) = m.get("Fn::GetAtt").and_then(|a| a[0].as_str()) {
+                    assert!(names.iter().any(|n| n == t), "GetAtt {t}");
+                }
+                m.values().for_each(|x| walk(x, names));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, names)),
+            _ => {}
+        }
+    }
+    walk(r, &names);
+    walk(&tpl["Outputs"], &names);
+}
