@@ -63,9 +63,14 @@ pub struct IngestArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum IngestAction {
-    /// Serve POST /v1/events, /healthz and /metrics until SIGINT/SIGTERM. Webhook signatures are
-    /// required when STOCKFLOW_WEBHOOK_SECRETS or STOCKFLOW_WEBHOOK_SECRETS_FILE is set.
+    /// Serve the ingest API (/v1/events, /v1/amazon/notifications, /v1/manufacturer/events,
+    /// /healthz, /metrics) until SIGINT/SIGTERM. Webhook signatures are required when
+    /// STOCKFLOW_WEBHOOK_SECRET_ID (Secrets Manager), STOCKFLOW_WEBHOOK_SECRETS or
+    /// STOCKFLOW_WEBHOOK_SECRETS_FILE is set.
     Serve(crate::commands::ServeArgs),
+    /// Load an ingest server from this process: closed loop (max throughput) or an open-model
+    /// fixed rate (--rate), single events or NDJSON batches; prints throughput and latency.
+    Load(crate::load::LoadArgs),
 }
 
 #[derive(Debug, Args)]

@@ -209,6 +209,10 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         Command::Ingest(crate::cli::IngestArgs { action: crate::cli::IngestAction::Serve(args) }) => {
             ingest_serve(args, settings, metrics).await
         }
+        Command::Ingest(crate::cli::IngestArgs { action: crate::cli::IngestAction::Load(args) }) => {
+            let summary = crate::load::run(args).await?;
+            Ok(if summary.errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Replay(args) => replay(args, settings).await,
         Command::Generate(args) => {
             let stream = generate::generate(&args.stream.to_config());

@@ -201,7 +201,7 @@ impl Default for IngestSection {
         IngestSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             linger_ms: 0,
-            max_in_flight: 4,
+            max_in_flight: 2,
             marketplace_id: None,
         }
     }

@@ -10,6 +10,7 @@
 //! - [`generate`]: the deterministic peak-season stream generator.
 //! - [`group`]: `consume` on Kinesis + DynamoDB as a consumer-group member.
 //! - [`ingest`]: the ingest HTTP app (`fn app() -> Router`).
+//! - [`load`]: `stockflow ingest load`, the HTTP load generator of the benchmarks.
 //! - [`webhook`]: Standard Webhooks signature verification (secrets rotate, replays refused).
 //! - [`telemetry`]: logging and the Prometheus recorder.
 
@@ -20,5 +21,6 @@ pub mod demo;
 pub mod generate;
 pub mod group;
 pub mod ingest;
+pub mod load;
 pub mod telemetry;
 pub mod webhook;

@@ -53,7 +53,10 @@ fn cloudformation_ingest_wires_the_lambda_to_its_three_triggers() {
     assert_eq!(mapping["FunctionResponseTypes"][0], "ReportBatchItemFailures");
     let queue = &r["NotificationsQueue"]["Properties"];
     assert!(queue["RedrivePolicy"]["maxReceiveCount"].as_i64().unwrap() >= 1);
-    assert!(queue["VisibilityTimeout"].as_i64().unwrap() >= 6 * f["Timeout"].as_i64().unwrap(), "AWS: ≥ 6 × function timeout");
+    assert!(
+        queue["VisibilityTimeout"].as_i64().unwrap() >= 6 * f["Timeout"].as_i64().unwrap(),
+        "AWS: ≥ 6 × function timeout"
+    );
     assert_eq!(r["ListingsRule"]["Properties"]["Targets"][0]["Arn"]["Fn::GetAtt"][0], "IngestFunction");
     assert_eq!(r["IngestApi"]["Type"], "AWS::ApiGateway::RestApi", "a REST API, so WAF can attach");
     assert_eq!(r["IngestProxyMethod"]["Properties"]["Integration"]["Type"], "AWS_PROXY");

@@ -136,7 +136,10 @@ async fn run<P: StreamProducer>(inner: Arc<P>, mut rx: mpsc::Receiver<Job>, cfg:
             let outcome = {
                 let batch: Vec<OutRecord<'_>> = jobs.iter().flat_map(Job::records).collect();
                 crate::metrics::put_batch(jobs.len(), batch.len());
-                inner.put(&batch).await
+                let started = std::time::Instant::now();
+                let outcome = inner.put(&batch).await;
+                crate::metrics::put_done(started.elapsed());
+                outcome
             };
             drop(slot);
             for job in jobs {

@@ -9,9 +9,16 @@
 //! before it returns, so an acknowledged record survives `kill -9` and power loss. Readers only
 //! see bytes up to the synced length. On open, a torn tail (a frame cut by a crash before its
 //! sync) is truncated away.
+//!
+//! Files grow in preallocated steps of zeros (1 MiB doubling up to [`PREALLOC_BYTES`], written and
+//! `fsync`ed once per step), so an append changes neither the file's size nor its block map: its `fdatasync` flushes
+//! data only and commits no filesystem journal transaction. (Appending at the end of the file
+//! instead costs a journal commit per sync; with several shard files synced per request those
+//! commits contend and stall for hundreds of milliseconds under load.) A zero frame header marks
+//! the end of the data: records are never empty.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,11 +44,76 @@ fn io(e: std::io::Error) -> StreamError {
     StreamError::Unavailable(e.to_string())
 }
 
+/// Largest step in which shard files grow (zeros, written ahead of the data).
+pub const PREALLOC_BYTES: u64 = 2 << 20;
+
+/// The preallocated space of a shard file: data up to the shard's `len`, zeros after it.
+#[derive(Debug)]
+struct Space {
+    file: File,
+    /// File length.
+    allocated: AtomicU64,
+    grow: Mutex<()>,
+    /// A background extension is running.
+    growing: AtomicBool,
+    fsync: bool,
+}
+
+impl Space {
+    fn step(allocated: u64) -> u64 {
+        // Small logs stay small: the step doubles from 1 MiB up to PREALLOC_BYTES.
+        allocated.next_power_of_two().clamp(1 << 20, PREALLOC_BYTES)
+    }
+
+    /// Extends the file with zeros (durably) to a step boundary at or past `end`.
+    fn grow_to(&self, end: u64) -> std::io::Result<()> {
+        let _only = self.grow.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cur = self.allocated.load(Ordering::Acquire);
+        if cur >= end {
+            return Ok(());
+        }
+        let target = end.next_multiple_of(Self::step(cur));
+        let zeros = vec![0u8; (1 << 20).min((target - cur) as usize)];
+        let mut pos = cur;
+        while pos < target {
+            let n = ((target - pos) as usize).min(zeros.len());
+            self.file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        if self.fsync {
+            self.file.sync_all()?;
+        }
+        self.allocated.store(target, Ordering::Release);
+        Ok(())
+    }
+
+    /// Once less than half a step of zeros is left after `end`, extends by a step on a
+    /// background thread, so appends rarely wait for zeros to be written.
+    fn grow_ahead(self: &Arc<Self>, end: u64) {
+        let cur = self.allocated.load(Ordering::Acquire);
+        if cur.saturating_sub(end) >= Self::step(cur) / 2 || self.growing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let space = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("log-prealloc".into()).spawn(move || {
+            let cur = space.allocated.load(Ordering::Acquire);
+            if let Err(e) = space.grow_to(cur + 1) {
+                tracing::warn!(error = %e, "preallocating the log failed; appends extend it themselves");
+            }
+            space.growing.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.growing.store(false, Ordering::Release);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct ShardFile {
     name: String,
     path: PathBuf,
     writer: Mutex<File>,
+    space: Arc<Space>,
     len: AtomicU64,
     notify: Notify,
 }
@@ -97,18 +169,18 @@ impl EmbeddedLog {
             }
             Err(e) => return Err(io(e)),
         }
-        let shards = (0..shards).map(|i| Self::open_shard(&dir, i)).collect::<Result<Vec<_>, _>>()?;
+        let shards = (0..shards).map(|i| Self::open_shard(&dir, i, fsync)).collect::<Result<Vec<_>, _>>()?;
         Ok(EmbeddedLog { inner: Arc::new(LogInner { dir, shards, sealed: AtomicBool::new(false), fsync }) })
     }
 
-    fn open_shard(dir: &Path, i: usize) -> Result<ShardFile, StreamError> {
+    fn open_shard(dir: &Path, i: usize, fsync: bool) -> Result<ShardFile, StreamError> {
         let name = shard_name(i);
         let path = dir.join(format!("{name}.log"));
-        let mut file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
         let mut len = file.metadata().map_err(io)?.len();
         if len < MAGIC.len() as u64 {
             file.set_len(0).map_err(io)?;
-            file.write_all(MAGIC).map_err(io)?;
+            file.write_all_at(MAGIC, 0).map_err(io)?;
             file.sync_all().map_err(io)?;
             len = MAGIC.len() as u64;
         } else {
@@ -119,13 +191,26 @@ impl EmbeddedLog {
             }
             let valid = Self::recover(&file, len)?;
             if valid < len {
-                tracing::warn!(shard = %name, torn_bytes = len - valid, "truncating a torn tail left by a crash");
+                // Zeros after the data are preallocation; anything else is a frame cut by a crash.
+                let mut header = [0u8; FRAME_HEADER as usize];
+                let n = ((len - valid) as usize).min(header.len());
+                file.read_exact_at(&mut header[..n], valid).map_err(io)?;
+                if header[..n].iter().any(|b| *b != 0) {
+                    tracing::warn!(shard = %name, offset = valid, "truncating a torn tail left by a crash");
+                }
                 file.set_len(valid).map_err(io)?;
                 file.sync_all().map_err(io)?;
                 len = valid;
             }
         }
-        Ok(ShardFile { name, path, writer: Mutex::new(file), len: AtomicU64::new(len), notify: Notify::new() })
+        let space = Arc::new(Space {
+            file: file.try_clone().map_err(io)?,
+            allocated: AtomicU64::new(len),
+            grow: Mutex::new(()),
+            growing: AtomicBool::new(false),
+            fsync,
+        });
+        Ok(ShardFile { name, path, writer: Mutex::new(file), space, len: AtomicU64::new(len), notify: Notify::new() })
     }
 
     /// Scans frames from the start; returns the end of the last intact frame.
@@ -143,7 +228,7 @@ impl EmbeddedLog {
             reader.read_exact(&mut header).map_err(io)?;
             let n = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
             let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-            if n as usize > MAX_RECORD_BYTES || pos + FRAME_HEADER + n > len {
+            if n == 0 || n as usize > MAX_RECORD_BYTES || pos + FRAME_HEADER + n > len {
                 return Ok(pos);
             }
             payload.resize(n as usize, 0);
@@ -180,6 +265,9 @@ impl EmbeddedLog {
         let n = self.inner.shards.len();
         let mut frames: Vec<Vec<u8>> = vec![Vec::new(); n];
         for r in records {
+            if r.payload.is_empty() {
+                return Err(StreamError::Invalid("empty record".into()));
+            }
             if r.payload.len() > MAX_RECORD_BYTES {
                 return Err(StreamError::Invalid(format!(
                     "record of {} bytes exceeds {MAX_RECORD_BYTES}",
@@ -195,17 +283,27 @@ impl EmbeddedLog {
         let touched: Vec<(&ShardFile, &Vec<u8>)> =
             self.inner.shards.iter().zip(&frames).filter(|(_, buf)| !buf.is_empty()).collect();
         let write = |shard: &ShardFile, buf: &[u8]| -> Result<(), StreamError> {
-            let mut file = shard.writer.lock().map_err(|_| StreamError::Unavailable("log writer poisoned".into()))?;
-            file.write_all(buf).map_err(io)?;
+            let w = shard.writer.lock().map_err(|_| StreamError::Unavailable("log writer poisoned".into()))?;
+            let at = shard.len.load(Ordering::Acquire);
+            let end = at + buf.len() as u64;
+            if end > shard.space.allocated.load(Ordering::Acquire) {
+                shard.space.grow_to(end).map_err(io)?;
+            }
+            w.write_all_at(buf, at).map_err(io)?;
             if self.inner.fsync {
-                file.sync_data().map_err(io)?;
+                w.sync_data().map_err(io)?;
             }
             shard.len.fetch_add(buf.len() as u64, Ordering::AcqRel);
-            drop(file);
+            drop(w);
+            shard.space.grow_ahead(end);
             shard.notify.notify_waiters();
             Ok(())
         };
-        if touched.len() > 1 && self.inner.fsync {
+        // Large appends overlap their shards' syncs on scoped threads; small ones (single
+        // requests, the common group commit) sync in turn: thousands of thread spawns a second
+        // stall the process (measured: p99 of 300 ms at 10,000 requests/s, 11 ms without).
+        let bytes: usize = touched.iter().map(|(_, buf)| buf.len()).sum();
+        if touched.len() > 1 && self.inner.fsync && bytes >= PARALLEL_SYNC_BYTES {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = touched.iter().map(|(shard, buf)| scope.spawn(|| write(shard, buf))).collect();
                 handles.into_iter().try_for_each(|h| {
@@ -230,6 +328,9 @@ impl EmbeddedLog {
         }
     }
 }
+
+/// Appends of at least this many bytes sync their shards in parallel.
+const PARALLEL_SYNC_BYTES: usize = 1 << 20;
 
 impl StreamProducer for EmbeddedLog {
     async fn put(&self, records: &[OutRecord<'_>]) -> Result<(), StreamError> {
@@ -405,8 +506,10 @@ mod tests {
             log.append(&[rec("k", "one"), rec("k", "two")]).unwrap();
         }
         let path = dir.path().join("shard-0000.log");
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(&[9, 0, 0, 0, 1, 2, 3, 4, b'x']).unwrap(); // a frame cut short
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20, "zeros ahead of the data");
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        // A frame cut short right after the data (magic 8 + two frames of 8 + 3 bytes).
+        f.write_all_at(&[9, 0, 0, 0, 1, 2, 3, 4, b'x'], 30).unwrap();
         drop(f);
         let log = EmbeddedLog::open(dir.path(), 1).unwrap();
         log.append(&[rec("k", "three")]).unwrap();

@@ -96,3 +96,8 @@ pub fn put_batch(requests: usize, records: usize) {
     histogram!("stockflow_put_batch_requests").record(requests as f64);
     histogram!("stockflow_put_batch_records").record(records as f64);
 }
+
+/// How long one batched put took to become durable.
+pub fn put_done(elapsed: Duration) {
+    histogram!("stockflow_put_seconds").record(elapsed.as_secs_f64());
+}

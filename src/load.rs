@@ -1,0 +1,285 @@
+//! `stockflow ingest load`: an HTTP load generator for the ingest API, run as its own process.
+//!
+//! Each connection is one HTTP/1.1 keep-alive connection sending one request at a time. Without
+//! `--rate` the load is closed (every connection sends as fast as answers come: the highest
+//! throughput). With `--rate` it is open: request *n* is due at `start + n / rate` whatever the
+//! server does; when no connection was free at its due time, its latency is measured from the due
+//! time, not from when it was sent, so a server that slows down shows it in the percentiles
+//! instead of hiding it (no coordinated omission) — as long as there are enough connections to
+//! keep up with the schedule. (A connection that was free but whose timer woke late — tokio's
+//! timers tick in milliseconds — measures from the send: that delay is the load tool's own.)
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::body::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::webhook::Verifier;
+
+/// Arguments of `stockflow ingest load`.
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Endpoint to POST to.
+    #[arg(long, default_value = "http://127.0.0.1:8080/v1/events")]
+    url: String,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Offered requests per second (open model); unset: as fast as the server answers.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Events per request: 1 sends one JSON object, more send NDJSON.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Distinct SKUs the events spread over.
+    #[arg(long, default_value_t = 10_000)]
+    skus: usize,
+    /// Sign every request with this Standard Webhooks secret (`whsec_…`).
+    #[arg(long, env = "STOCKFLOW_LOAD_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// What a run measured.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Offered rate (requests/s), when open.
+    pub offered_rate: Option<f64>,
+    /// Connections.
+    pub connections: usize,
+    /// Events per request.
+    pub batch: usize,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// 2xx answers in the measured window.
+    pub requests: u64,
+    /// Other answers and transport errors in the measured window.
+    pub errors: u64,
+    /// Requests per second answered 2xx.
+    pub requests_per_second: f64,
+    /// Events per second accepted.
+    pub events_per_second: f64,
+    /// Latency percentiles, milliseconds (from the due time when open).
+    pub latency_ms: Percentiles,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th.
+    pub p90: f64,
+    /// 99th.
+    pub p99: f64,
+    /// 99.9th.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+struct Plan {
+    host: String,
+    path: String,
+    batch: usize,
+    skus: usize,
+    rate: Option<f64>,
+    key: Option<Vec<u8>>,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+    next: AtomicU64,
+    run: u64,
+}
+
+/// Runs the load and prints the summary.
+pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
+    if args.batch == 0 || args.batch > crate::ingest::MAX_EVENTS_PER_REQUEST {
+        bail!("--batch {}: must be 1 to {}", args.batch, crate::ingest::MAX_EVENTS_PER_REQUEST);
+    }
+    if args.connections == 0 || args.skus == 0 || args.rate.is_some_and(|r| r <= 0.0) {
+        bail!("--connections, --skus and --rate must be positive");
+    }
+    let rest = args.url.strip_prefix("http://").context("--url: only http:// is supported")?;
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .with_context(|| format!("resolving {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} has no address"))?;
+    let key = match &args.secret {
+        Some(s) => {
+            let b64 = s.strip_prefix("whsec_").unwrap_or(s);
+            Some(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).context("--secret")?)
+        }
+        None => None,
+    };
+    let start = Instant::now() + Duration::from_millis(100);
+    let measure_from = start + Duration::from_secs(args.warmup);
+    let plan = Arc::new(Plan {
+        host: authority.to_string(),
+        path,
+        batch: args.batch,
+        skus: args.skus,
+        rate: args.rate,
+        key,
+        start,
+        measure_from,
+        end: measure_from + Duration::from_secs(args.seconds),
+        next: AtomicU64::new(0),
+        run: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    });
+    let mut tasks = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        tasks.push(tokio::spawn(connection(addr, Arc::clone(&plan))));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let (mut ok, mut errors) = (0u64, 0u64);
+    for t in tasks {
+        let (h, o, e) = t.await.context("load connection task")??;
+        hist.add(h)?;
+        ok += o;
+        errors += e;
+    }
+    let seconds = args.seconds as f64;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let summary = Summary {
+        offered_rate: args.rate,
+        connections: args.connections,
+        batch: args.batch,
+        seconds,
+        requests: ok,
+        errors,
+        requests_per_second: ok as f64 / seconds,
+        events_per_second: (ok * args.batch as u64) as f64 / seconds,
+        latency_ms: Percentiles {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: hist.max() as f64 / 1000.0,
+        },
+    };
+    println!(
+        "load: {} req/s, {} events/s ({} ok, {} errors in {seconds} s; {} connections, {} events/request{}); \
+         latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+        summary.requests_per_second.round(),
+        summary.events_per_second.round(),
+        ok,
+        errors,
+        args.connections,
+        args.batch,
+        args.rate.map(|r| format!(", offered {r} req/s")).unwrap_or_default(),
+        summary.latency_ms.p50,
+        summary.latency_ms.p90,
+        summary.latency_ms.p99,
+        summary.latency_ms.p999,
+        summary.latency_ms.max,
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(summary)
+}
+
+/// One keep-alive connection: takes the next request number, waits for its due time (open
+/// model), sends it, records the latency. Returns (latencies µs, ok, errors) of the window.
+async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Result<(Histogram<u64>, u64, u64)> {
+    let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let content_type = if plan.batch == 1 { "application/json" } else { "application/x-ndjson" };
+    tokio::time::sleep_until(plan.start).await;
+    loop {
+        let n = plan.next.fetch_add(1, Ordering::Relaxed);
+        let due = match plan.rate {
+            Some(rate) => plan.start + Duration::from_secs_f64(n as f64 / rate),
+            None => Instant::now(),
+        };
+        if due >= plan.end {
+            break;
+        }
+        let free_at = Instant::now();
+        tokio::time::sleep_until(due).await;
+        // Latency counts from the due time when this connection was still busy then (the server
+        // was slow: that wait is the server's), else from when the request actually left (a
+        // timer waking late is this process's delay, not the server's).
+        let from = if free_at > due { due } else { Instant::now() };
+        let body = request_body(&plan, n);
+        let mut req = hyper::Request::post(plan.path.as_str())
+            .header(hyper::header::HOST, plan.host.as_str())
+            .header(hyper::header::CONTENT_TYPE, content_type);
+        if let Some(key) = &plan.key {
+            let id = format!("load-{}-{n}", plan.run);
+            let ts =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            req = req
+                .header("webhook-signature", Verifier::sign(key, &id, ts, &body))
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts.to_string());
+        }
+        let req = req.body(Full::new(Bytes::from(body)))?;
+        sender.ready().await?;
+        let good = match sender.send_request(req).await {
+            Ok(resp) => {
+                let good = resp.status().is_success();
+                resp.into_body().collect().await.is_ok() && good
+            }
+            Err(_) => false,
+        };
+        let done = Instant::now();
+        if due >= plan.measure_from {
+            hist.saturating_record(done.duration_since(from).as_micros().max(1) as u64);
+            if good {
+                ok += 1;
+            } else {
+                errors += 1;
+            }
+        }
+        if !good && sender.is_closed() {
+            bail!("the server closed the connection");
+        }
+    }
+    Ok((hist, ok, errors))
+}
+
+/// Request `n`'s events: `order_placed` of one unit, ids unique per run, SKUs spread.
+fn request_body(plan: &Plan, n: u64) -> Vec<u8> {
+    use std::io::Write;
+    let mut body = Vec::with_capacity(plan.batch * 170);
+    for k in 0..plan.batch as u64 {
+        let seq = n * plan.batch as u64 + k;
+        let sku = seq.wrapping_mul(2_654_435_761) % plan.skus as u64;
+        let _ = write!(
+            body,
+            r#"{{"id":"load-{run}-{seq}","type":"order_placed","sku":"SKU-{sku:06}","ts":{ts},"qty":1,"order_id":"L{run}-{seq}","unit_price":"19.99","currency":"USD"}}"#,
+            run = plan.run,
+            ts = plan.run + seq / 1000,
+        );
+        body.push(b'\n');
+    }
+    if plan.batch == 1 {
+        body.pop();
+    }
+    body
+}
