@@ -3,11 +3,12 @@
 //! Each connection is one HTTP/1.1 keep-alive connection sending one request at a time. Without
 //! `--rate` the load is closed (every connection sends as fast as answers come: the highest
 //! throughput). With `--rate` it is open: request *n* is due at `start + n / rate` whatever the
-//! server does; when no connection was free at its due time, its latency is measured from the due
-//! time, not from when it was sent, so a server that slows down shows it in the percentiles
-//! instead of hiding it (no coordinated omission) — as long as there are enough connections to
-//! keep up with the schedule. (A connection that was free but whose timer woke late — tokio's
-//! timers tick in milliseconds — measures from the send: that delay is the load tool's own.)
+//! server does, and its latency is measured from its due time, not from when it was sent, so a
+//! server that slows down shows it in the percentiles instead of hiding it (no coordinated
+//! omission) — as long as there are enough connections to keep up with the schedule. The tool's
+//! own lateness (due → sent: timer ticks, CPU shared with the server) is reported separately as
+//! `send_lag_p99_ms`; it is included in the latency, never subtracted. The achieved rate divides
+//! by the time until the last measured answer, so a server that falls behind shows a lower rate.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -77,6 +78,8 @@ pub struct Summary {
     pub events_per_second: f64,
     /// Latency percentiles, milliseconds (from the due time when open).
     pub latency_ms: Percentiles,
+    /// 99th percentile of this tool's own lateness in sending (due → sent), milliseconds.
+    pub send_lag_p99_ms: f64,
 }
 
 /// Latency percentiles in milliseconds.
@@ -150,14 +153,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         tasks.push(tokio::spawn(connection(addr, Arc::clone(&plan))));
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut lag = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let (mut ok, mut errors) = (0u64, 0u64);
+    let mut last = plan.end;
     for t in tasks {
-        let (h, o, e) = t.await.context("load connection task")??;
-        hist.add(h)?;
-        ok += o;
-        errors += e;
+        let m = t.await.context("load connection task")??;
+        hist.add(m.latency)?;
+        lag.add(m.send_lag)?;
+        ok += m.ok;
+        errors += m.errors;
+        last = last.max(m.last);
     }
-    let seconds = args.seconds as f64;
+    // Until the last measured answer: a server that fell behind stretches the window.
+    let seconds = last.duration_since(plan.measure_from).as_secs_f64();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let summary = Summary {
         offered_rate: args.rate,
@@ -175,10 +183,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
             p999: ms(0.999),
             max: hist.max() as f64 / 1000.0,
         },
+        send_lag_p99_ms: lag.value_at_quantile(0.99) as f64 / 1000.0,
     };
     println!(
-        "load: {} req/s, {} events/s ({} ok, {} errors in {seconds} s; {} connections, {} events/request{}); \
-         latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+        "load: {} req/s, {} events/s ({} ok, {} errors in {seconds:.2} s; {} connections, {} events/request{}); \
+         latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} (send lag p99 {:.2})",
         summary.requests_per_second.round(),
         summary.events_per_second.round(),
         ok,
@@ -191,6 +200,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         summary.latency_ms.p99,
         summary.latency_ms.p999,
         summary.latency_ms.max,
+        summary.send_lag_p99_ms,
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
@@ -200,13 +210,15 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
 }
 
 /// One keep-alive connection: takes the next request number, waits for its due time (open
-/// model), sends it, records the latency. Returns (latencies µs, ok, errors) of the window.
-async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Result<(Histogram<u64>, u64, u64)> {
+/// model), sends it, records the latency (µs).
+async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Result<Measured> {
     let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut lag = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut last = plan.measure_from;
     let (mut ok, mut errors) = (0u64, 0u64);
     let content_type = if plan.batch == 1 { "application/json" } else { "application/x-ndjson" };
     tokio::time::sleep_until(plan.start).await;
@@ -219,12 +231,8 @@ async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Resu
         if due >= plan.end {
             break;
         }
-        let free_at = Instant::now();
         tokio::time::sleep_until(due).await;
-        // Latency counts from the due time when this connection was still busy then (the server
-        // was slow: that wait is the server's), else from when the request actually left (a
-        // timer waking late is this process's delay, not the server's).
-        let from = if free_at > due { due } else { Instant::now() };
+        let sent = Instant::now();
         let body = request_body(&plan, n);
         let mut req = hyper::Request::post(plan.path.as_str())
             .header(hyper::header::HOST, plan.host.as_str())
@@ -249,7 +257,9 @@ async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Resu
         };
         let done = Instant::now();
         if due >= plan.measure_from {
-            hist.saturating_record(done.duration_since(from).as_micros().max(1) as u64);
+            hist.saturating_record(done.duration_since(due).as_micros().max(1) as u64);
+            lag.saturating_record(sent.duration_since(due).as_micros().max(1) as u64);
+            last = last.max(done);
             if good {
                 ok += 1;
             } else {
@@ -260,7 +270,17 @@ async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Resu
             bail!("the server closed the connection");
         }
     }
-    Ok((hist, ok, errors))
+    Ok(Measured { latency: hist, send_lag: lag, ok, errors, last })
+}
+
+/// What one connection measured in the window.
+struct Measured {
+    latency: Histogram<u64>,
+    send_lag: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    /// When its last measured answer came.
+    last: Instant,
 }
 
 /// Request `n`'s events: `order_placed` of one unit, ids unique per run, SKUs spread.

@@ -124,6 +124,12 @@ impl Verifier {
         seen.insert(id.to_string(), ts);
         Ok(())
     }
+
+    /// Forgets an accepted `webhook-id`: its request was not taken after all (invalid, or the
+    /// stream unavailable), so the sender's retry with the same id must pass.
+    pub fn forget(&self, id: &str) {
+        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+    }
 }
 
 /// Decodes `whsec_<base64>` (or raw base64) secrets of at least 16 bytes.

@@ -213,6 +213,10 @@ async fn lambda_sqs_batch_reports_exactly_the_messages_that_failed() {
     // Message 2 lacks SellerSKU: reported, so SQS retries it and then dead-letters it. Message 3
     // (ANY_OFFER_CHANGED) is ignored: acknowledged.
     assert_eq!(out, json!({"batchItemFailures": [{"itemIdentifier": "059f36b4-87a3-44ab-83d2-661975830a72"}]}));
+    // A record without messageId cannot be reported: the whole batch fails (and is redelivered).
+    let mut unnamed = event("lambda/sqs_notifications.json");
+    unnamed.payload["Records"][3].as_object_mut().unwrap().remove("messageId");
+    assert!(invoke(&s.router, &s.state, unnamed).await.is_err());
     let events = records(&s.log).await;
     assert_eq!(
         ids(&events),
@@ -235,7 +239,8 @@ impl StreamProducer for Down {
 
 #[tokio::test]
 async fn lambda_reports_every_carried_message_when_the_stream_is_down() {
-    let state = Arc::new(IngestState::new(Arc::new(Down)));
+    let amazon = AmazonConfig { marketplace_id: Some("ATVPDKIKX0DER".into()) };
+    let state = Arc::new(IngestState { amazon, ..IngestState::new(Arc::new(Down)) });
     let router = app_shared(Arc::clone(&state));
     let out = invoke(&router, &state, event("lambda/sqs_notifications.json")).await.unwrap();
     let failed: Vec<&str> =

@@ -133,24 +133,35 @@ async fn run<P: StreamProducer>(inner: Arc<P>, mut rx: mpsc::Receiver<Job>, cfg:
         }
         let inner = Arc::clone(&inner);
         tokio::spawn(async move {
-            let outcome = {
-                let batch: Vec<OutRecord<'_>> = jobs.iter().flat_map(Job::records).collect();
-                crate::metrics::put_batch(jobs.len(), batch.len());
-                let started = std::time::Instant::now();
-                let outcome = inner.put(&batch).await;
-                crate::metrics::put_done(started.elapsed());
-                outcome
-            };
-            drop(slot);
-            for job in jobs {
-                let answer = match &outcome {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(e.duplicate()),
-                };
-                let _ = job.done.send(answer);
+            let outcome = put_jobs(&*inner, &jobs).await;
+            match outcome {
+                // A permanent refusal (a record the backend cannot take) belongs to one request,
+                // not to the batch: put each request alone so only the offender hears it.
+                Err(StreamError::Invalid(_)) if jobs.len() > 1 => {
+                    for job in jobs {
+                        let alone = put_jobs(&*inner, std::slice::from_ref(&job)).await;
+                        let _ = job.done.send(alone);
+                    }
+                }
+                outcome => {
+                    for job in jobs {
+                        let _ = job.done.send(outcome.as_ref().map(|_| ()).map_err(StreamError::duplicate));
+                    }
+                }
             }
+            drop(slot);
         });
     }
+}
+
+/// One put of the jobs' records, measured.
+async fn put_jobs<P: StreamProducer>(inner: &P, jobs: &[Job]) -> Result<(), StreamError> {
+    let batch: Vec<OutRecord<'_>> = jobs.iter().flat_map(Job::records).collect();
+    crate::metrics::put_batch(jobs.len(), batch.len());
+    let started = std::time::Instant::now();
+    let outcome = inner.put(&batch).await;
+    crate::metrics::put_done(started.elapsed());
+    outcome
 }
 
 #[cfg(test)]
@@ -168,6 +179,8 @@ mod tests {
         fail: Mutex<Vec<usize>>,
         gate: tokio::sync::Notify,
         hold_first: bool,
+        /// Refuses (as invalid) any call carrying this payload.
+        refuse: Option<&'static [u8]>,
     }
 
     impl StreamProducer for Recorder {
@@ -179,6 +192,9 @@ mod tests {
             };
             if self.hold_first && n == 1 {
                 self.gate.notified().await;
+            }
+            if self.refuse.is_some_and(|bad| records.iter().any(|r| r.payload == bad)) {
+                return Err(StreamError::Invalid("record too large".into()));
             }
             if self.fail.lock().unwrap().contains(&n) {
                 return Err(StreamError::Unavailable(format!("call {n} refused")));
@@ -216,6 +232,39 @@ mod tests {
         assert_eq!(calls.len(), 2, "three requests, one call: {calls:?}");
         let second: Vec<(&str, &[u8])> = calls[1].iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
         assert_eq!(second, [("A", b"2".as_slice()), ("B", b"3"), ("A", b"4")]);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_backend_refuses_fails_alone() {
+        let rec = Arc::new(Recorder { hold_first: true, refuse: Some(b"BAD"), ..Recorder::default() });
+        let b = Arc::new(Batching::new(Arc::clone(&rec), BatchConfig::default()));
+        let put = |body: &'static str| {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move { b.put(&[OutRecord { key: "K", payload: body.as_bytes() }]).await })
+        };
+        let first = put("1");
+        while rec.calls.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let queued: Vec<_> = ["2", "BAD", "4"].into_iter().map(put).collect();
+        while b.submitted.load(std::sync::atomic::Ordering::Relaxed) != 4 {
+            tokio::task::yield_now().await;
+        }
+        rec.gate.notify_one();
+        assert!(first.await.unwrap().is_ok());
+        let outcomes: Vec<bool> = futures_join(queued).await;
+        assert_eq!(outcomes, [true, false, true], "only the refused request fails");
+        // The batch of three, then each of them alone.
+        let sizes: Vec<usize> = rec.calls.lock().unwrap().iter().map(Vec::len).collect();
+        assert_eq!(sizes, [1, 3, 1, 1, 1]);
+    }
+
+    async fn futures_join(tasks: Vec<tokio::task::JoinHandle<Result<(), StreamError>>>) -> Vec<bool> {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().is_ok());
+        }
+        out
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,7 +31,11 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::source::{Lag, OutRecord, ReadStatus, RecordBatch, ShardReader, StreamError, StreamProducer, StreamSource};
 
-const MAGIC: &[u8; 8] = b"SFLOG\0\0\x01";
+/// Version 2: the file may end in preallocated zeros (a zero frame header ends the data).
+const MAGIC: &[u8; 8] = b"SFLOG\0\0\x02";
+/// Version 1 (no preallocation): read as is, upgraded to version 2 on open, so that an older
+/// binary refuses the file instead of reading the zeros as empty records.
+const MAGIC_V1: &[u8; 8] = b"SFLOG\0\0\x01";
 const FRAME_HEADER: u64 = 8;
 /// Largest record accepted (Kinesis's limit, kept for parity).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -56,6 +60,9 @@ struct Space {
     grow: Mutex<()>,
     /// A background extension is running.
     growing: AtomicBool,
+    /// The extension thread, joined when the log closes (it must not write zeros into a file
+    /// that a later open of the same log has already truncated and appended to).
+    ahead: Mutex<Option<std::thread::JoinHandle<()>>>,
     fsync: bool,
 }
 
@@ -94,6 +101,10 @@ impl Space {
         if cur.saturating_sub(end) >= Self::step(cur) / 2 || self.growing.swap(true, Ordering::AcqRel) {
             return;
         }
+        let mut ahead = self.ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(done) = ahead.take() {
+            let _ = done.join(); // finished: `growing` was false
+        }
         let space = Arc::clone(self);
         let spawned = std::thread::Builder::new().name("log-prealloc".into()).spawn(move || {
             let cur = space.allocated.load(Ordering::Acquire);
@@ -102,8 +113,25 @@ impl Space {
             }
             space.growing.store(false, Ordering::Release);
         });
-        if spawned.is_err() {
-            self.growing.store(false, Ordering::Release);
+        match spawned {
+            Ok(handle) => *ahead = Some(handle),
+            Err(_) => self.growing.store(false, Ordering::Release),
+        }
+    }
+
+    /// Waits for a running extension.
+    fn finish(&self) {
+        let handle = self.ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for LogInner {
+    fn drop(&mut self) {
+        for shard in &self.shards {
+            shard.space.finish();
         }
     }
 }
@@ -186,7 +214,10 @@ impl EmbeddedLog {
         } else {
             let mut magic = [0u8; 8];
             file.read_exact_at(&mut magic, 0).map_err(io)?;
-            if &magic != MAGIC {
+            if &magic == MAGIC_V1 {
+                file.write_all_at(MAGIC, 0).map_err(io)?;
+                file.sync_all().map_err(io)?;
+            } else if &magic != MAGIC {
                 return Err(StreamError::Corrupt(format!("{}: not a stockflow log", path.display())));
             }
             let valid = Self::recover(&file, len)?;
@@ -208,6 +239,7 @@ impl EmbeddedLog {
             allocated: AtomicU64::new(len),
             grow: Mutex::new(()),
             growing: AtomicBool::new(false),
+            ahead: Mutex::new(None),
             fsync,
         });
         Ok(ShardFile { name, path, writer: Mutex::new(file), space, len: AtomicU64::new(len), notify: Notify::new() })
@@ -289,9 +321,11 @@ impl EmbeddedLog {
             if end > shard.space.allocated.load(Ordering::Acquire) {
                 shard.space.grow_to(end).map_err(io)?;
             }
-            w.write_all_at(buf, at).map_err(io)?;
-            if self.inner.fsync {
-                w.sync_data().map_err(io)?;
+            let written = w.write_all_at(buf, at).and_then(|()| if self.inner.fsync { w.sync_data() } else { Ok(()) });
+            if let Err(e) = written {
+                // Not acknowledged: leave zeros, not frames a restart could take for records.
+                let _ = w.write_all_at(&vec![0u8; buf.len()], at);
+                return Err(io(e));
             }
             shard.len.fetch_add(buf.len() as u64, Ordering::AcqRel);
             drop(w);
@@ -416,6 +450,10 @@ impl LogReader {
             let n = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
             let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
             let body = at + 8..at + 8 + n;
+            if n == 0 {
+                let shard = &self.log.shards[self.shard].name;
+                return Err(StreamError::Corrupt(format!("{shard}: empty frame at offset {}", self.pos + at as u64)));
+            }
             if body.end > buf.len() {
                 if at == 0 {
                     // One frame larger than the chunk: read exactly it.
@@ -517,6 +555,29 @@ mod tests {
         let got: Vec<_> = read_all(&log, "shard-0000", None).await.into_iter().map(|(_, p)| p).collect();
         assert_eq!(got, ["one", "two", "three"]);
         assert!(EmbeddedLog::open(dir.path(), 3).is_err(), "shard count is fixed");
+    }
+
+    #[tokio::test]
+    async fn a_version_1_log_is_read_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = EmbeddedLog::open(dir.path(), 1).unwrap();
+            log.append(&[rec("k", "one")]).unwrap();
+        }
+        // What version 1 wrote: its magic, the frames, no preallocated zeros.
+        let path = dir.path().join("shard-0000.log");
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(MAGIC_V1, 0).unwrap();
+        f.set_len(8 + 8 + 3).unwrap();
+        drop(f);
+        let log = EmbeddedLog::open(dir.path(), 1).unwrap();
+        log.append(&[rec("k", "two")]).unwrap();
+        log.seal();
+        let got: Vec<_> = read_all(&log, "shard-0000", None).await.into_iter().map(|(_, p)| p).collect();
+        assert_eq!(got, ["one", "two"]);
+        let mut magic = [0u8; 8];
+        File::open(&path).unwrap().read_exact_at(&mut magic, 0).unwrap();
+        assert_eq!(&magic, MAGIC, "upgraded, so an older binary refuses the zeros");
     }
 
     #[tokio::test]

@@ -25,7 +25,8 @@ use super::{Canonical, MapError};
 #[derive(Debug, Clone, Default)]
 pub struct AmazonConfig {
     /// The marketplace whose FBA availability counts (`ATVPDKIKX0DER` for amazon.com). When unset,
-    /// the notification's first marketplace entry counts.
+    /// a notification about one marketplace counts and one about several is refused (which
+    /// marketplace's stock is this seller's would be a guess).
     pub marketplace_id: Option<String>,
 }
 
@@ -112,6 +113,12 @@ fn fba_availability(payload: &Value, ts: i64, cfg: &AmazonConfig) -> Result<Vec<
         .ok_or_else(|| MapError::new("Payload.FulfillmentInventoryByMarketplace", "missing or not an array"))?;
     let chosen = match &cfg.marketplace_id {
         Some(want) => markets.iter().position(|m| m.get("MarketplaceId").and_then(Value::as_str) == Some(want)),
+        None if markets.len() > 1 => {
+            return Err(MapError::new(
+                "Payload.FulfillmentInventoryByMarketplace",
+                format!("{} marketplaces and none configured: set ingest.marketplace_id", markets.len()),
+            ));
+        }
         None => (!markets.is_empty()).then_some(0),
     };
     // A notification about another marketplace says nothing about this seller's stock here.
@@ -266,8 +273,11 @@ mod tests {
         let us = AmazonConfig { marketplace_id: Some("ATVPDKIKX0DER".into()) };
         let ev = events(map_notification(&n, &us).unwrap());
         assert_eq!((ev.len(), ev[0]["on_hand"].as_i64(), ev[0]["type"].as_str()), (1, Some(45), Some("stock_counted")));
-        let first = events(map_notification(&n, &AmazonConfig::default()).unwrap());
-        assert_eq!(first[0]["on_hand"], 7);
+        let unset = map_notification(&n, &AmazonConfig::default()).unwrap_err();
+        assert_eq!(unset.field, "Payload.FulfillmentInventoryByMarketplace", "two marketplaces, none configured");
+        let mut one = n.clone();
+        one["Payload"]["FulfillmentInventoryByMarketplace"].as_array_mut().unwrap().truncate(1);
+        assert_eq!(events(map_notification(&one, &AmazonConfig::default()).unwrap())[0]["on_hand"], 7);
         let jp = AmazonConfig { marketplace_id: Some("A1VC38T7YXB528".into()) };
         assert_eq!(map_notification(&n, &jp).unwrap(), Mapped::Events(Vec::new()));
     }

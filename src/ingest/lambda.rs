@@ -60,16 +60,15 @@ impl Trigger {
 /// Messages that map are put in one call, in queue order. A message that does not parse or map
 /// is reported failed with its reason logged (SQS retries it and then dead-letters it); if the
 /// put fails, every message whose events it carried is reported failed.
-pub async fn handle_sqs<P: StreamProducer>(state: &IngestState<P>, event: &Value) -> Value {
+pub async fn handle_sqs<P: StreamProducer>(state: &IngestState<P>, event: &Value) -> Result<Value, String> {
     let records = event.get("Records").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     let mut failed: Vec<&str> = Vec::new();
     let mut carried: Vec<&str> = Vec::new();
     let mut events: Vec<Canonical> = Vec::new();
     for r in records {
-        let Some(id) = r.get("messageId").and_then(Value::as_str) else {
-            tracing::error!("SQS record without messageId: cannot be reported; skipped");
-            continue;
-        };
+        // A message that cannot be named cannot be reported failed: fail the whole batch rather
+        // than acknowledge it unread.
+        let id = r.get("messageId").and_then(Value::as_str).ok_or("SQS record without messageId")?;
         let body = r.get("body").and_then(Value::as_str).unwrap_or("");
         let mapped = serde_json::from_str::<Value>(body)
             .map_err(|e| format!("body is not JSON: {e}"))
@@ -93,7 +92,7 @@ pub async fn handle_sqs<P: StreamProducer>(state: &IngestState<P>, event: &Value
     if super::put(&*state.producer, "sqs", &out).await.is_err() {
         failed.extend(carried);
     }
-    json!({ "batchItemFailures": failed.iter().map(|id| json!({ "itemIdentifier": id })).collect::<Vec<_>>() })
+    Ok(json!({ "batchItemFailures": failed.iter().map(|id| json!({ "itemIdentifier": id })).collect::<Vec<_>>() }))
 }
 
 /// Handles an EventBridge event whose `detail` is an SP-API notification. `Err` (a reason) makes
@@ -124,7 +123,7 @@ pub async fn invoke<P: StreamProducer>(
 ) -> Result<Value, lambda_runtime::Error> {
     let (payload, context) = event.into_parts();
     match Trigger::of(&payload) {
-        Trigger::Sqs => Ok(handle_sqs(state, &payload).await),
+        Trigger::Sqs => Ok(handle_sqs(state, &payload).await?),
         Trigger::EventBridge => {
             let put = handle_eventbridge(state, &payload).await?;
             Ok(json!({ "accepted": put }))

@@ -22,6 +22,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -101,6 +102,25 @@ pub fn app_shared<P: StreamProducer>(state: Arc<IngestState<P>>) -> Router {
         .route("/metrics", get(render_metrics::<P>))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
+}
+
+/// A body axum refused before the handler (over 10 MiB, unreadable), as a JSON error.
+fn body_refused(r: BytesRejection) -> Response {
+    error(r.status(), r.body_text(), None, None)
+}
+
+/// After a POST: a signed request that was not accepted (other than for its signature) has its
+/// `webhook-id` forgotten, so the sender's retry of it is not refused as a replay.
+fn settle<P>(state: &IngestState<P>, headers: &HeaderMap, response: Response) -> Response {
+    let status = response.status();
+    if let Some(v) = &state.verifier
+        && !status.is_success()
+        && status != StatusCode::UNAUTHORIZED
+        && let Some(id) = headers.get("webhook-id").and_then(|v| v.to_str().ok())
+    {
+        v.forget(id);
+    }
+    response
 }
 
 fn unix_now() -> i64 {
@@ -238,15 +258,33 @@ pub async fn put<P: StreamProducer>(
 async fn post_events<P: StreamProducer>(
     State(state): State<Arc<IngestState<P>>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let docs = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return body_refused(r),
+    };
+    let response = events_response(&state, &headers, &body).await;
+    settle(&state, &headers, response)
+}
+
+async fn events_response<P: StreamProducer>(state: &IngestState<P>, headers: &HeaderMap, body: &Bytes) -> Response {
+    let docs = match admit(state, headers, body).and_then(|ndjson| split_documents(body, ndjson)) {
         Ok(d) => d,
         Err(r) => return *r,
     };
     let mut keys = Vec::with_capacity(docs.len());
     for (i, doc) in docs.iter().enumerate() {
         match stockflow_state::decode(doc) {
+            // A stream record holds the key and the event: Kinesis takes 1 MiB for both.
+            Ok(ev) if doc.len() + ev.sku.len() > MAX_EVENT_BYTES => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("event {i}: {} bytes with its SKU; at most {MAX_EVENT_BYTES}", doc.len() + ev.sku.len()),
+                    Some(i),
+                    None,
+                );
+            }
             Ok(ev) => keys.push(ev.sku.into_owned()),
             Err(e) => {
                 let msg = format!("event {i} is invalid (the request was rejected whole): {e}");
@@ -301,9 +339,18 @@ async fn answer_mapped<P: StreamProducer>(
 async fn post_amazon<P: StreamProducer>(
     State(state): State<Arc<IngestState<P>>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let docs = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return body_refused(r),
+    };
+    let response = amazon_response(&state, &headers, &body).await;
+    settle(&state, &headers, response)
+}
+
+async fn amazon_response<P: StreamProducer>(state: &IngestState<P>, headers: &HeaderMap, body: &Bytes) -> Response {
+    let docs = match admit(state, headers, body).and_then(|ndjson| split_documents(body, ndjson)) {
         Ok(d) => d,
         Err(r) => return *r,
     };
@@ -330,9 +377,22 @@ pub fn amazon_events(n: &serde_json::Value, cfg: &AmazonConfig) -> Result<Option
 async fn post_manufacturer<P: StreamProducer>(
     State(state): State<Arc<IngestState<P>>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let docs = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return body_refused(r),
+    };
+    let response = manufacturer_response(&state, &headers, &body).await;
+    settle(&state, &headers, response)
+}
+
+async fn manufacturer_response<P: StreamProducer>(
+    state: &IngestState<P>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
+    let docs = match admit(state, headers, body).and_then(|ndjson| split_documents(body, ndjson)) {
         Ok(d) => d,
         Err(r) => return *r,
     };
@@ -449,8 +509,16 @@ mod tests {
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         let mut empty = signed("m3", body);
         empty[2].1 = String::new();
-        let (s, _) = call_with(app, body, "application/json", &empty).await;
+        let (s, _) = call_with(app.clone(), body, "application/json", &empty).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
-        assert_eq!(records_on(&log).await, 1, "only the one signed request reached the stream");
+        // A signed request that is refused for its content does not burn its id: the sender's
+        // corrected retry with the same id is taken, not refused as a replay.
+        let bad = r#"{"id":"b","type":"stock_adjusted","sku":"S","ts":1,"delta":0}"#;
+        let (s, _) = call_with(app.clone(), bad, "application/json", &signed("m4", bad)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let good = r#"{"id":"b","type":"stock_adjusted","sku":"S","ts":1,"delta":1}"#;
+        let (s, _) = call_with(app, good, "application/json", &signed("m4", good)).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        assert_eq!(records_on(&log).await, 2, "only the two accepted signed requests reached the stream");
     }
 }
