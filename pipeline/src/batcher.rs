@@ -66,7 +66,8 @@ impl Job {
 #[derive(Debug)]
 pub struct Batching<P> {
     tx: mpsc::Sender<Job>,
-    inner: Arc<P>,
+    /// The batches go to this producer.
+    _inner: std::marker::PhantomData<P>,
     /// Requests handed to the batching task so far.
     submitted: std::sync::atomic::AtomicU64,
 }
@@ -75,13 +76,8 @@ impl<P: StreamProducer> Batching<P> {
     /// Starts the batching task (on the current tokio runtime) in front of `inner`.
     pub fn new(inner: Arc<P>, cfg: BatchConfig) -> Self {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
-        tokio::spawn(run(Arc::clone(&inner), rx, cfg));
-        Batching { tx, inner, submitted: std::sync::atomic::AtomicU64::new(0) }
-    }
-
-    /// The producer behind the batches.
-    pub fn inner(&self) -> &Arc<P> {
-        &self.inner
+        tokio::spawn(run(inner, rx, cfg));
+        Batching { tx, _inner: std::marker::PhantomData, submitted: std::sync::atomic::AtomicU64::new(0) }
     }
 }
 

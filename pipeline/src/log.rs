@@ -61,9 +61,7 @@ struct Space {
     /// File length.
     allocated: AtomicU64,
     grow: Mutex<()>,
-    /// A background extension is running.
-    growing: AtomicBool,
-    /// The extension thread, joined when the log closes (it must not write zeros into a file
+    /// The extension thread (running or finished), joined when the log closes (it must not write zeros into a file
     /// that a later open of the same log has already truncated and appended to).
     ahead: Mutex<Option<std::thread::JoinHandle<()>>>,
     fsync: bool,
@@ -101,12 +99,15 @@ impl Space {
     /// background thread, so appends rarely wait for zeros to be written.
     fn grow_ahead(self: &Arc<Self>, end: u64) {
         let cur = self.allocated.load(Ordering::Acquire);
-        if cur.saturating_sub(end) >= Self::step(cur) / 2 || self.growing.swap(true, Ordering::AcqRel) {
+        if cur.saturating_sub(end) >= Self::step(cur) / 2 {
             return;
         }
         let mut ahead = self.ahead.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ahead.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
         if let Some(done) = ahead.take() {
-            let _ = done.join(); // finished: `growing` was false
+            let _ = done.join();
         }
         let space = Arc::clone(self);
         let spawned = std::thread::Builder::new().name("log-prealloc".into()).spawn(move || {
@@ -114,12 +115,9 @@ impl Space {
             if let Err(e) = space.grow_to(cur + 1) {
                 tracing::warn!(error = %e, "preallocating the log failed; appends extend it themselves");
             }
-            space.growing.store(false, Ordering::Release);
         });
-        match spawned {
-            Ok(handle) => *ahead = Some(handle),
-            Err(_) => self.growing.store(false, Ordering::Release),
-        }
+        // Without a thread, appends extend the file themselves.
+        *ahead = spawned.ok();
     }
 
     /// Waits for a running extension.
@@ -243,7 +241,6 @@ impl EmbeddedLog {
             file: file.try_clone().map_err(io)?,
             allocated: AtomicU64::new(len),
             grow: Mutex::new(()),
-            growing: AtomicBool::new(false),
             ahead: Mutex::new(None),
             fsync,
         });

@@ -19,7 +19,7 @@ use lambda_http::request::LambdaRequest;
 use lambda_http::tower::ServiceExt;
 use lambda_http::{Adapter, LambdaEvent};
 use serde_json::{Value, json};
-use stockflow_pipeline::{OutRecord, StreamProducer};
+use stockflow_pipeline::StreamProducer;
 
 use super::{Canonical, IngestState, amazon_events};
 
@@ -87,8 +87,7 @@ pub async fn handle_sqs<P: StreamProducer>(state: &IngestState<P>, event: &Value
             }
         }
     }
-    let out: Vec<OutRecord<'_>> =
-        events.iter().map(|c| OutRecord { key: &c.sku, payload: c.json.as_bytes() }).collect();
+    let out = Canonical::records(&events);
     if super::put(&*state.producer, "sqs", &out).await.is_err() {
         failed.extend(carried);
     }
@@ -108,8 +107,7 @@ pub async fn handle_eventbridge<P: StreamProducer>(state: &IngestState<P>, event
             return Err(format!("detail is not a notification stockflow can map: {e}"));
         }
     };
-    let out: Vec<OutRecord<'_>> =
-        events.iter().map(|c| OutRecord { key: &c.sku, payload: c.json.as_bytes() }).collect();
+    let out = Canonical::records(&events);
     super::put(&*state.producer, "eventbridge", &out).await.map_err(|e| e.to_string())?;
     Ok(out.len())
 }

@@ -80,6 +80,13 @@ pub struct MapError {
     pub message: String,
 }
 
+impl Canonical {
+    /// The stream records of mapped events (key = SKU).
+    pub fn records(events: &[Canonical]) -> Vec<OutRecord<'_>> {
+        events.iter().map(|c| OutRecord { key: &c.sku, payload: c.json.as_bytes() }).collect()
+    }
+}
+
 impl MapError {
     /// A mapping error at `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -255,7 +262,45 @@ pub async fn put<P: StreamProducer>(
     }
 }
 
+/// The three POST routes: what their documents are.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// Canonical events, put as sent.
+    Events,
+    /// SP-API notifications, mapped.
+    Amazon,
+    /// Manufacturer documents, mapped.
+    Manufacturer,
+}
+
 async fn post_events<P: StreamProducer>(
+    state: State<Arc<IngestState<P>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(Route::Events, state, headers, body).await
+}
+
+async fn post_amazon<P: StreamProducer>(
+    state: State<Arc<IngestState<P>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(Route::Amazon, state, headers, body).await
+}
+
+async fn post_manufacturer<P: StreamProducer>(
+    state: State<Arc<IngestState<P>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(Route::Manufacturer, state, headers, body).await
+}
+
+/// Every POST: the body, the shared checks, the route's documents to records, the put; then a
+/// refused signed request's id is forgotten ([`settle`]).
+async fn handle<P: StreamProducer>(
+    route: Route,
     State(state): State<Arc<IngestState<P>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -264,15 +309,25 @@ async fn post_events<P: StreamProducer>(
         Ok(b) => b,
         Err(r) => return body_refused(r),
     };
-    let response = events_response(&state, &headers, &body).await;
+    let response = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
+        Err(r) => *r,
+        Ok(docs) => match route {
+            Route::Events => put_canonical(&*state.producer, &docs).await,
+            Route::Amazon => {
+                let mapped = map_all(&docs, |n| amazon_events(n, &state.amazon));
+                answer_mapped(&*state.producer, "amazon", mapped).await
+            }
+            Route::Manufacturer => {
+                let mapped = map_all(&docs, |d| manufacturer::map_document(d).map(Some));
+                answer_mapped(&*state.producer, "manufacturer", mapped).await
+            }
+        },
+    };
     settle(&state, &headers, response)
 }
 
-async fn events_response<P: StreamProducer>(state: &IngestState<P>, headers: &HeaderMap, body: &Bytes) -> Response {
-    let docs = match admit(state, headers, body).and_then(|ndjson| split_documents(body, ndjson)) {
-        Ok(d) => d,
-        Err(r) => return *r,
-    };
+/// Canonical events: validated, then put as sent, keyed by SKU.
+async fn put_canonical<P: StreamProducer>(producer: &P, docs: &[&[u8]]) -> Response {
     let mut keys = Vec::with_capacity(docs.len());
     for (i, doc) in docs.iter().enumerate() {
         match stockflow_state::decode(doc) {
@@ -294,7 +349,7 @@ async fn events_response<P: StreamProducer>(state: &IngestState<P>, headers: &He
     }
     let records: Vec<OutRecord<'_>> =
         docs.iter().zip(&keys).map(|(doc, key)| OutRecord { key, payload: doc }).collect();
-    put_and_answer(&*state.producer, "events", &records, 0).await
+    put_and_answer(producer, "events", &records, 0).await
 }
 
 /// Maps every document of a request, or names the first that cannot be mapped (by index).
@@ -328,34 +383,8 @@ async fn answer_mapped<P: StreamProducer>(
             invalid(route, msg, Some(i), Some(&e.field))
         }
         Ok((events, _)) if events.len() > MAX_EVENTS_PER_REQUEST => too_many(events.len()),
-        Ok((events, ignored)) => {
-            let records: Vec<OutRecord<'_>> =
-                events.iter().map(|c| OutRecord { key: &c.sku, payload: c.json.as_bytes() }).collect();
-            put_and_answer(producer, route, &records, ignored).await
-        }
+        Ok((events, ignored)) => put_and_answer(producer, route, &Canonical::records(&events), ignored).await,
     }
-}
-
-async fn post_amazon<P: StreamProducer>(
-    State(state): State<Arc<IngestState<P>>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(r) => return body_refused(r),
-    };
-    let response = amazon_response(&state, &headers, &body).await;
-    settle(&state, &headers, response)
-}
-
-async fn amazon_response<P: StreamProducer>(state: &IngestState<P>, headers: &HeaderMap, body: &Bytes) -> Response {
-    let docs = match admit(state, headers, body).and_then(|ndjson| split_documents(body, ndjson)) {
-        Ok(d) => d,
-        Err(r) => return *r,
-    };
-    let mapped = map_all(&docs, |n| amazon_events(n, &state.amazon));
-    answer_mapped(&*state.producer, "amazon", mapped).await
 }
 
 /// One SP-API notification's events, or `None` (counted) for a type stockflow does not act on.
@@ -372,32 +401,6 @@ pub fn amazon_events(n: &serde_json::Value, cfg: &AmazonConfig) -> Result<Option
             Ok(None)
         }
     }
-}
-
-async fn post_manufacturer<P: StreamProducer>(
-    State(state): State<Arc<IngestState<P>>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(r) => return body_refused(r),
-    };
-    let response = manufacturer_response(&state, &headers, &body).await;
-    settle(&state, &headers, response)
-}
-
-async fn manufacturer_response<P: StreamProducer>(
-    state: &IngestState<P>,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Response {
-    let docs = match admit(state, headers, body).and_then(|ndjson| split_documents(body, ndjson)) {
-        Ok(d) => d,
-        Err(r) => return *r,
-    };
-    let mapped = map_all(&docs, |d| manufacturer::map_document(d).map(Some));
-    answer_mapped(&*state.producer, "manufacturer", mapped).await
 }
 
 async fn render_metrics<P: StreamProducer>(State(state): State<Arc<IngestState<P>>>) -> Response {
