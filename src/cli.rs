@@ -51,6 +51,8 @@ pub enum Command {
     Dlq(DumpArgs),
     /// Compare the stored state with a straight pass over an NDJSON file; exit 1 on mismatch.
     Verify(crate::commands::VerifyArgs),
+    /// The connectors' delivery: status, dead letters, and `retry` to re-send dead letters.
+    Outbox(crate::commands::OutboxArgs),
     /// Create (or validate) the DynamoDB tables of the AWS deployment; safe to run repeatedly.
     Setup(crate::commands::SetupArgs),
 }

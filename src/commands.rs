@@ -18,8 +18,11 @@ use stockflow_state::embedded::RedbStore;
 use stockflow_state::reference::{Outcome, SkuSummary, straight_pass};
 use tokio::sync::watch;
 
+use stockflow_connectors::DrainControl;
+
 use crate::cli::{Cli, Command};
 use crate::config::{FileConfig, Settings};
+use crate::connectors::{Connectors, DrainSummary};
 use crate::{demo, generate};
 
 /// Arguments of `stockflow run`.
@@ -81,6 +84,33 @@ pub struct ReplayArgs {
     /// Only append; leave consuming to `stockflow run` or `stockflow consume`.
     #[arg(long)]
     no_consume: bool,
+}
+
+/// Arguments of `stockflow outbox`.
+#[derive(Debug, clap::Args)]
+pub struct OutboxArgs {
+    #[command(subcommand)]
+    action: OutboxAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum OutboxAction {
+    /// Per connector and shard: the delivery cursor, the request in flight, effects not yet
+    /// delivered, and dead letters.
+    Status,
+    /// Print the connectors' dead letters (requests given up, with the last error) as NDJSON.
+    DeadLetters {
+        /// Only this connector (`alerts-webhook`, `manufacturer`, `accounting`, `log`, `feed`).
+        #[arg(long)]
+        connector: Option<String>,
+    },
+    /// Flag dead letters for another delivery: the next `run`/`consume` re-sends each under its
+    /// own idempotency key (run it while stockflow is stopped: the store is one process's).
+    Retry {
+        /// Only this connector.
+        #[arg(long)]
+        connector: Option<String>,
+    },
 }
 
 /// Arguments of `stockflow verify`.
@@ -226,6 +256,7 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         Command::Dlq(_) => dump_dead_letters(settings).await,
         Command::Verify(args) => verify(args, settings).await,
         Command::Setup(args) => setup(args, settings).await,
+        Command::Outbox(args) => outbox(args, settings).await,
     }
 }
 
@@ -251,8 +282,14 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
             })
             .await
     });
+    let connectors = Connectors::build(&settings.connectors).await?;
+    let (_finish, finish) = watch::channel(false);
+    let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown.clone(), finish));
+    println!("stockflow: delivering effects to {}", connectors.names().join(", "));
     let reports = backend.consume(&settings, shutdown, Arc::new(Progress::default())).await?;
     server.await.context("ingest server task")??;
+    let (delivered, _) = drains.join().await?;
+    print_deliveries(&delivered);
     for r in &reports {
         tracing::info!(shard = %r.shard, checkpoint = ?r.checkpoint, applied = r.stats.applied, "shard stopped");
     }
@@ -329,9 +366,42 @@ async fn consume(args: ConsumeArgs, settings: Settings, metrics: Option<Promethe
         backend.log.seal();
     }
     let progress = Arc::new(Progress::default());
-    let reports = backend.consume(&settings, shutdown_signal(), Arc::clone(&progress)).await?;
+    let reports = consume_and_deliver(&backend, &settings, args.drain, progress).await?;
     print_reports(&reports);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Consumes the embedded log with the connectors' drains alongside. With `finish`, once the
+/// consumers are done (the log is sealed) the drains deliver the rest of the outbox and stop.
+async fn consume_and_deliver(
+    backend: &Embedded,
+    settings: &Settings,
+    finish: bool,
+    progress: Arc<Progress>,
+) -> anyhow::Result<Vec<WorkerReport>> {
+    let connectors = Connectors::build(&settings.connectors).await?;
+    let shutdown = shutdown_signal();
+    let (finish_tx, finish_rx) = watch::channel(false);
+    let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown.clone(), finish_rx));
+    let reports = backend.consume(settings, shutdown, progress).await?;
+    if finish {
+        let _ = finish_tx.send(true);
+    }
+    let (delivered, sync) = drains.join().await?;
+    print_deliveries(&delivered);
+    if let Some(s) = sync {
+        println!("stock levels: {} SKUs sent to the manufacturer in {} requests", s.levels, s.batches);
+    }
+    Ok(reports)
+}
+
+fn print_deliveries(delivered: &[DrainSummary]) {
+    for d in delivered.iter().filter(|d| d.sent + d.failed + d.dead_lettered > 0) {
+        println!(
+            "delivered: {:<15} {} effects in {} requests ({} failed and retried, {} throttled, {} dead-lettered)",
+            d.connector, d.effects, d.sent, d.failed, d.throttled, d.dead_lettered
+        );
+    }
 }
 
 fn print_reports(reports: &[WorkerReport]) {
@@ -376,7 +446,7 @@ async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<ExitCode
         return Ok(ExitCode::SUCCESS);
     }
     backend.log.seal();
-    let reports = backend.consume(&settings, shutdown_signal(), Arc::new(Progress::default())).await?;
+    let reports = consume_and_deliver(&backend, &settings, true, Arc::new(Progress::default())).await?;
     print_reports(&reports);
     Ok(ExitCode::SUCCESS)
 }
@@ -437,6 +507,48 @@ async fn verify(args: VerifyArgs, settings: Settings) -> anyhow::Result<ExitCode
             println!("  {line}");
         }
         Ok(ExitCode::FAILURE)
+    }
+}
+
+async fn outbox(args: OutboxArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    use stockflow_state::outbox::{OutboxStore, requeue_dead_letters};
+    let store = open_store(&settings)?;
+    match args.action {
+        OutboxAction::Status => {
+            let dead = store.connector_dead_letters(None).await?;
+            let connectors = Connectors::build(&settings.connectors).await?;
+            for name in connectors.names() {
+                for shard in store.outbox_shards().await? {
+                    let cursor = store.cursor(name, &shard).await?;
+                    let behind = store.read_outbox(&shard, cursor.delivered.as_ref(), usize::MAX).await?.len();
+                    let flight = cursor.in_flight.as_ref().map_or_else(
+                        || "-".to_string(),
+                        |f| {
+                            format!(
+                                "{} ({} effects, {} failed attempts)",
+                                f.request.key,
+                                f.request.items.len(),
+                                f.attempts
+                            )
+                        },
+                    );
+                    let dl = dead.iter().filter(|d| d.connector == name && d.shard == shard).count();
+                    println!(
+                        "{name:<15} {shard:<10} not yet delivered {behind:>8}  in flight {flight}  dead letters {dl}"
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        OutboxAction::DeadLetters { connector } => {
+            print_ndjson(store.connector_dead_letters(connector.as_deref()).await?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        OutboxAction::Retry { connector } => {
+            let n = requeue_dead_letters(&store, connector.as_deref()).await?;
+            println!("{n} dead letters flagged for another delivery (sent by the next `stockflow run` or `consume`)");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

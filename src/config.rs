@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub kinesis: KinesisSection,
     /// The consumer group (leases) of the AWS deployment.
     pub group: GroupSection,
+    /// Where effects are delivered (alerts, manufacturer, accounting).
+    pub connectors: crate::connectors::ConnectorsSection,
 }
 
 /// `[kinesis]`: the stream `consume` reads when `stream` is set (state then lives in DynamoDB).
@@ -124,6 +126,7 @@ impl Default for FileConfig {
             dynamodb: DynamoSection::default(),
             kinesis: KinesisSection::default(),
             group: GroupSection::default(),
+            connectors: crate::connectors::ConnectorsSection::default(),
         }
     }
 }
@@ -230,6 +233,8 @@ pub struct Settings {
     pub ingest_batch: BatchConfig,
     /// How SP-API notifications are read.
     pub amazon: crate::ingest::AmazonConfig,
+    /// Connectors (validated; credentials are read when they start).
+    pub connectors: crate::connectors::ConnectorsSection,
 }
 
 impl FileConfig {
@@ -296,7 +301,9 @@ impl FileConfig {
         if !(1..=64).contains(&i.max_in_flight) {
             bail!("ingest.max_in_flight = {}: must be 1 to 64", i.max_in_flight);
         }
+        self.connectors.validate()?;
         Ok(Settings {
+            connectors: self.connectors,
             ingest_batch: BatchConfig {
                 linger: Duration::from_millis(i.linger_ms),
                 max_in_flight: i.max_in_flight,

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use stockflow_connectors::DrainControl;
+use stockflow_connectors::testing::{FaultPlan, Receivers, Routes, check_deliveries};
 use stockflow_pipeline::{OutRecord, Progress};
-use stockflow_state::reference::{Outcome, straight_pass};
+use stockflow_state::reference::{Outcome, straight_pass_full};
 
 use crate::commands::{Embedded, shutdown_signal};
 use crate::config::Settings;
@@ -55,6 +57,10 @@ pub struct DemoArgs {
     /// Also write the generated stream to this NDJSON file.
     #[arg(long, value_name = "FILE")]
     write_events: Option<PathBuf>,
+    /// Percent of requests the local receivers fail (500s, 429s, resets, timeouts, accept-then-fail),
+    /// to watch retries, the circuit breaker and idempotency keys at work (0 to 90).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=90))]
+    faults: u32,
 }
 
 /// Runs the demo; exit code 1 when the stored state differs from the straight pass.
@@ -114,6 +120,18 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
             Ok(started.elapsed())
         })
     };
+    // Connectors: every one not configured goes to a local receiver that behaves like the real one.
+    let (_receivers_stop, receivers_stop) = tokio::sync::watch::channel(false);
+    let receivers = Receivers::new(
+        FaultPlan::chaos(args.faults, Duration::from_millis(400), args.stream.seed),
+        Some(DEMO_WEBHOOK_KEY.to_vec()),
+    );
+    let (base, _) = receivers.start(receivers_stop).await.context("starting the local receivers")?;
+    let (connectors, routes) = demo_connectors(&settings, &base).await?;
+    println!("connectors: {} (local receivers on {base}, {}% faults)", connectors.names().join(", "), args.faults);
+    let (finish_tx, finish_rx) = tokio::sync::watch::channel(false);
+    let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown_signal(), finish_rx));
+
     let consumers = {
         let (backend, settings, progress) = (Arc::clone(&backend), settings.clone(), Arc::clone(&progress));
         tokio::spawn(async move { backend.consume(&settings, shutdown_signal(), progress).await })
@@ -148,6 +166,9 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
     let append_time = producer.await.context("producer task")??;
     let reports = consumers.await.context("consumer task")??;
     let elapsed = started.elapsed();
+    let _ = finish_tx.send(true);
+    let (delivered, sync) = drains.join().await?;
+    let delivery_time = started.elapsed();
     done.store(true, Ordering::Relaxed);
     let max_lag = max_lag.await.unwrap_or(0);
     bar.set_position(progress.read.load(Ordering::Relaxed));
@@ -184,7 +205,45 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
 
     let t = Instant::now();
     let actual = Outcome::of_store(backend.store.as_ref()).await?;
-    let expected = straight_pass(Arc::clone(&settings.engine), stream.iter().map(|(_, p)| p));
+    let (expected, effects) = straight_pass_full(Arc::clone(&settings.engine), stream.iter().map(|(_, p)| p));
+
+    let log = receivers.log();
+    println!("delivery finished {:.2?} after the start:", delivery_time);
+    for d in &delivered {
+        if d.sent + d.failed > 0 {
+            println!(
+                "  {:<15} {:>8} effects in {:>6} requests ({} failed and retried, {} throttled, {} dead-lettered)",
+                d.connector, d.effects, d.sent, d.failed, d.throttled, d.dead_lettered
+            );
+        }
+    }
+    let route = |r: &str| log.accepted_requests.get(r).copied().unwrap_or(0);
+    let cogs: rust_decimal::Decimal =
+        log.journal_totals.iter().filter(|((_, k, _), _)| k == "cogs").map(|(_, v)| *v).sum();
+    let inventory: rust_decimal::Decimal =
+        log.journal_totals.iter().filter(|((_, k, _), _)| k == "inventory").map(|(_, v)| *v).sum();
+    println!(
+        "receivers accepted: {} alerts ({} webhook calls, signatures verified); {} reorders ({} catalogue lookups); \
+         {} journals (COGS {cogs}, inventory {inventory}); {} SKU stock levels{}",
+        log.order.get("alerts").map_or(0, Vec::len),
+        route("alerts"),
+        log.order.get("reorders").map_or(0, Vec::len),
+        log.catalog_lookups,
+        routes.accounting.and_then(|r| log.order.get(r)).map_or(0, Vec::len),
+        log.stock_levels.len(),
+        if log.requests > 0 && log.faults > 0 {
+            format!(
+                "; {} of {} requests faulted, {} re-sends answered from the key",
+                log.faults, log.requests, log.replays
+            )
+        } else {
+            String::new()
+        },
+    );
+    if let Some(s) = sync {
+        tracing::debug!(batches = s.batches, levels = s.levels, "stock-level sync");
+    }
+    let delivery_problems = check_deliveries(&log, &effects, routes, 20);
     let oversells = actual.alerts.iter().filter(|a| a.id().starts_with("oversell:")).count();
     println!(
         "alerts: {} ({} oversell, {} low stock); dead letters: {}",
@@ -194,7 +253,17 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
         actual.dead_letters
     );
     let diff = expected.diff(&actual, 20);
-    if diff.is_empty() {
+    if !delivery_problems.is_empty() {
+        println!("DELIVERY MISMATCH against the straight pass's effects:");
+        for line in &delivery_problems {
+            println!("  {line}");
+        }
+    } else {
+        println!(
+            "delivery verified: every alert, reorder and journal accepted exactly once, per-SKU order kept, journal totals equal the straight pass"
+        );
+    }
+    if diff.is_empty() && delivery_problems.is_empty() {
         println!(
             "verified in {:.2?}: {} SKUs, {} alerts and {} dead letters equal the straight pass",
             t.elapsed(),
@@ -210,4 +279,43 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// The demo's webhook signing key (its receiver verifies with the same key).
+const DEMO_WEBHOOK_KEY: &[u8] = b"stockflow-demo-signing-key-32byt";
+
+/// The configured connectors, with every unconfigured HTTP connector pointed at the local
+/// receivers, and the receiver routes to check.
+async fn demo_connectors(settings: &Settings, base: &str) -> anyhow::Result<(crate::connectors::Connectors, Routes)> {
+    use base64::Engine as _;
+    let mut c = settings.connectors.clone();
+    c.log = false;
+    let local_alerts = c.alerts_webhook.url.is_none();
+    if local_alerts {
+        c.alerts_webhook.url = Some(format!("{base}/alerts"));
+        let key = base64::engine::general_purpose::STANDARD.encode(DEMO_WEBHOOK_KEY);
+        c.alerts_webhook.secret =
+            crate::connectors::CredentialSource { value: Some(format!("whsec_{key}")), ..Default::default() };
+    }
+    let local_maker = c.manufacturer.url.is_none();
+    if local_maker {
+        c.manufacturer.url = Some(format!("{base}/manufacturer"));
+        c.manufacturer.stock_sync_interval_s = 1;
+    }
+    let local_books = c.accounting.url.is_none();
+    if local_books {
+        c.accounting.url = Some(format!("{base}/generic"));
+        c.accounting.shape = "generic".into();
+    }
+    c.delivery.max_batch = c.delivery.max_batch.max(1000);
+    c.delivery.linger_ms = 20;
+    c.delivery.poll_ms = 20;
+    c.delivery.timeout_ms = 1000;
+    c.delivery.backoff_base_ms = 20;
+    c.delivery.backoff_cap_ms = 1000;
+    c.delivery.breaker_open_ms = 200;
+    c.delivery.breaker_max_open_ms = c.delivery.breaker_max_open_ms.max(200);
+    c.delivery.max_attempts = 1_000;
+    let routes = Routes { alerts: local_alerts, reorders: local_maker, accounting: local_books.then_some("generic") };
+    Ok((crate::connectors::Connectors::build(&c).await?, routes))
 }

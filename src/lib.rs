@@ -5,6 +5,7 @@
 //!
 //! - [`cli`]: the command line.
 //! - [`config`]: the TOML configuration, validated into `Settings`.
+//! - [`connectors`]: the `[connectors]` section and the outbox drains next to the consumers.
 //! - [`commands`]: the subcommands and the embedded backend's wiring.
 //! - [`demo`]: `stockflow demo`.
 //! - [`generate`]: the deterministic peak-season stream generator.
@@ -17,6 +18,7 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod connectors;
 pub mod demo;
 pub mod generate;
 pub mod group;

@@ -1,13 +1,29 @@
 //! # stockflow-connectors
 //!
-//! Delivery of effects to the outside world. This crate meets the pipeline only in the state
-//! store's outbox (ARCHITECTURE.md): it never depends on `stockflow-pipeline`.
+//! Delivery of effects to the outside world (SPEC §4: at least once, with a deterministic
+//! idempotency key, so the receiver sees each exactly once; a failing receiver delays delivery,
+//! never drops it). This crate meets the pipeline only in the state store's outbox
+//! (ARCHITECTURE.md): it never depends on `stockflow-pipeline`.
 //!
-//! - [`sink`]: the `EffectSink` trait every connector implements, and `LogSink`, which writes
-//!   alerts to the structured log (the default alert sink of the embedded deployment).
-//!
-//! The HTTP connectors (signed alert webhook, manufacturer, accounting) build on this trait.
+//! - [`drain`]: one drain per connector, one lane per shard, cursors and in-flight requests
+//!   saved in the store, dead letters and their re-delivery.
+//! - [`policy`]: the shared delivery policy — batching, full-jitter backoff, circuit breaker,
+//!   token bucket, timeouts, `Retry-After`.
+//! - [`connector`]: the `Connector` trait, idempotency keys, the HTTP client, secrets.
+//! - [`alerts`]: log, live feed and signed webhook alert sinks.
+//! - [`manufacturer`]: reorders and stock-level sync, with a TTL cache ([`cache`]).
+//! - [`accounting`]: balanced journals in the generic, QuickBooks Online and Xero shapes.
+//! - [`testing`]: local receivers of every shape that inject faults (tests and `stockflow demo`).
 
-pub mod sink;
+pub mod accounting;
+pub mod alerts;
+pub mod cache;
+pub mod connector;
+pub mod drain;
+pub mod manufacturer;
+pub mod policy;
+pub mod testing;
 
-pub use sink::{DeliveryError, EffectSink, LogSink};
+pub use connector::{Connector, Delivered, DeliveryError, Secret};
+pub use drain::{Drain, DrainConfig, DrainControl};
+pub use policy::DeliveryPolicy;

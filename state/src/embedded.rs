@@ -5,10 +5,12 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `sku_state` | `(shard, sku)` | postcard `SkuState` |
-//! | `outbox` | `(shard, batch)` | the effects of one commit, as NDJSON (connectors keep a cursor per shard) |
+//! | `outbox` | `(shard, row)` | up to 256 effects of one commit, as NDJSON (connectors keep a cursor per shard) |
 //! | `dead_letters` | `(shard, seq)` | JSON `DeadLetter` |
 //! | `dedup` | `(shard, chunk)` | packed dedup entries |
 //! | `shard_meta` | `shard` | postcard `ShardMeta` (checkpoint, max ts, sequence counters) |
+//! | `delivery` | `(connector, shard)` | JSON [`Cursor`]: what the connector delivered, its in-flight request |
+//! | `connector_dlq` | `(connector, shard, key)` | JSON [`ConnectorDeadLetter`] |
 //!
 //! A commit is one redb write transaction with `Durability::Immediate`: states, effects, dead
 //! letters, dedup entries and the checkpoint become durable together or not at all.
@@ -23,6 +25,7 @@ use crate::dedup::DedupEntry;
 use crate::effects::Effect;
 use crate::engine::{DedupDelta, ShardSnapshot};
 use crate::ledger::SkuState;
+use crate::outbox::{ConnectorDeadLetter, Cursor, OutboxEntry, OutboxPos, OutboxStore, row_entries};
 use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
 
 const SKU_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sku_state");
@@ -30,6 +33,11 @@ const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox
 const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
 const DEDUP: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dedup");
 const SHARD_META: TableDefinition<&str, &[u8]> = TableDefinition::new("shard_meta");
+const DELIVERY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("delivery");
+const CONNECTOR_DLQ: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("connector_dlq");
+
+/// Most effects in one outbox row.
+const OUTBOX_ROW_EFFECTS: usize = 256;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ShardMeta {
@@ -69,6 +77,8 @@ impl RedbStore {
         txn.open_table(DEAD_LETTERS).map_err(unavailable)?;
         txn.open_table(DEDUP).map_err(unavailable)?;
         txn.open_table(SHARD_META).map_err(unavailable)?;
+        txn.open_table(DELIVERY).map_err(unavailable)?;
+        txn.open_table(CONNECTOR_DLQ).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(RedbStore { db: Arc::new(db) })
     }
@@ -134,15 +144,20 @@ impl RedbStore {
                 states.insert((c.shard.as_str(), sku.as_str()), state.as_slice()).map_err(unavailable)?;
             }
             if !c.effects.is_empty() {
-                // One row per commit: inserting effects one by one cost ~4 µs each.
-                let mut ndjson = Vec::with_capacity(c.effects.len() * 160);
-                for effect in &c.effects {
-                    serde_json::to_writer(&mut ndjson, effect).map_err(corrupt)?;
-                    ndjson.push(b'\n');
-                }
+                // Rows of up to OUTBOX_ROW_EFFECTS effects: inserting effects one by one cost ~4 µs
+                // each, and whole-commit rows (tens of thousands) made every connector read scan
+                // megabytes to find its place.
                 let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
-                outbox.insert((c.shard.as_str(), meta.next_effect), ndjson.as_slice()).map_err(unavailable)?;
-                meta.next_effect += 1;
+                let mut ndjson = Vec::with_capacity(OUTBOX_ROW_EFFECTS * 160);
+                for chunk in c.effects.chunks(OUTBOX_ROW_EFFECTS) {
+                    ndjson.clear();
+                    for effect in chunk {
+                        serde_json::to_writer(&mut ndjson, effect).map_err(corrupt)?;
+                        ndjson.push(b'\n');
+                    }
+                    outbox.insert((c.shard.as_str(), meta.next_effect), ndjson.as_slice()).map_err(unavailable)?;
+                    meta.next_effect += 1;
+                }
             }
             let mut dlq = txn.open_table(DEAD_LETTERS).map_err(unavailable)?;
             for dl in &c.dead_letters {
@@ -248,6 +263,146 @@ impl StateStore for RedbStore {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+}
+
+/// Outbox rows are keyed by a batch number; as an [`OutboxPos`] row it is zero-padded to 20
+/// digits so that string order is numeric order.
+fn outbox_row(batch: u64) -> String {
+    format!("{batch:020}")
+}
+
+impl OutboxStore for RedbStore {
+    async fn outbox_shards(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(SHARD_META).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (k, _) = row.map_err(unavailable)?;
+                out.push(k.value().to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn read_outbox(
+        &self,
+        shard: &str,
+        after: Option<&OutboxPos>,
+        max: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let shard = shard.to_string();
+        let after = match after {
+            Some(p) => {
+                let batch =
+                    p.row.parse::<u64>().map_err(|_| corrupt(format!("outbox position {} is not embedded", p.row)))?;
+                Some((batch, p.line))
+            }
+            None => None,
+        };
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(OUTBOX).map_err(unavailable)?;
+            let from = after.map_or(0, |(batch, _)| batch);
+            let mut out = Vec::new();
+            for row in t.range((shard.as_str(), from)..=(shard.as_str(), u64::MAX)).map_err(unavailable)? {
+                if out.len() >= max {
+                    break;
+                }
+                let (k, v) = row.map_err(unavailable)?;
+                let batch = k.value().1;
+                let skip = after.filter(|(b, _)| *b == batch).map(|(_, line)| line);
+                row_entries(&outbox_row(batch), v.value(), skip, max, &mut out)?;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn cursor(&self, connector: &str, shard: &str) -> Result<Cursor, StoreError> {
+        let (connector, shard) = (connector.to_string(), shard.to_string());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(DELIVERY).map_err(unavailable)?;
+            match t.get((connector.as_str(), shard.as_str())).map_err(unavailable)? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(corrupt),
+                None => Ok(Cursor::default()),
+            }
+        })
+        .await
+    }
+
+    async fn save_cursor(
+        &self,
+        connector: &str,
+        shard: &str,
+        cursor: &Cursor,
+        dead: Option<&ConnectorDeadLetter>,
+    ) -> Result<(), StoreError> {
+        let (connector, shard) = (connector.to_string(), shard.to_string());
+        let cursor = serde_json::to_vec(cursor).map_err(corrupt)?;
+        let dead = dead.map(|d| Ok::<_, StoreError>((d.request.key.clone(), serde_json::to_vec(d).map_err(corrupt)?)));
+        let dead = dead.transpose()?;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = txn.open_table(DELIVERY).map_err(unavailable)?;
+                t.insert((connector.as_str(), shard.as_str()), cursor.as_slice()).map_err(unavailable)?;
+                if let Some((key, json)) = &dead {
+                    let mut d = txn.open_table(CONNECTOR_DLQ).map_err(unavailable)?;
+                    d.insert((connector.as_str(), shard.as_str(), key.as_str()), json.as_slice())
+                        .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn connector_dead_letters(&self, connector: Option<&str>) -> Result<Vec<ConnectorDeadLetter>, StoreError> {
+        let connector = connector.map(str::to_string);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(CONNECTOR_DLQ).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(unavailable)? {
+                let (k, v) = row.map_err(unavailable)?;
+                if connector.as_deref().is_none_or(|c| c == k.value().0) {
+                    out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_dead_letter(&self, dead: &ConnectorDeadLetter) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(dead).map_err(corrupt)?;
+        let key = (dead.connector.clone(), dead.shard.clone(), dead.request.key.clone());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(CONNECTOR_DLQ)
+                .map_err(unavailable)?
+                .insert((key.0.as_str(), key.1.as_str(), key.2.as_str()), json.as_slice())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn remove_dead_letter(&self, connector: &str, shard: &str, key: &str) -> Result<(), StoreError> {
+        let key = (connector.to_string(), shard.to_string(), key.to_string());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(CONNECTOR_DLQ)
+                .map_err(unavailable)?
+                .remove((key.0.as_str(), key.1.as_str(), key.2.as_str()))
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
         })
         .await
     }

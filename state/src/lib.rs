@@ -10,6 +10,7 @@
 //! - [`effects`]: alerts, reorder requests, journal lines and discrepancies with deterministic ids.
 //! - [`engine`]: `ShardEngine`, one shard's state in memory, its snapshot and its commit delta.
 //! - [`store`]: the `StateStore` trait — state, outbox, dead letters and checkpoints together.
+//! - [`outbox`]: the outbox as connectors read it, delivery cursors and connector dead letters.
 //! - [`lease`]: leases of shards with a fencing epoch, the `LeaseStore` trait, in-process leases.
 //! - [`embedded`]: `RedbStore`, the durable single-machine store.
 //! - [`dynamodb`]: `DynamoStore`, the store of the AWS deployment: fenced, split commits.
@@ -24,6 +25,7 @@ pub mod event;
 pub mod lease;
 pub mod ledger;
 pub mod money;
+pub mod outbox;
 pub mod reference;
 pub mod store;
 pub mod windows;
@@ -32,4 +34,5 @@ pub use effects::Effect;
 pub use engine::{Applied, EngineConfig, ShardEngine};
 pub use event::{DecodeError, Event, EventKind, decode};
 pub use ledger::SkuState;
+pub use outbox::{ConnectorDeadLetter, Cursor, OutboxEntry, OutboxPos, OutboxStore};
 pub use store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};

@@ -118,8 +118,28 @@ fn json<T: Serialize>(v: &T) -> String {
 
 /// Applies every record, in order, to one engine: the reference result.
 pub fn straight_pass<'a>(cfg: Arc<EngineConfig>, records: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
+    let (engine, effects, bad) = pass(cfg, records);
+    Outcome::from_parts(&engine.snapshot().skus, effects, bad)
+}
+
+/// Every effect (alerts, reorders, journal lines, discrepancies) of the straight pass, in order:
+/// what the connectors must deliver, each exactly once.
+pub fn straight_pass_effects<'a>(cfg: Arc<EngineConfig>, records: impl IntoIterator<Item = &'a [u8]>) -> Vec<Effect> {
+    pass(cfg, records).1
+}
+
+/// The straight pass's outcome and every effect it produced, from one pass.
+pub fn straight_pass_full<'a>(
+    cfg: Arc<EngineConfig>,
+    records: impl IntoIterator<Item = &'a [u8]>,
+) -> (Outcome, Vec<Effect>) {
+    let (engine, effects, bad) = pass(cfg, records);
+    let alerts = effects.iter().filter(|e| e.is_alert()).cloned().collect();
+    (Outcome::from_parts(&engine.snapshot().skus, alerts, bad), effects)
+}
+
+fn pass<'a>(cfg: Arc<EngineConfig>, records: impl IntoIterator<Item = &'a [u8]>) -> (ShardEngine, Vec<Effect>, usize) {
     let mut engine = ShardEngine::new(cfg);
-    let mut effects = Vec::new();
     let mut bad = 0;
     for record in records {
         match decode(record) {
@@ -129,6 +149,6 @@ pub fn straight_pass<'a>(cfg: Arc<EngineConfig>, records: impl IntoIterator<Item
             Err(_) => bad += 1,
         }
     }
-    effects.extend(engine.take_effects());
-    Outcome::from_parts(&engine.snapshot().skus, effects, bad)
+    let effects = engine.take_effects();
+    (engine, effects, bad)
 }

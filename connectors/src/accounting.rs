@@ -1,0 +1,681 @@
+//! The accounting connector: one balanced journal entry per journal effect (SPEC §2: COGS on
+//! shipment, inventory on receipt), in one of three shapes:
+//!
+//! - **generic**: `POST {url}/v1/journals`, amounts as decimal strings, `Idempotency-Key`;
+//! - **QuickBooks Online**: `JournalEntry` (`POST …/journalentry`, or `…/batch` with up to 10
+//!   entries), `requestid` as the idempotency key, amounts as exact JSON numbers;
+//! - **Xero**: `PUT /api.xro/2.0/ManualJournals` with `Idempotency-Key` and `xero-tenant-id`,
+//!   debits positive and credits negative, base currency only.
+//!
+//! Amounts are `rust_decimal`: each line is rounded to the currency's minor unit, half to even,
+//! and every entry is checked to balance (debits = credits) before anything is sent.
+
+use std::time::Duration;
+
+use hyper::Method;
+use hyper::body::Bytes;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use stockflow_state::Effect;
+use stockflow_state::effects::{JournalKind, JournalLine};
+use stockflow_state::money::Currency;
+use stockflow_state::outbox::Request;
+
+use crate::connector::{Connector, Delivered, DeliveryError, HttpClient, Secret, classify, excerpt, request_key};
+use crate::manufacturer::BatchAnswer;
+use crate::policy::{DeliveryPolicy, RateLimit};
+
+/// Which API the journals go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shape {
+    /// stockflow's generic JSON journal API at `url`.
+    Generic {
+        /// Base URL.
+        url: String,
+    },
+    /// QuickBooks Online.
+    QuickBooks {
+        /// `https://quickbooks.api.intuit.com` (or the sandbox host).
+        base: String,
+        /// The company (realm) id.
+        realm_id: String,
+        /// `minorversion` (75: older ones lost support in 2025).
+        minor_version: u32,
+    },
+    /// Xero.
+    Xero {
+        /// `https://api.xero.com`.
+        base: String,
+        /// The `xero-tenant-id`.
+        tenant_id: String,
+        /// The organisation's base currency (manual journals post in it only).
+        base_currency: Currency,
+    },
+}
+
+impl Shape {
+    /// The label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Shape::Generic { .. } => "generic",
+            Shape::QuickBooks { .. } => "quickbooks",
+            Shape::Xero { .. } => "xero",
+        }
+    }
+
+    /// The documented limits of the target, applied to `policy`: QuickBooks batches at most 10
+    /// entries (plan for 10), 500 requests/min and 10/s per realm, 10 concurrent; Xero 60/min
+    /// and 5 concurrent per tenant, ~50 journals per request. Stricter settings are kept.
+    pub fn clamp(&self, mut policy: DeliveryPolicy) -> DeliveryPolicy {
+        let (batch, rate, concurrency) = match self {
+            Shape::Generic { .. } => return policy,
+            Shape::QuickBooks { .. } => (10, RateLimit::QUICKBOOKS, 10),
+            Shape::Xero { .. } => (50, RateLimit::XERO, 5),
+        };
+        policy.max_batch = policy.max_batch.clamp(1, batch);
+        policy.concurrency = policy.concurrency.clamp(1, concurrency);
+        policy.rate = Some(match policy.rate {
+            Some(r) if r.capacity <= rate.capacity && r.every >= rate.every => r,
+            _ => rate,
+        });
+        policy
+    }
+}
+
+/// The ledger accounts journals are booked to (codes or ids, as the target names them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accounts {
+    /// Cost of goods sold (debited on shipment).
+    pub cogs: String,
+    /// Inventory asset (credited on shipment, debited on receipt). In Xero a CURRENT-type
+    /// account: manual journals cannot touch INVENTORY-type accounts.
+    pub inventory: String,
+    /// Received-not-invoiced clearing account (credited on receipt; the bill clears it).
+    pub clearing: String,
+}
+
+/// A debit or a credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// Debit.
+    Debit,
+    /// Credit.
+    Credit,
+}
+
+/// One line of an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryLine {
+    /// Account.
+    pub account: String,
+    /// Side.
+    pub side: Side,
+    /// Amount, rounded to the currency's minor unit, not negative.
+    pub amount: Decimal,
+}
+
+/// A balanced journal entry built from one journal effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The effect id (`cogs:…`, `inventory:…`).
+    pub id: String,
+    /// `YYYY-MM-DD` of the event time (UTC).
+    pub date: String,
+    /// Currency.
+    pub currency: Currency,
+    /// Narration.
+    pub memo: String,
+    /// Lines (debits = credits).
+    pub lines: Vec<EntryLine>,
+}
+
+/// Builds the entry of a journal line and checks it: every amount at most the currency's minor
+/// unit, none negative, debits = credits.
+pub fn entry(j: &JournalLine, accounts: &Accounts) -> Result<Entry, String> {
+    let amount = j.currency.round(j.amount);
+    if amount != j.amount {
+        return Err(format!("{}: amount {} has more decimals than {}", j.entry_id, j.amount, j.currency));
+    }
+    if amount.is_sign_negative() && !amount.is_zero() {
+        return Err(format!("{}: negative amount {amount}", j.entry_id));
+    }
+    let (debit, credit, what) = match j.kind {
+        JournalKind::Cogs => (&accounts.cogs, &accounts.inventory, "COGS"),
+        JournalKind::InventoryReceipt => (&accounts.inventory, &accounts.clearing, "Inventory received"),
+    };
+    let e = Entry {
+        id: j.entry_id.clone(),
+        date: date_of(j.ts),
+        currency: j.currency,
+        memo: format!("stockflow {} {} x{} {}", what, j.sku, j.qty, j.entry_id),
+        lines: vec![
+            EntryLine { account: debit.clone(), side: Side::Debit, amount },
+            EntryLine { account: credit.clone(), side: Side::Credit, amount },
+        ],
+    };
+    check_balanced(&e)?;
+    Ok(e)
+}
+
+/// Debits = credits, and every amount within the currency's minor unit.
+pub fn check_balanced(e: &Entry) -> Result<(), String> {
+    let mut sum = Decimal::ZERO;
+    for l in &e.lines {
+        if e.currency.round(l.amount) != l.amount {
+            return Err(format!("{}: line amount {} is not in {} minor units", e.id, l.amount, e.currency));
+        }
+        sum += match l.side {
+            Side::Debit => l.amount,
+            Side::Credit => -l.amount,
+        };
+    }
+    if sum.is_zero() { Ok(()) } else { Err(format!("{}: debits and credits differ by {sum}", e.id)) }
+}
+
+/// `YYYY-MM-DD` (UTC) of Unix milliseconds.
+pub fn date_of(ts_ms: i64) -> String {
+    let days = ts_ms.div_euclid(86_400_000);
+    // Civil date from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// An exact JSON number.
+fn number(d: Decimal) -> Box<RawValue> {
+    RawValue::from_string(d.normalize().to_string())
+        .unwrap_or_else(|_| RawValue::from_string("0".into()).unwrap_or_default())
+}
+
+// Generic shape.
+
+/// `POST /v1/journals` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenericBatch {
+    /// The idempotency key.
+    pub batch_id: String,
+    /// Entries.
+    pub entries: Vec<GenericEntry>,
+}
+
+/// One entry of the generic shape.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenericEntry {
+    /// Effect id: the receiver dedupes entries by it.
+    pub id: String,
+    /// `YYYY-MM-DD`.
+    pub date: String,
+    /// ISO 4217.
+    pub currency: String,
+    /// Narration.
+    pub memo: String,
+    /// Lines.
+    pub lines: Vec<GenericLine>,
+}
+
+/// One line: exactly one of `debit` / `credit`, as a decimal string.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenericLine {
+    /// Account.
+    pub account: String,
+    /// Debit amount.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rust_decimal::serde::str_option")]
+    pub debit: Option<Decimal>,
+    /// Credit amount.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rust_decimal::serde::str_option")]
+    pub credit: Option<Decimal>,
+}
+
+// QuickBooks shape.
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct QboEntry {
+    txn_date: String,
+    doc_number: String,
+    private_note: String,
+    currency_ref: QboRef,
+    line: Vec<QboLine>,
+}
+
+#[derive(Serialize)]
+struct QboRef {
+    value: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct QboLine {
+    amount: Box<RawValue>,
+    detail_type: &'static str,
+    description: String,
+    journal_entry_line_detail: QboDetail,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct QboDetail {
+    posting_type: &'static str,
+    account_ref: QboRef,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct QboBatch {
+    batch_item_request: Vec<QboBatchItem>,
+}
+
+#[derive(Serialize)]
+struct QboBatchItem {
+    #[serde(rename = "bId")]
+    b_id: String,
+    operation: &'static str,
+    #[serde(rename = "JournalEntry")]
+    journal_entry: QboEntry,
+}
+
+/// `DocNumber` (≤ 21 characters): `SF` + 19 hex digits of the effect id's hash, so an entry can
+/// be looked up in QuickBooks by its stockflow id.
+pub fn doc_number(id: &str) -> String {
+    let h = xxhash_rust::xxh3::xxh3_128(id.as_bytes());
+    format!("SF{:019x}", h >> 52)
+}
+
+fn qbo_entry(e: &Entry) -> QboEntry {
+    QboEntry {
+        txn_date: e.date.clone(),
+        doc_number: doc_number(&e.id),
+        private_note: e.memo.clone(),
+        currency_ref: QboRef { value: e.currency.as_str().into() },
+        line: e
+            .lines
+            .iter()
+            .map(|l| QboLine {
+                amount: number(l.amount),
+                detail_type: "JournalEntryLineDetail",
+                description: e.memo.clone(),
+                journal_entry_line_detail: QboDetail {
+                    posting_type: match l.side {
+                        Side::Debit => "Debit",
+                        Side::Credit => "Credit",
+                    },
+                    account_ref: QboRef { value: l.account.clone() },
+                },
+            })
+            .collect(),
+    }
+}
+
+// Xero shape.
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct XeroBody {
+    manual_journals: Vec<XeroJournal>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct XeroJournal {
+    narration: String,
+    date: String,
+    status: &'static str,
+    line_amount_types: &'static str,
+    journal_lines: Vec<XeroLine>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct XeroLine {
+    line_amount: Box<RawValue>,
+    account_code: String,
+    description: String,
+}
+
+/// The accounting connector.
+#[derive(Debug)]
+pub struct Accounting {
+    shape: Shape,
+    accounts: Accounts,
+    token: Secret,
+    http: HttpClient,
+    policy: DeliveryPolicy,
+}
+
+impl Accounting {
+    /// A connector of `shape` booking to `accounts`; `policy` is clamped to the target's limits.
+    pub fn new(shape: Shape, accounts: Accounts, token: Secret, policy: DeliveryPolicy) -> Self {
+        let policy = shape.clamp(policy);
+        Accounting { http: HttpClient::new(policy.timeout), shape, accounts, token, policy }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    fn url(&self, request: &Request) -> (Method, String) {
+        match &self.shape {
+            Shape::Generic { url } => (Method::POST, format!("{}/v1/journals", url.trim_end_matches('/'))),
+            Shape::QuickBooks { base, realm_id, minor_version } => {
+                let op = if request.items.len() > 1 { "batch" } else { "journalentry" };
+                let base = base.trim_end_matches('/');
+                let url =
+                    format!("{base}/v3/company/{realm_id}/{op}?minorversion={minor_version}&requestid={}", request.key);
+                (Method::POST, url)
+            }
+            Shape::Xero { base, .. } => (
+                Method::PUT,
+                format!("{}/api.xro/2.0/ManualJournals?summarizeErrors=false", base.trim_end_matches('/')),
+            ),
+        }
+    }
+
+    fn headers(&self, request: &Request) -> Vec<(&'static str, String)> {
+        let mut h = vec![("accept", "application/json".to_string())];
+        if !self.token.is_empty() {
+            h.push(("authorization", format!("Bearer {}", self.token.expose())));
+        }
+        match &self.shape {
+            Shape::Generic { .. } => h.push(("idempotency-key", request.key.clone())),
+            Shape::QuickBooks { .. } => {}
+            Shape::Xero { tenant_id, .. } => {
+                h.push(("xero-tenant-id", tenant_id.clone()));
+                h.push(("idempotency-key", request.key.clone()));
+            }
+        }
+        h
+    }
+
+    /// Items refused inside a 200 answer.
+    fn rejected_items(&self, request: &Request, body: &[u8]) -> Vec<(String, String)> {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return Vec::new() };
+        match &self.shape {
+            Shape::Generic { .. } => serde_json::from_value::<BatchAnswer>(v)
+                .map(|a| a.rejected.into_iter().map(|r| (r.id, r.reason)).collect())
+                .unwrap_or_default(),
+            Shape::QuickBooks { .. } => {
+                let items = v.get("BatchItemResponse").and_then(|x| x.as_array()).cloned().unwrap_or_default();
+                items
+                    .iter()
+                    .filter(|i| i.get("Fault").is_some())
+                    .filter_map(|i| {
+                        let b = i.get("bId")?.as_str()?.strip_prefix('b')?.parse::<usize>().ok()?;
+                        Some((request.items.get(b)?.clone(), i["Fault"].to_string()))
+                    })
+                    .collect()
+            }
+            Shape::Xero { .. } => {
+                let journals = v.get("ManualJournals").and_then(|x| x.as_array()).cloned().unwrap_or_default();
+                journals
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, j)| j.get("StatusAttributeString").and_then(|s| s.as_str()) == Some("ERROR"))
+                    .filter_map(|(i, j)| {
+                        Some((
+                            request.items.get(i)?.clone(),
+                            j.get("ValidationErrors").map_or_else(String::new, |e| e.to_string()),
+                        ))
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+impl Connector for Accounting {
+    fn name(&self) -> &'static str {
+        "accounting"
+    }
+
+    fn accepts(&self, effect: &Effect) -> bool {
+        matches!(effect, Effect::Journal(_))
+    }
+
+    fn policy(&self) -> &DeliveryPolicy {
+        &self.policy
+    }
+
+    async fn render(&self, batch: &[&Effect]) -> Result<Request, DeliveryError> {
+        let mut entries = Vec::with_capacity(batch.len());
+        for effect in batch {
+            let Effect::Journal(j) = effect else {
+                return Err(DeliveryError::Rejected(format!("{} is not a journal line", effect.id())));
+            };
+            if let Shape::Xero { base_currency, .. } = &self.shape
+                && j.currency != *base_currency
+            {
+                return Err(DeliveryError::Rejected(format!(
+                    "{}: Xero manual journals post in the base currency {base_currency}, not {}",
+                    j.entry_id, j.currency
+                )));
+            }
+            entries.push(entry(j, &self.accounts).map_err(DeliveryError::Rejected)?);
+        }
+        let ids: Vec<&str> = batch.iter().map(|e| e.id()).collect();
+        let key = request_key(self.name(), &ids);
+        let body = match &self.shape {
+            Shape::Generic { .. } => serde_json::to_string(&GenericBatch {
+                batch_id: key.clone(),
+                entries: entries
+                    .iter()
+                    .map(|e| GenericEntry {
+                        id: e.id.clone(),
+                        date: e.date.clone(),
+                        currency: e.currency.as_str().into(),
+                        memo: e.memo.clone(),
+                        lines: e
+                            .lines
+                            .iter()
+                            .map(|l| GenericLine {
+                                account: l.account.clone(),
+                                debit: (l.side == Side::Debit).then_some(l.amount),
+                                credit: (l.side == Side::Credit).then_some(l.amount),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
+            Shape::QuickBooks { .. } if entries.len() == 1 => serde_json::to_string(&qbo_entry(&entries[0])),
+            Shape::QuickBooks { .. } => serde_json::to_string(&QboBatch {
+                batch_item_request: entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| QboBatchItem {
+                        b_id: format!("b{i}"),
+                        operation: "create",
+                        journal_entry: qbo_entry(e),
+                    })
+                    .collect(),
+            }),
+            Shape::Xero { .. } => serde_json::to_string(&XeroBody {
+                manual_journals: entries
+                    .iter()
+                    .map(|e| XeroJournal {
+                        narration: e.memo.clone(),
+                        date: e.date.clone(),
+                        status: "POSTED",
+                        line_amount_types: "NoTax",
+                        journal_lines: e
+                            .lines
+                            .iter()
+                            .map(|l| XeroLine {
+                                line_amount: number(match l.side {
+                                    Side::Debit => l.amount,
+                                    Side::Credit => -l.amount,
+                                }),
+                                account_code: l.account.clone(),
+                                description: e.memo.clone(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
+        }
+        .map_err(|e| DeliveryError::Rejected(e.to_string()))?;
+        Ok(Request { key, body, items: ids.into_iter().map(str::to_string).collect() })
+    }
+
+    async fn send(&self, request: &Request) -> Result<Delivered, DeliveryError> {
+        let (method, url) = self.url(request);
+        let body = Bytes::from(request.body.clone().into_bytes());
+        let resp = self.http.send(method, &url, &self.headers(request), body).await?;
+        // QuickBooks and Xero both say: after a 429, wait a minute unless told otherwise.
+        let resp = classify(resp, Duration::from_secs(60))?;
+        let rejected = self.rejected_items(request, &resp.body);
+        if !rejected.is_empty() {
+            tracing::warn!(shape = self.shape.label(), refused = rejected.len(), answer = %excerpt(&resp.body),
+                "the accounting system refused entries inside a successful answer");
+        }
+        Ok(Delivered { rejected })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn accounts() -> Accounts {
+        Accounts { cogs: "5000".into(), inventory: "1300".into(), clearing: "2100".into() }
+    }
+
+    fn journal(kind: JournalKind, amount: Decimal, currency: Currency) -> JournalLine {
+        JournalLine {
+            entry_id: "cogs:e1".into(),
+            sku: "MUG".into(),
+            kind,
+            qty: 3,
+            unit_cost: amount / Decimal::from(3),
+            amount,
+            currency,
+            ts: 1_764_201_600_000, // 2025-11-27
+        }
+    }
+
+    #[test]
+    fn dates_are_utc_civil_dates() {
+        assert_eq!(date_of(0), "1970-01-01");
+        assert_eq!(date_of(1_764_201_600_000), "2025-11-27");
+        assert_eq!(date_of(951_782_400_000), "2000-02-29");
+        assert_eq!(date_of(-1), "1969-12-31");
+    }
+
+    #[test]
+    fn entries_refuse_unrounded_and_negative_amounts() {
+        let usd = Currency::USD;
+        assert!(entry(&journal(JournalKind::Cogs, Decimal::new(1234, 2), usd), &accounts()).is_ok());
+        let e = entry(&journal(JournalKind::Cogs, Decimal::new(12345, 3), usd), &accounts()).unwrap_err();
+        assert!(e.contains("more decimals"), "{e}");
+        let e = entry(&journal(JournalKind::Cogs, Decimal::new(-100, 2), usd), &accounts()).unwrap_err();
+        assert!(e.contains("negative"), "{e}");
+        let unbalanced = Entry {
+            id: "x".into(),
+            date: "2025-01-01".into(),
+            currency: usd,
+            memo: String::new(),
+            lines: vec![
+                EntryLine { account: "a".into(), side: Side::Debit, amount: Decimal::new(100, 2) },
+                EntryLine { account: "b".into(), side: Side::Credit, amount: Decimal::new(99, 2) },
+            ],
+        };
+        assert!(check_balanced(&unbalanced).unwrap_err().contains("differ by 0.01"));
+    }
+
+    #[tokio::test]
+    async fn the_three_shapes_render_what_their_apis_take() {
+        let j = Effect::Journal(journal(JournalKind::Cogs, Decimal::new(1234, 2), Currency::USD));
+        let r = Effect::Journal(JournalLine {
+            entry_id: "inventory:e2".into(),
+            kind: JournalKind::InventoryReceipt,
+            ..journal(JournalKind::InventoryReceipt, Decimal::new(500, 2), Currency::USD)
+        });
+        let policy = DeliveryPolicy::default;
+        let generic =
+            Accounting::new(Shape::Generic { url: "http://x".into() }, accounts(), Secret::default(), policy());
+        let req = generic.render(&[&j, &r]).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&req.body).unwrap();
+        assert_eq!(v["entries"][0]["lines"][0], serde_json::json!({"account": "5000", "debit": "12.34"}));
+        assert_eq!(v["entries"][0]["lines"][1], serde_json::json!({"account": "1300", "credit": "12.34"}));
+        assert_eq!(v["entries"][1]["lines"][0], serde_json::json!({"account": "1300", "debit": "5.00"}));
+        assert_eq!(v["entries"][1]["lines"][1], serde_json::json!({"account": "2100", "credit": "5.00"}));
+        assert_eq!(v["entries"][0]["date"], "2025-11-27");
+        assert_eq!(req.items, ["cogs:e1", "inventory:e2"]);
+
+        let qbo = Accounting::new(
+            Shape::QuickBooks { base: "http://q".into(), realm_id: "123".into(), minor_version: 75 },
+            accounts(),
+            Secret::new("t"),
+            DeliveryPolicy { max_batch: 500, ..policy() },
+        );
+        assert_eq!(qbo.policy().max_batch, 10, "QuickBooks batches are clamped to 10");
+        assert_eq!(qbo.policy().rate, Some(RateLimit::QUICKBOOKS));
+        let single = qbo.render(&[&j]).await.unwrap();
+        assert!(single.body.contains(r#""Amount":12.34,"#), "{}", single.body);
+        assert!(single.body.contains(r#""PostingType":"Debit","AccountRef":{"value":"5000"}"#));
+        assert!(
+            qbo.url(&single)
+                .1
+                .ends_with(&format!("/v3/company/123/journalentry?minorversion=75&requestid={}", single.key))
+        );
+        let batch = qbo.render(&[&j, &r]).await.unwrap();
+        assert!(batch.body.starts_with(r#"{"BatchItemRequest":[{"bId":"b0","operation":"create","JournalEntry":"#));
+        assert!(qbo.url(&batch).1.contains("/batch?"));
+        assert!(batch.key.len() <= 36);
+        let faults = r#"{"BatchItemResponse":[{"bId":"b0","JournalEntry":{"Id":"1"}},{"bId":"b1","Fault":{"type":"ValidationFault"}}]}"#;
+        assert_eq!(qbo.rejected_items(&batch, faults.as_bytes())[0].0, "inventory:e2");
+
+        let xero = Accounting::new(
+            Shape::Xero { base: "http://x".into(), tenant_id: "t-1".into(), base_currency: Currency::USD },
+            accounts(),
+            Secret::new("t"),
+            policy(),
+        );
+        let req = xero.render(&[&j]).await.unwrap();
+        assert!(req.body.contains(r#""JournalLines":[{"LineAmount":12.34,"AccountCode":"5000""#), "{}", req.body);
+        assert!(req.body.contains(r#"{"LineAmount":-12.34,"AccountCode":"1300""#));
+        assert!(xero.headers(&req).contains(&("xero-tenant-id", "t-1".to_string())));
+        let eur = Effect::Journal(journal(JournalKind::Cogs, Decimal::new(100, 2), Currency::parse("EUR").unwrap()));
+        assert!(matches!(xero.render(&[&eur]).await, Err(DeliveryError::Rejected(m)) if m.contains("base currency")));
+    }
+
+    proptest! {
+        /// Any amount booked by the ledger (rounded half to even to 0, 2 or 3 decimals) gives a
+        /// balanced entry whose amounts keep the minor unit, in every shape.
+        #[test]
+        fn journals_balance_to_the_minor_unit(qty in 1i64..10_000, cost_milli in 0i64..10_000_000, code in 0usize..3) {
+            let currency = Currency::parse(["JPY", "USD", "KWD"][code]).unwrap();
+            let amount = currency.round(Decimal::from(qty) * Decimal::new(cost_milli, 3));
+            let j = JournalLine { qty, ..journal(JournalKind::Cogs, amount, currency) };
+            let e = entry(&j, &accounts()).unwrap();
+            prop_assert!(check_balanced(&e).is_ok());
+            let debits: Decimal = e.lines.iter().filter(|l| l.side == Side::Debit).map(|l| l.amount).sum();
+            prop_assert_eq!(debits, amount);
+            prop_assert!(amount.scale() <= currency.minor_units());
+            // Xero's signed lines sum to zero, exactly.
+            let xero: Decimal = e.lines.iter().map(|l| if l.side == Side::Debit { l.amount } else { -l.amount }).sum();
+            prop_assert!(xero.is_zero());
+            // The JSON number carries the exact decimal.
+            let n = number(amount);
+            prop_assert_eq!(n.get().parse::<Decimal>().unwrap(), amount);
+        }
+    }
+
+    #[test]
+    fn half_to_even_rounding_of_ties() {
+        let usd = Currency::USD;
+        assert_eq!(usd.round(Decimal::new(125, 3)), Decimal::new(12, 2));
+        assert_eq!(usd.round(Decimal::new(135, 3)), Decimal::new(14, 2));
+        let jpy = Currency::parse("JPY").unwrap();
+        assert_eq!(jpy.round(Decimal::new(25, 1)), Decimal::from(2));
+    }
+}

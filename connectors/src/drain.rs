@@ -1,0 +1,663 @@
+//! The outbox drain: for each connector, one lane per shard reads undelivered effects after the
+//! connector's cursor, batches what the connector accepts, renders the batch into one request,
+//! **saves it as in flight**, then sends it through the connector's shared gate (rate limit,
+//! concurrency, circuit breaker) until the receiver decides:
+//!
+//! - delivered → the cursor moves past the batch (items refused inside the answer are
+//!   dead-lettered alone);
+//! - rejected (4xx) → the batch is split and re-sent one effect at a time, and the effect the
+//!   receiver refuses alone is dead-lettered;
+//! - failed (5xx, timeout, reset) → retried with full-jitter backoff under the same key, and
+//!   dead-lettered after `max_attempts` (throttling and an open circuit do not count);
+//! - throttled (429) → every lane of the connector waits `Retry-After`.
+//!
+//! A lane sends one request at a time, so effects of one SKU (one shard) reach the receiver in
+//! outbox order. After a crash the saved in-flight request is re-sent verbatim: the receiver
+//! sees the same idempotency key and the same body, never a regrouped batch under a new key.
+//! Dead letters flagged by `stockflow outbox retry` are re-sent under their own keys.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stockflow_state::outbox::{ConnectorDeadLetter, Cursor, InFlight, OutboxEntry, OutboxPos, OutboxStore, Request};
+use stockflow_state::{Effect, StoreError};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::connector::{Connector, Delivered, DeliveryError, request_key};
+use crate::policy::{Backoff, CircuitBreaker, CircuitState, Sleeper, TokenBucket, TokioSleeper};
+
+/// How the drain polls.
+#[derive(Debug, Clone)]
+pub struct DrainConfig {
+    /// Wait when a lane has nothing to send.
+    pub idle_poll: Duration,
+    /// How often shards are listed and requeued dead letters looked for.
+    pub rescan: Duration,
+    /// Effects read from the outbox at a time.
+    pub read_max: usize,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig { idle_poll: Duration::from_millis(100), rescan: Duration::from_secs(2), read_max: 1000 }
+    }
+}
+
+/// When a drain stops.
+#[derive(Debug, Clone)]
+pub struct DrainControl {
+    /// `true`: stop after the request in progress.
+    pub shutdown: watch::Receiver<bool>,
+    /// `true`: deliver everything in the outbox (and requeued dead letters), then stop.
+    pub finish: watch::Receiver<bool>,
+}
+
+impl DrainControl {
+    /// A control driven by one shutdown signal and a separate "finish" signal.
+    pub fn new(shutdown: watch::Receiver<bool>, finish: watch::Receiver<bool>) -> Self {
+        DrainControl { shutdown, finish }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn finishing(&self) -> bool {
+        *self.finish.borrow()
+    }
+}
+
+/// Counters of one connector's drain (also exported as metrics).
+#[derive(Debug, Default)]
+pub struct DrainStats {
+    /// Requests the receiver took.
+    pub sent: AtomicU64,
+    /// Effects delivered in them.
+    pub effects: AtomicU64,
+    /// Requests that failed (5xx, timeout, reset).
+    pub failed: AtomicU64,
+    /// Re-sends after a failure.
+    pub retried: AtomicU64,
+    /// Requests answered 429.
+    pub throttled: AtomicU64,
+    /// Requests the receiver refused (4xx).
+    pub rejected: AtomicU64,
+    /// Requests dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Requeued dead letters delivered.
+    pub redelivered: AtomicU64,
+}
+
+/// Which shards this process drains (the AWS consumer group drains the shards it leases).
+pub type ShardFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// One connector's drain over a store's outbox.
+pub struct Drain<S, C> {
+    store: Arc<S>,
+    connector: Arc<C>,
+    cfg: DrainConfig,
+    sleeper: Arc<dyn Sleeper>,
+    filter: ShardFilter,
+    breaker: CircuitBreaker,
+    bucket: Option<TokenBucket>,
+    gate: Semaphore,
+    paused_until: Mutex<Option<Instant>>,
+    stats: DrainStats,
+}
+
+impl<S, C: Connector> std::fmt::Debug for Drain<S, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain").field("connector", &self.connector.name()).field("stats", &self.stats).finish()
+    }
+}
+
+enum Outcome {
+    Delivered(Delivered),
+    Rejected(String),
+    Failed(String, Option<Duration>),
+    Stopped,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl<S: OutboxStore, C: Connector> Drain<S, C> {
+    /// A drain of `connector` over `store`.
+    pub fn new(store: Arc<S>, connector: Arc<C>, cfg: DrainConfig) -> Self {
+        let policy = connector.policy().clone();
+        let name = connector.name();
+        metrics::gauge!("stockflow_connector_circuit_state", "connector" => name).set(0.0);
+        Drain {
+            store,
+            cfg,
+            sleeper: Arc::new(TokioSleeper),
+            filter: Arc::new(|_| true),
+            breaker: CircuitBreaker::new(policy.breaker),
+            bucket: policy.rate.map(TokenBucket::new),
+            gate: Semaphore::new(policy.concurrency.max(1)),
+            paused_until: Mutex::new(None),
+            stats: DrainStats::default(),
+            connector,
+        }
+    }
+
+    /// Waits through `sleeper` instead of `tokio::time`.
+    pub fn with_sleeper(mut self, sleeper: Arc<dyn Sleeper>) -> Self {
+        self.sleeper = sleeper;
+        self
+    }
+
+    /// Drains only the shards `filter` admits.
+    pub fn with_filter(mut self, filter: ShardFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &DrainStats {
+        &self.stats
+    }
+
+    /// The circuit's state.
+    pub fn circuit(&self) -> CircuitState {
+        self.breaker.state()
+    }
+
+    /// The connector's name.
+    pub fn name(&self) -> &'static str {
+        self.connector.name()
+    }
+
+    fn count(&self, counter: &AtomicU64, metric: &'static str, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(metric, "connector" => self.name()).increment(n);
+    }
+
+    fn publish_circuit(&self) {
+        let state = self.breaker.state() as u8;
+        metrics::gauge!("stockflow_connector_circuit_state", "connector" => self.name()).set(f64::from(state));
+    }
+
+    /// Sleeps `d` unless told to stop first; false when stopping.
+    async fn wait(&self, d: Duration, ctl: &DrainControl) -> bool {
+        let mut stop = ctl.shutdown.clone();
+        tokio::select! {
+            () = self.sleeper.sleep(d) => !ctl.stopping(),
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+
+    /// Runs every lane until `ctl` says stop (or, with `finish`, until everything is delivered).
+    pub async fn run(self: Arc<Self>, ctl: DrainControl) -> Result<(), StoreError> {
+        let mut lanes: JoinSet<(String, Result<(), StoreError>)> = JoinSet::new();
+        let mut running: HashMap<String, ()> = HashMap::new();
+        let mut backoff = Backoff::new(self.connector.policy().backoff, 0x5eed);
+        let mut store_failures = 0u32;
+        let mut finish = ctl.finish.clone();
+        loop {
+            if ctl.stopping() {
+                break;
+            }
+            // Read before the scan: once finishing, the scan sees every shard there will be.
+            let finishing = ctl.finishing();
+            let scan = async {
+                let shards = self.store.outbox_shards().await?;
+                let requeued = self.redeliver_dead_letters(&ctl).await?;
+                Ok::<_, StoreError>((shards, requeued))
+            };
+            let (shards, requeued_left) = match scan.await {
+                Ok(v) => {
+                    store_failures = 0;
+                    v
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(connector = self.name(), error = %e, "outbox scan failed; retrying");
+                    store_failures += 1;
+                    if !self.wait(backoff.delay(store_failures), &ctl).await {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for shard in shards {
+                if (self.filter)(&shard) && !running.contains_key(&shard) {
+                    running.insert(shard.clone(), ());
+                    let (me, ctl) = (Arc::clone(&self), ctl.clone());
+                    lanes.spawn(async move {
+                        let r = me.lane(&shard, &ctl).await;
+                        (shard, r)
+                    });
+                }
+            }
+            if finishing && lanes.is_empty() && requeued_left == 0 {
+                break;
+            }
+            let mut stop = ctl.shutdown.clone();
+            tokio::select! {
+                Ok(()) = finish.changed(), if !finishing => {}
+                Some(done) = lanes.join_next(), if !lanes.is_empty() => {
+                    let (shard, result) = done.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
+                    result?;
+                    if !ctl.finishing() {
+                        running.remove(&shard);
+                    }
+                }
+                () = self.sleeper.sleep(self.cfg.rescan) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        while let Some(done) = lanes.join_next().await {
+            let (_, result) = done.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Delivers one shard's outbox in order.
+    async fn lane(&self, shard: &str, ctl: &DrainControl) -> Result<(), StoreError> {
+        let policy = self.connector.policy().clone();
+        let mut backoff = Backoff::new(policy.backoff, xxhash_rust::xxh3::xxh3_64(shard.as_bytes()));
+        let mut cursor = self.store.cursor(self.name(), shard).await?;
+        let mut pending_since: Option<Instant> = None;
+        // After a rejection, effects up to here are sent one by one to find the refused one.
+        let mut single_until: Option<OutboxPos> = None;
+        // The cursor moved past a delivered request but was not written yet.
+        let mut unsaved = false;
+        loop {
+            if ctl.stopping() || !(self.filter)(shard) {
+                if unsaved {
+                    self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+                }
+                return Ok(());
+            }
+            if let Some(mut flight) = cursor.in_flight.clone() {
+                if flight.attempts > 0 {
+                    self.count(&self.stats.retried, "stockflow_connector_retried_total", 1);
+                }
+                match self.deliver(&flight.request, ctl).await {
+                    Outcome::Stopped => return Ok(()),
+                    Outcome::Delivered(d) => {
+                        self.dead_letter_items(shard, cursor.delivered.as_ref(), &flight, &d).await?;
+                        let n = flight.request.items.len() as u64;
+                        self.count(&self.stats.effects, "stockflow_connector_effects_delivered_total", n);
+                        // Saved with the next in-flight request (one write per request): a crash
+                        // before that re-sends this one, which its key makes harmless.
+                        cursor = Cursor { delivered: Some(flight.through), in_flight: None };
+                        unsaved = true;
+                    }
+                    Outcome::Rejected(reason) if flight.request.items.len() > 1 => {
+                        tracing::warn!(connector = self.name(), shard, key = %flight.request.key, %reason,
+                            "batch rejected: sending its effects one by one");
+                        single_until = Some(flight.through);
+                        cursor.in_flight = None;
+                        self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+                    }
+                    Outcome::Rejected(reason) => {
+                        flight.attempts += 1;
+                        cursor = self.give_up(shard, flight, reason).await?;
+                    }
+                    Outcome::Failed(reason, retry_after) => {
+                        flight.attempts += 1;
+                        flight.last_error = Some(reason.clone());
+                        if flight.attempts >= policy.max_attempts {
+                            cursor = self.give_up(shard, flight, reason).await?;
+                            continue;
+                        }
+                        let wait = backoff.delay(flight.attempts - 1).max(retry_after.unwrap_or_default());
+                        tracing::debug!(connector = self.name(), shard, attempts = flight.attempts, ?wait, %reason, "delivery failed");
+                        cursor.in_flight = Some(flight);
+                        self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+                        if !self.wait(wait, ctl).await {
+                            return Ok(());
+                        }
+                    }
+                }
+                continue;
+            }
+
+            let single = single_until.as_ref().is_some_and(|u| cursor.delivered.as_ref() < Some(u));
+            if !single {
+                single_until = None;
+            }
+            let max = if single { 1 } else { policy.max_batch.max(1) };
+            let (entries, through, ended) = self.scan(shard, cursor.delivered.as_ref(), max).await?;
+            let Some(through) = through else {
+                if unsaved {
+                    self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+                    unsaved = false;
+                }
+                if ctl.finishing() {
+                    return Ok(());
+                }
+                if !self.wait(self.cfg.idle_poll, ctl).await {
+                    return Ok(());
+                }
+                continue;
+            };
+            let batch: Vec<&OutboxEntry> = entries.iter().collect();
+            if batch.is_empty() {
+                cursor.delivered = Some(through);
+                unsaved = true;
+                continue;
+            }
+            let exhausted = ended && batch.len() < max;
+            if exhausted && !ctl.finishing() && !single {
+                let since = *pending_since.get_or_insert_with(Instant::now);
+                let waited = since.elapsed();
+                if waited < policy.linger {
+                    if !self.wait((policy.linger - waited).min(self.cfg.idle_poll), ctl).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            pending_since = None;
+            let Some((request, through)) = self.render_batch(shard, &mut cursor, &batch, through, ctl).await? else {
+                continue;
+            };
+            cursor.in_flight = Some(InFlight { request, through, attempts: 0, last_error: None });
+            self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+            unsaved = false;
+        }
+    }
+
+    /// Reads the outbox after `after` for the effects this connector accepts: at most `max` of
+    /// them, the last position they cover (skipped effects included; `None` when nothing new),
+    /// and whether the outbox ended before `max` were found. Reads at most `SCAN_CAP` effects.
+    async fn scan(
+        &self,
+        shard: &str,
+        after: Option<&OutboxPos>,
+        max: usize,
+    ) -> Result<(Vec<OutboxEntry>, Option<OutboxPos>, bool), StoreError> {
+        const SCAN_CAP: usize = 50_000;
+        let mut batch = Vec::new();
+        let mut through: Option<OutboxPos> = None;
+        let mut scanned = 0;
+        loop {
+            let page = self.store.read_outbox(shard, through.as_ref().or(after), self.cfg.read_max).await?;
+            let n = page.len();
+            for e in page {
+                if self.connector.accepts(&e.effect) {
+                    if batch.len() == max {
+                        return Ok((batch, through, false));
+                    }
+                    through = Some(e.pos.clone());
+                    batch.push(e);
+                } else {
+                    through = Some(e.pos);
+                }
+            }
+            scanned += n;
+            if n < self.cfg.read_max {
+                return Ok((batch, through, true));
+            }
+            if scanned >= SCAN_CAP {
+                return Ok((batch, through, false));
+            }
+        }
+    }
+
+    /// Renders the longest prefix of `batch` within the byte limit. `None` when nothing is
+    /// ready to send (render failed transiently, or its one effect was dead-lettered).
+    async fn render_batch(
+        &self,
+        shard: &str,
+        cursor: &mut Cursor,
+        batch: &[&OutboxEntry],
+        through: OutboxPos,
+        ctl: &DrainControl,
+    ) -> Result<Option<(Request, OutboxPos)>, StoreError> {
+        let policy = self.connector.policy();
+        let mut n = batch.len();
+        let mut failures = 0;
+        loop {
+            let effects: Vec<&Effect> = batch[..n].iter().map(|e| &e.effect).collect();
+            match self.connector.render(&effects).await {
+                Ok(r) if r.body.len() > policy.max_bytes && n > 1 => n = n.div_ceil(2),
+                Ok(r) => {
+                    let through = if n < batch.len() { batch[n - 1].pos.clone() } else { through };
+                    return Ok(Some((r, through)));
+                }
+                Err(DeliveryError::Rejected(_)) if n > 1 => n = 1,
+                Err(DeliveryError::Rejected(reason)) => {
+                    let entry = batch[0];
+                    let id = entry.effect.id();
+                    let request = Request {
+                        key: request_key(self.name(), &[id]),
+                        body: serde_json::to_string(&entry.effect).unwrap_or_default(),
+                        items: vec![id.to_string()],
+                    };
+                    let dead = ConnectorDeadLetter {
+                        connector: self.name().to_string(),
+                        shard: shard.to_string(),
+                        request,
+                        attempts: 0,
+                        last_error: format!("not rendered: {reason}"),
+                        at_ms: now_ms(),
+                        requeued: false,
+                        rendered: false,
+                    };
+                    *cursor = Cursor { delivered: Some(entry.pos.clone()), in_flight: None };
+                    self.store.save_cursor(self.name(), shard, cursor, Some(&dead)).await?;
+                    self.record_dead_letter(&dead);
+                    return Ok(None);
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(connector = self.name(), shard, error = %e, "rendering failed; retrying");
+                    let wait = match &e {
+                        DeliveryError::Throttled { retry_after, .. } | DeliveryError::Transient { retry_after, .. } => {
+                            retry_after.unwrap_or_default()
+                        }
+                        DeliveryError::Rejected(_) => Duration::ZERO,
+                    };
+                    let mut backoff = Backoff::new(policy.backoff, failures.into());
+                    if !self.wait(backoff.delay(failures).max(wait), ctl).await || failures >= policy.max_attempts {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves an in-flight request to the dead letters, advancing the cursor past it.
+    async fn give_up(&self, shard: &str, flight: InFlight, reason: String) -> Result<Cursor, StoreError> {
+        let dead = ConnectorDeadLetter {
+            connector: self.name().to_string(),
+            shard: shard.to_string(),
+            request: flight.request,
+            attempts: flight.attempts,
+            last_error: reason,
+            at_ms: now_ms(),
+            requeued: false,
+            rendered: true,
+        };
+        let next = Cursor { delivered: Some(flight.through), in_flight: None };
+        self.store.save_cursor(self.name(), shard, &next, Some(&dead)).await?;
+        self.record_dead_letter(&dead);
+        Ok(next)
+    }
+
+    fn record_dead_letter(&self, dead: &ConnectorDeadLetter) {
+        self.count(&self.stats.dead_lettered, "stockflow_connector_dead_lettered_total", 1);
+        tracing::error!(
+            connector = self.name(), shard = %dead.shard, key = %dead.request.key, effects = ?dead.request.items,
+            attempts = dead.attempts, error = %dead.last_error,
+            "delivery given up: dead-lettered (`stockflow outbox retry` re-sends it)"
+        );
+    }
+
+    /// Items a receiver refused inside a successful answer: each is rendered alone and kept as
+    /// a dead letter (not sent again until requeued).
+    async fn dead_letter_items(
+        &self,
+        shard: &str,
+        delivered: Option<&OutboxPos>,
+        flight: &InFlight,
+        answer: &Delivered,
+    ) -> Result<(), StoreError> {
+        if answer.rejected.is_empty() {
+            return Ok(());
+        }
+        let mut effects: HashMap<String, Effect> = HashMap::new();
+        let mut after = delivered.cloned();
+        'read: loop {
+            let entries = self.store.read_outbox(shard, after.as_ref(), self.cfg.read_max).await?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries {
+                if e.pos > flight.through {
+                    break 'read;
+                }
+                after = Some(e.pos.clone());
+                effects.insert(e.effect.id().to_string(), e.effect);
+            }
+        }
+        for (id, reason) in &answer.rejected {
+            let (request, rendered) = match effects.get(id) {
+                Some(effect) => match self.connector.render(&[effect]).await {
+                    Ok(r) => (r, true),
+                    Err(_) => (
+                        Request {
+                            key: request_key(self.name(), &[id]),
+                            body: serde_json::to_string(effect).unwrap_or_default(),
+                            items: vec![id.clone()],
+                        },
+                        false,
+                    ),
+                },
+                None => continue,
+            };
+            let dead = ConnectorDeadLetter {
+                connector: self.name().to_string(),
+                shard: shard.to_string(),
+                request,
+                attempts: 1,
+                last_error: reason.clone(),
+                at_ms: now_ms(),
+                requeued: false,
+                rendered,
+            };
+            self.store.put_dead_letter(&dead).await?;
+            self.record_dead_letter(&dead);
+        }
+        Ok(())
+    }
+
+    /// Re-sends dead letters flagged by `outbox retry`; returns how many are still flagged.
+    async fn redeliver_dead_letters(&self, ctl: &DrainControl) -> Result<usize, StoreError> {
+        let mut left = 0;
+        for mut dead in self.store.connector_dead_letters(Some(self.name())).await? {
+            if !dead.requeued || !(self.filter)(&dead.shard) {
+                continue;
+            }
+            if !dead.rendered {
+                let Ok(effect) = serde_json::from_str::<Effect>(&dead.request.body) else { continue };
+                match self.connector.render(&[&effect]).await {
+                    Ok(r) => {
+                        dead.request = r;
+                        dead.rendered = true;
+                    }
+                    Err(e) => {
+                        dead.requeued = false;
+                        dead.last_error = format!("not rendered: {e}");
+                        self.store.put_dead_letter(&dead).await?;
+                        continue;
+                    }
+                }
+            }
+            match self.deliver(&dead.request, ctl).await {
+                Outcome::Stopped => return Ok(left + 1),
+                Outcome::Delivered(_) => {
+                    self.store.remove_dead_letter(&dead.connector, &dead.shard, &dead.request.key).await?;
+                    self.count(&self.stats.redelivered, "stockflow_connector_redelivered_total", 1);
+                    let n = dead.request.items.len() as u64;
+                    self.count(&self.stats.effects, "stockflow_connector_effects_delivered_total", n);
+                }
+                Outcome::Rejected(reason) => {
+                    dead.attempts += 1;
+                    dead.requeued = false;
+                    dead.last_error = reason;
+                    self.store.put_dead_letter(&dead).await?;
+                }
+                Outcome::Failed(reason, _) => {
+                    dead.attempts += 1;
+                    dead.last_error = reason;
+                    self.store.put_dead_letter(&dead).await?;
+                    left += 1;
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Sends one request through the connector's gate until the receiver decides.
+    async fn deliver(&self, request: &Request, ctl: &DrainControl) -> Outcome {
+        loop {
+            if ctl.stopping() {
+                return Outcome::Stopped;
+            }
+            let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(until) = paused
+                && until > Instant::now()
+            {
+                if !self.wait(until - Instant::now(), ctl).await {
+                    return Outcome::Stopped;
+                }
+                continue;
+            }
+            if let Err(wait) = self.breaker.permit() {
+                self.publish_circuit();
+                if !self.wait(wait, ctl).await {
+                    return Outcome::Stopped;
+                }
+                continue;
+            }
+            if let Some(bucket) = &self.bucket {
+                bucket.acquire().await;
+            }
+            let Ok(_permit) = self.gate.acquire().await else { return Outcome::Stopped };
+            let t0 = Instant::now();
+            let result = self.connector.send(request).await;
+            metrics::histogram!("stockflow_connector_request_seconds", "connector" => self.name())
+                .record(t0.elapsed().as_secs_f64());
+            let outcome = match result {
+                Ok(d) => {
+                    self.breaker.success();
+                    self.count(&self.stats.sent, "stockflow_connector_sent_total", 1);
+                    Outcome::Delivered(d)
+                }
+                Err(DeliveryError::Throttled { reason, retry_after }) => {
+                    self.breaker.release();
+                    self.count(&self.stats.throttled, "stockflow_connector_throttled_total", 1);
+                    let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                    tracing::info!(connector = self.name(), %reason, ?wait, "throttled by the receiver: pausing");
+                    let mut p = self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let until = Instant::now() + wait;
+                    *p = Some(p.map_or(until, |u| u.max(until)));
+                    continue;
+                }
+                Err(DeliveryError::Transient { reason, retry_after }) => {
+                    self.breaker.failure();
+                    self.count(&self.stats.failed, "stockflow_connector_failed_total", 1);
+                    Outcome::Failed(reason, retry_after)
+                }
+                Err(DeliveryError::Rejected(reason)) => {
+                    self.breaker.success();
+                    self.count(&self.stats.rejected, "stockflow_connector_rejected_total", 1);
+                    Outcome::Rejected(reason)
+                }
+            };
+            self.publish_circuit();
+            return outcome;
+        }
+    }
+}

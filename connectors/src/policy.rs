@@ -1,0 +1,423 @@
+//! The one delivery policy every connector shares: batching limits, capped exponential backoff
+//! with full jitter, a circuit breaker, a token-bucket rate limit, request timeouts, and the
+//! `Retry-After` parser. Time is `tokio::time`, so tests drive it with paused time; sleeping
+//! goes through [`Sleeper`], so a test can also record every wait without waiting.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How a connector batches, retries and limits itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryPolicy {
+    /// Most effects per request.
+    pub max_batch: usize,
+    /// Largest request body, bytes (a batch rendering larger is halved).
+    pub max_bytes: usize,
+    /// How long a partial batch waits for more effects.
+    pub linger: Duration,
+    /// Failed attempts before a request is dead-lettered (throttling and an open circuit do not count).
+    pub max_attempts: u32,
+    /// Timeout of one request.
+    pub timeout: Duration,
+    /// Retry backoff.
+    pub backoff: BackoffConfig,
+    /// Circuit breaker.
+    pub breaker: BreakerConfig,
+    /// Rate limit (the target's documented limit), if any.
+    pub rate: Option<RateLimit>,
+    /// Requests in flight at once (one per shard lane at most).
+    pub concurrency: usize,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        DeliveryPolicy {
+            max_batch: 100,
+            max_bytes: 1 << 20,
+            linger: Duration::from_millis(200),
+            max_attempts: 12,
+            timeout: Duration::from_secs(10),
+            backoff: BackoffConfig::default(),
+            breaker: BreakerConfig::default(),
+            rate: None,
+            concurrency: 4,
+        }
+    }
+}
+
+/// Capped exponential backoff: attempt `n` waits a uniform random time in `[0, min(cap, base·2ⁿ)]`
+/// ("full jitter"), so clients that failed together do not retry together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffConfig {
+    /// First ceiling.
+    pub base: Duration,
+    /// Largest ceiling.
+    pub cap: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig { base: Duration::from_millis(200), cap: Duration::from_secs(60) }
+    }
+}
+
+/// A seeded backoff sequence (xorshift: deterministic in tests, different per lane).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    cfg: BackoffConfig,
+    state: u64,
+}
+
+impl Backoff {
+    /// A sequence with `seed` (any value; 0 is remapped).
+    pub fn new(cfg: BackoffConfig, seed: u64) -> Self {
+        Backoff { cfg, state: seed | 1 }
+    }
+
+    /// The ceiling of attempt `attempt` (0-based): `min(cap, base·2^attempt)`.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.cfg.base.saturating_mul(factor).min(self.cfg.cap)
+    }
+
+    /// The wait before retry `attempt`: uniform in `[0, ceiling]`.
+    pub fn delay(&mut self, attempt: u32) -> Duration {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let ceiling = self.ceiling(attempt);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(if nanos == 0 { 0 } else { self.state % (nanos + 1) })
+    }
+}
+
+/// Sleeps. The drain waits through this, so tests can record (or skip) every wait.
+pub trait Sleeper: Send + Sync + std::fmt::Debug + 'static {
+    /// Waits `d`.
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// Sleeps on `tokio::time` (paused time in tests advances it).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokioSleeper;
+
+impl Sleeper for TokioSleeper {
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(tokio::time::sleep(d))
+    }
+}
+
+/// Circuit breaker settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the circuit.
+    pub failures: u32,
+    /// How long it stays open before one probe.
+    pub open_for: Duration,
+    /// Ceiling of `open_for`, which doubles after each failed probe.
+    pub max_open_for: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig { failures: 5, open_for: Duration::from_secs(5), max_open_for: Duration::from_secs(300) }
+    }
+}
+
+/// Where the circuit is. The gauge `stockflow_connector_circuit_state` shows the number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Requests flow (0).
+    Closed = 0,
+    /// One probe is allowed through (1).
+    HalfOpen = 1,
+    /// Requests are held back (2).
+    Open = 2,
+}
+
+/// Closed → Open after `failures` consecutive failures → HalfOpen after `open_for` → one probe:
+/// success closes it, failure opens it again for twice as long (capped).
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    cfg: BreakerConfig,
+    inner: Mutex<BreakerInner>,
+}
+
+#[derive(Debug)]
+struct BreakerInner {
+    state: CircuitState,
+    failures: u32,
+    open_until: Instant,
+    open_for: Duration,
+    probing: bool,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker.
+    pub fn new(cfg: BreakerConfig) -> Self {
+        CircuitBreaker {
+            cfg,
+            inner: Mutex::new(BreakerInner {
+                state: CircuitState::Closed,
+                failures: 0,
+                open_until: Instant::now(),
+                open_for: cfg.open_for,
+                probing: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerInner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The current state (an open circuit whose time is up reads as half-open).
+    pub fn state(&self) -> CircuitState {
+        let b = self.lock();
+        if b.state == CircuitState::Open && Instant::now() >= b.open_until { CircuitState::HalfOpen } else { b.state }
+    }
+
+    /// May a request go now? `Err(wait)` when the circuit is open (or its probe is out).
+    pub fn permit(&self) -> Result<(), Duration> {
+        let mut b = self.lock();
+        let now = Instant::now();
+        match b.state {
+            CircuitState::Closed => Ok(()),
+            CircuitState::Open if now < b.open_until => Err(b.open_until - now),
+            CircuitState::Open | CircuitState::HalfOpen if !b.probing => {
+                b.state = CircuitState::HalfOpen;
+                b.probing = true;
+                Ok(())
+            }
+            // A probe is out: wait for its verdict.
+            _ => Err(Duration::from_millis(50).min(self.cfg.open_for)),
+        }
+    }
+
+    /// The request succeeded.
+    pub fn success(&self) {
+        let mut b = self.lock();
+        b.state = CircuitState::Closed;
+        b.failures = 0;
+        b.probing = false;
+        b.open_for = self.cfg.open_for;
+    }
+
+    /// The request failed (transiently; a rejection is the receiver working).
+    pub fn failure(&self) {
+        let mut b = self.lock();
+        let now = Instant::now();
+        match b.state {
+            CircuitState::HalfOpen => {
+                b.open_for = (b.open_for * 2).min(self.cfg.max_open_for);
+                b.state = CircuitState::Open;
+                b.open_until = now + b.open_for;
+                b.probing = false;
+            }
+            CircuitState::Closed => {
+                b.failures += 1;
+                if b.failures >= self.cfg.failures {
+                    b.state = CircuitState::Open;
+                    b.open_until = now + b.open_for;
+                }
+            }
+            CircuitState::Open => {}
+        }
+    }
+
+    /// A request that was let through ended without a verdict on the receiver (throttled):
+    /// a probe slot is given back.
+    pub fn release(&self) {
+        self.lock().probing = false;
+    }
+}
+
+/// A token bucket: `capacity` requests at once, one more every `every`. For a documented limit
+/// of L requests per window W, choose `capacity + W/every ≤ L` so that no window of length W
+/// ever sees more than L.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Burst size.
+    pub capacity: u32,
+    /// One token per this interval.
+    pub every: Duration,
+}
+
+impl RateLimit {
+    /// Xero: 60 calls per minute per tenant → burst 10, then 50 a minute (≤ 60 in any minute).
+    pub const XERO: RateLimit = RateLimit { capacity: 10, every: Duration::from_millis(1200) };
+    /// QuickBooks Online: 500 per minute and 10 per second per realm → burst 2, 8 a second
+    /// (≤ 10 in any second, ≤ 482 in any minute).
+    pub const QUICKBOOKS: RateLimit = RateLimit { capacity: 2, every: Duration::from_millis(125) };
+}
+
+/// The bucket itself, on `tokio::time`, kept as a GCRA "theoretical arrival time" (integer
+/// time, no floating-point drift): a request may go once `tat − (capacity−1)·every ≤ now`.
+#[derive(Debug)]
+pub struct TokenBucket {
+    limit: RateLimit,
+    tat: tokio::sync::Mutex<Instant>,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(limit: RateLimit) -> Self {
+        TokenBucket { limit, tat: tokio::sync::Mutex::new(Instant::now()) }
+    }
+
+    /// Waits for a token and takes it. Waiters are served in order (the lock is fair).
+    pub async fn acquire(&self) {
+        let mut tat = self.tat.lock().await;
+        let tolerance = self.limit.every * self.limit.capacity.saturating_sub(1);
+        let now = Instant::now();
+        let t = (*tat).max(now);
+        if t > now + tolerance {
+            tokio::time::sleep_until(t - tolerance).await;
+        }
+        *tat = t + self.limit.every;
+    }
+}
+
+/// Parses `Retry-After`: delta-seconds, or an HTTP-date (RFC 9110 IMF-fixdate) relative to `now`.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = parse_imf_fixdate(value)?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn parse_imf_fixdate(s: &str) -> Option<std::time::SystemTime> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = parts.as_slice() else { return None };
+    let day: u32 = day.parse().ok()?;
+    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        .iter()
+        .position(|m| m == month)? as u32
+        + 1;
+    let year: i64 = year.parse().ok()?;
+    let hms: Vec<u64> = time.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    let [h, m, sec] = hms.as_slice() else { return None };
+    if !(1..=31).contains(&day) || *h > 23 || *m > 59 || *sec > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((month + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + (*h * 3600 + *m * 60 + *sec) as i64;
+    let secs = u64::try_from(secs).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_capped_ceiling() {
+        let cfg = BackoffConfig { base: Duration::from_millis(100), cap: Duration::from_secs(2) };
+        let mut b = Backoff::new(cfg, 7);
+        assert_eq!(b.ceiling(0), Duration::from_millis(100));
+        assert_eq!(b.ceiling(3), Duration::from_millis(800));
+        assert_eq!(b.ceiling(10), Duration::from_secs(2));
+        assert_eq!(b.ceiling(40), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..200).map(|_| b.delay(10)).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        // Full jitter spreads over the whole range, not around the ceiling.
+        assert!(delays.iter().any(|d| *d < Duration::from_millis(500)));
+        assert!(delays.iter().any(|d| *d > Duration::from_millis(1500)));
+        // Seeded: the same seed gives the same sequence, another seed another.
+        let again: Vec<Duration> = {
+            let mut b = Backoff::new(cfg, 7);
+            (0..200).map(|_| b.delay(10)).collect()
+        };
+        assert_eq!(delays, again);
+        let mut other = Backoff::new(cfg, 8);
+        assert_ne!(delays[..5], (0..5).map(|_| other.delay(10)).collect::<Vec<_>>()[..]);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:50:37 GMT", now), Some(Duration::from_secs(60)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now), Some(Duration::ZERO));
+        let epoch = std::time::UNIX_EPOCH;
+        assert_eq!(parse_retry_after("Thu, 29 Feb 2024 00:00:00 GMT", epoch), Some(Duration::from_secs(1_709_164_800)));
+        for bad in ["", "soon", "-3", "Sun, 06 Nov 1994 25:00:00 GMT", "Sun, 06 Foo 1994 08:49:37 GMT"] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_probes_and_recovers() {
+        let cfg =
+            BreakerConfig { failures: 3, open_for: Duration::from_secs(10), max_open_for: Duration::from_secs(25) };
+        let b = CircuitBreaker::new(cfg);
+        for _ in 0..2 {
+            assert!(b.permit().is_ok());
+            b.failure();
+        }
+        assert_eq!(b.state(), CircuitState::Closed);
+        b.success(); // a success resets the count
+        for _ in 0..3 {
+            assert!(b.permit().is_ok());
+            b.failure();
+        }
+        assert_eq!(b.state(), CircuitState::Open);
+        assert_eq!(b.permit(), Err(Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(b.state(), CircuitState::HalfOpen);
+        assert!(b.permit().is_ok(), "one probe");
+        assert!(b.permit().is_err(), "only one probe");
+        b.failure();
+        assert_eq!(b.state(), CircuitState::Open);
+        assert_eq!(b.permit(), Err(Duration::from_secs(20)), "open twice as long after a failed probe");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(b.permit().is_ok());
+        b.failure();
+        assert_eq!(b.permit(), Err(Duration::from_secs(25)), "capped");
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert!(b.permit().is_ok());
+        b.success();
+        assert_eq!(b.state(), CircuitState::Closed);
+        assert!(b.permit().is_ok() && b.permit().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_holds_xero_and_quickbooks_windows() {
+        for (limit, window, most) in [
+            (RateLimit::XERO, Duration::from_secs(60), 60),
+            (RateLimit::QUICKBOOKS, Duration::from_secs(1), 10),
+            (RateLimit::QUICKBOOKS, Duration::from_secs(60), 500),
+        ] {
+            let bucket = TokenBucket::new(limit);
+            let start = Instant::now();
+            let mut times = Vec::new();
+            for _ in 0..300 {
+                bucket.acquire().await;
+                times.push(Instant::now() - start);
+            }
+            for (i, t) in times.iter().enumerate() {
+                let within = times[i..].iter().take_while(|u| **u < *t + window).count();
+                assert!(within <= most, "{limit:?}: {within} requests in {window:?} from {t:?}");
+            }
+            // And the bucket is not needlessly slow: the long-run rate is the refill rate.
+            let span = times[299] - times[0];
+            let expected = limit.every * (300 - limit.capacity);
+            assert!(span <= expected + limit.every, "{limit:?}: {span:?} > {expected:?}");
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The outbox as connectors read it: effects of one shard after a position, a delivery cursor per
+//! (connector, shard), and the connector dead letters (SPEC §4).
+//!
+//! A connector renders a batch of effects into one request (idempotency key + body) and saves it
+//! as the cursor's `in_flight` **before** sending it. A restart re-sends exactly those bytes under
+//! that key until the receiver decides, so a batch regrouped after a crash can never go out under
+//! a second key. Delivered → the cursor moves to `through` and `in_flight` is cleared, in one write.
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use crate::effects::Effect;
+use crate::store::StoreError;
+
+/// A position in a shard's outbox: the row (one commit, or one commit part on DynamoDB) and the
+/// line within it. Ordered by `(row, line)`; rows are fixed-width or order-preserving strings.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OutboxPos {
+    /// The row key (embedded: 20-digit batch number; DynamoDB: `{checkpointKey}#{part}`).
+    pub row: String,
+    /// The effect's line in the row.
+    pub line: u32,
+}
+
+/// One effect read from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Where it is.
+    pub pos: OutboxPos,
+    /// The effect.
+    pub effect: Effect,
+}
+
+/// One rendered request: what is sent, verbatim, until the receiver decides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The idempotency key (deterministic from the connector and the effect ids).
+    pub key: String,
+    /// The body (UTF-8 JSON for every connector stockflow has).
+    pub body: String,
+    /// Ids of the effects it carries, in outbox order.
+    pub items: Vec<String>,
+}
+
+/// A request sent (or about to be) and not yet acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// The request.
+    pub request: Request,
+    /// The last outbox position the request covers (skipped effects included).
+    pub through: OutboxPos,
+    /// Failed attempts so far (throttling and an open circuit do not count).
+    pub attempts: u32,
+    /// The last failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A connector's progress through one shard's outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Everything up to and including this position is delivered (or dead-lettered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<OutboxPos>,
+    /// The request being delivered, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlight>,
+}
+
+/// A request a connector gave up on: rejected by the receiver, or failing past the attempt limit.
+/// `stockflow outbox retry` flags it `requeued`; the drain then re-sends it under its own key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectorDeadLetter {
+    /// The connector.
+    pub connector: String,
+    /// The shard whose outbox it came from.
+    pub shard: String,
+    /// The request, as sent.
+    pub request: Request,
+    /// Failed attempts.
+    pub attempts: u32,
+    /// Why it was given up.
+    pub last_error: String,
+    /// When (Unix milliseconds).
+    pub at_ms: i64,
+    /// Flagged for another delivery.
+    #[serde(default)]
+    pub requeued: bool,
+    /// False when the connector could not render it: `request.body` then holds the effect as
+    /// JSON, rendered again when it is requeued.
+    #[serde(default = "yes")]
+    pub rendered: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The outbox and delivery bookkeeping of a state store.
+pub trait OutboxStore: Send + Sync + 'static {
+    /// Every shard that has an outbox.
+    fn outbox_shards(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Effects of `shard` strictly after `after`, in commit order, at most `max` (fewer only
+    /// when the outbox ends there).
+    fn read_outbox(
+        &self,
+        shard: &str,
+        after: Option<&OutboxPos>,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send;
+
+    /// The connector's cursor in `shard` (default: nothing delivered).
+    fn cursor(&self, connector: &str, shard: &str) -> impl Future<Output = Result<Cursor, StoreError>> + Send;
+
+    /// Writes the cursor and, in the same atomic write, a new dead letter.
+    fn save_cursor(
+        &self,
+        connector: &str,
+        shard: &str,
+        cursor: &Cursor,
+        dead: Option<&ConnectorDeadLetter>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every connector dead letter (of one connector, or all), by connector, shard and key.
+    fn connector_dead_letters(
+        &self,
+        connector: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<ConnectorDeadLetter>, StoreError>> + Send;
+
+    /// Inserts or replaces a dead letter (keyed by connector, shard and request key).
+    fn put_dead_letter(&self, dead: &ConnectorDeadLetter) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes a dead letter once its request was delivered.
+    fn remove_dead_letter(
+        &self,
+        connector: &str,
+        shard: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Flags the dead letters of `connector` (or all) for another delivery; returns how many.
+pub async fn requeue_dead_letters<S: OutboxStore>(store: &S, connector: Option<&str>) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for mut dead in store.connector_dead_letters(connector).await? {
+        if !dead.requeued {
+            dead.requeued = true;
+            store.put_dead_letter(&dead).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Splits one outbox row (NDJSON of effects) into entries after `skip_through` (a line index),
+/// until `out` holds `max` (a row can hold a whole commit: tens of thousands of effects).
+pub(crate) fn row_entries(
+    row: &str,
+    ndjson: &[u8],
+    skip_through: Option<u32>,
+    max: usize,
+    out: &mut Vec<OutboxEntry>,
+) -> Result<(), StoreError> {
+    for (line, bytes) in ndjson.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+        let line = u32::try_from(line).map_err(|_| StoreError::Corrupt(format!("outbox row {row} too long")))?;
+        if skip_through.is_some_and(|s| line <= s) {
+            continue;
+        }
+        if out.len() >= max {
+            break;
+        }
+        let effect =
+            serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("outbox row {row}: {e}")))?;
+        out.push(OutboxEntry { pos: OutboxPos { row: row.to_string(), line }, effect });
+    }
+    Ok(())
+}

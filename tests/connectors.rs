@@ -1,0 +1,152 @@
+//! Connectors end to end (SPEC §4): the `stockflow` binary replays a generated stream and its
+//! drains deliver every effect to local receivers that inject faults (500s, 429 + Retry-After,
+//! accept-then-500, accept-then-hang past the client timeout, slow answers, connection resets).
+//! The drainer is killed with SIGKILL mid-delivery and restarted. Whatever happens, each alert,
+//! reorder and journal must be accepted exactly once (by effect id, under one idempotency key),
+//! per-SKU order kept, journal totals equal to the straight pass's COGS and inventory, the
+//! manufacturer's stock levels equal to the final state, and no dead letters.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use stockflow::generate::{GenConfig, generate};
+use stockflow_connectors::testing::{FaultPlan, Log, Receivers, Routes, check_deliveries};
+use stockflow_state::EngineConfig;
+use stockflow_state::reference::straight_pass_full;
+
+const KEY: &[u8] = b"connector-test-signing-key-32byt";
+
+fn config(base: &str, shape: &str) -> String {
+    let secret = base64::engine::general_purpose::STANDARD.encode(KEY);
+    let accounting = match shape {
+        "quickbooks" => format!("url = \"{base}/qbo\"\nrealm_id = \"9130\"\n"),
+        "xero" => format!("url = \"{base}/xero\"\ntenant_id = \"tenant-1\"\nbase_currency = \"USD\"\n"),
+        _ => format!("url = \"{base}/generic\"\n"),
+    };
+    format!(
+        "shards = 2\n\
+         [engine]\ndefault_reorder_point = 3\n\
+         [worker]\ncommit_every_records = 500\ncommit_interval_ms = 20\n\
+         [connectors]\nlog = false\n\
+         [connectors.delivery]\nmax_batch = 40\nlinger_ms = 0\nmax_attempts = 100000\ntimeout_ms = 300\n\
+         backoff_base_ms = 5\nbackoff_cap_ms = 100\nbreaker_failures = 5\nbreaker_open_ms = 50\n\
+         breaker_max_open_ms = 200\npoll_ms = 10\n\
+         [connectors.alerts_webhook]\nurl = \"{base}/alerts\"\nsecret = {{ value = \"whsec_{secret}\" }}\n\
+         [connectors.manufacturer]\nurl = \"{base}/manufacturer\"\nstock_sync_interval_s = 1\n\
+         [connectors.accounting]\nshape = \"{shape}\"\n{accounting}"
+    )
+}
+
+fn stockflow(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockflow"));
+    cmd.args([
+        "--config",
+        dir.join("stockflow.toml").to_str().unwrap(),
+        "--data-dir",
+        dir.join("data").to_str().unwrap(),
+    ])
+    .args(args)
+    .env("STOCKFLOW_LOG", "warn")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    cmd
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    receivers: Arc<Receivers>,
+    effects: Vec<stockflow_state::Effect>,
+    levels: Vec<(String, (i64, i64))>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Receivers with `percent`% faults, a generated stream appended to the embedded log (not yet
+/// consumed), and the straight pass's effects and final stock levels.
+async fn setup(shape: &str, events: usize, percent: u32) -> Setup {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let receivers = Receivers::new(FaultPlan::chaos(percent, Duration::from_millis(400), 11), Some(KEY.to_vec()));
+    let (base, _) = receivers.start(stop_rx).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("stockflow.toml"), config(&base, shape)).unwrap();
+    let stream = generate(&GenConfig { events, skus: 150, seed: 5, ..GenConfig::default() });
+    let file = dir.path().join("events.ndjson");
+    stream.write_ndjson(std::fs::File::create(&file).unwrap()).unwrap();
+    let cfg = EngineConfig { default_reorder_point: 3, ..EngineConfig::default() };
+    let (outcome, effects) = straight_pass_full(Arc::new(cfg), stream.iter().map(|(_, p)| p));
+    let levels = outcome.skus.iter().map(|s| (s.sku.clone(), (s.on_hand, s.reserved))).collect();
+    let out = stockflow(dir.path(), &["replay", "--file", file.to_str().unwrap(), "--no-consume"]).output().unwrap();
+    assert!(out.status.success());
+    Setup { dir, receivers, effects, levels, _stop: stop }
+}
+
+fn assert_exact(log: &Log, s: &Setup, accounting: &'static str) {
+    let routes = Routes { alerts: true, reorders: true, accounting: Some(accounting) };
+    let problems = check_deliveries(log, &s.effects, routes, 20);
+    assert!(problems.is_empty(), "delivery differs from the straight pass:\n{}", problems.join("\n"));
+    let journals = s.effects.iter().filter(|e| matches!(e, stockflow_state::Effect::Journal(_))).count();
+    assert!(journals > 100 && log.order[accounting].len() == journals, "journals were delivered");
+    let levels: Vec<(String, (i64, i64))> = log.stock_levels.clone().into_iter().collect();
+    assert_eq!(levels, s.levels, "the manufacturer holds the final stock levels");
+    let dead = stockflow(s.dir.path(), &["outbox", "dead-letters"]).output().unwrap();
+    assert!(dead.status.success());
+    assert_eq!(String::from_utf8_lossy(&dead.stdout), "", "no connector dead letters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_drainer_under_faults_delivers_every_effect_exactly_once() {
+    let s = setup("generic", 20_000, 20).await;
+    let mut accepted = s.receivers.accepted();
+    // Kill the consumer + drainer after k more effects were accepted, three times.
+    let mut killed = 0;
+    for k in [1u64, 37, 400] {
+        let target = *accepted.borrow() + k;
+        let mut child = stockflow(s.dir.path(), &["consume", "--drain"]).stdout(Stdio::null()).spawn().unwrap();
+        let reached = tokio::time::timeout(Duration::from_secs(120), accepted.wait_for(|n| *n >= target)).await;
+        assert!(reached.is_ok(), "the receivers accepted {k} more effects");
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        if status.signal() == Some(9) {
+            killed += 1;
+        }
+    }
+    assert!(killed >= 2, "the drainer was killed mid-delivery");
+    let out = stockflow(s.dir.path(), &["consume", "--drain"]).output().unwrap();
+    assert!(out.status.success(), "the last run finishes");
+    let log = s.receivers.log();
+    assert!(
+        log.faults > 50 && log.replays > 0,
+        "faults were injected ({}) and re-sends answered from the key ({})",
+        log.faults,
+        log.replays
+    );
+    assert_exact(&log, &s, "generic");
+
+    // A status of the outbox after everything is delivered: nothing behind, nothing in flight.
+    let status = stockflow(s.dir.path(), &["outbox", "status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("accounting") && text.lines().all(|l| l.contains("not yet delivered        0  in flight -")),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickbooks_and_xero_shapes_book_the_straight_pass_exactly_once_within_their_limits() {
+    for (shape, route) in [("quickbooks", "quickbooks"), ("xero", "xero")] {
+        let s = setup(shape, 2_500, 15).await;
+        let out = stockflow(s.dir.path(), &["consume", "--drain"]).output().unwrap();
+        assert!(out.status.success(), "{shape}: the run finishes");
+        let log = s.receivers.log();
+        assert!(log.faults > 0, "{shape}: faults were injected");
+        assert_exact(&log, &s, route);
+        // Batches within the documented limits: QuickBooks ≤ 10 entries, Xero ≤ 50 journals.
+        let journals = log.order[route].len() as u64;
+        let requests = log.accepted_requests[route];
+        let most = if shape == "quickbooks" { 10 } else { 50 };
+        assert!(journals <= requests * most, "{shape}: {journals} journals in {requests} requests");
+    }
+}
