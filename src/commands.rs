@@ -285,11 +285,20 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     let connectors = Connectors::build(&settings.connectors).await?;
     let (_finish, finish) = watch::channel(false);
     let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown.clone(), finish));
-    println!("stockflow: delivering effects to {}", connectors.names().join(", "));
+    tracing::info!(connectors = %connectors.names().join(", "), "delivering effects");
     let reports = backend.consume(&settings, shutdown, Arc::new(Progress::default())).await?;
     server.await.context("ingest server task")??;
     let (delivered, _) = drains.join().await?;
-    print_deliveries(&delivered);
+    for d in &delivered {
+        tracing::info!(
+            connector = d.connector,
+            effects = d.effects,
+            requests = d.sent,
+            failed = d.failed,
+            dead_lettered = d.dead_lettered,
+            "delivered"
+        );
+    }
     for r in &reports {
         tracing::info!(shard = %r.shard, checkpoint = ?r.checkpoint, applied = r.stats.applied, "shard stopped");
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use stockflow_connectors::accounting::{Accounting, Accounts, Shape};
 use stockflow_connectors::alerts::{AlertFeed, AlertWebhook, LogSink};
-use stockflow_connectors::drain::{Drain, DrainConfig, DrainControl, DrainStats};
+use stockflow_connectors::drain::{Drain, DrainConfig, DrainControl, DrainStats, ShardFilter};
 use stockflow_connectors::manufacturer::{Manufacturer, SyncReport, sync_stock_levels};
 use stockflow_connectors::policy::{BackoffConfig, BreakerConfig, DeliveryPolicy};
 use stockflow_connectors::{Connector, Secret};
@@ -54,7 +54,7 @@ impl Default for ConnectorsSection {
 pub struct DeliverySection {
     /// Most effects per request (1 to 1000).
     pub max_batch: usize,
-    /// Largest request body, bytes (1 KiB to 10 MiB).
+    /// Largest request body, bytes (1 KiB to 350 KB: the in-flight request is saved in the store).
     pub max_bytes: usize,
     /// How long a partial batch waits for more, ms (0 to 60,000).
     pub linger_ms: u64,
@@ -233,7 +233,7 @@ impl DeliverySection {
             }
         };
         check("max_batch", self.max_batch as u64, 1, 1000)?;
-        check("max_bytes", self.max_bytes as u64, 1024, 10 << 20)?;
+        check("max_bytes", self.max_bytes as u64, 1024, 350_000)?;
         check("linger_ms", self.linger_ms, 0, 60_000)?;
         check("max_attempts", self.max_attempts.into(), 1, 1_000_000)?;
         check("timeout_ms", self.timeout_ms, 50, 120_000)?;
@@ -454,8 +454,19 @@ impl Connectors {
         v
     }
 
-    /// Starts a drain per connector (and the stock-level sync) over `store`.
+    /// Starts a drain per connector (and the stock-level sync) over `store`, every shard.
     pub fn spawn<S: OutboxStore + StateStore>(&self, store: Arc<S>, ctl: DrainControl) -> Running {
+        self.spawn_filtered(store, ctl, Arc::new(|_| true))
+    }
+
+    /// Starts a drain per connector over the shards `filter` admits (a consumer-group member
+    /// drains the shards it leases).
+    pub fn spawn_filtered<S: OutboxStore + StateStore>(
+        &self,
+        store: Arc<S>,
+        ctl: DrainControl,
+        filter: ShardFilter,
+    ) -> Running {
         let mut tasks = JoinSet::new();
         fn start<S: OutboxStore, C: Connector>(
             tasks: &mut JoinSet<Result<Option<DrainSummary>, StoreError>>,
@@ -463,26 +474,28 @@ impl Connectors {
             c: &Arc<C>,
             cfg: &DrainConfig,
             ctl: &DrainControl,
+            filter: &ShardFilter,
         ) {
-            let drain = Arc::new(Drain::new(Arc::clone(store), Arc::clone(c), cfg.clone()));
+            let drain =
+                Arc::new(Drain::new(Arc::clone(store), Arc::clone(c), cfg.clone()).with_filter(Arc::clone(filter)));
             let ctl = ctl.clone();
             tasks.spawn(async move {
                 Arc::clone(&drain).run(ctl).await?;
                 Ok(Some(DrainSummary::of(drain.name(), drain.stats())))
             });
         }
-        start(&mut tasks, &store, &self.feed, &self.drain, &ctl);
+        start(&mut tasks, &store, &self.feed, &self.drain, &ctl, &filter);
         if let Some(c) = &self.log {
-            start(&mut tasks, &store, c, &self.drain, &ctl);
+            start(&mut tasks, &store, c, &self.drain, &ctl, &filter);
         }
         if let Some(c) = &self.webhook {
-            start(&mut tasks, &store, c, &self.drain, &ctl);
+            start(&mut tasks, &store, c, &self.drain, &ctl, &filter);
         }
         if let Some(c) = &self.manufacturer {
-            start(&mut tasks, &store, c, &self.drain, &ctl);
+            start(&mut tasks, &store, c, &self.drain, &ctl, &filter);
         }
         if let Some(c) = &self.accounting {
-            start(&mut tasks, &store, c, &self.drain, &ctl);
+            start(&mut tasks, &store, c, &self.drain, &ctl, &filter);
         }
         let (stop_sync, stop_rx) = watch::channel(false);
         let stock_sync = match (&self.manufacturer, self.stock_sync) {

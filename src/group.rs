@@ -1,10 +1,11 @@
 //! `stockflow consume` on the AWS backend: a member of a consumer group reading a Kinesis stream
 //! (polling or enhanced fan-out), with leases, state, outbox and checkpoints in DynamoDB.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use axum::Router;
@@ -15,6 +16,7 @@ use stockflow_pipeline::Progress;
 use stockflow_pipeline::group::Coordinator;
 use stockflow_pipeline::kinesis::{self, KinesisConfig, KinesisSource, ReadMode};
 use stockflow_state::dynamodb::DynamoStore;
+use stockflow_state::lease::LeaseStore;
 
 use crate::config::Settings;
 
@@ -87,7 +89,49 @@ pub async fn consume(
         Arc::clone(&progress),
     );
     println!("stockflow: worker {} joined the group on stream {}", settings.group.worker_id, targets.stream);
+    // Each member drains the outbox of the shards it leases (and of ended parents of those).
+    let owned: Arc<RwLock<HashSet<String>>> = Arc::default();
+    let refresh = {
+        let (store, owned, me, mut stop) =
+            (Arc::clone(&store), Arc::clone(&owned), settings.group.worker_id.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(leases) = store.leases().await {
+                    let mine: HashSet<String> = leases
+                        .iter()
+                        .filter(|l| l.owner.as_deref() == Some(me.as_str()))
+                        .map(|l| l.key.clone())
+                        .collect();
+                    let parents = leases.iter().filter(|l| l.ended && l.children.iter().any(|c| mine.contains(c)));
+                    let parents: Vec<String> = parents.map(|l| l.key.clone()).collect();
+                    let mut set = owned.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    *set = mine;
+                    set.extend(parents);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    };
+    let connectors = crate::connectors::Connectors::build(&settings.connectors).await?;
+    let (_finish, finish) = tokio::sync::watch::channel(false);
+    let filter = {
+        let owned = Arc::clone(&owned);
+        Arc::new(move |shard: &str| owned.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(shard))
+    };
+    let drains = connectors.spawn_filtered(
+        Arc::clone(&store),
+        stockflow_connectors::DrainControl::new(shutdown.clone(), finish),
+        filter,
+    );
     let report = coordinator.run(shutdown).await?;
+    let (delivered, _) = drains.join().await?;
+    refresh.abort();
+    for d in delivered.iter().filter(|d| d.sent > 0) {
+        println!("delivered: {} {} effects in {} requests", d.connector, d.effects, d.sent);
+    }
     let s = store.stats();
     println!(
         "consumed: {} events applied, {} duplicates skipped, {} commits; leases taken {}, lost {}",

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 pub struct DeliveryPolicy {
     /// Most effects per request.
     pub max_batch: usize,
-    /// Largest request body, bytes (a batch rendering larger is halved).
+    /// Largest request body, bytes (a batch rendering larger is halved). The in-flight request
+    /// is saved in the store, so it must fit a DynamoDB item (≤ 350 KB).
     pub max_bytes: usize,
     /// How long a partial batch waits for more effects.
     pub linger: Duration,
@@ -37,7 +38,7 @@ impl Default for DeliveryPolicy {
     fn default() -> Self {
         DeliveryPolicy {
             max_batch: 100,
-            max_bytes: 1 << 20,
+            max_bytes: 256 << 10,
             linger: Duration::from_millis(200),
             max_attempts: 12,
             timeout: Duration::from_secs(10),

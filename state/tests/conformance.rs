@@ -8,6 +8,9 @@ use std::sync::Arc;
 use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::embedded::RedbStore;
 use stockflow_state::engine::DedupDelta;
+use stockflow_state::outbox::{
+    ConnectorDeadLetter, Cursor, InFlight, OutboxPos, OutboxStore, Request, requeue_dead_letters,
+};
 use stockflow_state::reference::Outcome;
 use stockflow_state::{
     Applied, DeadLetter, EngineConfig, Position, ShardCommit, ShardEngine, StateStore, StoreError, decode,
@@ -119,11 +122,71 @@ async fn conformance<S: StateStore>(store: &S, shard: &str, epoch: u64) {
     assert_eq!(after.len(), live.len() + 1);
 }
 
+/// The outbox as connectors read it: pages after a position add up to the shard's outbox in
+/// order; cursors and connector dead letters round-trip; dead letters are requeued and removed.
+async fn outbox_conformance<S: StateStore + OutboxStore>(store: &S, shard: &str) {
+    assert!(store.outbox_shards().await.unwrap().contains(&shard.to_string()));
+    let all = store.read_outbox(shard, None, usize::MAX).await.unwrap();
+    assert!(all.len() > 10, "the suite's commits produced effects ({})", all.len());
+    assert!(all.windows(2).all(|w| w[0].pos < w[1].pos), "positions increase");
+    // Pages of 7 after the previous page's last position give the same effects.
+    let mut paged = Vec::new();
+    let mut after: Option<OutboxPos> = None;
+    loop {
+        let page = store.read_outbox(shard, after.as_ref(), 7).await.unwrap();
+        assert!(page.len() <= 7);
+        let Some(last) = page.last() else { break };
+        after = Some(last.pos.clone());
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    let mut stored: Vec<_> = store.effects().await.unwrap();
+    stored.retain(|e| all.iter().any(|a| a.effect == *e));
+    assert_eq!(stored.len(), all.len());
+
+    assert_eq!(store.cursor("accounting", shard).await.unwrap(), Cursor::default());
+    let request = Request { key: "sf0123".into(), body: "{}".into(), items: vec![all[3].effect.id().to_string()] };
+    let cursor = Cursor {
+        delivered: Some(all[2].pos.clone()),
+        in_flight: Some(InFlight {
+            request: request.clone(),
+            through: all[3].pos.clone(),
+            attempts: 2,
+            last_error: Some("HTTP 503".into()),
+        }),
+    };
+    store.save_cursor("accounting", shard, &cursor, None).await.unwrap();
+    assert_eq!(store.cursor("accounting", shard).await.unwrap(), cursor);
+    assert_eq!(store.cursor("alerts-webhook", shard).await.unwrap(), Cursor::default(), "cursors are per connector");
+    let dead = ConnectorDeadLetter {
+        connector: "accounting".into(),
+        shard: shard.into(),
+        request,
+        attempts: 12,
+        last_error: "HTTP 503".into(),
+        at_ms: 1,
+        requeued: false,
+        rendered: true,
+    };
+    let next = Cursor { delivered: Some(all[3].pos.clone()), in_flight: None };
+    store.save_cursor("accounting", shard, &next, Some(&dead)).await.unwrap();
+    assert_eq!(store.cursor("accounting", shard).await.unwrap(), next);
+    assert_eq!(store.connector_dead_letters(Some("accounting")).await.unwrap(), vec![dead.clone()]);
+    assert_eq!(store.connector_dead_letters(Some("manufacturer")).await.unwrap(), vec![]);
+    assert_eq!(requeue_dead_letters(store, Some("accounting")).await.unwrap(), 1);
+    assert_eq!(requeue_dead_letters(store, Some("accounting")).await.unwrap(), 0, "already flagged");
+    let listed = store.connector_dead_letters(None).await.unwrap();
+    assert!(listed.len() == 1 && listed[0].requeued);
+    store.remove_dead_letter("accounting", shard, &dead.request.key).await.unwrap();
+    assert_eq!(store.connector_dead_letters(None).await.unwrap(), vec![]);
+}
+
 #[tokio::test]
 async fn embedded_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
     conformance(&store, "shard-0000", 0).await;
+    outbox_conformance(&store, "shard-0000").await;
 }
 
 #[tokio::test]
@@ -131,6 +194,7 @@ async fn dynamodb_store_conforms() {
     let Some(store) = emulator_store("t").await else { return };
     let epoch = store.take_lease("shardId-000000000001", "worker-a").await.unwrap();
     conformance(&store, "shardId-000000000001", epoch).await;
+    outbox_conformance(&store, "shardId-000000000001").await;
     // setup is idempotent: a second run validates instead of creating.
     let again = store.setup().await.unwrap();
     assert!(again.iter().all(|o| matches!(o, stockflow_state::dynamodb::TableOutcome::Valid(_))));
@@ -157,5 +221,15 @@ async fn dynamodb_effects_larger_than_one_item_read_back_whole() {
     let stored = store.effects().await.unwrap();
     assert_eq!(stored.len(), expected.len());
     // Commits store effects grouped by SKU; each SKU's order is kept.
-    assert!(per_sku(stored) == per_sku(expected), "effects differ per SKU");
+    assert!(per_sku(stored.clone()) == per_sku(expected), "effects differ per SKU");
+    // Read by connectors in pages, across the item boundaries, the same effects in the same order.
+    let mut paged = Vec::new();
+    let mut after: Option<OutboxPos> = None;
+    loop {
+        let page = store.read_outbox("s", after.as_ref(), 1_500).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.pos.clone());
+        paged.extend(page.into_iter().map(|e| e.effect));
+    }
+    assert_eq!(paged, stored);
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`schema`]: table names, `setup` (create/validate, idempotent).
 //! - [`commit`]: fenced, split, idempotent commits.
+//! - `delivery`: the outbox as connectors read it, delivery cursors, connector dead letters.
 //! - this file: the client, loading a shard, the dumps, leases' fencing epoch.
 //!
 //! A commit larger than one `TransactWriteItems` (100 items, 4 MB) is split into parts, each
@@ -11,6 +12,7 @@
 //! checkpoint is written last, conditioned on the epoch and on moving forward.
 
 mod commit;
+mod delivery;
 mod leases;
 pub mod schema;
 pub mod testing;
@@ -213,7 +215,7 @@ impl DynamoStore {
         Ok(out.item().cloned())
     }
 
-    async fn query_all(
+    pub(crate) async fn query_all(
         &self,
         mut query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
     ) -> Result<Vec<Item>, StoreError> {
@@ -229,7 +231,7 @@ impl DynamoStore {
         }
     }
 
-    async fn scan_all(&self, table: &str) -> Result<Vec<Item>, StoreError> {
+    pub(crate) async fn scan_all(&self, table: &str) -> Result<Vec<Item>, StoreError> {
         let mut items = Vec::new();
         let mut start = None;
         loop {
@@ -373,7 +375,7 @@ fn assemble_states(items: Vec<Item>) -> Result<Vec<(String, SkuState)>, StoreErr
     Ok(out)
 }
 
-fn blob(item: &Item, name: &str) -> Vec<u8> {
+pub(crate) fn blob(item: &Item, name: &str) -> Vec<u8> {
     item.get(name).and_then(|v| v.as_b().ok()).map(|b| b.as_ref().to_vec()).unwrap_or_default()
 }
 

@@ -11,7 +11,7 @@ use crate::store::StoreError;
 
 use super::sdk_error;
 
-/// Names of the five tables, from one prefix.
+/// Names of the six tables, from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableNames {
     /// Per-SKU state: `sku` (S) + `part` (N); GSI `by-shard` on `shard` + `sku`.
@@ -24,6 +24,8 @@ pub struct TableNames {
     pub dedup: String,
     /// Leases and checkpoints (KCL attribute names): `leaseKey` (S).
     pub leases: String,
+    /// Connector delivery: `connector` (S) + `key` (S): `cursor#{shard}` and `dead#{shard}#{request key}`.
+    pub delivery: String,
 }
 
 /// Key schema of one table: name suffix, partition key and optional sort key, each with its
@@ -38,13 +40,14 @@ pub struct TableKeys {
     pub range: Option<(&'static str, &'static str)>,
 }
 
-/// The five tables' key schemas.
-pub const TABLE_KEYS: [TableKeys; 5] = [
+/// The six tables' key schemas.
+pub const TABLE_KEYS: [TableKeys; 6] = [
     TableKeys { suffix: "sku-state", hash: ("sku", "S"), range: Some(("part", "N")) },
     TableKeys { suffix: "outbox", hash: ("shard", "S"), range: Some(("seq", "S")) },
     TableKeys { suffix: "dead-letters", hash: ("shard", "S"), range: Some(("pos", "S")) },
     TableKeys { suffix: "dedup", hash: ("shard", "S"), range: Some(("chunk", "S")) },
     TableKeys { suffix: "leases", hash: ("leaseKey", "S"), range: None },
+    TableKeys { suffix: "delivery", hash: ("connector", "S"), range: Some(("key", "S")) },
 ];
 
 /// The GSI of the SKU table that lists a shard's SKUs.
@@ -52,14 +55,21 @@ pub const BY_SHARD_INDEX: &str = "by-shard";
 
 impl TableNames {
     /// `{prefix}-sku-state`, `{prefix}-outbox`, `{prefix}-dead-letters`, `{prefix}-dedup`,
-    /// `{prefix}-leases`.
+    /// `{prefix}-leases`, `{prefix}-delivery`.
     pub fn with_prefix(prefix: &str) -> Self {
         let name = |i: usize| format!("{prefix}-{}", TABLE_KEYS[i].suffix);
-        TableNames { sku_state: name(0), outbox: name(1), dead_letters: name(2), dedup: name(3), leases: name(4) }
+        TableNames {
+            sku_state: name(0),
+            outbox: name(1),
+            dead_letters: name(2),
+            dedup: name(3),
+            leases: name(4),
+            delivery: name(5),
+        }
     }
 
-    fn all(&self) -> [&str; 5] {
-        [&self.sku_state, &self.outbox, &self.dead_letters, &self.dedup, &self.leases]
+    fn all(&self) -> [&str; 6] {
+        [&self.sku_state, &self.outbox, &self.dead_letters, &self.dedup, &self.leases, &self.delivery]
     }
 }
 

@@ -1,0 +1,221 @@
+//! [`OutboxStore`] on DynamoDB: effects are read from `{prefix}-outbox` with a consistent
+//! `Query` after a position (a part's chunks joined before splitting lines); cursors and
+//! connector dead letters live in `{prefix}-delivery` (`connector` + `key`: `cursor#{shard}`,
+//! `dead#{shard}#{request key}`), the value as JSON in `data`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+
+use super::{DynamoStore, Item, blob, sdk_error};
+use crate::outbox::{ConnectorDeadLetter, Cursor, OutboxEntry, OutboxPos, OutboxStore, row_entries};
+use crate::store::{StateStore, StoreError};
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn text(item: &Item, name: &str) -> String {
+    item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default()
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn dead_key(shard: &str, key: &str) -> String {
+    format!("dead#{shard}#{key}")
+}
+
+impl DynamoStore {
+    fn delivery_item(&self, connector: &str, key: String, json: String) -> Item {
+        HashMap::from([
+            ("connector".to_string(), s(connector)),
+            ("key".to_string(), s(key)),
+            ("data".to_string(), s(json)),
+        ])
+    }
+}
+
+impl OutboxStore for DynamoStore {
+    async fn outbox_shards(&self) -> Result<Vec<String>, StoreError> {
+        // Every shard that committed has a checkpoint in the lease table.
+        Ok(self.checkpoints().await?.into_iter().map(|(shard, _)| shard).collect())
+    }
+
+    async fn read_outbox(
+        &self,
+        shard: &str,
+        after: Option<&OutboxPos>,
+        max: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        // The part being joined: (row = "{checkpointKey}#{part}", bytes).
+        let mut part: Option<(String, Vec<u8>)> = None;
+        let flush = |part: &mut Option<(String, Vec<u8>)>, out: &mut Vec<OutboxEntry>| -> Result<(), StoreError> {
+            if let Some((row, bytes)) = part.take() {
+                let skip = after.filter(|a| a.row == row).map(|a| a.line);
+                row_entries(&row, &bytes, skip, max, out)?;
+            }
+            Ok(())
+        };
+        loop {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.tables.outbox)
+                .consistent_read(true)
+                .key_condition_expression(if after.is_some() { "#s = :s AND #q > :after" } else { "#s = :s" })
+                .expression_attribute_names("#s", "shard")
+                .expression_attribute_values(":s", s(shard))
+                .set_exclusive_start_key(start.take())
+                .limit(64);
+            if let Some(a) = after {
+                q = q.expression_attribute_names("#q", "seq").expression_attribute_values(":after", s(&a.row));
+            }
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            let page = q.send().await.map_err(sdk_error)?;
+            for item in page.items() {
+                let seq = text(item, "seq");
+                let row = seq.rsplit_once('#').map_or(seq.as_str(), |(p, _)| p).to_string();
+                if part.as_ref().is_none_or(|(r, _)| *r != row) {
+                    flush(&mut part, &mut out)?;
+                    if out.len() >= max {
+                        return Ok(out);
+                    }
+                    part = Some((row, Vec::new()));
+                }
+                if let Some((_, bytes)) = part.as_mut() {
+                    bytes.extend_from_slice(&blob(item, "data"));
+                }
+            }
+            match page.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        flush(&mut part, &mut out)?;
+        Ok(out)
+    }
+
+    async fn cursor(&self, connector: &str, shard: &str) -> Result<Cursor, StoreError> {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.delivery)
+            .key("connector", s(connector))
+            .key("key", s(format!("cursor#{shard}")))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        match out.item() {
+            Some(item) => serde_json::from_str(&text(item, "data")).map_err(corrupt),
+            None => Ok(Cursor::default()),
+        }
+    }
+
+    async fn save_cursor(
+        &self,
+        connector: &str,
+        shard: &str,
+        cursor: &Cursor,
+        dead: Option<&ConnectorDeadLetter>,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(cursor).map_err(corrupt)?;
+        let item = self.delivery_item(connector, format!("cursor#{shard}"), json);
+        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        match dead {
+            None => {
+                self.client
+                    .put_item()
+                    .table_name(&self.tables.delivery)
+                    .set_item(Some(item))
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+            }
+            Some(d) => {
+                let dead_item = self.delivery_item(
+                    connector,
+                    dead_key(shard, &d.request.key),
+                    serde_json::to_string(d).map_err(corrupt)?,
+                );
+                let put = |item: Item| -> Result<TransactWriteItem, StoreError> {
+                    let p = Put::builder()
+                        .table_name(&self.tables.delivery)
+                        .set_item(Some(item))
+                        .build()
+                        .map_err(sdk_error)?;
+                    Ok(TransactWriteItem::builder().put(p).build())
+                };
+                self.client
+                    .transact_write_items()
+                    .transact_items(put(item)?)
+                    .transact_items(put(dead_item)?)
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn connector_dead_letters(&self, connector: Option<&str>) -> Result<Vec<ConnectorDeadLetter>, StoreError> {
+        let items = match connector {
+            Some(c) => {
+                let q = self
+                    .client
+                    .query()
+                    .table_name(&self.tables.delivery)
+                    .consistent_read(true)
+                    .key_condition_expression("#c = :c AND begins_with(#k, :dead)")
+                    .expression_attribute_names("#c", "connector")
+                    .expression_attribute_names("#k", "key")
+                    .expression_attribute_values(":c", s(c))
+                    .expression_attribute_values(":dead", s("dead#"));
+                self.query_all(q).await?
+            }
+            None => self.scan_all(&self.tables.delivery).await?,
+        };
+        let mut out: Vec<ConnectorDeadLetter> = Vec::new();
+        for item in items.iter().filter(|i| text(i, "key").starts_with("dead#")) {
+            out.push(serde_json::from_str(&text(item, "data")).map_err(corrupt)?);
+        }
+        out.sort_by(|a, b| (&a.connector, &a.shard, &a.request.key).cmp(&(&b.connector, &b.shard, &b.request.key)));
+        Ok(out)
+    }
+
+    async fn put_dead_letter(&self, dead: &ConnectorDeadLetter) -> Result<(), StoreError> {
+        let item = self.delivery_item(
+            &dead.connector,
+            dead_key(&dead.shard, &dead.request.key),
+            serde_json::to_string(dead).map_err(corrupt)?,
+        );
+        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        self.client
+            .put_item()
+            .table_name(&self.tables.delivery)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+
+    async fn remove_dead_letter(&self, connector: &str, shard: &str, key: &str) -> Result<(), StoreError> {
+        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        self.client
+            .delete_item()
+            .table_name(&self.tables.delivery)
+            .key("connector", s(connector))
+            .key("key", s(dead_key(shard, key)))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+}
