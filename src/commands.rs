@@ -543,7 +543,7 @@ async fn outbox(args: OutboxArgs, settings: Settings) -> anyhow::Result<ExitCode
                     );
                     let dl = dead.iter().filter(|d| d.connector == name && d.shard == shard).count();
                     println!(
-                        "{name:<15} {shard:<10} not yet delivered {behind:>8}  in flight {flight}  dead letters {dl}"
+                        "{name:<15} {shard:<10} effects after the cursor {behind:>8}  in flight {flight}  dead letters {dl}"
                     );
                 }
             }

@@ -19,6 +19,9 @@ use stockflow_state::{StateStore, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+/// How often credentials from Secrets Manager or a file are re-read.
+const REFRESH: Duration = Duration::from_secs(300);
+
 /// `[connectors]`: where effects are delivered. Each HTTP connector is off until its `url` is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -141,6 +144,28 @@ impl CredentialSource {
         };
         Ok(Secret::new(value.trim().to_string()))
     }
+
+    /// Loads the credential and, when it comes from Secrets Manager or a file, re-reads it every
+    /// `every` so a rotated token (OAuth access tokens live under an hour) reaches the running
+    /// connectors; a failed re-read keeps the old value.
+    pub async fn load_and_refresh(&self, what: &'static str, every: Duration) -> anyhow::Result<Secret> {
+        let secret = self.load(what).await?;
+        if self.secret_id.is_some() || self.file.is_some() {
+            let (source, shared) = (self.clone(), secret.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match source.load(what).await {
+                        Ok(fresh) => shared.replace(fresh.expose()),
+                        Err(e) => {
+                            tracing::warn!(credential = what, error = %e, "re-reading a credential failed; keeping the old one")
+                        }
+                    }
+                }
+            });
+        }
+        Ok(secret)
+    }
 }
 
 /// `[connectors.alerts_webhook]`.
@@ -195,7 +220,8 @@ pub struct AccountingSection {
     pub tenant_id: Option<String>,
     /// Xero organisation base currency.
     pub base_currency: String,
-    /// OAuth 2 access token (refreshed outside stockflow: a rotated secret is re-read).
+    /// OAuth 2 access token (refreshed outside stockflow; from Secrets Manager or a file it is
+    /// re-read every 5 minutes).
     pub token: CredentialSource,
     /// Account debited with COGS.
     pub cogs_account: String,
@@ -376,7 +402,8 @@ impl Connectors {
         let policy = cfg.delivery.policy()?;
         let webhook = match &cfg.alerts_webhook.url {
             Some(url) => {
-                let secret = cfg.alerts_webhook.secret.load("connectors.alerts_webhook.secret").await?;
+                let secret =
+                    cfg.alerts_webhook.secret.load_and_refresh("connectors.alerts_webhook.secret", REFRESH).await?;
                 let hook = AlertWebhook::new(url.clone(), secret, policy.clone())
                     .map_err(|e| anyhow::anyhow!("connectors.alerts_webhook.secret: {e}"))?;
                 Some(Arc::new(hook))
@@ -386,7 +413,7 @@ impl Connectors {
         let m = &cfg.manufacturer;
         let manufacturer = match &m.url {
             Some(url) => {
-                let token = m.token.load("connectors.manufacturer.token").await?;
+                let token = m.token.load_and_refresh("connectors.manufacturer.token", REFRESH).await?;
                 Some(Arc::new(Manufacturer::new(
                     url.clone(),
                     token,
@@ -417,7 +444,7 @@ impl Connectors {
                     inventory: a.inventory_account.clone(),
                     clearing: a.clearing_account.clone(),
                 };
-                let token = a.token.load("connectors.accounting.token").await?;
+                let token = a.token.load_and_refresh("connectors.accounting.token", REFRESH).await?;
                 Some(Arc::new(Accounting::new(shape, accounts, token, policy.clone())))
             }
             None => None,

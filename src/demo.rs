@@ -127,7 +127,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
         Some(DEMO_WEBHOOK_KEY.to_vec()),
     );
     let (base, _) = receivers.start(receivers_stop).await.context("starting the local receivers")?;
-    let (connectors, routes) = demo_connectors(&settings, &base).await?;
+    let (connectors, routes) = demo_connectors(&base).await?;
     println!("connectors: {} (local receivers on {base}, {}% faults)", connectors.names().join(", "), args.faults);
     let (finish_tx, finish_rx) = tokio::sync::watch::channel(false);
     let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown_signal(), finish_rx));
@@ -284,38 +284,28 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
 /// The demo's webhook signing key (its receiver verifies with the same key).
 const DEMO_WEBHOOK_KEY: &[u8] = b"stockflow-demo-signing-key-32byt";
 
-/// The configured connectors, with every unconfigured HTTP connector pointed at the local
-/// receivers, and the receiver routes to check.
-async fn demo_connectors(settings: &Settings, base: &str) -> anyhow::Result<(crate::connectors::Connectors, Routes)> {
+/// Every connector pointed at the local receivers, and the receiver routes to check.
+async fn demo_connectors(base: &str) -> anyhow::Result<(crate::connectors::Connectors, Routes)> {
     use base64::Engine as _;
-    let mut c = settings.connectors.clone();
-    c.log = false;
-    let local_alerts = c.alerts_webhook.url.is_none();
-    if local_alerts {
-        c.alerts_webhook.url = Some(format!("{base}/alerts"));
-        let key = base64::engine::general_purpose::STANDARD.encode(DEMO_WEBHOOK_KEY);
-        c.alerts_webhook.secret =
-            crate::connectors::CredentialSource { value: Some(format!("whsec_{key}")), ..Default::default() };
-    }
-    let local_maker = c.manufacturer.url.is_none();
-    if local_maker {
-        c.manufacturer.url = Some(format!("{base}/manufacturer"));
-        c.manufacturer.stock_sync_interval_s = 1;
-    }
-    let local_books = c.accounting.url.is_none();
-    if local_books {
-        c.accounting.url = Some(format!("{base}/generic"));
-        c.accounting.shape = "generic".into();
-    }
-    c.delivery.max_batch = c.delivery.max_batch.max(1000);
+    // The demo's stream is synthetic: it always goes to the local receivers, never to an
+    // endpoint configured for real use.
+    let key = base64::engine::general_purpose::STANDARD.encode(DEMO_WEBHOOK_KEY);
+    let local = |v: String| crate::connectors::CredentialSource { value: Some(v), ..Default::default() };
+    let mut c = crate::connectors::ConnectorsSection { log: false, ..Default::default() };
+    c.alerts_webhook.url = Some(format!("{base}/alerts"));
+    c.alerts_webhook.secret = local(format!("whsec_{key}"));
+    c.manufacturer.url = Some(format!("{base}/manufacturer"));
+    c.manufacturer.stock_sync_interval_s = 1;
+    c.accounting.url = Some(format!("{base}/generic"));
+    c.delivery.max_batch = 1000;
     c.delivery.linger_ms = 20;
     c.delivery.poll_ms = 20;
     c.delivery.timeout_ms = 1000;
     c.delivery.backoff_base_ms = 20;
     c.delivery.backoff_cap_ms = 1000;
     c.delivery.breaker_open_ms = 200;
-    c.delivery.breaker_max_open_ms = c.delivery.breaker_max_open_ms.max(200);
+    c.delivery.breaker_max_open_ms = 2000;
     c.delivery.max_attempts = 1_000;
-    let routes = Routes { alerts: local_alerts, reorders: local_maker, accounting: local_books.then_some("generic") };
+    let routes = Routes { alerts: true, reorders: true, accounting: Some("generic") };
     Ok((crate::connectors::Connectors::build(&c).await?, routes))
 }

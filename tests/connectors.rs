@@ -129,7 +129,8 @@ async fn kill_9_of_the_drainer_under_faults_delivers_every_effect_exactly_once()
     let status = stockflow(s.dir.path(), &["outbox", "status"]).output().unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
-        text.contains("accounting") && text.lines().all(|l| l.contains("not yet delivered        0  in flight -")),
+        text.contains("accounting")
+            && text.lines().all(|l| l.contains("effects after the cursor        0  in flight -")),
         "{text}"
     );
 }

@@ -7,8 +7,9 @@
 //! - **Xero**: `PUT /api.xro/2.0/ManualJournals` with `Idempotency-Key` and `xero-tenant-id`,
 //!   debits positive and credits negative, base currency only.
 //!
-//! Amounts are `rust_decimal`: each line is rounded to the currency's minor unit, half to even,
-//! and every entry is checked to balance (debits = credits) before anything is sent.
+//! Amounts are `rust_decimal`: each line arrives rounded to the currency's minor unit, half to
+//! even (the engine rounds it); every entry is checked — amounts within the minor unit, none
+//! negative, debits = credits — before anything is sent.
 
 use std::time::Duration;
 

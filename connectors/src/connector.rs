@@ -210,7 +210,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Classifies an answer: 2xx → `Ok`; 429 (and QuickBooks' `ThrottleExceeded`) → throttled,
-/// waiting `Retry-After` or `default_throttle`; 408 and 5xx → transient; other 4xx → rejected.
+/// waiting `Retry-After` (at most a day) or `default_throttle`; 401, 408 and 5xx → transient;
+/// other 4xx → rejected.
 pub fn classify(resp: HttpResponse, default_throttle: Duration) -> Result<HttpResponse, DeliveryError> {
     let status = resp.status;
     if status.is_success() {
@@ -220,7 +221,8 @@ pub fn classify(resp: HttpResponse, default_throttle: Duration) -> Result<HttpRe
         .headers
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+        .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()))
+        .map(|d| d.min(crate::drain::MAX_PAUSE));
     let excerpt = excerpt(&resp.body);
     let throttled = status == StatusCode::TOO_MANY_REQUESTS
         || (status == StatusCode::FORBIDDEN && excerpt.contains("ThrottleExceeded"));
@@ -229,6 +231,14 @@ pub fn classify(resp: HttpResponse, default_throttle: Duration) -> Result<HttpRe
         return Err(DeliveryError::Throttled {
             reason: format!("HTTP {status} {problem}").trim_end().to_string(),
             retry_after: Some(retry_after.unwrap_or(default_throttle)),
+        });
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        // Expired or rotated credentials: the receiver is fine, our token is not. Delay (the
+        // secret is re-read periodically) rather than dead-letter everything.
+        return Err(DeliveryError::Transient {
+            reason: format!("HTTP 401 (credentials refused): {excerpt}"),
+            retry_after,
         });
     }
     if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
@@ -283,6 +293,11 @@ mod tests {
             ));
         }
         assert!(matches!(classify(resp(403, &[], "forbidden"), d), Err(DeliveryError::Rejected(_))));
+        assert!(matches!(classify(resp(401, &[], "token expired"), d), Err(DeliveryError::Transient { .. })));
+        assert!(matches!(
+            classify(resp(429, &[("retry-after", "18446744073709551615")], ""), d),
+            Err(DeliveryError::Throttled { retry_after: Some(w), .. }) if w == crate::drain::MAX_PAUSE
+        ));
         assert!(matches!(
             classify(resp(503, &[("retry-after", "3")], "busy"), d),
             Err(DeliveryError::Transient { retry_after: Some(w), .. }) if w == Duration::from_secs(3)

@@ -30,6 +30,9 @@ use tokio::time::Instant;
 use crate::connector::{Connector, Delivered, DeliveryError, request_key};
 use crate::policy::{Backoff, CircuitBreaker, CircuitState, Sleeper, TokenBucket, TokioSleeper};
 
+/// The longest a receiver's `Retry-After` pauses a connector.
+pub const MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
+
 /// How the drain polls.
 #[derive(Debug, Clone)]
 pub struct DrainConfig {
@@ -243,18 +246,37 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 Ok(()) = finish.changed(), if !finishing => {}
                 Some(done) = lanes.join_next(), if !lanes.is_empty() => {
                     let (shard, result) = done.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
-                    result?;
-                    if !ctl.finishing() {
-                        running.remove(&shard);
+                    match result {
+                        Ok(()) => {
+                            if !ctl.finishing() {
+                                running.remove(&shard);
+                            }
+                        }
+                        // A store hiccup (a throttled write) must not stop delivery: the lane
+                        // restarts from its saved cursor after a backoff.
+                        Err(e) if e.is_transient() => {
+                            tracing::warn!(connector = self.name(), shard, error = %e, "drain lane failed; restarting it");
+                            running.remove(&shard);
+                            store_failures += 1;
+                            if !self.wait(backoff.delay(store_failures.min(16)), &ctl).await {
+                                break;
+                            }
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
                 () = self.sleeper.sleep(self.cfg.rescan) => {}
-                _ = stop.wait_for(|s| *s) => break,
+                _ = async { stop.wait_for(|s| *s).await.is_ok() } => break,
             }
         }
         while let Some(done) = lanes.join_next().await {
-            let (_, result) = done.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
-            result?;
+            let (shard, result) = done.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
+            match result {
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(connector = self.name(), shard, error = %e, "drain lane failed at shutdown")
+                }
+                other => other?,
+            }
         }
         Ok(())
     }
@@ -280,7 +302,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 if flight.attempts > 0 {
                     self.count(&self.stats.retried, "stockflow_connector_retried_total", 1);
                 }
-                match self.deliver(&flight.request, ctl).await {
+                match self.deliver(shard, &flight.request, ctl).await {
                     Outcome::Stopped => return Ok(()),
                     Outcome::Delivered(d) => {
                         self.dead_letter_items(shard, cursor.delivered.as_ref(), &flight, &d).await?;
@@ -309,7 +331,8 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                             cursor = self.give_up(shard, flight, reason).await?;
                             continue;
                         }
-                        let wait = backoff.delay(flight.attempts - 1).max(retry_after.unwrap_or_default());
+                        let wait =
+                            backoff.delay(flight.attempts - 1).max(retry_after.unwrap_or_default().min(MAX_PAUSE));
                         tracing::debug!(connector = self.name(), shard, attempts = flight.attempts, ?wait, %reason, "delivery failed");
                         cursor.in_flight = Some(flight);
                         self.store.save_cursor(self.name(), shard, &cursor, None).await?;
@@ -574,8 +597,16 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                     }
                 }
             }
-            match self.deliver(&dead.request, ctl).await {
+            match self.deliver(&dead.shard, &dead.request, ctl).await {
                 Outcome::Stopped => return Ok(left + 1),
+                Outcome::Delivered(d) if !d.rejected.is_empty() => {
+                    // Items refused inside the answer: keep the dead letter (a re-send under its
+                    // key is answered, not re-applied, for the items that were taken).
+                    dead.attempts += 1;
+                    dead.requeued = false;
+                    dead.last_error = format!("refused inside the answer: {:?}", d.rejected);
+                    self.store.put_dead_letter(&dead).await?;
+                }
                 Outcome::Delivered(_) => {
                     self.store.remove_dead_letter(&dead.connector, &dead.shard, &dead.request.key).await?;
                     self.count(&self.stats.redelivered, "stockflow_connector_redelivered_total", 1);
@@ -600,9 +631,10 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
     }
 
     /// Sends one request through the connector's gate until the receiver decides.
-    async fn deliver(&self, request: &Request, ctl: &DrainControl) -> Outcome {
+    async fn deliver(&self, shard: &str, request: &Request, ctl: &DrainControl) -> Outcome {
         loop {
-            if ctl.stopping() {
+            // Stop when told to, or when this process no longer drains the shard.
+            if ctl.stopping() || !(self.filter)(shard) {
                 return Outcome::Stopped;
             }
             let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -621,10 +653,18 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 }
                 continue;
             }
+            // Concurrency slot first, then the token: a token is spent only by a request that
+            // goes right away, so queued requests cannot bunch above the rate.
+            let Ok(_permit) = self.gate.acquire().await else { return Outcome::Stopped };
             if let Some(bucket) = &self.bucket {
                 bucket.acquire().await;
             }
-            let Ok(_permit) = self.gate.acquire().await else { return Outcome::Stopped };
+            // A 429 (or a lost lease) may have come while this request queued.
+            let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if paused.is_some_and(|u| u > Instant::now()) || !(self.filter)(shard) {
+                self.breaker.release();
+                continue;
+            }
             let t0 = Instant::now();
             let result = self.connector.send(request).await;
             metrics::histogram!("stockflow_connector_request_seconds", "connector" => self.name())
@@ -638,7 +678,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 Err(DeliveryError::Throttled { reason, retry_after }) => {
                     self.breaker.release();
                     self.count(&self.stats.throttled, "stockflow_connector_throttled_total", 1);
-                    let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                    let wait = retry_after.unwrap_or(Duration::from_secs(1)).min(MAX_PAUSE);
                     tracing::info!(connector = self.name(), %reason, ?wait, "throttled by the receiver: pausing");
                     let mut p = self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     let until = Instant::now() + wait;

@@ -271,7 +271,14 @@ pub async fn sync_stock_levels<S: StateStore>(
     let mut sent: HashMap<String, (i64, i64)> = HashMap::new();
     let mut report = SyncReport::default();
     let mut backoff = Backoff::new(maker.policy.backoff, 0x57);
+    // Levels repeat (10/0 → 10/1 → 10/0): a key from the levels alone would make the receiver
+    // answer the third sync from memory and keep 10/1. Each pass gets its own key space.
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut pass = 0u64;
+    let mut failures_in_a_row = 0u32;
     loop {
+        pass += 1;
+        let nonce = format!("pass={started}.{pass}");
         let mut failed = false;
         match store.sku_states().await {
             Ok(states) => {
@@ -288,7 +295,8 @@ pub async fn sync_stock_levels<S: StateStore>(
                 for chunk in changed.chunks(maker.policy.max_batch.max(1)) {
                     let parts: Vec<String> =
                         chunk.iter().map(|l| format!("{}={}/{}", l.sku, l.on_hand, l.reserved)).collect();
-                    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+                    let mut refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+                    refs.push(&nonce);
                     let body = StockLevels { sync_id: request_key("stock-sync", &refs), levels: chunk.to_vec() };
                     match maker.send_levels(&body).await {
                         Ok(_) => {
@@ -316,14 +324,14 @@ pub async fn sync_stock_levels<S: StateStore>(
                 tracing::warn!(error = %e, "stock-level sync could not read the store");
             }
         }
-        if once && !failed {
+        failures_in_a_row = if failed { failures_in_a_row + 1 } else { 0 };
+        // A final pass gives up after 20 failures in a row (reported), so `consume --drain`
+        // ends even when the manufacturer is down: the next run syncs every SKU again.
+        if once && (!failed || failures_in_a_row >= 20) {
             return report;
         }
-        let wait = if failed {
-            backoff.delay(report.failures.min(20) as u32).max(Duration::from_millis(10))
-        } else {
-            interval
-        };
+        let wait =
+            if failed { backoff.delay(failures_in_a_row.min(20)).max(Duration::from_millis(10)) } else { interval };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|s| *s) => return report,
