@@ -525,8 +525,7 @@ async fn outbox(args: OutboxArgs, settings: Settings) -> anyhow::Result<ExitCode
     match args.action {
         OutboxAction::Status => {
             let dead = store.connector_dead_letters(None).await?;
-            let connectors = Connectors::build(&settings.connectors).await?;
-            for name in connectors.names() {
+            for name in settings.connectors.names() {
                 for shard in store.outbox_shards().await? {
                     let cursor = store.cursor(name, &shard).await?;
                     let behind = store.read_outbox(&shard, cursor.delivered.as_ref(), usize::MAX).await?.len();

@@ -290,6 +290,25 @@ impl DeliverySection {
 }
 
 impl ConnectorsSection {
+    /// Names of the connectors this section turns on (the drain cursors' keys), without
+    /// building them or reading credentials.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v = vec!["feed"];
+        if self.log {
+            v.push("log");
+        }
+        if self.alerts_webhook.url.is_some() {
+            v.push("alerts-webhook");
+        }
+        if self.manufacturer.url.is_some() {
+            v.push("manufacturer");
+        }
+        if self.accounting.url.is_some() {
+            v.push("accounting");
+        }
+        v
+    }
+
     /// Checks the section without reading credentials (config validation).
     pub fn validate(&self) -> anyhow::Result<()> {
         self.delivery.policy()?;
@@ -465,20 +484,13 @@ impl Connectors {
 
     /// Names of the connectors that will run.
     pub fn names(&self) -> Vec<&'static str> {
-        let mut v = vec!["feed"];
-        if self.log.is_some() {
-            v.push("log");
-        }
-        if self.webhook.is_some() {
-            v.push("alerts-webhook");
-        }
-        if self.manufacturer.is_some() {
-            v.push("manufacturer");
-        }
-        if self.accounting.is_some() {
-            v.push("accounting");
-        }
-        v
+        let on = [
+            ("log", self.log.is_some()),
+            ("alerts-webhook", self.webhook.is_some()),
+            ("manufacturer", self.manufacturer.is_some()),
+            ("accounting", self.accounting.is_some()),
+        ];
+        std::iter::once("feed").chain(on.into_iter().filter(|(_, on)| *on).map(|(n, _)| n)).collect()
     }
 
     /// Starts a drain per connector (and the stock-level sync) over `store`, every shard.

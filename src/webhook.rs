@@ -74,10 +74,7 @@ impl Verifier {
 
     /// The signature a sender computes (tests and senders).
     pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
-        mac.update(format!("{id}.{timestamp}.").as_bytes());
-        mac.update(body);
-        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+        stockflow_connectors::alerts::sign(secret, id, timestamp, body)
     }
 
     /// Checks one request at `now` (Unix seconds).
@@ -136,12 +133,8 @@ impl Verifier {
 fn decode_secrets<S: AsRef<str>>(secrets: &[S]) -> Result<Vec<Vec<u8>>, String> {
     let mut keys = Vec::new();
     for (i, s) in secrets.iter().enumerate() {
-        let s = s.as_ref().trim();
-        let b64 = s.strip_prefix("whsec_").unwrap_or(s);
-        let key = STANDARD.decode(b64).map_err(|_| format!("webhook secret #{} is not base64", i + 1))?;
-        if key.len() < 16 {
-            return Err(format!("webhook secret #{} is shorter than 16 bytes", i + 1));
-        }
+        let key = stockflow_connectors::alerts::decode_secret(s.as_ref())
+            .map_err(|e| format!("webhook secret #{}: {e}", i + 1))?;
         keys.push(key);
     }
     if keys.is_empty() {

@@ -147,9 +147,9 @@ pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
 /// Decodes a `whsec_<base64>` (or raw base64) signing secret of at least 16 bytes.
 pub fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
     let s = secret.trim();
-    let key = STANDARD.decode(s.strip_prefix("whsec_").unwrap_or(s)).map_err(|_| "the secret is not base64")?;
+    let key = STANDARD.decode(s.strip_prefix("whsec_").unwrap_or(s)).map_err(|_| "not base64")?;
     if key.len() < 16 {
-        return Err("the secret is shorter than 16 bytes".into());
+        return Err("shorter than 16 bytes".into());
     }
     Ok(key)
 }

@@ -146,11 +146,6 @@ impl Manufacturer {
         }
     }
 
-    /// The catalogue cache (hit/miss counts).
-    pub fn catalog_cache(&self) -> &TtlCache<String, CatalogItem> {
-        &self.catalog
-    }
-
     fn headers(&self, key: Option<&str>) -> Vec<(&'static str, String)> {
         let mut h = vec![("accept", "application/json".to_string())];
         if !self.token.is_empty() {

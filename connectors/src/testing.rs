@@ -389,11 +389,10 @@ async fn catalog(State(s): State<Shared>, Path(sku): Path<String>) -> Response {
 }
 
 async fn reorders(State(s): State<Shared>, req: axum::extract::Request) -> Response {
-    let fault = fault_of(req.extensions());
-    let Some(key) = header(req.headers(), "idempotency-key").map(str::to_string) else {
-        return refuse("Idempotency-Key", "required");
+    let (fault, key, body) = match keyed_request(req).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
     };
-    let Ok(body) = axum::body::to_bytes(req.into_body(), 10 << 20).await else { return refuse("body", "unreadable") };
     s.keyed(fault, &key, &body, |log| {
         let Ok(v) = serde_json::from_slice::<Value>(&body) else {
             return (StatusCode::BAD_REQUEST, json!({"error": "not JSON"}));
@@ -419,11 +418,10 @@ async fn reorders(State(s): State<Shared>, req: axum::extract::Request) -> Respo
 }
 
 async fn stock_levels(State(s): State<Shared>, req: axum::extract::Request) -> Response {
-    let fault = fault_of(req.extensions());
-    let Some(key) = header(req.headers(), "idempotency-key").map(str::to_string) else {
-        return refuse("Idempotency-Key", "required");
+    let (fault, key, body) = match keyed_request(req).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
     };
-    let Ok(body) = axum::body::to_bytes(req.into_body(), 10 << 20).await else { return refuse("body", "unreadable") };
     s.keyed(fault, &key, &body, |log| {
         let Ok(v) = serde_json::from_slice::<Value>(&body) else {
             return (StatusCode::BAD_REQUEST, json!({"error": "not JSON"}));
@@ -440,16 +438,25 @@ async fn stock_levels(State(s): State<Shared>, req: axum::extract::Request) -> R
     .await
 }
 
+/// The injected fault, the `Idempotency-Key` (required) and the body of a keyed request.
+async fn keyed_request(req: axum::extract::Request) -> Result<(Option<Fault>, String, Bytes), Response> {
+    let fault = fault_of(req.extensions());
+    let Some(key) = header(req.headers(), "idempotency-key").map(str::to_string) else {
+        return Err(refuse("Idempotency-Key", "required"));
+    };
+    let body = axum::body::to_bytes(req.into_body(), 10 << 20).await.map_err(|_| refuse("body", "unreadable"))?;
+    Ok((fault, key, body))
+}
+
 fn kind_of(id: &str) -> String {
     id.split(':').next().unwrap_or("").to_string()
 }
 
 async fn generic_journals(State(s): State<Shared>, req: axum::extract::Request) -> Response {
-    let fault = fault_of(req.extensions());
-    let Some(key) = header(req.headers(), "idempotency-key").map(str::to_string) else {
-        return refuse("Idempotency-Key", "required");
+    let (fault, key, body) = match keyed_request(req).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
     };
-    let Ok(body) = axum::body::to_bytes(req.into_body(), 10 << 20).await else { return refuse("body", "unreadable") };
     s.keyed(fault, &key, &body, |log| {
         let Ok(batch) = serde_json::from_slice::<crate::accounting::GenericBatch>(&body) else {
             return (StatusCode::BAD_REQUEST, json!({"error": "not a journal batch"}));
