@@ -32,8 +32,12 @@ pub enum Command {
     ///
     /// Exits 0 when the stored state equals a straight pass over the stream, 1 otherwise.
     Demo(crate::demo::DemoArgs),
-    /// Serve the ingest API and consume the stream until SIGINT/SIGTERM (embedded backend).
+    /// Serve the ingest API and the live dashboard, and consume the stream until SIGINT/SIGTERM
+    /// (embedded backend).
     Run(crate::commands::RunArgs),
+    /// Serve the live dashboard (stock of every SKU, alerts as they happen, throughput and lag)
+    /// over the embedded store or, with --dynamodb, the AWS deployment's tables.
+    Dashboard(crate::commands::DashboardArgs),
     /// Consume the embedded stream until SIGINT/SIGTERM, or with --drain until caught up; with
     /// --stream, join the consumer group of a Kinesis stream (state and leases in DynamoDB).
     Consume(crate::commands::ConsumeArgs),

@@ -31,6 +31,31 @@ pub struct RunArgs {
     /// Address of the ingest server (overrides `ingest.listen`).
     #[arg(long, env = "STOCKFLOW_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Address of the live dashboard (overrides `dashboard.listen`).
+    #[arg(long, env = "STOCKFLOW_DASHBOARD_LISTEN", value_name = "ADDR")]
+    dashboard_listen: Option<SocketAddr>,
+}
+
+/// Arguments of `stockflow dashboard`.
+#[derive(Debug, clap::Args)]
+pub struct DashboardArgs {
+    /// Address to serve on (overrides `dashboard.listen`).
+    #[arg(long, env = "STOCKFLOW_DASHBOARD_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Read the AWS deployment's DynamoDB tables (every consumer-group member's SKUs) instead of
+    /// the embedded store of the data directory.
+    #[arg(long)]
+    dynamodb: bool,
+    /// DynamoDB endpoint override (overrides `dynamodb.endpoint`), e.g. a local emulator.
+    #[arg(long, env = "DYNAMODB_ENDPOINT", value_name = "URL")]
+    dynamodb_endpoint: Option<String>,
+    /// Table name prefix (overrides `dynamodb.table_prefix`).
+    #[arg(long, env = "STOCKFLOW_TABLE_PREFIX", value_name = "PREFIX")]
+    table_prefix: Option<String>,
+    /// A group member's metrics URL (`consume --metrics-listen`), for the throughput and lag
+    /// charts; repeat for each member.
+    #[arg(long, value_name = "URL")]
+    scrape: Vec<String>,
 }
 
 /// Arguments of `stockflow consume`.
@@ -233,8 +258,9 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     }
     let settings = file.validate()?;
     match cli.command {
-        Command::Demo(args) => demo::run(args, settings, explicit_dir).await,
+        Command::Demo(args) => demo::run(args, settings, explicit_dir, metrics).await,
         Command::Run(args) => run(args, settings, metrics).await,
+        Command::Dashboard(args) => dashboard(args, settings, metrics).await,
         Command::Consume(args) => consume(args, settings, metrics).await,
         Command::Ingest(crate::cli::IngestArgs { action: crate::cli::IngestAction::Serve(args) }) => {
             ingest_serve(args, settings, metrics).await
@@ -267,7 +293,25 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the ingest server to {listen}"))?;
-    println!("stockflow: ingest on http://{}/v1/events, metrics on /metrics", listener.local_addr()?);
+    let progress = Arc::new(Progress::default());
+    let dashboard = crate::dashboard::Dashboard::start(
+        Arc::clone(&backend.store),
+        crate::dashboard::Telemetry::InProcess(Arc::clone(&progress)),
+        settings.engine.windows.sizes_ms().to_vec(),
+        settings.dashboard.config(),
+        shutdown.clone(),
+    );
+    let dashboard_at = crate::dashboard::serve(
+        args.dashboard_listen.unwrap_or(settings.dashboard.listen),
+        false,
+        crate::dashboard::router(dashboard, metrics.clone()),
+        shutdown.clone(),
+    )
+    .await?;
+    println!(
+        "stockflow: ingest on http://{}/v1/events, metrics on /metrics, dashboard on http://{dashboard_at}/",
+        listener.local_addr()?
+    );
     let verifier = crate::webhook::load(std::time::Duration::from_secs(300)).await?;
     let app = crate::ingest::app(crate::ingest::IngestState {
         metrics,
@@ -286,7 +330,7 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     let (_finish, finish) = watch::channel(false);
     let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown.clone(), finish));
     tracing::info!(connectors = %connectors.names().join(", "), "delivering effects");
-    let reports = backend.consume(&settings, shutdown, Arc::new(Progress::default())).await?;
+    let reports = backend.consume(&settings, shutdown, progress).await?;
     server.await.context("ingest server task")??;
     let (delivered, _) = drains.join().await?;
     for d in &delivered {
@@ -302,6 +346,54 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     for r in &reports {
         tracing::info!(shard = %r.shard, checkpoint = ?r.checkpoint, applied = r.stats.applied, "shard stopped");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `stockflow dashboard`: the dashboard alone, over the embedded store of a stopped stockflow
+/// (`run` serves its own) or over the AWS deployment's tables, until SIGINT/SIGTERM.
+async fn dashboard(
+    args: DashboardArgs,
+    settings: Settings,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_signal();
+    let listen = args.listen.unwrap_or(settings.dashboard.listen);
+    let sizes = settings.engine.windows.sizes_ms().to_vec();
+    let telemetry = if args.scrape.is_empty() {
+        crate::dashboard::Telemetry::None
+    } else {
+        crate::dashboard::Telemetry::Scrape {
+            client: Box::new(stockflow_connectors::connector::HttpClient::new(std::time::Duration::from_secs(2))),
+            urls: args.scrape.clone(),
+        }
+    };
+    let (dashboard, _embedded) = if args.dynamodb {
+        let endpoint = args.dynamodb_endpoint.or_else(|| settings.dynamodb.endpoint.clone());
+        let prefix = args.table_prefix.unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
+        let store = Arc::new(stockflow_state::dynamodb::DynamoStore::new(
+            stockflow_state::dynamodb::DynamoStore::client(endpoint.as_deref()).await,
+            &prefix,
+        ));
+        let d =
+            crate::dashboard::Dashboard::start(store, telemetry, sizes, settings.dashboard.config(), shutdown.clone());
+        (d, None)
+    } else {
+        if !settings.state_path().exists() {
+            anyhow::bail!("no stockflow store in {} (--data-dir, or --dynamodb for AWS)", settings.data_dir.display());
+        }
+        let backend = Embedded::open(&settings, false).map_err(|e| {
+            e.context("the dashboard of a running `stockflow run` is served by that process (see its first line)")
+        })?;
+        let store = Arc::clone(&backend.store);
+        let d =
+            crate::dashboard::Dashboard::start(store, telemetry, sizes, settings.dashboard.config(), shutdown.clone());
+        (d, Some(backend))
+    };
+    let at =
+        crate::dashboard::serve(listen, false, crate::dashboard::router(dashboard, metrics), shutdown.clone()).await?;
+    println!("stockflow: dashboard on http://{at}/");
+    let mut stop = shutdown;
+    crate::dashboard::stopped(&mut stop).await;
     Ok(ExitCode::SUCCESS)
 }
 

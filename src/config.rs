@@ -37,6 +37,39 @@ pub struct FileConfig {
     pub group: GroupSection,
     /// Where effects are delivered (alerts, manufacturer, accounting).
     pub connectors: crate::connectors::ConnectorsSection,
+    /// The live dashboard of `run`, `demo` and `dashboard`.
+    pub dashboard: DashboardSection,
+}
+
+/// `[dashboard]`: where the live dashboard listens and how fresh it keeps the stock table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardSection {
+    /// Address of the dashboard (page, `/api/*`, `/metrics`); its own port, apart from the
+    /// ingest's, so it can stay private while webhooks arrive on a public one.
+    pub listen: SocketAddr,
+    /// Pause between two reads of every SKU state, ms (100 to 60,000); staleness is at most
+    /// this plus one read.
+    pub refresh_ms: u64,
+    /// Alerts kept for the feed's history (100 to 1,000,000).
+    pub alert_capacity: usize,
+}
+
+impl Default for DashboardSection {
+    fn default() -> Self {
+        DashboardSection { listen: SocketAddr::from(([127, 0, 0, 1], 8090)), refresh_ms: 500, alert_capacity: 10_000 }
+    }
+}
+
+impl DashboardSection {
+    /// The dashboard's configuration.
+    pub fn config(&self) -> crate::dashboard::DashboardConfig {
+        crate::dashboard::DashboardConfig {
+            refresh: Duration::from_millis(self.refresh_ms),
+            alert_capacity: self.alert_capacity,
+            ..crate::dashboard::DashboardConfig::default()
+        }
+    }
 }
 
 /// `[kinesis]`: the stream `consume` reads when `stream` is set (state then lives in DynamoDB).
@@ -127,6 +160,7 @@ impl Default for FileConfig {
             kinesis: KinesisSection::default(),
             group: GroupSection::default(),
             connectors: crate::connectors::ConnectorsSection::default(),
+            dashboard: DashboardSection::default(),
         }
     }
 }
@@ -235,6 +269,8 @@ pub struct Settings {
     pub amazon: crate::ingest::AmazonConfig,
     /// Connectors (validated; credentials are read when they start).
     pub connectors: crate::connectors::ConnectorsSection,
+    /// The live dashboard.
+    pub dashboard: DashboardSection,
 }
 
 impl FileConfig {
@@ -302,7 +338,15 @@ impl FileConfig {
             bail!("ingest.max_in_flight = {}: must be 1 to 64", i.max_in_flight);
         }
         self.connectors.validate()?;
+        let dash = &self.dashboard;
+        if !(100..=60_000).contains(&dash.refresh_ms) {
+            bail!("dashboard.refresh_ms = {}: must be 100 to 60000", dash.refresh_ms);
+        }
+        if !(100..=1_000_000).contains(&dash.alert_capacity) {
+            bail!("dashboard.alert_capacity = {}: must be 100 to 1000000", dash.alert_capacity);
+        }
         Ok(Settings {
+            dashboard: self.dashboard,
             connectors: self.connectors,
             ingest_batch: BatchConfig {
                 linger: Duration::from_millis(i.linger_ms),

@@ -61,10 +61,28 @@ pub struct DemoArgs {
     /// to watch retries, the circuit breaker and idempotency keys at work (0 to 90).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=90))]
     faults: u32,
+    /// Append at most this many events a second (0: as fast as possible), to watch the dashboard
+    /// fill.
+    #[arg(long, default_value_t = 0, value_name = "EVENTS_PER_S")]
+    rate: u64,
+    /// Address of the live dashboard (overrides `dashboard.listen`; a free port when taken).
+    #[arg(long, env = "STOCKFLOW_DASHBOARD_LISTEN", value_name = "ADDR")]
+    dashboard_listen: Option<std::net::SocketAddr>,
+    /// After verifying, keep the dashboard up until Ctrl-C (the default on a terminal).
+    #[arg(long, overrides_with = "no_hold")]
+    hold: bool,
+    /// Exit right after verifying (the default when stdout is not a terminal).
+    #[arg(long)]
+    no_hold: bool,
 }
 
 /// Runs the demo; exit code 1 when the stored state differs from the straight pass.
-pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    args: DemoArgs,
+    mut settings: Settings,
+    explicit_dir: bool,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<ExitCode> {
     let _temp;
     if !explicit_dir {
         let dir = tempfile::Builder::new().prefix("stockflow-demo-").tempdir().context("creating a temp dir")?;
@@ -109,10 +127,17 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
     let started = Instant::now();
     let producer = {
         let (backend, stream) = (Arc::clone(&backend), Arc::clone(&stream));
-        let batch = args.append_batch.max(1);
+        let rate = args.rate;
+        // Paced: a chunk every 50 ms; else the configured batch.
+        let batch = if rate > 0 { (rate / 20).max(1) as usize } else { args.append_batch.max(1) };
         tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
             let records: Vec<(&str, &[u8])> = stream.iter().collect();
-            for chunk in records.chunks(batch) {
+            for (i, chunk) in records.chunks(batch).enumerate() {
+                if rate > 0 {
+                    // Open loop: chunk i is due at i × 50 ms, however long earlier appends took.
+                    let due = started + Duration::from_millis(50 * i as u64);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
                 let out: Vec<OutRecord<'_>> = chunk.iter().map(|(k, p)| OutRecord { key: k, payload: p }).collect();
                 backend.log.append(&out)?;
             }
@@ -131,6 +156,26 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
     println!("connectors: {} (local receivers on {base}, {}% faults)", connectors.names().join(", "), args.faults);
     let (finish_tx, finish_rx) = tokio::sync::watch::channel(false);
     let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown_signal(), finish_rx));
+
+    let (_dashboard_stop, dashboard_stop) = tokio::sync::watch::channel(false);
+    let dashboard = crate::dashboard::Dashboard::start(
+        Arc::clone(&backend.store),
+        crate::dashboard::Telemetry::InProcess(Arc::clone(&progress)),
+        settings.engine.windows.sizes_ms().to_vec(),
+        settings.dashboard.config(),
+        dashboard_stop.clone(),
+    );
+    let dashboard_at = crate::dashboard::serve(
+        args.dashboard_listen.unwrap_or(settings.dashboard.listen),
+        true,
+        crate::dashboard::router(dashboard.clone(), metrics),
+        dashboard_stop,
+    )
+    .await?;
+    println!(
+        "dashboard: http://{dashboard_at}/  (stock, alerts, throughput and lag, live{})",
+        if args.rate == 0 { "; --rate 20000 paces the stream to watch it fill" } else { "" }
+    );
 
     let consumers = {
         let (backend, settings, progress) = (Arc::clone(&backend), settings.clone(), Arc::clone(&progress));
@@ -253,6 +298,18 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
         actual.dead_letters
     );
     let diff = expected.diff(&actual, 20);
+    let fresh = dashboard_freshness(&dashboard, actual.skus.len()).await;
+    println!(
+        "dashboard: {} snapshots of up to {} SKUs, each read and built in ≤ {} ms; staleness ≤ {} ms; {} alerts followed",
+        fresh.count,
+        fresh.skus,
+        fresh.max_build_ms,
+        fresh.max_staleness_ms,
+        {
+            let (o, l) = dashboard.alert_counts();
+            o + l
+        }
+    );
     if !delivery_problems.is_empty() {
         println!("DELIVERY MISMATCH against the straight pass's effects:");
         for line in &delivery_problems {
@@ -263,7 +320,15 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
             "delivery verified: every alert, reorder and journal accepted exactly once, per-SKU order kept, journal totals equal the straight pass"
         );
     }
-    if diff.is_empty() && delivery_problems.is_empty() {
+    let ok = diff.is_empty() && delivery_problems.is_empty();
+    use std::io::IsTerminal;
+    let hold = args.hold || (!args.no_hold && std::io::stdout().is_terminal());
+    if hold {
+        println!("dashboard stays up at http://{dashboard_at}/ — Ctrl-C to exit");
+        let mut stop = shutdown_signal();
+        crate::dashboard::stopped(&mut stop).await;
+    }
+    if ok {
         println!(
             "verified in {:.2?}: {} SKUs, {} alerts and {} dead letters equal the straight pass",
             t.elapsed(),
@@ -273,11 +338,27 @@ pub async fn run(args: DemoArgs, mut settings: Settings, explicit_dir: bool) -> 
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("MISMATCH against the straight pass:");
+        if !diff.is_empty() {
+            println!("MISMATCH against the straight pass:");
+        }
         for line in diff {
             println!("  {line}");
         }
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The dashboard's freshness once it has shown the final state: waits (bounded) for a snapshot
+/// holding every SKU, so the figures cover the whole run.
+async fn dashboard_freshness(dashboard: &crate::dashboard::Dashboard, skus: usize) -> crate::dashboard::SnapshotStats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        let stats = dashboard.stats();
+        if stats.skus >= skus || Instant::now() >= deadline {
+            return stats;
+        }
+        tick.tick().await;
     }
 }
 

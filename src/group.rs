@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use axum::Router;
-use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use stockflow_pipeline::Progress;
@@ -61,12 +60,7 @@ pub async fn consume(
             "/metrics",
             get(move || {
                 let handle = metrics.clone();
-                async move {
-                    match handle {
-                        Some(h) => (StatusCode::OK, h.render()),
-                        None => (StatusCode::NOT_FOUND, "metrics are not enabled".to_string()),
-                    }
-                }
+                async move { crate::telemetry::render(handle.as_ref()) }
             }),
         );
         let mut stop = shutdown.clone();

@@ -6,6 +6,7 @@
 //! - [`cli`]: the command line.
 //! - [`config`]: the TOML configuration, validated into `Settings`.
 //! - [`connectors`]: the `[connectors]` section and the outbox drains next to the consumers.
+//! - [`dashboard`]: the live stock and alert dashboard (page, JSON and SSE APIs).
 //! - [`commands`]: the subcommands and the embedded backend's wiring.
 //! - [`demo`]: `stockflow demo`.
 //! - [`generate`]: the deterministic peak-season stream generator.
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod connectors;
+pub mod dashboard;
 pub mod demo;
 pub mod generate;
 pub mod group;

@@ -1,8 +1,24 @@
 //! Logging (`tracing`, filtered by `STOCKFLOW_LOG`, default `info`) and the Prometheus recorder.
 //! Only the binary installs a recorder; the library crates emit through the `metrics` facade.
+//! Every metric is listed in `docs/metrics.md` (a test keeps the two in step).
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::time::Duration;
+
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
+
+/// Bucket bounds (seconds) of every `_seconds` histogram: 1 ms to 2 minutes. Real Prometheus
+/// histograms, so `histogram_quantile` aggregates them across shards and processes.
+pub const SECONDS_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// Bucket bounds of the size histograms (records or requests per call).
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP: Duration = Duration::from_secs(5);
 
 /// Installs the log subscriber (stderr) and the Prometheus recorder.
 pub fn init() -> Option<PrometheusHandle> {
@@ -13,11 +29,96 @@ pub fn init() -> Option<PrometheusHandle> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    match PrometheusBuilder::new().install_recorder() {
-        Ok(handle) => Some(handle),
+    match recorder().and_then(|b| b.install_recorder()) {
+        Ok(handle) => {
+            // Histogram samples wait in a queue until a render or an upkeep folds them into the
+            // buckets: without upkeep an unscraped process grows without bound.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP);
+                    upkeep.run_upkeep();
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "metrics upkeep thread not started");
+            }
+            describe();
+            Some(handle)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "metrics recorder not installed");
             None
         }
+    }
+}
+
+fn recorder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("stockflow_put_batch_requests".into()), COUNT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("stockflow_put_batch_records".into()), COUNT_BUCKETS)
+}
+
+/// `# HELP` lines for the metrics scraped most (the rest are documented in docs/metrics.md).
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("stockflow_events_applied_total", "Events applied to SKU state, per shard.");
+    describe_counter!("stockflow_events_deduplicated_total", "Events skipped as already applied, per shard.");
+    describe_counter!("stockflow_dead_letters_total", "Records dead-lettered as bad, per shard.");
+    describe_counter!("stockflow_alerts_total", "Alerts committed, by kind (oversell, low_stock).");
+    describe_gauge!("stockflow_shard_lag_records", "Records of the shard not yet read.");
+    describe_gauge!(
+        "stockflow_shard_lag_seconds",
+        Unit::Seconds,
+        "How far the shard's reader is behind the newest record."
+    );
+    describe_histogram!("stockflow_commit_duration_seconds", Unit::Seconds, "Time of one state commit.");
+    describe_histogram!(
+        "stockflow_end_to_end_seconds",
+        Unit::Seconds,
+        "From the ingest accepting an event to its commit in the consumer."
+    );
+    describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident memory of the process.");
+}
+
+/// Reads the process's memory, threads and file descriptors into the `process_*` gauges (Linux
+/// `/proc`; elsewhere nothing is set). Called before each render.
+pub fn update_process_metrics() {
+    let page = 4096.0;
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+        let mut it = statm.split_whitespace().map(|v| v.parse::<f64>().unwrap_or(0.0));
+        let (virt, rss) = (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0));
+        metrics::gauge!("process_virtual_memory_bytes").set(virt * page);
+        metrics::gauge!("process_resident_memory_bytes").set(rss * page);
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command (which may hold spaces) start at state (field 3).
+        if let Some((_, rest)) = stat.rsplit_once(')') {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            // num_threads is field 20, i.e. 17 after the state.
+            metrics::gauge!("process_threads").set(ticks(17));
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(dir.count() as f64);
+    }
+}
+
+/// The text exposition of `handle` after refreshing the process metrics, as an HTTP response
+/// (404 with a JSON error when the process runs without a recorder).
+pub fn render(handle: Option<&PrometheusHandle>) -> Response {
+    match handle {
+        Some(h) => {
+            update_process_metrics();
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], h.render()).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"error":"metrics are not enabled in this process"}"#,
+        )
+            .into_response(),
     }
 }

@@ -349,13 +349,17 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 single_until = None;
             }
             let max = if single { 1 } else { policy.max_batch.max(1) };
+            // Read before the scan: finishing is set after the consumers' last commit, so a scan
+            // that began after it and found nothing has seen everything. (Read after the scan,
+            // a commit between the two would be left undelivered.)
+            let finishing = ctl.finishing();
             let (entries, through, ended) = self.scan(shard, cursor.delivered.as_ref(), max).await?;
             let Some(through) = through else {
                 if unsaved {
                     self.store.save_cursor(self.name(), shard, &cursor, None).await?;
                     unsaved = false;
                 }
-                if ctl.finishing() {
+                if finishing {
                     return Ok(());
                 }
                 if !self.wait(self.cfg.idle_poll, ctl).await {

@@ -53,6 +53,33 @@ pub fn commit(shard: &str, outcome: &'static str, elapsed: Duration) {
     }
 }
 
+/// A commit is durable: its alerts by kind, and the end-to-end latency of its events that carry
+/// an ingest stamp (`stamps`: run-length encoded `(ingested_at ms, events)`).
+pub fn committed(effects: &[stockflow_state::Effect], stamps: &[(i64, u32)]) {
+    let (mut oversell, mut low_stock) = (0u64, 0u64);
+    for e in effects {
+        match e {
+            stockflow_state::Effect::Oversell(_) => oversell += 1,
+            stockflow_state::Effect::LowStock(_) => low_stock += 1,
+            _ => {}
+        }
+    }
+    if oversell > 0 {
+        counter!("stockflow_alerts_total", "kind" => "oversell").increment(oversell);
+    }
+    if low_stock > 0 {
+        counter!("stockflow_alerts_total", "kind" => "low_stock").increment(low_stock);
+    }
+    if stamps.is_empty() {
+        return;
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let h = histogram!("stockflow_end_to_end_seconds");
+    for &(at, n) in stamps {
+        h.record_many(now.saturating_sub(at).max(0) as f64 / 1000.0, n as usize);
+    }
+}
+
 /// How far a shard's reader is behind.
 pub fn lag(shard: &str, lag: &crate::source::Lag) {
     if let Some(b) = lag.bytes {

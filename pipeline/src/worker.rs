@@ -129,6 +129,8 @@ pub struct ShardWorker<R: ShardReader, S: StateStore> {
     floors: HashMap<String, Position>,
     /// No commit may carry a checkpoint at or before this: its effects are already stored.
     commit_floor: Option<Position>,
+    /// Ingest stamps of the uncommitted events, run-length encoded (ms, events).
+    stamps: Vec<(i64, u32)>,
 }
 
 impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
@@ -196,6 +198,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             lag_reported: 0,
             floors: stored.floors.into_iter().collect(),
             commit_floor,
+            stamps: Vec::new(),
         })
     }
 
@@ -258,7 +261,16 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         for (k, payload) in batch.iter() {
             counts.read += 1;
             counts.bytes += payload.len() as u64;
-            match decode(payload) {
+            let decoded = decode(payload);
+            if let Ok(ev) = &decoded
+                && let Some(at) = ev.ingested_at
+            {
+                match self.stamps.last_mut() {
+                    Some((ms, n)) if *ms == at => *n += 1,
+                    _ => self.stamps.push((at, 1)),
+                }
+            }
+            match decoded {
                 Ok(ev)
                     if !self.floors.is_empty()
                         && self.floors.get(ev.sku.as_ref()).is_some_and(|f| batch.position(k) <= *f) =>
@@ -366,6 +378,8 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
                 }
             }
         }
+        metrics::committed(&commit.effects, &self.stamps);
+        self.stamps.clear();
         self.checkpoint = Some(checkpoint);
         self.uncommitted = 0;
         self.commits += 1;

@@ -148,7 +148,7 @@ fn mfn_quantity(payload: &Value, ts: i64) -> Result<Vec<Canonical>, MapError> {
 }
 
 fn canonical(id: &str, sku: &str, ts: i64, body: EventBody<'_>, sku_field: &str) -> Result<Canonical, MapError> {
-    validated(Event { id: Cow::Borrowed(id), sku: Cow::Borrowed(sku), ts, body }, sku_field)
+    validated(Event { id: Cow::Borrowed(id), sku: Cow::Borrowed(sku), ts, ingested_at: None, body }, sku_field)
 }
 
 /// Serialises a mapped event and validates it with the stream's own decoder, so what is put is

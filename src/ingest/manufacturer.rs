@@ -97,7 +97,7 @@ fn stock_report(doc: &Value) -> Result<Vec<Canonical>, MapError> {
 }
 
 fn canonical(id: &str, sku: &str, ts: i64, body: EventBody<'_>, sku_field: &str) -> Result<Canonical, MapError> {
-    let ev = Event { id: Cow::Borrowed(id), sku: Cow::Borrowed(sku), ts, body };
+    let ev = Event { id: Cow::Borrowed(id), sku: Cow::Borrowed(sku), ts, ingested_at: None, body };
     super::amazon::validated(ev, sku_field)
 }
 

@@ -248,6 +248,14 @@ pub async fn put<P: StreamProducer>(
     if records.is_empty() {
         return Ok(());
     }
+    let now = now_ms();
+    let stamped: Vec<Option<Vec<u8>>> = records.iter().map(|r| stamp(r.key, r.payload, now)).collect();
+    let records: Vec<OutRecord<'_>> = records
+        .iter()
+        .zip(&stamped)
+        .map(|(r, s)| OutRecord { key: r.key, payload: s.as_deref().unwrap_or(r.payload) })
+        .collect();
+    let records = &records[..];
     match producer.put(records).await {
         Ok(()) => {
             metrics::counter!("stockflow_ingested_events_total", "route" => route).increment(records.len() as u64);
@@ -260,6 +268,35 @@ pub async fn put<P: StreamProducer>(
             Err(e)
         }
     }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The event with `"ingested_at": now` added as its last member, for the consumers' end-to-end
+/// latency (`stockflow_end_to_end_seconds`); `None` (put as is) when it already carries one, is
+/// not an object, or would outgrow a stream record.
+pub fn stamp(key: &str, doc: &[u8], now: i64) -> Option<Vec<u8>> {
+    const FIELD: &[u8] = b"\"ingested_at\"";
+    if doc.windows(FIELD.len()).any(|w| w == FIELD) {
+        return None;
+    }
+    let end = doc.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if doc[end] != b'}' {
+        return None;
+    }
+    let body = &doc[..end];
+    let empty = body.iter().rposition(|b| !b.is_ascii_whitespace()).is_some_and(|i| body[i] == b'{');
+    let member = format!("{}\"ingested_at\":{now}}}", if empty { "" } else { "," });
+    if key.len() + body.len() + member.len() > MAX_EVENT_BYTES {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() + member.len());
+    out.extend_from_slice(body);
+    out.extend_from_slice(member.as_bytes());
+    Some(out)
 }
 
 /// The three POST routes: what their documents are.
@@ -404,10 +441,7 @@ pub fn amazon_events(n: &serde_json::Value, cfg: &AmazonConfig) -> Result<Option
 }
 
 async fn render_metrics<P: StreamProducer>(State(state): State<Arc<IngestState<P>>>) -> Response {
-    match &state.metrics {
-        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
-        None => error(StatusCode::NOT_FOUND, "metrics are not enabled in this process".into(), None, None),
-    }
+    crate::telemetry::render(state.metrics.as_ref())
 }
 
 #[cfg(test)]
@@ -523,5 +557,25 @@ mod tests {
         let (s, _) = call_with(app, good, "application/json", &signed("m4", good)).await;
         assert_eq!(s, StatusCode::ACCEPTED);
         assert_eq!(records_on(&log).await, 2, "only the two accepted signed requests reached the stream");
+    }
+
+    #[test]
+    fn stamps_the_ingest_time_once_and_keeps_the_event() {
+        let doc = br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2} "#;
+        let out = stamp("S", doc, 1_795_000_000_123).unwrap();
+        let ev = stockflow_state::decode(&out).unwrap();
+        assert_eq!((ev.id.as_ref(), ev.ts, ev.ingested_at), ("a", 1, Some(1_795_000_000_123)));
+        // Already stamped (a replayed record): kept as is.
+        assert_eq!(stamp("S", &out, 5), None);
+        assert_eq!(stamp("S", b"{}", 7).as_deref(), Some(&br#"{"ingested_at":7}"#[..]));
+        assert_eq!(stamp("S", b"[1]", 7), None);
+        // Never past a stream record's size.
+        let big = format!(r#"{{"x":"{}"}}"#, "y".repeat(MAX_EVENT_BYTES - 10));
+        assert_eq!(stamp("S", big.as_bytes(), 7), None);
+        // A sender's non-integer `ingested_at` is ignored, not an error.
+        let odd = stockflow_state::decode(
+            br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2,"ingested_at":"x"}"#,
+        );
+        assert_eq!(odd.unwrap().ingested_at, None);
     }
 }

@@ -111,6 +111,9 @@ pub struct Event<'a> {
     pub sku: Cow<'a, str>,
     /// Event time, Unix epoch milliseconds.
     pub ts: i64,
+    /// When stockflow's ingest accepted it, Unix epoch milliseconds (stamped by the ingest, kept
+    /// when already present; measures end-to-end latency, never changes state).
+    pub ingested_at: Option<i64>,
     /// The type and its fields.
     pub body: EventBody<'a>,
 }
@@ -130,7 +133,14 @@ impl Event<'_> {
 
     /// Serialises the event back to its canonical JSON form.
     pub fn to_json(&self) -> String {
-        let mut w = WireEvent { id: &self.id, kind: self.kind(), sku: &self.sku, ts: self.ts, ..WireEvent::default() };
+        let mut w = WireEvent {
+            id: &self.id,
+            kind: self.kind(),
+            sku: &self.sku,
+            ts: self.ts,
+            ingested_at: self.ingested_at,
+            ..WireEvent::default()
+        };
         match &self.body {
             EventBody::OrderPlaced { order_id, qty, unit_price } => {
                 w.order_id = Some(order_id);
@@ -188,6 +198,8 @@ struct WireEvent<'a> {
     unit_cost: Option<Decimal>,
     #[serde(skip_serializing_if = "Option::is_none")]
     currency: Option<Currency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingested_at: Option<i64>,
 }
 
 /// Why a record is not a valid canonical event. Permanent: the record goes to the dead letters.
@@ -245,6 +257,16 @@ struct RawEvent<'a> {
     unit_cost: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     currency: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ingested_at: Option<Stamp>,
+}
+
+/// `ingested_at` is informational: a value that is not an integer is ignored, not an error.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stamp {
+    Millis(i64),
+    Other(serde::de::IgnoredAny),
 }
 
 /// Decodes and validates one canonical event from JSON bytes.
@@ -348,7 +370,11 @@ fn validate(raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
     {
         return Err(DecodeError::field_err("order_id", "must be 1–256 bytes"));
     }
-    Ok(Event { id: raw.id, sku: raw.sku, ts: raw.ts, body })
+    let ingested_at = match raw.ingested_at {
+        Some(Stamp::Millis(ms)) => Some(ms),
+        Some(Stamp::Other(_)) | None => None,
+    };
+    Ok(Event { id: raw.id, sku: raw.sku, ts: raw.ts, ingested_at, body })
 }
 
 /// The slow path: find which field made serde reject the document.

@@ -192,6 +192,16 @@ impl Velocity {
     pub fn units_24h(&self) -> u64 {
         self.units.iter().map(|u| u64::from(*u)).sum()
     }
+
+    /// Units ordered per hour over those 24 hours, oldest first, each with its hour's start
+    /// (epoch ms); empty before the first order.
+    pub fn hours(&self) -> Vec<(i64, u32)> {
+        let Some(head) = self.head_hour else { return Vec::new() };
+        (0..24i64)
+            .rev()
+            .map(|back| ((head - back).saturating_mul(HOUR_MS), self.units[(head - back).rem_euclid(24) as usize]))
+            .collect()
+    }
 }
 
 /// The per-shard watermark and the open windows, bucketed by their end: window ends are
@@ -324,8 +334,13 @@ mod tests {
         assert_eq!(v.units_24h(), 3);
         v.record(0, 9); // older than the ring: ignored
         assert_eq!(v.units_24h(), 3);
+        let hours = v.hours();
+        assert_eq!(hours.len(), 24);
+        assert_eq!((hours[0], hours[22], hours[23]), ((HOUR_MS, 0), (HOUR_MS * 23, 2), (HOUR_MS * 24, 1)));
         v.record(HOUR_MS * 100, 4);
         assert_eq!(v.units_24h(), 4);
+        assert_eq!(v.hours().iter().map(|h| h.1).sum::<u32>(), 4);
+        assert!(Velocity::default().hours().is_empty());
     }
 
     #[test]

@@ -1,0 +1,578 @@
+//! The live dashboard: stock over every SKU of the state store (the whole consumer group, not one
+//! worker's memory), oversell and low-stock alerts as they are committed, throughput and lag.
+//!
+//! Three loops feed it, each independent of the page:
+//! - **snapshot**: every `refresh` the store's SKU states are read whole and turned into rows with
+//!   three sort orders; requests page through the latest snapshot (`/api/stock`). Staleness — how
+//!   old the snapshot being served is — is measured and exported.
+//! - **alert tail**: the outbox of every shard is read after a cursor (the same API the connectors
+//!   drain) and alerts go to a ring of the newest and to every `/api/stream` subscriber.
+//! - **sampler**: once a second, the pipeline's counters (in-process, or scraped from the group
+//!   members' `/metrics`) become a point of the throughput and lag charts.
+//!
+//! Page and scripts are compiled into the binary (`assets/`): no CDN, works offline. The JSON API
+//! is documented in `docs/dashboard.md`.
+
+mod api;
+mod snapshot;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use stockflow_connectors::connector::HttpClient;
+use stockflow_pipeline::Progress;
+use stockflow_state::outbox::{OutboxPos, OutboxStore};
+use stockflow_state::{Effect, StateStore};
+use tokio::sync::{broadcast, watch};
+
+pub use api::router;
+pub use snapshot::{Snapshot, StockRow};
+
+/// How the dashboard refreshes.
+#[derive(Debug, Clone, Copy)]
+pub struct DashboardConfig {
+    /// Pause between two snapshot reads of the SKU states (staleness ≤ this + one read).
+    pub refresh: Duration,
+    /// Pause between two reads of the outbox for new alerts.
+    pub alert_poll: Duration,
+    /// Alerts kept for `/api/alerts` (the newest).
+    pub alert_capacity: usize,
+    /// Points of the charts (one a second).
+    pub series_points: usize,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig {
+            refresh: Duration::from_millis(500),
+            alert_poll: Duration::from_millis(200),
+            alert_capacity: 10_000,
+            series_points: 600,
+        }
+    }
+}
+
+/// Where throughput and lag come from.
+#[derive(Debug)]
+pub enum Telemetry {
+    /// The consumers of this process (`run`, `demo`).
+    InProcess(Arc<Progress>),
+    /// The `/metrics` of the group's members (`stockflow dashboard --scrape URL ...`).
+    Scrape {
+        /// Client for the scrapes.
+        client: Box<HttpClient>,
+        /// Metrics URLs.
+        urls: Vec<String>,
+    },
+    /// No counters: the charts show alerts only.
+    None,
+}
+
+/// Counters read at one instant (sums over shards and members).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    /// Events applied so far.
+    pub applied: u64,
+    /// Records read so far.
+    pub read: u64,
+    /// Bytes not yet read (embedded log).
+    pub lag_bytes: Option<u64>,
+    /// Records not yet read.
+    pub lag_records: Option<u64>,
+    /// Largest time behind the newest record over the shards (Kinesis).
+    pub lag_seconds: Option<f64>,
+}
+
+impl Telemetry {
+    async fn sample(&self) -> Option<Sample> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self {
+            Telemetry::InProcess(p) => Some(Sample {
+                applied: p.applied.load(Relaxed),
+                read: p.read.load(Relaxed),
+                lag_bytes: Some(p.lag_bytes.load(Relaxed)),
+                lag_records: None,
+                lag_seconds: None,
+            }),
+            Telemetry::Scrape { client, urls } => {
+                let mut total = Sample::default();
+                let mut any = false;
+                for url in urls {
+                    let got = client.send(hyper::Method::GET, url, &[], bytes_empty()).await;
+                    match got {
+                        Ok(r) if r.status.is_success() => {
+                            any = true;
+                            let s = parse_exposition(&String::from_utf8_lossy(&r.body));
+                            total.applied += s.applied;
+                            total.read += s.read;
+                            total.lag_bytes = add(total.lag_bytes, s.lag_bytes);
+                            total.lag_records = add(total.lag_records, s.lag_records);
+                            total.lag_seconds = match (total.lag_seconds, s.lag_seconds) {
+                                (Some(a), Some(b)) => Some(a.max(b)),
+                                (a, b) => a.or(b),
+                            };
+                        }
+                        Ok(r) => tracing::debug!(url, status = %r.status, "scrape refused"),
+                        Err(e) => tracing::debug!(url, error = %e, "scrape failed"),
+                    }
+                }
+                any.then_some(total)
+            }
+            Telemetry::None => None,
+        }
+    }
+}
+
+fn bytes_empty() -> hyper::body::Bytes {
+    hyper::body::Bytes::new()
+}
+
+fn add(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The pipeline counters of one Prometheus text exposition (summed over their label sets).
+pub fn parse_exposition(text: &str) -> Sample {
+    let mut s = Sample::default();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        match &line[..name_end] {
+            "stockflow_events_applied_total" => s.applied += value as u64,
+            "stockflow_records_read_total" => s.read += value as u64,
+            "stockflow_shard_lag_bytes" => s.lag_bytes = Some(s.lag_bytes.unwrap_or(0) + value as u64),
+            "stockflow_shard_lag_records" => s.lag_records = Some(s.lag_records.unwrap_or(0) + value as u64),
+            "stockflow_shard_lag_seconds" => s.lag_seconds = Some(s.lag_seconds.unwrap_or(0.0).max(value)),
+            _ => {}
+        }
+    }
+    s
+}
+
+/// One alert as the dashboard shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AlertItem {
+    /// Arrival number at this dashboard (newer is larger; the `before` cursor of `/api/alerts`).
+    pub seq: u64,
+    /// The alert id (`oversell:…`, `low_stock:…`).
+    pub id: String,
+    /// `oversell` or `low_stock`.
+    pub kind: &'static str,
+    /// The SKU.
+    pub sku: String,
+    /// The order line (oversell by an order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// Units that cannot be served (oversell).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shortfall: Option<i64>,
+    /// Units asked for (oversell).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested: Option<i64>,
+    /// `available` before (oversell) or after (low stock) the event.
+    pub available: i64,
+    /// The reorder point crossed (low stock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reorder_point: Option<i64>,
+    /// `order` or `count` (oversell).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<&'static str>,
+    /// Event time, epoch ms.
+    pub ts: i64,
+    /// When this dashboard saw it committed, epoch ms.
+    pub seen_ms: i64,
+}
+
+impl AlertItem {
+    fn of(effect: &Effect, seq: u64, seen_ms: i64) -> Option<AlertItem> {
+        match effect {
+            Effect::Oversell(a) => Some(AlertItem {
+                seq,
+                id: a.alert_id.clone(),
+                kind: "oversell",
+                sku: a.sku.clone(),
+                order_id: a.order_id.clone(),
+                shortfall: Some(a.shortfall),
+                requested: Some(a.requested),
+                available: a.available_before,
+                reorder_point: None,
+                cause: Some(match a.cause {
+                    stockflow_state::effects::OversellCause::Order => "order",
+                    stockflow_state::effects::OversellCause::Count => "count",
+                }),
+                ts: a.ts,
+                seen_ms,
+            }),
+            Effect::LowStock(a) => Some(AlertItem {
+                seq,
+                id: a.alert_id.clone(),
+                kind: "low_stock",
+                sku: a.sku.clone(),
+                order_id: None,
+                shortfall: None,
+                requested: None,
+                available: a.available,
+                reorder_point: Some(a.reorder_point),
+                cause: None,
+                ts: a.ts,
+                seen_ms,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The newest alerts and the counts of all seen.
+#[derive(Debug, Default)]
+struct AlertLog {
+    ring: VecDeque<Arc<AlertItem>>,
+    next_seq: u64,
+    oversell: u64,
+    low_stock: u64,
+}
+
+/// One point of the charts.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Point {
+    /// Epoch ms.
+    pub t: i64,
+    /// Events applied per second over the last interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied_per_s: Option<f64>,
+    /// Records read per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_per_s: Option<f64>,
+    /// Alerts committed per second.
+    pub alerts_per_s: f64,
+    /// Bytes behind (embedded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<u64>,
+    /// Records behind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_records: Option<u64>,
+    /// Seconds behind (Kinesis).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+}
+
+/// How fresh the served snapshots were.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct SnapshotStats {
+    /// Snapshots built.
+    pub count: u64,
+    /// Longest build (read + rows + sorts), ms.
+    pub max_build_ms: u64,
+    /// Longest time a snapshot was served after its read began, ms: the worst staleness a page
+    /// could see.
+    pub max_staleness_ms: u64,
+    /// SKUs in the latest snapshot.
+    pub skus: usize,
+}
+
+/// A message for `/api/stream` subscribers: the SSE event name and its JSON.
+#[derive(Debug, Clone)]
+pub(crate) struct Push {
+    event: &'static str,
+    json: Arc<str>,
+}
+
+struct Inner {
+    snapshot: RwLock<Arc<Snapshot>>,
+    alerts: Mutex<AlertLog>,
+    series: Mutex<VecDeque<Point>>,
+    stats: Mutex<SnapshotStats>,
+    pushes: broadcast::Sender<Push>,
+    cfg: DashboardConfig,
+    window_sizes: Vec<i64>,
+    started: Instant,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The dashboard's shared state; cheap to clone.
+#[derive(Clone)]
+pub struct Dashboard {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dashboard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dashboard").field("stats", &self.stats()).finish_non_exhaustive()
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Dashboard {
+    /// Starts the three loops over `store` until `shutdown`; serve [`router`] with the result.
+    pub fn start<S: StateStore + OutboxStore>(
+        store: Arc<S>,
+        telemetry: Telemetry,
+        window_sizes: Vec<i64>,
+        cfg: DashboardConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Dashboard {
+        let (pushes, _) = broadcast::channel(4096);
+        let dashboard = Dashboard {
+            inner: Arc::new(Inner {
+                snapshot: RwLock::new(Arc::new(Snapshot::empty())),
+                alerts: Mutex::new(AlertLog::default()),
+                series: Mutex::new(VecDeque::new()),
+                stats: Mutex::new(SnapshotStats::default()),
+                pushes,
+                cfg,
+                window_sizes,
+                started: Instant::now(),
+                shutdown: shutdown.clone(),
+            }),
+        };
+        tokio::spawn(dashboard.clone().snapshots(Arc::clone(&store), shutdown.clone()));
+        tokio::spawn(dashboard.clone().alert_tail(store, shutdown.clone()));
+        tokio::spawn(dashboard.clone().sampler(telemetry, shutdown));
+        dashboard
+    }
+
+    /// The snapshot being served.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.inner.snapshot.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Freshness figures so far.
+    pub fn stats(&self) -> SnapshotStats {
+        *self.inner.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Alerts seen so far: (oversell, low stock).
+    pub fn alert_counts(&self) -> (u64, u64) {
+        let log = self.inner.alerts.lock().unwrap_or_else(|e| e.into_inner());
+        (log.oversell, log.low_stock)
+    }
+
+    /// A subscription to the pushes, and the shutdown that ends it.
+    pub(crate) fn subscribe(&self) -> (broadcast::Receiver<Push>, watch::Receiver<bool>) {
+        (self.inner.pushes.subscribe(), self.inner.shutdown.clone())
+    }
+
+    fn push(&self, event: &'static str, value: &impl Serialize) {
+        if self.inner.pushes.receiver_count() == 0 {
+            return;
+        }
+        if let Ok(json) = serde_json::to_string(value) {
+            let _ = self.inner.pushes.send(Push { event, json: json.into() });
+        }
+    }
+
+    /// Re-reads the SKU states every `refresh` and swaps the served snapshot.
+    async fn snapshots<S: StateStore>(self, store: Arc<S>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.inner.cfg.refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped(&mut shutdown) => return,
+            }
+            let began = Instant::now();
+            let as_of = now_ms();
+            let states = match store.sku_states().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dashboard: reading SKU states failed; serving the previous snapshot");
+                    continue;
+                }
+            };
+            let sizes = self.inner.window_sizes.clone();
+            let built = tokio::task::spawn_blocking(move || Snapshot::build(states, as_of, &sizes)).await;
+            let Ok(mut snap) = built else { continue };
+            let build = began.elapsed();
+            snap.build_ms = build.as_millis() as u64;
+            let skus = snap.rows.len();
+            let previous =
+                std::mem::replace(&mut *self.inner.snapshot.write().unwrap_or_else(|e| e.into_inner()), Arc::new(snap));
+            // The previous snapshot was served until now: its age now is the worst a reader saw.
+            let staleness = if previous.as_of_ms > 0 { (now_ms() - previous.as_of_ms).max(0) as u64 } else { 0 };
+            metrics::histogram!("stockflow_dashboard_snapshot_seconds").record(build.as_secs_f64());
+            metrics::histogram!("stockflow_dashboard_staleness_seconds").record(staleness as f64 / 1000.0);
+            metrics::gauge!("stockflow_dashboard_skus").set(skus as f64);
+            let mut st = self.inner.stats.lock().unwrap_or_else(|e| e.into_inner());
+            st.count += 1;
+            st.max_build_ms = st.max_build_ms.max(build.as_millis() as u64);
+            st.max_staleness_ms = st.max_staleness_ms.max(staleness);
+            st.skus = skus;
+        }
+    }
+
+    /// Follows every shard's outbox; alerts go to the ring and to the subscribers.
+    async fn alert_tail<S: OutboxStore>(self, store: Arc<S>, mut shutdown: watch::Receiver<bool>) {
+        const PAGE: usize = 2_000;
+        let mut cursors: HashMap<String, Option<OutboxPos>> = HashMap::new();
+        let mut first_pass = true;
+        let mut tick = tokio::time::interval(self.inner.cfg.alert_poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped(&mut shutdown) => return,
+            }
+            let shards = match store.outbox_shards().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dashboard: listing outbox shards failed");
+                    continue;
+                }
+            };
+            for shard in shards {
+                let cursor = cursors.entry(shard.clone()).or_default();
+                loop {
+                    let page = match store.read_outbox(&shard, cursor.as_ref(), PAGE).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(error = %e, shard, "dashboard: reading the outbox failed");
+                            break;
+                        }
+                    };
+                    let full = page.len() == PAGE;
+                    if let Some(last) = page.last() {
+                        *cursor = Some(last.pos.clone());
+                    }
+                    self.record_alerts(page.iter().map(|e| &e.effect), !first_pass);
+                    if !full {
+                        break;
+                    }
+                }
+            }
+            first_pass = false;
+        }
+    }
+
+    fn record_alerts<'a>(&self, effects: impl Iterator<Item = &'a Effect>, live: bool) {
+        let seen = now_ms();
+        let mut fresh = Vec::new();
+        {
+            let mut log = self.inner.alerts.lock().unwrap_or_else(|e| e.into_inner());
+            for effect in effects {
+                let Some(item) = AlertItem::of(effect, log.next_seq, seen) else { continue };
+                log.next_seq += 1;
+                match item.kind {
+                    "oversell" => log.oversell += 1,
+                    _ => log.low_stock += 1,
+                }
+                let item = Arc::new(item);
+                if log.ring.len() == self.inner.cfg.alert_capacity {
+                    log.ring.pop_front();
+                }
+                log.ring.push_back(Arc::clone(&item));
+                if live {
+                    fresh.push(item);
+                }
+            }
+        }
+        for item in fresh {
+            self.push("alert", &*item);
+        }
+    }
+
+    /// Once a second: a point of the charts, pushed to the subscribers too.
+    async fn sampler(self, telemetry: Telemetry, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut previous: Option<(Instant, Option<Sample>, u64)> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped(&mut shutdown) => return,
+            }
+            let sample = telemetry.sample().await;
+            let now = Instant::now();
+            let alerts = {
+                let (o, l) = self.alert_counts();
+                o + l
+            };
+            if let Some((then, before, alerts_before)) = previous {
+                let secs = now.duration_since(then).as_secs_f64().max(1e-3);
+                let rate = |f: fn(&Sample) -> u64| match (&sample, &before) {
+                    (Some(a), Some(b)) => Some(f(a).saturating_sub(f(b)) as f64 / secs),
+                    _ => None,
+                };
+                let point = Point {
+                    t: now_ms(),
+                    applied_per_s: rate(|s| s.applied),
+                    read_per_s: rate(|s| s.read),
+                    alerts_per_s: alerts.saturating_sub(alerts_before) as f64 / secs,
+                    lag_bytes: sample.and_then(|s| s.lag_bytes),
+                    lag_records: sample.and_then(|s| s.lag_records),
+                    lag_seconds: sample.and_then(|s| s.lag_seconds),
+                };
+                {
+                    let mut series = self.inner.series.lock().unwrap_or_else(|e| e.into_inner());
+                    if series.len() == self.inner.cfg.series_points {
+                        series.pop_front();
+                    }
+                    series.push_back(point);
+                }
+                self.push("tick", &api::Tick::of(&self, point));
+            }
+            previous = Some((now, sample, alerts));
+        }
+    }
+}
+
+/// Binds `addr` — any free port of its host instead when `fallback` and the address is taken —
+/// and serves `app` until `shutdown`; returns the bound address.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    fallback: bool,
+    app: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use anyhow::Context;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if fallback && e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::info!(%addr, "dashboard address in use; taking a free port");
+            tokio::net::TcpListener::bind((addr.ip(), 0)).await.context("binding the dashboard")?
+        }
+        Err(e) => return Err(e).with_context(|| format!("binding the dashboard to {addr}")),
+    };
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        let stop = async move { stopped(&mut shutdown).await };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "dashboard server stopped");
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_is_summed_over_shards_and_members() {
+        let text = "# HELP x\n# TYPE stockflow_events_applied_total counter\n\
+            stockflow_events_applied_total{shard=\"a\"} 10\n\
+            stockflow_events_applied_total{shard=\"b\"} 5\n\
+            stockflow_events_applied_totals 99\n\
+            stockflow_records_read_total{shard=\"a\"} 17\n\
+            stockflow_shard_lag_seconds{shard=\"a\"} 1.5\n\
+            stockflow_shard_lag_seconds{shard=\"b\"} 0.25\n\
+            stockflow_shard_lag_records{shard=\"a\"} 3\n";
+        let s = parse_exposition(text);
+        assert_eq!((s.applied, s.read, s.lag_records, s.lag_seconds, s.lag_bytes), (15, 17, Some(3), Some(1.5), None));
+    }
+}
