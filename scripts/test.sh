@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace. Installs and starts whatever the tests need first
 # (scripts/services.sh: moto for DynamoDB state and leases, kinesis-local for the consumer-group
-# suites; the embedded backend needs nothing).
+# suites; scripts/install-tools.sh: Debian's chromium for the dashboard browser test and promtool
+# for the Prometheus rules; the embedded backend needs nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x scripts/services.sh ] && [ "${STOCKFLOW_SKIP_SERVICES:-0}" != 1 ]; then
+  scripts/install-tools.sh
   scripts/services.sh install
   scripts/services.sh start
   trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT

@@ -37,15 +37,22 @@ fn setup(marketplace: Option<&str>) -> Setup {
     Setup { _dir: dir, log, state, router }
 }
 
-/// Every record on the (sealed) one-shard log, in order.
+/// Every record on the (sealed) one-shard log, in order, without the ingest's `ingested_at`
+/// stamp (checked here: present, and within the last minute).
 async fn records(log: &EmbeddedLog) -> Vec<Value> {
     log.seal();
     let mut reader = log.open("shard-0000", None).await.unwrap();
     let mut batch = RecordBatch::new();
     let mut out = Vec::new();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     loop {
         let status = reader.next_batch(&mut batch, 100).await.unwrap();
-        out.extend(batch.iter().map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()));
+        out.extend(batch.iter().map(|(_, p)| {
+            let mut v = serde_json::from_slice::<Value>(p).unwrap();
+            let stamp = v.as_object_mut().unwrap().remove("ingested_at").and_then(|s| s.as_i64());
+            assert!(stamp.is_some_and(|s| (now - 60_000..=now + 1_000).contains(&s)), "stamp {stamp:?} of {v}");
+            v
+        }));
         if status != ReadStatus::Open {
             return out;
         }

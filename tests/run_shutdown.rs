@@ -42,6 +42,8 @@ fn sigterm_commits_what_was_applied_before_exit() {
             "run",
             "--listen",
             "127.0.0.1:0",
+            "--dashboard-listen",
+            "127.0.0.1:0",
         ])
         .env("STOCKFLOW_LOG", "warn")
         .stdout(Stdio::piped())

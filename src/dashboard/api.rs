@@ -222,7 +222,7 @@ async fn stock(
 
 async fn stock_one(State(s): State<AppState>, Path(sku): Path<String>) -> Response {
     let snap = s.dashboard.snapshot();
-    let Some((row, detail)) = snap.get(&sku) else {
+    let Some((row, detail)) = snap.get(&sku, &s.dashboard.inner.window_sizes) else {
         return bad(
             StatusCode::NOT_FOUND,
             format!("no SKU {sku:?} in the state store (as of the latest snapshot)"),

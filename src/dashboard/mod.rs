@@ -395,12 +395,13 @@ impl Dashboard {
                     continue;
                 }
             };
-            let sizes = self.inner.window_sizes.clone();
-            let built = tokio::task::spawn_blocking(move || Snapshot::build(states, as_of, &sizes)).await;
+            let read = began.elapsed();
+            let built = tokio::task::spawn_blocking(move || Snapshot::build(states, as_of)).await;
             let Ok(mut snap) = built else { continue };
             let build = began.elapsed();
             snap.build_ms = build.as_millis() as u64;
             let skus = snap.rows.len();
+            tracing::debug!(skus, ?read, ?build, "dashboard snapshot");
             let previous =
                 std::mem::replace(&mut *self.inner.snapshot.write().unwrap_or_else(|e| e.into_inner()), Arc::new(snap));
             // The previous snapshot was served until now: its age now is the worst a reader saw.

@@ -1,0 +1,117 @@
+//! What the end-to-end tests that drive the `stockflow` binary share: starting `stockflow run`,
+//! plain HTTP/1.1 over loopback, and waiting for a condition with a deadline.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `stockflow run` on free loopback ports, stopped (SIGTERM, then kill) when dropped.
+pub struct Run {
+    pub child: Child,
+    /// host:port of the ingest API.
+    pub ingest: String,
+    /// host:port of the dashboard.
+    pub dashboard: String,
+}
+
+impl Run {
+    /// Starts `stockflow run` over `dir` with `config` (TOML) and waits for its first line.
+    pub fn start(dir: &Path, config: &str) -> Run {
+        let cfg = dir.join("run.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stockflow"))
+            .args(["--config", cfg.to_str().unwrap(), "--data-dir", dir.join("data").to_str().unwrap()])
+            .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"])
+            .env("STOCKFLOW_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let host = |n: usize| line.split("http://").nth(n).and_then(|r| r.split('/').next()).unwrap().to_string();
+        let (ingest, dashboard) = (host(1), host(2));
+        assert!(line.contains("dashboard on"), "{line}");
+        Run { child, ingest, dashboard }
+    }
+
+    /// SIGTERM and wait; true when it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One request with `Connection: close`: (status, headers and body as text).
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, resp)
+}
+
+/// The body of a 200 answer as JSON.
+pub fn get_json(addr: &str, path: &str) -> serde_json::Value {
+    let (status, resp) = http(addr, "GET", path, "");
+    assert_eq!(status, 200, "GET {path}: {resp}");
+    body_json(&resp)
+}
+
+/// The JSON body of a response (any status).
+pub fn body_json(resp: &str) -> serde_json::Value {
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {resp}"))
+}
+
+/// POSTs NDJSON events to the ingest; asserts 202.
+pub fn post_events(addr: &str, events: &[String]) {
+    let body = events.join("\n");
+    let (status, resp) = http(addr, "POST", "/v1/events", &body);
+    assert_eq!(status, 202, "{resp}");
+}
+
+/// Polls `check` every 20 ms until it returns `Some` or `within` passes (then panics with `what`).
+pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A canonical `stock_received` event.
+pub fn received(id: &str, sku: &str, qty: i64) -> String {
+    format!(
+        r#"{{"id":"{id}","type":"stock_received","sku":"{sku}","ts":1795773600000,"qty":{qty},"unit_cost":"4.00","currency":"USD"}}"#
+    )
+}
+
+/// A canonical `order_placed` event.
+pub fn placed(id: &str, sku: &str, qty: i64, order: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","type":"order_placed","sku":"{sku}","ts":1795773660000,"qty":{qty},"order_id":"{order}"}}"#
+    )
+}
