@@ -341,7 +341,19 @@ impl Dashboard {
                 shutdown: shutdown.clone(),
             }),
         };
-        tokio::spawn(dashboard.clone().snapshots(Arc::clone(&store), shutdown.clone()));
+        // The snapshot loop has its own thread (and a small runtime for the store's async API):
+        // on a runtime saturated by the consumers its ticks would wait for a free worker, and
+        // staleness would grow by that wait.
+        let (d, s, stop) = (dashboard.clone(), Arc::clone(&store), shutdown.clone());
+        let spawned = std::thread::Builder::new().name("dashboard-snapshots".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(d.snapshots(s, stop)),
+                Err(e) => tracing::error!(error = %e, "dashboard: no runtime for the snapshot loop"),
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "dashboard: snapshot thread not started");
+        }
         tokio::spawn(dashboard.clone().alert_tail(store, shutdown.clone()));
         tokio::spawn(dashboard.clone().sampler(telemetry, shutdown));
         dashboard
@@ -396,8 +408,7 @@ impl Dashboard {
                 }
             };
             let read = began.elapsed();
-            let built = tokio::task::spawn_blocking(move || Snapshot::build(states, as_of)).await;
-            let Ok(mut snap) = built else { continue };
+            let mut snap = Snapshot::build(states, as_of);
             let build = began.elapsed();
             snap.build_ms = build.as_millis() as u64;
             let skus = snap.rows.len();

@@ -197,7 +197,12 @@
   function connect() {
     const status = $("status");
     const es = new EventSource("/api/stream");
-    es.addEventListener("hello", () => { status.dataset.state = "live"; status.textContent = "live"; });
+    let connected = false;
+    es.addEventListener("hello", () => {
+      status.dataset.state = "live"; status.textContent = "live";
+      if (connected) loadAlerts(); // reconnected: alerts may have come and gone meanwhile
+      connected = true;
+    });
     es.addEventListener("alert", (e) => addLiveAlert(JSON.parse(e.data)));
     es.addEventListener("tick", (e) => applyTick(JSON.parse(e.data)));
     es.addEventListener("resync", loadAlerts);
