@@ -56,6 +56,10 @@ pub struct DashboardArgs {
     /// charts; repeat for each member.
     #[arg(long, value_name = "URL")]
     scrape: Vec<String>,
+    /// Pause between two reads of every SKU state, ms (overrides `dashboard.refresh_ms`; with
+    /// --dynamodb the default is 10,000: each read is a Scan of the state table).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    refresh_ms: Option<u64>,
 }
 
 /// Arguments of `stockflow consume`.
@@ -294,17 +298,13 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
         .await
         .with_context(|| format!("binding the ingest server to {listen}"))?;
     let progress = Arc::new(Progress::default());
-    let dashboard = crate::dashboard::Dashboard::start(
+    let (dashboard, dashboard_at) = crate::dashboard::start_in_process(
         Arc::clone(&backend.store),
-        crate::dashboard::Telemetry::InProcess(Arc::clone(&progress)),
-        settings.engine.windows.sizes_ms().to_vec(),
-        settings.dashboard.config(),
-        shutdown.clone(),
-    );
-    let dashboard_at = crate::dashboard::serve(
+        Arc::clone(&progress),
+        &settings,
         args.dashboard_listen.unwrap_or(settings.dashboard.listen),
-        false,
-        crate::dashboard::router(dashboard, metrics.clone()),
+        true,
+        metrics.clone(),
         shutdown.clone(),
     )
     .await?;
@@ -333,6 +333,7 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     let reports = backend.consume(&settings, shutdown, progress).await?;
     server.await.context("ingest server task")??;
     let (delivered, _) = drains.join().await?;
+    dashboard.close().await;
     for d in &delivered {
         tracing::info!(
             connector = d.connector,
@@ -367,6 +368,15 @@ async fn dashboard(
             urls: args.scrape.clone(),
         }
     };
+    let mut cfg = settings.dashboard.config();
+    cfg.refresh = std::time::Duration::from_millis(args.refresh_ms.unwrap_or(if args.dynamodb {
+        10_000.max(settings.dashboard.refresh_ms)
+    } else {
+        settings.dashboard.refresh_ms
+    }));
+    if args.dynamodb {
+        cfg.alert_poll = cfg.alert_poll.max(std::time::Duration::from_secs(2));
+    }
     let (dashboard, _embedded) = if args.dynamodb {
         let endpoint = args.dynamodb_endpoint.or_else(|| settings.dynamodb.endpoint.clone());
         let prefix = args.table_prefix.unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
@@ -374,8 +384,7 @@ async fn dashboard(
             stockflow_state::dynamodb::DynamoStore::client(endpoint.as_deref()).await,
             &prefix,
         ));
-        let d =
-            crate::dashboard::Dashboard::start(store, telemetry, sizes, settings.dashboard.config(), shutdown.clone());
+        let d = crate::dashboard::Dashboard::start(store, telemetry, sizes, cfg, shutdown.clone());
         (d, None)
     } else {
         if !settings.state_path().exists() {
@@ -385,8 +394,7 @@ async fn dashboard(
             e.context("the dashboard of a running `stockflow run` is served by that process (see its first line)")
         })?;
         let store = Arc::clone(&backend.store);
-        let d =
-            crate::dashboard::Dashboard::start(store, telemetry, sizes, settings.dashboard.config(), shutdown.clone());
+        let d = crate::dashboard::Dashboard::start(store, telemetry, sizes, cfg, shutdown.clone());
         (d, Some(backend))
     };
     let at =

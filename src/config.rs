@@ -53,11 +53,18 @@ pub struct DashboardSection {
     pub refresh_ms: u64,
     /// Alerts kept for the feed's history (100 to 1,000,000).
     pub alert_capacity: usize,
+    /// Pause between two reads of the outbox for new alerts, ms (50 to 60,000).
+    pub alert_poll_ms: u64,
 }
 
 impl Default for DashboardSection {
     fn default() -> Self {
-        DashboardSection { listen: SocketAddr::from(([127, 0, 0, 1], 8090)), refresh_ms: 500, alert_capacity: 10_000 }
+        DashboardSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            refresh_ms: 500,
+            alert_capacity: 10_000,
+            alert_poll_ms: 200,
+        }
     }
 }
 
@@ -66,6 +73,7 @@ impl DashboardSection {
     pub fn config(&self) -> crate::dashboard::DashboardConfig {
         crate::dashboard::DashboardConfig {
             refresh: Duration::from_millis(self.refresh_ms),
+            alert_poll: Duration::from_millis(self.alert_poll_ms),
             alert_capacity: self.alert_capacity,
             ..crate::dashboard::DashboardConfig::default()
         }
@@ -341,6 +349,9 @@ impl FileConfig {
         let dash = &self.dashboard;
         if !(100..=60_000).contains(&dash.refresh_ms) {
             bail!("dashboard.refresh_ms = {}: must be 100 to 60000", dash.refresh_ms);
+        }
+        if !(50..=60_000).contains(&dash.alert_poll_ms) {
+            bail!("dashboard.alert_poll_ms = {}: must be 50 to 60000", dash.alert_poll_ms);
         }
         if !(100..=1_000_000).contains(&dash.alert_capacity) {
             bail!("dashboard.alert_capacity = {}: must be 100 to 1000000", dash.alert_capacity);

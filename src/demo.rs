@@ -128,14 +128,15 @@ pub async fn run(
     let producer = {
         let (backend, stream) = (Arc::clone(&backend), Arc::clone(&stream));
         let rate = args.rate;
-        // Paced: a chunk every 50 ms; else the configured batch.
+        // Paced: about 20 appends a second; else the configured batch.
         let batch = if rate > 0 { (rate / 20).max(1) as usize } else { args.append_batch.max(1) };
         tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
             let records: Vec<(&str, &[u8])> = stream.iter().collect();
             for (i, chunk) in records.chunks(batch).enumerate() {
                 if rate > 0 {
-                    // Open loop: chunk i is due at i × 50 ms, however long earlier appends took.
-                    let due = started + Duration::from_millis(50 * i as u64);
+                    // Open loop: a chunk is due when the records before it are, at `rate`,
+                    // however long earlier appends took.
+                    let due = started + Duration::from_secs_f64((i * batch) as f64 / rate as f64);
                     std::thread::sleep(due.saturating_duration_since(Instant::now()));
                 }
                 let out: Vec<OutRecord<'_>> = chunk.iter().map(|(k, p)| OutRecord { key: k, payload: p }).collect();
@@ -157,18 +158,14 @@ pub async fn run(
     let (finish_tx, finish_rx) = tokio::sync::watch::channel(false);
     let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown_signal(), finish_rx));
 
-    let (_dashboard_stop, dashboard_stop) = tokio::sync::watch::channel(false);
-    let dashboard = crate::dashboard::Dashboard::start(
+    let (stop_dashboard, dashboard_stop) = tokio::sync::watch::channel(false);
+    let (dashboard, dashboard_at) = crate::dashboard::start_in_process(
         Arc::clone(&backend.store),
-        crate::dashboard::Telemetry::InProcess(Arc::clone(&progress)),
-        settings.engine.windows.sizes_ms().to_vec(),
-        settings.dashboard.config(),
-        dashboard_stop.clone(),
-    );
-    let dashboard_at = crate::dashboard::serve(
+        Arc::clone(&progress),
+        &settings,
         args.dashboard_listen.unwrap_or(settings.dashboard.listen),
         true,
-        crate::dashboard::router(dashboard.clone(), metrics),
+        metrics,
         dashboard_stop,
     )
     .await?;
@@ -328,6 +325,8 @@ pub async fn run(
         let mut stop = shutdown_signal();
         crate::dashboard::stopped(&mut stop).await;
     }
+    let _ = stop_dashboard.send(true);
+    dashboard.close().await;
     if ok {
         println!(
             "verified in {:.2?}: {} SKUs, {} alerts and {} dead letters equal the straight pass",

@@ -54,8 +54,6 @@ pub async fn consume(
     ));
     let shutdown = crate::commands::shutdown_signal();
     if let Some(addr) = metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        println!("stockflow: metrics on http://{}/metrics", listener.local_addr()?);
         let app = Router::new().route("/healthz", get(|| async { "ok" })).route(
             "/metrics",
             get(move || {
@@ -63,14 +61,8 @@ pub async fn consume(
                 async move { crate::telemetry::render(handle.as_ref()) }
             }),
         );
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-        });
+        let at = crate::dashboard::serve(addr, false, app, shutdown.clone()).await?;
+        println!("stockflow: metrics on http://{at}/metrics");
     }
     let progress = Arc::new(Progress::default());
     let coordinator = Coordinator::new(

@@ -92,7 +92,7 @@ fn errors_are_clear() {
 fn help_lists_every_subcommand() {
     let out = Command::new(env!("CARGO_BIN_EXE_stockflow")).arg("--help").output().unwrap();
     let help = stdout(&out);
-    for cmd in ["demo", "run", "consume", "replay", "generate", "state", "alerts", "dlq", "verify"] {
+    for cmd in ["demo", "run", "dashboard", "consume", "replay", "generate", "state", "alerts", "dlq", "verify"] {
         assert!(help.contains(cmd), "--help lacks {cmd}: {help}");
     }
 }

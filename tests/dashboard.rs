@@ -95,6 +95,8 @@ fn the_dashboard_shows_every_sku_and_pushes_alerts_as_they_commit() {
     assert!(detail["windows"].as_array().unwrap().iter().any(|w| w["counts"]["units_ordered"] == 9), "{detail}");
     assert_eq!(detail["alerts"][0]["id"], "oversell:p2");
 
+    let first_page = get_json(&dash, "/api/alerts?kind=oversell&limit=1");
+    assert_eq!(first_page["next_before"], serde_json::Value::Null, "one alert, one page: no next page");
     let alerts = get_json(&dash, "/api/alerts?kind=oversell");
     assert_eq!((alerts["oversell"].as_u64(), alerts["items"].as_array().unwrap().len()), (Some(1), 1));
     assert_eq!(get_json(&dash, "/api/alerts?kind=low_stock")["items"].as_array().unwrap().len(), 0);
@@ -169,11 +171,14 @@ fn the_paced_demo_serves_its_dashboard_while_it_runs_and_still_verifies() {
         }
         lines.push(line);
     };
-    // Mid-run (the stream takes ~4 s at this rate): SKUs appear and grow.
-    wait_for("SKUs on the dashboard", Duration::from_secs(30), || {
-        (get_json(&addr, "/api/overview")["skus"].as_u64()? > 0).then_some(())
+    // Mid-run (the stream takes 4 s at this rate): SKUs on the table and events flowing.
+    let seen = wait_for("SKUs and throughput on the dashboard", Duration::from_secs(30), || {
+        let o = get_json(&addr, "/api/overview");
+        let flowing = o["point"]["applied_per_s"].as_f64()? > 0.0;
+        (o["skus"].as_u64()? > 0 && flowing).then_some(o)
     });
-    assert!(child.try_wait().unwrap().is_none(), "the dashboard showed SKUs while the demo was running");
+    assert!(child.try_wait().unwrap().is_none(), "the dashboard showed the stream while the demo ran: {seen}");
+    assert!(seen["skus"].as_u64().unwrap() <= 2000);
     let rest: Vec<String> = out.lines().map(Result::unwrap).collect();
     let status = child.wait().unwrap();
     let text = rest.join("\n");

@@ -109,6 +109,29 @@ impl Chromium {
         self.session = Some(session);
     }
 
+    /// Evaluates `expr` in the page while it may still be loading: `None` when the page has no
+    /// context yet or the expression threw.
+    fn try_eval(&mut self, expr: &str) -> Option<Value> {
+        self.next += 1;
+        let id = self.next;
+        let params = json!({ "expression": expr, "returnByValue": true });
+        let mut msg = json!({ "id": id, "method": "Runtime.evaluate", "params": params, "sessionId": self.session });
+        if self.session.is_none() {
+            msg.as_object_mut().unwrap().remove("sessionId");
+        }
+        let mut bytes = serde_json::to_vec(&msg).unwrap();
+        bytes.push(0);
+        self.to.write_all(&bytes).unwrap();
+        loop {
+            let v = self.from.recv_timeout(Duration::from_secs(60)).expect("Chromium stopped answering");
+            if v["id"] == id {
+                let r = &v["result"];
+                return (v.get("error").is_none() && r.get("exceptionDetails").is_none())
+                    .then(|| r["result"]["value"].clone());
+            }
+        }
+    }
+
     /// Evaluates `expr` in the page; its JSON value.
     fn eval(&mut self, expr: &str) -> Value {
         let r = self.call("Runtime.evaluate", json!({ "expression": expr, "returnByValue": true }));
@@ -140,11 +163,11 @@ fn headless_chromium_sees_the_table_fill_and_an_oversell_arrive_live() {
     let mut browser = Chromium::launch();
     browser.open(&format!("http://{}/", run.dashboard));
     let rows = wait_for("the stock table to fill", Duration::from_secs(60), || {
-        let v = browser.eval(
+        let v = browser.try_eval(
             "({rows: document.querySelectorAll('#stock-body tr').length, \
                skus: document.getElementById('k-skus')?.textContent, \
                live: document.getElementById('status')?.dataset.state})",
-        );
+        )?;
         (v["rows"].as_u64() == Some(50) && v["skus"] == "200" && v["live"] == "live").then_some(v)
     });
     assert_eq!(rows["rows"], 50, "one page of 50 of the 200 SKUs");

@@ -1,23 +1,11 @@
 //! `stockflow run`: events POSTed to the ingest API are applied, and SIGTERM commits them before
 //! the process exits (the config makes the shutdown commit the only one).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Command, Stdio};
+mod support;
 
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, resp)
-}
+use std::process::Command;
+
+use support::{Run, http};
 
 fn applied(metrics: &str) -> u64 {
     metrics
@@ -30,28 +18,10 @@ fn applied(metrics: &str) -> u64 {
 #[test]
 fn sigterm_commits_what_was_applied_before_exit() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, "shards = 2\n[worker]\ncommit_every_records = 1000000\ncommit_interval_ms = 60000\n").unwrap();
     let data = dir.path().join("data");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stockflow"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--dashboard-listen",
-            "127.0.0.1:0",
-        ])
-        .env("STOCKFLOW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap().to_string();
+    let mut run =
+        Run::start(dir.path(), "shards = 2\n[worker]\ncommit_every_records = 1000000\ncommit_interval_ms = 60000\n");
+    let addr = run.ingest.clone();
 
     let events: String = (0..40)
         .map(|i| {
@@ -81,10 +51,7 @@ fn sigterm_commits_what_was_applied_before_exit() {
     }
     assert_eq!(seen, 40);
 
-    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(term.success());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "run exited with {status}");
+    assert!(run.stop(), "run exits cleanly on SIGTERM");
 
     let dump = Command::new(env!("CARGO_BIN_EXE_stockflow"))
         .args(["--data-dir", data.to_str().unwrap(), "state", "dump"])

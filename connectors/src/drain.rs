@@ -125,9 +125,7 @@ enum Outcome {
     Stopped,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+use stockflow_state::now_ms;
 
 impl<S: OutboxStore, C: Connector> Drain<S, C> {
     /// A drain of `connector` over `store`.
@@ -202,6 +200,16 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
         let mut backoff = Backoff::new(self.connector.policy().backoff, 0x5eed);
         let mut store_failures = 0u32;
         let mut finish = ctl.finish.clone();
+        // Born at 0: the first failure or dead letter is then an increase Prometheus sees.
+        for metric in [
+            "stockflow_connector_failed_total",
+            "stockflow_connector_dead_lettered_total",
+            "stockflow_connector_rejected_total",
+            "stockflow_connector_throttled_total",
+        ] {
+            self.count(&AtomicU64::new(0), metric, 0);
+        }
+        self.publish_circuit();
         loop {
             if ctl.stopping() {
                 break;

@@ -53,6 +53,29 @@ pub fn commit(shard: &str, outcome: &'static str, elapsed: Duration) {
     }
 }
 
+/// End-to-end samples beyond a week are not latencies but wrong stamps.
+const MAX_LATENCY_MS: i64 = 7 * 86_400_000;
+
+/// Registers a shard's commit and alert counters at 0, so the first error or alert is an
+/// increase Prometheus can see (a counter born at 1 has no `increase`).
+pub fn shard_started(shard: &str) {
+    for outcome in ["ok", "retry", "fenced", "error"] {
+        counter!("stockflow_commits_total", "shard" => shard.to_string(), "outcome" => outcome).increment(0);
+    }
+    counter!("stockflow_dead_letters_total", "shard" => shard.to_string()).increment(0);
+    for kind in ["oversell", "low_stock"] {
+        counter!("stockflow_alerts_total", "kind" => kind).increment(0);
+    }
+}
+
+/// A worker stopped reading `shard`: its lag is no longer this process's to report (a member that
+/// lost or handed off the lease would otherwise keep exporting its last lag).
+pub fn shard_stopped(shard: &str) {
+    gauge!("stockflow_shard_lag_bytes", "shard" => shard.to_string()).set(0.0);
+    gauge!("stockflow_shard_lag_records", "shard" => shard.to_string()).set(0.0);
+    gauge!("stockflow_shard_lag_seconds", "shard" => shard.to_string()).set(0.0);
+}
+
 /// A commit is durable: its alerts by kind, and the end-to-end latency of its events that carry
 /// an ingest stamp (`stamps`: run-length encoded `(ingested_at ms, events)`).
 pub fn committed(effects: &[stockflow_state::Effect], stamps: &[(i64, u32)]) {
@@ -73,10 +96,14 @@ pub fn committed(effects: &[stockflow_state::Effect], stamps: &[(i64, u32)]) {
     if stamps.is_empty() {
         return;
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let now = stockflow_state::now_ms();
     let h = histogram!("stockflow_end_to_end_seconds");
     for &(at, n) in stamps {
-        h.record_many(now.saturating_sub(at).max(0) as f64 / 1000.0, n as usize);
+        // A stamp from a skewed clock or a sender is kept out of the latency (≤ a week).
+        let ms = now.saturating_sub(at);
+        if (0..=MAX_LATENCY_MS).contains(&ms) {
+            h.record_many(ms as f64 / 1000.0, n as usize);
+        }
     }
 }
 

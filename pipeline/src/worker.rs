@@ -203,7 +203,15 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
     }
 
     /// Processes records until the shard ends or `shutdown` turns true, then commits.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<WorkerReport, WorkerError> {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<WorkerReport, WorkerError> {
+        let shard = self.shard.clone();
+        metrics::shard_started(&shard);
+        let result = self.run_until(shutdown).await;
+        metrics::shard_stopped(&shard);
+        result
+    }
+
+    async fn run_until(mut self, mut shutdown: watch::Receiver<bool>) -> Result<WorkerReport, WorkerError> {
         let mut batch = RecordBatch::new();
         let mut tick = tokio::time::interval(self.cfg.commit_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);

@@ -124,6 +124,20 @@ impl Params {
     }
 }
 
+type QueryMap = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
+
+/// The query's parameters: only `known` ones, each checked by `check`; else the 400 to answer.
+fn params<T>(
+    q: QueryMap,
+    known: &[&str],
+    check: impl FnOnce(&Params) -> Result<T, BadParam>,
+) -> Result<(Params, T), BadParam> {
+    let p = Params::new(q)?;
+    p.only(known)?;
+    let v = check(&p)?;
+    Ok((p, v))
+}
+
 /// What `/api/overview` and each `tick` of the stream carry.
 #[derive(Debug, Serialize)]
 pub struct Tick {
@@ -176,16 +190,9 @@ async fn overview(State(s): State<AppState>) -> Response {
     axum::Json(body).into_response()
 }
 
-async fn stock(
-    State(s): State<AppState>,
-    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let p = match Params::new(q) {
-        Ok(p) => p,
-        Err(r) => return r.into_response(),
-    };
-    let checked = (|| {
-        p.only(&["q", "sort", "order", "negative", "offset", "limit"])?;
+async fn stock(State(s): State<AppState>, q: QueryMap) -> Response {
+    let known = ["q", "sort", "order", "negative", "offset", "limit"];
+    let checked = params(q, &known, |p| {
         let sort = match p.str("sort") {
             "" => SortKey::Sku,
             v => SortKey::parse(v)
@@ -200,8 +207,8 @@ async fn stock(
             return Err(BadParam::new("longer than a SKU can be (64 bytes)", Some("q")));
         }
         Ok((sort, desc, p.flag("negative")?, p.num("offset", 0, usize::MAX / 2)?, p.num("limit", 50, MAX_LIMIT)?))
-    })();
-    let (sort, desc, negative, offset, limit) = match checked {
+    });
+    let (p, (sort, desc, negative, offset, limit)) = match checked {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
@@ -243,16 +250,8 @@ async fn stock_one(State(s): State<AppState>, Path(sku): Path<String>) -> Respon
     .into_response()
 }
 
-async fn alerts(
-    State(s): State<AppState>,
-    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let p = match Params::new(q) {
-        Ok(p) => p,
-        Err(r) => return r.into_response(),
-    };
-    let checked = (|| {
-        p.only(&["kind", "sku", "before", "limit"])?;
+async fn alerts(State(s): State<AppState>, q: QueryMap) -> Response {
+    let checked = params(q, &["kind", "sku", "before", "limit"], |p| {
         let kind = match p.str("kind") {
             "" => None,
             k @ ("oversell" | "low_stock") => Some(k.to_string()),
@@ -263,24 +262,30 @@ async fn alerts(
             Some(v) => v.parse::<u64>().map_err(|_| BadParam::new("must be an alert seq (integer)", Some("before")))?,
         };
         Ok((kind, before, p.num("limit", 50, MAX_LIMIT)?))
-    })();
-    let (kind, before, limit) = match checked {
+    });
+    let (p, (kind, before, limit)) = match checked {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
     let sku = p.str("sku");
     let log = s.dashboard.inner.alerts.lock().unwrap_or_else(|e| e.into_inner());
-    let items: Vec<_> = log
+    let mut items: Vec<_> = log
         .ring
         .iter()
         .rev()
         .filter(|a| a.seq < before)
         .filter(|a| kind.as_deref().is_none_or(|k| a.kind == k))
         .filter(|a| sku.is_empty() || a.sku == sku)
-        .take(limit)
+        .take(limit + 1)
         .cloned()
         .collect();
-    let next_before = if items.len() == limit { items.last().map(|a| a.seq) } else { None };
+    // One more than asked tells whether there is a next page.
+    let next_before = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|a| a.seq)
+    } else {
+        None
+    };
     axum::Json(json!({
         "items": items,
         "next_before": next_before,

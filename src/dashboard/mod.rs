@@ -41,6 +41,9 @@ pub struct DashboardConfig {
     pub alert_capacity: usize,
     /// Points of the charts (one a second).
     pub series_points: usize,
+    /// Run the snapshot loop on a thread of its own (next to a busy pipeline: on its runtime the
+    /// loop's ticks wait for a free worker). Call [`Dashboard::close`] after shutdown.
+    pub snapshot_thread: bool,
 }
 
 impl Default for DashboardConfig {
@@ -50,6 +53,7 @@ impl Default for DashboardConfig {
             alert_poll: Duration::from_millis(200),
             alert_capacity: 10_000,
             series_points: 600,
+            snapshot_thread: false,
         }
     }
 }
@@ -86,43 +90,67 @@ pub struct Sample {
 }
 
 impl Telemetry {
-    async fn sample(&self) -> Option<Sample> {
+    /// One sample per source (a scraped member that did not answer: `None`).
+    async fn sample(&self) -> Vec<Option<Sample>> {
         use std::sync::atomic::Ordering::Relaxed;
         match self {
-            Telemetry::InProcess(p) => Some(Sample {
+            Telemetry::InProcess(p) => vec![Some(Sample {
                 applied: p.applied.load(Relaxed),
                 read: p.read.load(Relaxed),
                 lag_bytes: Some(p.lag_bytes.load(Relaxed)),
                 lag_records: None,
                 lag_seconds: None,
-            }),
+            })],
             Telemetry::Scrape { client, urls } => {
-                let mut total = Sample::default();
-                let mut any = false;
+                let mut out = Vec::with_capacity(urls.len());
                 for url in urls {
-                    let got = client.send(hyper::Method::GET, url, &[], bytes_empty()).await;
-                    match got {
-                        Ok(r) if r.status.is_success() => {
-                            any = true;
-                            let s = parse_exposition(&String::from_utf8_lossy(&r.body));
-                            total.applied += s.applied;
-                            total.read += s.read;
-                            total.lag_bytes = add(total.lag_bytes, s.lag_bytes);
-                            total.lag_records = add(total.lag_records, s.lag_records);
-                            total.lag_seconds = match (total.lag_seconds, s.lag_seconds) {
-                                (Some(a), Some(b)) => Some(a.max(b)),
-                                (a, b) => a.or(b),
-                            };
+                    out.push(match client.send(hyper::Method::GET, url, &[], bytes_empty()).await {
+                        Ok(r) if r.status.is_success() => Some(parse_exposition(&String::from_utf8_lossy(&r.body))),
+                        Ok(r) => {
+                            tracing::debug!(url, status = %r.status, "scrape refused");
+                            None
                         }
-                        Ok(r) => tracing::debug!(url, status = %r.status, "scrape refused"),
-                        Err(e) => tracing::debug!(url, error = %e, "scrape failed"),
-                    }
+                        Err(e) => {
+                            tracing::debug!(url, error = %e, "scrape failed");
+                            None
+                        }
+                    });
                 }
-                any.then_some(total)
+                out
             }
-            Telemetry::None => None,
+            Telemetry::None => Vec::new(),
         }
     }
+}
+
+/// Per second over `secs`: the sum of each source's increase between two samples, over the
+/// sources that answered both times (a restarted member's counter counts from 0). `None` when no
+/// source answered twice.
+fn rate(now: &[Option<Sample>], before: &[Option<Sample>], secs: f64, f: fn(&Sample) -> u64) -> Option<f64> {
+    let mut any = false;
+    let mut sum = 0u64;
+    for (a, b) in now.iter().zip(before) {
+        if let (Some(a), Some(b)) = (a, b) {
+            any = true;
+            let (x, y) = (f(a), f(b));
+            sum += if x >= y { x - y } else { x };
+        }
+    }
+    any.then(|| sum as f64 / secs)
+}
+
+/// The lag now, over the sources that answered: bytes and records summed, seconds the worst.
+fn lag(now: &[Option<Sample>]) -> Sample {
+    let mut total = Sample::default();
+    for s in now.iter().flatten() {
+        total.lag_bytes = add(total.lag_bytes, s.lag_bytes);
+        total.lag_records = add(total.lag_records, s.lag_records);
+        total.lag_seconds = match (total.lag_seconds, s.lag_seconds) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    total
 }
 
 fn bytes_empty() -> hyper::body::Bytes {
@@ -294,6 +322,7 @@ struct Inner {
     window_sizes: Vec<i64>,
     started: Instant,
     shutdown: watch::Receiver<bool>,
+    snapshot_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The dashboard's shared state; cheap to clone.
@@ -313,10 +342,7 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+pub(crate) use stockflow_state::now_ms;
 
 impl Dashboard {
     /// Starts the three loops over `store` until `shutdown`; serve [`router`] with the result.
@@ -339,24 +365,36 @@ impl Dashboard {
                 window_sizes,
                 started: Instant::now(),
                 shutdown: shutdown.clone(),
+                snapshot_thread: Mutex::new(None),
             }),
         };
-        // The snapshot loop has its own thread (and a small runtime for the store's async API):
-        // on a runtime saturated by the consumers its ticks would wait for a free worker, and
-        // staleness would grow by that wait.
-        let (d, s, stop) = (dashboard.clone(), Arc::clone(&store), shutdown.clone());
-        let spawned = std::thread::Builder::new().name("dashboard-snapshots".into()).spawn(move || {
-            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(d.snapshots(s, stop)),
-                Err(e) => tracing::error!(error = %e, "dashboard: no runtime for the snapshot loop"),
+        if cfg.snapshot_thread {
+            let (d, s, stop) = (dashboard.clone(), Arc::clone(&store), shutdown.clone());
+            let spawned = std::thread::Builder::new().name("dashboard-snapshots".into()).spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(d.snapshots(s, stop)),
+                    Err(e) => tracing::error!(error = %e, "dashboard: no runtime for the snapshot loop"),
+                }
+            });
+            match spawned {
+                Ok(handle) => *dashboard.inner.snapshot_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle),
+                Err(e) => tracing::error!(error = %e, "dashboard: snapshot thread not started"),
             }
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "dashboard: snapshot thread not started");
+        } else {
+            tokio::spawn(dashboard.clone().snapshots(Arc::clone(&store), shutdown.clone()));
         }
         tokio::spawn(dashboard.clone().alert_tail(store, shutdown.clone()));
         tokio::spawn(dashboard.clone().sampler(telemetry, shutdown));
         dashboard
+    }
+
+    /// Waits for the snapshot thread to end (after shutdown), so that it no longer holds the
+    /// store: an embedded store must be closed by its last owner to open cleanly next time.
+    pub async fn close(&self) {
+        let handle = self.inner.snapshot_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
     }
 
     /// The snapshot being served.
@@ -420,6 +458,7 @@ impl Dashboard {
             metrics::histogram!("stockflow_dashboard_snapshot_seconds").record(build.as_secs_f64());
             metrics::histogram!("stockflow_dashboard_staleness_seconds").record(staleness as f64 / 1000.0);
             metrics::gauge!("stockflow_dashboard_skus").set(skus as f64);
+            metrics::gauge!("stockflow_dashboard_snapshot_timestamp_seconds").set(as_of as f64 / 1000.0);
             let mut st = self.inner.stats.lock().unwrap_or_else(|e| e.into_inner());
             st.count += 1;
             st.max_build_ms = st.max_build_ms.max(build.as_millis() as u64);
@@ -484,7 +523,7 @@ impl Dashboard {
                     _ => log.low_stock += 1,
                 }
                 let item = Arc::new(item);
-                if log.ring.len() == self.inner.cfg.alert_capacity {
+                while log.ring.len() >= self.inner.cfg.alert_capacity.max(1) {
                     log.ring.pop_front();
                 }
                 log.ring.push_back(Arc::clone(&item));
@@ -502,7 +541,7 @@ impl Dashboard {
     async fn sampler(self, telemetry: Telemetry, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut previous: Option<(Instant, Option<Sample>, u64)> = None;
+        let mut previous: Option<(Instant, Vec<Option<Sample>>, u64)> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -514,24 +553,21 @@ impl Dashboard {
                 let (o, l) = self.alert_counts();
                 o + l
             };
-            if let Some((then, before, alerts_before)) = previous {
-                let secs = now.duration_since(then).as_secs_f64().max(1e-3);
-                let rate = |f: fn(&Sample) -> u64| match (&sample, &before) {
-                    (Some(a), Some(b)) => Some(f(a).saturating_sub(f(b)) as f64 / secs),
-                    _ => None,
-                };
+            if let Some((then, before, alerts_before)) = &previous {
+                let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
+                let lag = lag(&sample);
                 let point = Point {
                     t: now_ms(),
-                    applied_per_s: rate(|s| s.applied),
-                    read_per_s: rate(|s| s.read),
-                    alerts_per_s: alerts.saturating_sub(alerts_before) as f64 / secs,
-                    lag_bytes: sample.and_then(|s| s.lag_bytes),
-                    lag_records: sample.and_then(|s| s.lag_records),
-                    lag_seconds: sample.and_then(|s| s.lag_seconds),
+                    applied_per_s: rate(&sample, before, secs, |s| s.applied),
+                    read_per_s: rate(&sample, before, secs, |s| s.read),
+                    alerts_per_s: alerts.saturating_sub(*alerts_before) as f64 / secs,
+                    lag_bytes: lag.lag_bytes,
+                    lag_records: lag.lag_records,
+                    lag_seconds: lag.lag_seconds,
                 };
                 {
                     let mut series = self.inner.series.lock().unwrap_or_else(|e| e.into_inner());
-                    if series.len() == self.inner.cfg.series_points {
+                    while series.len() >= self.inner.cfg.series_points.max(1) {
                         series.pop_front();
                     }
                     series.push_back(point);
@@ -541,6 +577,29 @@ impl Dashboard {
             previous = Some((now, sample, alerts));
         }
     }
+}
+
+/// The dashboard of this process's own pipeline (`run`, `demo`: its consumers' counters feed the
+/// charts), served on `listen` — any free port instead when `fallback` and it is taken.
+pub async fn start_in_process<S: StateStore + OutboxStore>(
+    store: Arc<S>,
+    progress: Arc<Progress>,
+    settings: &crate::config::Settings,
+    listen: std::net::SocketAddr,
+    fallback: bool,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<(Dashboard, std::net::SocketAddr)> {
+    let cfg = DashboardConfig { snapshot_thread: true, ..settings.dashboard.config() };
+    let dashboard = Dashboard::start(
+        store,
+        Telemetry::InProcess(progress),
+        settings.engine.windows.sizes_ms().to_vec(),
+        cfg,
+        shutdown.clone(),
+    );
+    let at = serve(listen, fallback, router(dashboard.clone(), metrics), shutdown).await?;
+    Ok((dashboard, at))
 }
 
 /// Binds `addr` — any free port of its host instead when `fallback` and the address is taken —
@@ -573,6 +632,18 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_add_each_members_increase_and_survive_a_missed_scrape() {
+        let s = |applied| Some(Sample { applied, lag_seconds: Some(applied as f64), ..Sample::default() });
+        let before = [s(100), None, s(50)];
+        // The second member missed the previous scrape: not counted, not a spike of its total.
+        let now = [s(130), s(9_000), s(20)];
+        // The third restarted (counter reset): its 20 since the restart count.
+        assert_eq!(rate(&now, &before, 2.0, |s| s.applied), Some(25.0));
+        assert_eq!(rate(&[None], &[s(1)], 1.0, |s| s.applied), None);
+        assert_eq!(lag(&now).lag_seconds, Some(9_000.0));
+    }
 
     #[test]
     fn the_exposition_is_summed_over_shards_and_members() {

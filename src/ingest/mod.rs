@@ -248,7 +248,7 @@ pub async fn put<P: StreamProducer>(
     if records.is_empty() {
         return Ok(());
     }
-    let now = now_ms();
+    let now = stockflow_state::now_ms();
     let stamped: Vec<Option<Vec<u8>>> = records.iter().map(|r| stamp(r.key, r.payload, now)).collect();
     let records: Vec<OutRecord<'_>> = records
         .iter()
@@ -270,17 +270,14 @@ pub async fn put<P: StreamProducer>(
     }
 }
 
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// The event with `"ingested_at": now` added as its last member, for the consumers' end-to-end
 /// latency (`stockflow_end_to_end_seconds`); `None` (put as is) when it already carries one, is
 /// not an object, or would outgrow a stream record.
 pub fn stamp(key: &str, doc: &[u8], now: i64) -> Option<Vec<u8>> {
     const FIELD: &[u8] = b"\"ingested_at\"";
-    if doc.windows(FIELD.len()).any(|w| w == FIELD) {
+    // A key may be spelled with escapes (`"ingested\u005fat"`): where any \u escape is, the
+    // event may already carry one, and a second would make it undecodable. Put such events as is.
+    if doc.windows(FIELD.len()).any(|w| w == FIELD) || doc.windows(2).any(|w| w == b"\\u") {
         return None;
     }
     let end = doc.iter().rposition(|b| !b.is_ascii_whitespace())?;
@@ -569,6 +566,9 @@ mod tests {
         assert_eq!(stamp("S", &out, 5), None);
         assert_eq!(stamp("S", b"{}", 7).as_deref(), Some(&br#"{"ingested_at":7}"#[..]));
         assert_eq!(stamp("S", b"[1]", 7), None);
+        let escaped = br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2,"ingested\u005fat":3}"#;
+        assert_eq!(stockflow_state::decode(escaped).unwrap().ingested_at, Some(3));
+        assert_eq!(stamp("S", escaped, 7), None, "an escaped key is the same field: not stamped twice");
         // Never past a stream record's size.
         let big = format!(r#"{{"x":"{}"}}"#, "y".repeat(MAX_EVENT_BYTES - 10));
         assert_eq!(stamp("S", big.as_bytes(), 7), None);

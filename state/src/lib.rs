@@ -36,3 +36,8 @@ pub use event::{DecodeError, Event, EventKind, decode};
 pub use ledger::SkuState;
 pub use outbox::{ConnectorDeadLetter, Cursor, OutboxEntry, OutboxPos, OutboxStore};
 pub use store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -19,7 +19,11 @@
   }
   const num = (v) => (v == null ? "–" : fmt.format(v));
   const cover = (v) => (v == null ? "∞" : v.toFixed(1));
-  const time = (ms) => new Date(ms).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
+  const time = (ms) => {
+    const d = new Date(ms);
+    // Event times are any 64-bit integer: out of Date's range, show the number.
+    return Number.isFinite(d.getTime()) ? d.toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z") : String(ms);
+  };
 
   async function getJSON(url) {
     const r = await fetch(url, { cache: "no-store" });
@@ -99,17 +103,25 @@
     return li;
   }
 
+  // Alerts pushed since the last full load, merged into the next one by `seq`.
+  let pushed = [];
+
   async function loadAlerts() {
     const p = new URLSearchParams({ limit: 100 });
     if (oversellOnly()) p.set("kind", "oversell");
     try {
       const data = await getJSON("/api/alerts?" + p);
-      $("alerts-list").replaceChildren(...data.items.map((a) => alertItem(a, false)));
+      const newest = data.items.length ? data.items[0].seq : -1;
+      const later = pushed.filter((a) => a.seq > newest && (!oversellOnly() || a.kind === "oversell"));
+      pushed = [];
+      $("alerts-list").replaceChildren(...later.map((a) => alertItem(a, true)), ...data.items.map((a) => alertItem(a, false)));
       setCounts(data.oversell, data.low_stock);
     } catch (_) { /* the stream reconnects and resyncs */ }
   }
 
   function addLiveAlert(a) {
+    pushed.push(a);
+    if (pushed.length > 200) pushed.shift();
     if (oversellOnly() && a.kind !== "oversell") return;
     const list = $("alerts-list");
     list.prepend(alertItem(a, true));
@@ -197,12 +209,8 @@
   function connect() {
     const status = $("status");
     const es = new EventSource("/api/stream");
-    let connected = false;
-    es.addEventListener("hello", () => {
-      status.dataset.state = "live"; status.textContent = "live";
-      if (connected) loadAlerts(); // reconnected: alerts may have come and gone meanwhile
-      connected = true;
-    });
+    // On every (re)connect: the list as of now, merged with what the stream pushes meanwhile.
+    es.addEventListener("hello", () => { status.dataset.state = "live"; status.textContent = "live"; loadAlerts(); });
     es.addEventListener("alert", (e) => addLiveAlert(JSON.parse(e.data)));
     es.addEventListener("tick", (e) => applyTick(JSON.parse(e.data)));
     es.addEventListener("resync", loadAlerts);
@@ -218,9 +226,9 @@
       delete o.point; // already among the series
       applyTick(o);
     } catch (_) { /* filled by the stream */ }
-    await Promise.all([loadStock(), loadAlerts()]);
     connect();
-    setInterval(loadStock, 1000);
+    await loadStock();
+    setInterval(loadStock, 500);
   }
   start();
 })();
