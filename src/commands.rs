@@ -321,9 +321,7 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     let mut server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|stop| *stop).await;
-            })
+            .with_graceful_shutdown(async move { crate::server::stopped(&mut server_stop).await })
             .await
     });
     let connectors = Connectors::build(&settings.connectors).await?;
@@ -398,10 +396,10 @@ async fn dashboard(
         (d, Some(backend))
     };
     let at =
-        crate::dashboard::serve(listen, false, crate::dashboard::router(dashboard, metrics), shutdown.clone()).await?;
+        crate::server::serve(listen, false, crate::dashboard::router(dashboard, metrics), shutdown.clone()).await?;
     println!("stockflow: dashboard on http://{at}/");
     let mut stop = shutdown;
-    crate::dashboard::stopped(&mut stop).await;
+    crate::server::stopped(&mut stop).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -416,9 +414,7 @@ async fn ingest_serve(
         .await
         .with_context(|| format!("binding the ingest server to {listen}"))?;
     let mut stop = shutdown_signal();
-    let graceful = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
+    let graceful = async move { crate::server::stopped(&mut stop).await };
     let signed = if verifier.is_some() { "signed" } else { "unsigned" };
     if let Some(stream) = args.stream.or_else(|| settings.kinesis.stream.clone()) {
         let endpoint = args.kinesis_endpoint.or_else(|| settings.kinesis.endpoint.clone());

@@ -252,6 +252,11 @@ impl Default for IngestSection {
     }
 }
 
+/// `name = v` must lie in `lo..=hi`; the error names the setting and the range.
+pub fn in_range(name: &str, v: u64, lo: u64, hi: u64) -> anyhow::Result<()> {
+    if (lo..=hi).contains(&v) { Ok(()) } else { bail!("{name} = {v}: must be {lo} to {hi}") }
+}
+
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -290,9 +295,7 @@ impl FileConfig {
 
     /// Checks every field and builds the settings.
     pub fn validate(self) -> anyhow::Result<Settings> {
-        if !(1..=1024).contains(&self.shards) {
-            bail!("shards = {}: must be 1 to 1024", self.shards);
-        }
+        in_range("shards", self.shards as u64, 1, 1024)?;
         let e = self.engine;
         let windows = WindowConfig::new(e.window_sizes_ms, e.allowed_lateness_ms).map_err(anyhow::Error::msg)?;
         if e.dedup_horizon_ms < 60_000 {
@@ -302,35 +305,19 @@ impl FileConfig {
             bail!("engine reorder points must not be negative");
         }
         let w = self.worker;
-        if !(1..=1_000_000).contains(&w.commit_every_records) {
-            bail!("worker.commit_every_records = {}: must be 1 to 1000000", w.commit_every_records);
-        }
-        if !(10..=60_000).contains(&w.commit_interval_ms) {
-            bail!("worker.commit_interval_ms = {}: must be 10 to 60000", w.commit_interval_ms);
-        }
-        if !(1..=10_000).contains(&w.batch_records) {
-            bail!("worker.batch_records = {}: must be 1 to 10000", w.batch_records);
-        }
+        in_range("worker.commit_every_records", w.commit_every_records as u64, 1, 1_000_000)?;
+        in_range("worker.commit_interval_ms", w.commit_interval_ms, 10, 60_000)?;
+        in_range("worker.batch_records", w.batch_records as u64, 1, 10_000)?;
         let k = self.kinesis;
         if !["polling", "fan-out"].contains(&k.mode.as_str()) {
             bail!("kinesis.mode = {:?}: must be \"polling\" or \"fan-out\"", k.mode);
         }
-        if !(200..=10_000).contains(&k.idle_poll_ms) {
-            bail!("kinesis.idle_poll_ms = {}: must be 200 to 10000", k.idle_poll_ms);
-        }
-        if !(1..=10_000).contains(&k.get_records_limit) {
-            bail!("kinesis.get_records_limit = {}: must be 1 to 10000", k.get_records_limit);
-        }
+        in_range("kinesis.idle_poll_ms", k.idle_poll_ms, 200, 10_000)?;
+        in_range("kinesis.get_records_limit", k.get_records_limit as u64, 1, 10_000)?;
         let g = self.group;
-        if !(1_000..=600_000).contains(&g.failover_ms) {
-            bail!("group.failover_ms = {}: must be 1000 to 600000", g.failover_ms);
-        }
-        if !(100..=60_000).contains(&g.take_interval_ms) {
-            bail!("group.take_interval_ms = {}: must be 100 to 60000", g.take_interval_ms);
-        }
-        if !(1_000..=3_600_000).contains(&g.shard_sync_interval_ms) {
-            bail!("group.shard_sync_interval_ms = {}: must be 1000 to 3600000", g.shard_sync_interval_ms);
-        }
+        in_range("group.failover_ms", g.failover_ms, 1_000, 600_000)?;
+        in_range("group.take_interval_ms", g.take_interval_ms, 100, 60_000)?;
+        in_range("group.shard_sync_interval_ms", g.shard_sync_interval_ms, 1_000, 3_600_000)?;
         let group = GroupConfig {
             failover: Duration::from_millis(g.failover_ms),
             take_interval: Duration::from_millis(g.take_interval_ms),
@@ -339,23 +326,13 @@ impl FileConfig {
             ..GroupConfig::new(g.worker_id.unwrap_or_else(stockflow_pipeline::group::worker_id))
         };
         let i = &self.ingest;
-        if i.linger_ms > 1_000 {
-            bail!("ingest.linger_ms = {}: must be 0 to 1000", i.linger_ms);
-        }
-        if !(1..=64).contains(&i.max_in_flight) {
-            bail!("ingest.max_in_flight = {}: must be 1 to 64", i.max_in_flight);
-        }
+        in_range("ingest.linger_ms", i.linger_ms, 0, 1_000)?;
+        in_range("ingest.max_in_flight", i.max_in_flight as u64, 1, 64)?;
         self.connectors.validate()?;
         let dash = &self.dashboard;
-        if !(100..=60_000).contains(&dash.refresh_ms) {
-            bail!("dashboard.refresh_ms = {}: must be 100 to 60000", dash.refresh_ms);
-        }
-        if !(50..=60_000).contains(&dash.alert_poll_ms) {
-            bail!("dashboard.alert_poll_ms = {}: must be 50 to 60000", dash.alert_poll_ms);
-        }
-        if !(100..=1_000_000).contains(&dash.alert_capacity) {
-            bail!("dashboard.alert_capacity = {}: must be 100 to 1000000", dash.alert_capacity);
-        }
+        in_range("dashboard.refresh_ms", dash.refresh_ms, 100, 60_000)?;
+        in_range("dashboard.alert_poll_ms", dash.alert_poll_ms, 50, 60_000)?;
+        in_range("dashboard.alert_capacity", dash.alert_capacity as u64, 100, 1_000_000)?;
         Ok(Settings {
             dashboard: self.dashboard,
             connectors: self.connectors,

@@ -252,11 +252,7 @@ impl DeliverySection {
     /// Checks ranges and builds the policy.
     pub fn policy(&self) -> anyhow::Result<DeliveryPolicy> {
         let check = |name: &str, v: u64, lo: u64, hi: u64| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                bail!("connectors.delivery.{name} = {v}: must be {lo} to {hi}")
-            }
+            crate::config::in_range(&format!("connectors.delivery.{name}"), v, lo, hi)
         };
         check("max_batch", self.max_batch as u64, 1, 1000)?;
         check("max_bytes", self.max_bytes as u64, 1024, 350_000)?;

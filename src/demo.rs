@@ -323,7 +323,7 @@ pub async fn run(
     if hold {
         println!("dashboard stays up at http://{dashboard_at}/ — Ctrl-C to exit");
         let mut stop = shutdown_signal();
-        crate::dashboard::stopped(&mut stop).await;
+        crate::server::stopped(&mut stop).await;
     }
     let _ = stop_dashboard.send(true);
     dashboard.close().await;

@@ -61,7 +61,7 @@ pub async fn consume(
                 async move { crate::telemetry::render(handle.as_ref()) }
             }),
         );
-        let at = crate::dashboard::serve(addr, false, app, shutdown.clone()).await?;
+        let at = crate::server::serve(addr, false, app, shutdown.clone()).await?;
         println!("stockflow: metrics on http://{at}/metrics");
     }
     let progress = Arc::new(Progress::default());
@@ -96,7 +96,7 @@ pub async fn consume(
                 }
                 tokio::select! {
                     () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = crate::server::stopped(&mut stop) => return,
                 }
             }
         })

@@ -14,6 +14,7 @@
 //! - [`ingest`]: the ingest HTTP app (`fn app() -> Router`).
 //! - [`load`]: `stockflow ingest load`, the HTTP load generator of the benchmarks.
 //! - [`webhook`]: Standard Webhooks signature verification (secrets rotate, replays refused).
+//! - [`server`]: background HTTP servers and the shutdown wait.
 //! - [`telemetry`]: logging and the Prometheus recorder.
 
 pub mod cli;
@@ -26,5 +27,6 @@ pub mod generate;
 pub mod group;
 pub mod ingest;
 pub mod load;
+pub mod server;
 pub mod telemetry;
 pub mod webhook;

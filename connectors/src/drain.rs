@@ -207,7 +207,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
             "stockflow_connector_rejected_total",
             "stockflow_connector_throttled_total",
         ] {
-            self.count(&AtomicU64::new(0), metric, 0);
+            metrics::counter!(metric, "connector" => self.name()).increment(0);
         }
         self.publish_circuit();
         loop {

@@ -16,7 +16,9 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::snapshot::SortKey;
-use super::{Dashboard, Point, now_ms};
+use stockflow_state::now_ms;
+
+use super::{Dashboard, Point};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -312,7 +314,7 @@ async fn stream(State(s): State<AppState>) -> Sse<impl futures::Stream<Item = Re
     let rest = futures::stream::unfold((rx, shutdown), |(mut rx, mut shutdown)| async move {
         let received = tokio::select! {
             r = rx.recv() => r,
-            _ = super::stopped(&mut shutdown) => return None,
+            _ = crate::server::stopped(&mut shutdown) => return None,
         };
         let event = match received {
             Ok(push) => Event::default().event(push.event).data(&*push.json),

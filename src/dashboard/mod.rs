@@ -27,6 +27,8 @@ use stockflow_state::outbox::{OutboxPos, OutboxStore};
 use stockflow_state::{Effect, StateStore};
 use tokio::sync::{broadcast, watch};
 
+use crate::server::stopped;
+
 pub use api::router;
 pub use snapshot::{Snapshot, StockRow};
 
@@ -212,7 +214,7 @@ pub struct AlertItem {
     pub reorder_point: Option<i64>,
     /// `order` or `count` (oversell).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cause: Option<&'static str>,
+    pub cause: Option<stockflow_state::effects::OversellCause>,
     /// Event time, epoch ms.
     pub ts: i64,
     /// When this dashboard saw it committed, epoch ms.
@@ -232,10 +234,7 @@ impl AlertItem {
                 requested: Some(a.requested),
                 available: a.available_before,
                 reorder_point: None,
-                cause: Some(match a.cause {
-                    stockflow_state::effects::OversellCause::Order => "order",
-                    stockflow_state::effects::OversellCause::Count => "count",
-                }),
+                cause: Some(a.cause),
                 ts: a.ts,
                 seen_ms,
             }),
@@ -337,12 +336,7 @@ impl std::fmt::Debug for Dashboard {
     }
 }
 
-/// Resolves once `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
-pub(crate) use stockflow_state::now_ms;
+use stockflow_state::now_ms;
 
 impl Dashboard {
     /// Starts the three loops over `store` until `shutdown`; serve [`router`] with the result.
@@ -356,7 +350,7 @@ impl Dashboard {
         let (pushes, _) = broadcast::channel(4096);
         let dashboard = Dashboard {
             inner: Arc::new(Inner {
-                snapshot: RwLock::new(Arc::new(Snapshot::empty())),
+                snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 alerts: Mutex::new(AlertLog::default()),
                 series: Mutex::new(VecDeque::new()),
                 stats: Mutex::new(SnapshotStats::default()),
@@ -598,35 +592,8 @@ pub async fn start_in_process<S: StateStore + OutboxStore>(
         cfg,
         shutdown.clone(),
     );
-    let at = serve(listen, fallback, router(dashboard.clone(), metrics), shutdown).await?;
+    let at = crate::server::serve(listen, fallback, router(dashboard.clone(), metrics), shutdown).await?;
     Ok((dashboard, at))
-}
-
-/// Binds `addr` — any free port of its host instead when `fallback` and the address is taken —
-/// and serves `app` until `shutdown`; returns the bound address.
-pub async fn serve(
-    addr: std::net::SocketAddr,
-    fallback: bool,
-    app: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<std::net::SocketAddr> {
-    use anyhow::Context;
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) if fallback && e.kind() == std::io::ErrorKind::AddrInUse => {
-            tracing::info!(%addr, "dashboard address in use; taking a free port");
-            tokio::net::TcpListener::bind((addr.ip(), 0)).await.context("binding the dashboard")?
-        }
-        Err(e) => return Err(e).with_context(|| format!("binding the dashboard to {addr}")),
-    };
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        let stop = async move { stopped(&mut shutdown).await };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-            tracing::error!(error = %e, "dashboard server stopped");
-        }
-    });
-    Ok(bound)
 }
 
 #[cfg(test)]

@@ -151,11 +151,6 @@ fn cover_cmp(a: Option<f64>, b: Option<f64>) -> Ordering {
 }
 
 impl Snapshot {
-    /// Nothing read yet.
-    pub fn empty() -> Snapshot {
-        Snapshot::default()
-    }
-
     /// Rows and orders of `states` (sorted by SKU, as the stores return them). Moves what it
     /// keeps out of the states: 100,000 SKUs build in tens of milliseconds.
     pub fn build(mut states: Vec<(String, SkuState)>, as_of_ms: i64) -> Snapshot {

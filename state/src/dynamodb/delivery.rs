@@ -36,6 +36,28 @@ impl DynamoStore {
             ("data".to_string(), s(json)),
         ])
     }
+
+    /// The item of a connector dead letter.
+    fn dead_letter_item(&self, d: &ConnectorDeadLetter) -> Result<Item, StoreError> {
+        Ok(self.delivery_item(
+            &d.connector,
+            dead_key(&d.shard, &d.request.key),
+            serde_json::to_string(d).map_err(corrupt)?,
+        ))
+    }
+
+    /// One write of one delivery item.
+    async fn put_delivery(&self, item: Item) -> Result<(), StoreError> {
+        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        self.client
+            .put_item()
+            .table_name(&self.tables.delivery)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
 }
 
 impl OutboxStore for DynamoStore {
@@ -127,40 +149,20 @@ impl OutboxStore for DynamoStore {
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(cursor).map_err(corrupt)?;
         let item = self.delivery_item(connector, format!("cursor#{shard}"), json);
+        let Some(d) = dead else { return self.put_delivery(item).await };
+        // The dead letter and the cursor past it, together.
+        let put = |item: Item| -> Result<TransactWriteItem, StoreError> {
+            let p = Put::builder().table_name(&self.tables.delivery).set_item(Some(item)).build().map_err(sdk_error)?;
+            Ok(TransactWriteItem::builder().put(p).build())
+        };
         self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-        match dead {
-            None => {
-                self.client
-                    .put_item()
-                    .table_name(&self.tables.delivery)
-                    .set_item(Some(item))
-                    .send()
-                    .await
-                    .map_err(sdk_error)?;
-            }
-            Some(d) => {
-                let dead_item = self.delivery_item(
-                    connector,
-                    dead_key(shard, &d.request.key),
-                    serde_json::to_string(d).map_err(corrupt)?,
-                );
-                let put = |item: Item| -> Result<TransactWriteItem, StoreError> {
-                    let p = Put::builder()
-                        .table_name(&self.tables.delivery)
-                        .set_item(Some(item))
-                        .build()
-                        .map_err(sdk_error)?;
-                    Ok(TransactWriteItem::builder().put(p).build())
-                };
-                self.client
-                    .transact_write_items()
-                    .transact_items(put(item)?)
-                    .transact_items(put(dead_item)?)
-                    .send()
-                    .await
-                    .map_err(sdk_error)?;
-            }
-        }
+        self.client
+            .transact_write_items()
+            .transact_items(put(item)?)
+            .transact_items(put(self.dead_letter_item(d)?)?)
+            .send()
+            .await
+            .map_err(sdk_error)?;
         Ok(())
     }
 
@@ -190,20 +192,7 @@ impl OutboxStore for DynamoStore {
     }
 
     async fn put_dead_letter(&self, dead: &ConnectorDeadLetter) -> Result<(), StoreError> {
-        let item = self.delivery_item(
-            &dead.connector,
-            dead_key(&dead.shard, &dead.request.key),
-            serde_json::to_string(dead).map_err(corrupt)?,
-        );
-        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-        self.client
-            .put_item()
-            .table_name(&self.tables.delivery)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(sdk_error)?;
-        Ok(())
+        self.put_delivery(self.dead_letter_item(dead)?).await
     }
 
     async fn remove_dead_letter(&self, connector: &str, shard: &str, key: &str) -> Result<(), StoreError> {
