@@ -43,8 +43,13 @@ pub enum Command {
     Consume(crate::commands::ConsumeArgs),
     /// The ingest HTTP server alone (`ingest serve`), onto Kinesis (--stream) or the embedded log.
     Ingest(IngestArgs),
-    /// Append the canonical events of an NDJSON file to the stream, then consume them.
-    Replay(crate::commands::ReplayArgs),
+    /// Append an NDJSON file's events to the embedded stream and consume them; or, with
+    /// --target, drive a target (embedded, a local `stockflow run`, an ingest URL, Kinesis) at a
+    /// profile's pace, measure it, verify the final state and write a report with a picture.
+    Replay(Box<crate::commands::ReplayArgs>),
+    /// Generate a deterministic order stream shaped by a profile (baseline-day, black-friday,
+    /// cyber-week, custom) with its schedule and expected result, for `replay --dir`.
+    Loadgen(crate::loadgen::LoadgenArgs),
     /// Write the demo's deterministic stream to an NDJSON file.
     Generate(generate_args::GenerateArgs),
     /// Print per-SKU state as NDJSON, sorted by SKU.

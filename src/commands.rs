@@ -105,14 +105,17 @@ pub struct ServeArgs {
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
     /// NDJSON file of canonical events, one per line (bad lines are dead-lettered, not dropped).
-    #[arg(long, value_name = "FILE")]
-    file: PathBuf,
-    /// Records per durable append (1 to 100,000).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    batch: u32,
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["dir", "profile"])]
+    file: Option<PathBuf>,
+    /// Records per durable append (default 10,000), or with --target per request or put
+    /// (default 100 over HTTP, 500 on a stream).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: Option<u32>,
     /// Only append; leave consuming to `stockflow run` or `stockflow consume`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "target")]
     no_consume: bool,
+    #[command(flatten)]
+    drive: crate::replay::DriveArgs,
 }
 
 /// Arguments of `stockflow outbox`.
@@ -254,6 +257,8 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         None => FileConfig::default(),
     };
     let explicit_dir = cli.data_dir.is_some();
+    let context =
+        crate::replay::CliContext { config: cli.config.clone(), shards: cli.shards, data_dir: cli.data_dir.clone() };
     if let Some(dir) = cli.data_dir {
         file.data_dir = dir;
     }
@@ -273,7 +278,15 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
             let summary = crate::load::run(args).await?;
             Ok(if summary.errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Replay(args) => replay(args, settings).await,
+        Command::Replay(args) if args.drive.target.is_some() => {
+            let args = *args;
+            crate::replay::run(args.drive, args.file, args.batch, settings, context, metrics).await
+        }
+        Command::Replay(args) => replay(*args, settings).await,
+        Command::Loadgen(args) => {
+            crate::loadgen::run(&args, std::sync::Arc::clone(&settings.engine))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Generate(args) => {
             let stream = generate::generate(&args.stream.to_config());
             let out = File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
@@ -538,15 +551,23 @@ pub fn partition_key(record: &[u8]) -> Cow<'_, str> {
 }
 
 async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<ExitCode> {
-    let buf = read_lines(&args.file)?;
+    if args.drive.dir.is_some()
+        || args.drive.profile.is_some()
+        || args.drive.speedup.is_some()
+        || args.drive.rate.is_some()
+    {
+        bail!("--dir, --profile, --speedup and --rate drive a --target (embedded, local, http://…, kinesis:…)");
+    }
+    let file = args.file.context("--file is required")?;
+    let buf = read_lines(&file)?;
     let backend = Embedded::open(&settings, true)?;
     let records: Vec<(Cow<'_, str>, &[u8])> = lines(&buf).map(|l| (partition_key(l), l)).collect();
     let started = std::time::Instant::now();
-    for chunk in records.chunks(args.batch as usize) {
+    for chunk in records.chunks(args.batch.unwrap_or(10_000) as usize) {
         let out: Vec<OutRecord<'_>> = chunk.iter().map(|(k, p)| OutRecord { key: k, payload: p }).collect();
         backend.log.append(&out)?;
     }
-    println!("appended {} records from {} in {:.2?}", records.len(), args.file.display(), started.elapsed());
+    println!("appended {} records from {} in {:.2?}", records.len(), file.display(), started.elapsed());
     if args.no_consume {
         return Ok(ExitCode::SUCCESS);
     }

@@ -18,12 +18,9 @@ pub struct GenConfig {
     pub seed: u64,
     /// Event time of the first record (epoch ms).
     pub start_ts: i64,
-    /// Hours of event time the stream spans.
-    pub hours: u32,
-    /// The spike hour (0-based) and its rate multiple.
-    pub spike_hour: u32,
-    /// Rate multiple of the spike hour.
-    pub spike_factor: u32,
+    /// Relative rate of each hour of event time the stream spans (one entry per hour): hour
+    /// *h* gets `weight[h] / sum(weights)` of the records after the opening counts.
+    pub hour_weights: Vec<f64>,
     /// Zipf exponent of SKU popularity.
     pub zipf_s: f64,
     /// Share of records that re-send an earlier record.
@@ -40,9 +37,8 @@ impl Default for GenConfig {
             seed: 42,
             // 2026-11-27T00:00:00Z, Black Friday.
             start_ts: 1_795_737_600_000,
-            hours: 24,
-            spike_hour: 18,
-            spike_factor: 4,
+            // A day whose hour 18 runs at 4x the others.
+            hour_weights: (0..24).map(|h| if h == 18 { 4.0 } else { 1.0 }).collect(),
             zipf_s: 1.0,
             duplicate_rate: 0.002,
             bad_rate: 0.0002,
@@ -57,6 +53,8 @@ pub struct Stream {
     pub skus: Vec<String>,
     buf: Vec<u8>,
     records: Vec<(u32, Range<usize>)>,
+    /// Index of each hour's first record (the opening counts come before hour 0's).
+    pub hour_starts: Vec<usize>,
 }
 
 impl Stream {
@@ -78,6 +76,11 @@ impl Stream {
     /// Total payload bytes.
     pub fn bytes(&self) -> usize {
         self.buf.len()
+    }
+
+    /// The SKU index of record `i`.
+    pub fn sku_of(&self, i: usize) -> u32 {
+        self.records[i].0
     }
 
     /// Writes the records as NDJSON.
@@ -133,16 +136,21 @@ pub fn generate(cfg: &GenConfig) -> Stream {
     let zipf = |rng: &mut Rng| cdf.partition_point(|c| *c < rng.unit()).min(cfg.skus - 1) as u32;
     let price = |sku: u32| 5 + i64::from(sku % 45);
 
-    let mut out = Stream { skus, buf: Vec::with_capacity(cfg.events * 190), records: Vec::with_capacity(cfg.events) };
+    let mut out = Stream {
+        skus,
+        buf: Vec::with_capacity(cfg.events * 190),
+        records: Vec::with_capacity(cfg.events),
+        hour_starts: Vec::new(),
+    };
     let mut model_on_hand = vec![0i64; cfg.skus];
     let mut open: VecDeque<OpenOrder> = VecDeque::new();
     let mut next_order = 1u64;
     let mut seq = 0u64;
 
-    // Hour weights: the spike hour runs at `spike_factor` times the base rate.
-    let hours = cfg.hours.max(1);
-    let hour_weight = |h: u32| if h == cfg.spike_hour { cfg.spike_factor.max(1) } else { 1 };
-    let total_hours: u32 = (0..hours).map(hour_weight).sum();
+    let default_weights = [1.0];
+    let weights_h: &[f64] = if cfg.hour_weights.is_empty() { &default_weights } else { &cfg.hour_weights };
+    let hours = weights_h.len() as u32;
+    let total_hours: f64 = weights_h.iter().map(|w| w.max(0.0)).sum::<f64>().max(f64::MIN_POSITIVE);
     let body_events = cfg.events.saturating_sub(cfg.skus);
 
     let emit = |out: &mut Stream, sku: u32, f: &mut dyn FnMut(&mut Vec<u8>)| {
@@ -170,11 +178,14 @@ pub fn generate(cfg: &GenConfig) -> Stream {
     }
 
     let mut produced = 0usize;
+    let mut cumulative = 0.0;
     for h in 0..hours {
+        out.hour_starts.push(out.records.len());
+        cumulative += weights_h[h as usize].max(0.0);
         let n_hour = if h == hours - 1 {
             body_events - produced
         } else {
-            body_events * hour_weight(h) as usize / total_hours as usize
+            ((body_events as f64 * cumulative / total_hours).round() as usize).min(body_events) - produced
         };
         let hour_start = cfg.start_ts + i64::from(h) * 3_600_000;
         produced += n_hour;

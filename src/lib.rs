@@ -13,6 +13,8 @@
 //! - [`group`]: `consume` on Kinesis + DynamoDB as a consumer-group member.
 //! - [`ingest`]: the ingest HTTP app (`fn app() -> Router`).
 //! - [`load`]: `stockflow ingest load`, the HTTP load generator of the benchmarks.
+//! - [`loadgen`]: `stockflow loadgen`, peak-season order streams shaped by a profile.
+//! - [`replay`]: `stockflow replay --target`, the paced, measured and verified load test.
 //! - [`webhook`]: Standard Webhooks signature verification (secrets rotate, replays refused).
 //! - [`server`]: background HTTP servers and the shutdown wait.
 //! - [`telemetry`]: logging and the Prometheus recorder.
@@ -27,6 +29,8 @@ pub mod generate;
 pub mod group;
 pub mod ingest;
 pub mod load;
+pub mod loadgen;
+pub mod replay;
 pub mod server;
 pub mod telemetry;
 pub mod webhook;

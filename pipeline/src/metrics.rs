@@ -63,6 +63,7 @@ pub fn shard_started(shard: &str) {
         counter!("stockflow_commits_total", "shard" => shard.to_string(), "outcome" => outcome).increment(0);
     }
     counter!("stockflow_dead_letters_total", "shard" => shard.to_string()).increment(0);
+    counter!("stockflow_records_committed_total", "shard" => shard.to_string()).increment(0);
     for kind in ["oversell", "low_stock"] {
         counter!("stockflow_alerts_total", "kind" => kind).increment(0);
     }
@@ -76,9 +77,11 @@ pub fn shard_stopped(shard: &str) {
     gauge!("stockflow_shard_lag_seconds", "shard" => shard.to_string()).set(0.0);
 }
 
-/// A commit is durable: its alerts by kind, and the end-to-end latency of its events that carry
-/// an ingest stamp (`stamps`: run-length encoded `(ingested_at ms, events)`).
-pub fn committed(effects: &[stockflow_state::Effect], stamps: &[(i64, u32)]) {
+/// A commit of `shard` is durable: the records it covers, its alerts by kind, and the end-to-end
+/// latency of its events that carry an ingest stamp (`stamps`: run-length encoded
+/// `(ingested_at ms, events)`).
+pub fn committed(shard: &str, records: u64, effects: &[stockflow_state::Effect], stamps: &[(i64, u32)]) {
+    counter!("stockflow_records_committed_total", "shard" => shard.to_string()).increment(records);
     let (mut oversell, mut low_stock) = (0u64, 0u64);
     for e in effects {
         match e {

@@ -60,6 +60,9 @@ pub struct Progress {
     pub effects: AtomicU64,
     /// Commits written.
     pub commits: AtomicU64,
+    /// Records covered by durable commits (read, then applied, skipped or dead-lettered). A
+    /// record re-read after a takeover or crash counts again.
+    pub committed: AtomicU64,
     /// Sum over shards of bytes not yet read (embedded log).
     pub lag_bytes: AtomicU64,
 }
@@ -386,7 +389,8 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
                 }
             }
         }
-        metrics::committed(&commit.effects, &self.stamps);
+        metrics::committed(&self.shard, self.uncommitted as u64, &commit.effects, &self.stamps);
+        self.progress.committed.fetch_add(self.uncommitted as u64, Ordering::Relaxed);
         self.stamps.clear();
         self.checkpoint = Some(checkpoint);
         self.uncommitted = 0;

@@ -44,11 +44,21 @@ pub fn router(dashboard: Dashboard, metrics: Option<PrometheusHandle>) -> Router
         .route("/api/stock/{sku}", get(stock_one))
         .route("/api/alerts", get(alerts))
         .route("/api/series", get(series))
+        .route("/api/outcome", get(outcome))
         .route("/api/stream", get(stream))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(|State(s): State<AppState>| async move { crate::telemetry::render(s.metrics.as_ref()) }))
         .fallback(|| async { bad(StatusCode::NOT_FOUND, "no such page or API", None) })
         .with_state(AppState { dashboard, metrics })
+}
+
+/// `GET /api/outcome`: every SKU summary, every alert and the dead-letter count, read from the
+/// store now (not the snapshot) — what a replay verifies against the straight pass.
+async fn outcome(State(s): State<AppState>) -> Response {
+    match s.dashboard.outcome().await {
+        Ok(o) => axum::Json(o).into_response(),
+        Err(e) => bad(StatusCode::SERVICE_UNAVAILABLE, format!("reading the store: {e}"), None),
+    }
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

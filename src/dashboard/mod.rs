@@ -322,7 +322,13 @@ struct Inner {
     started: Instant,
     shutdown: watch::Receiver<bool>,
     snapshot_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    outcome: OutcomeReader,
 }
+
+/// Reads the whole outcome of the store (every SKU summary, alert and the dead-letter count).
+type OutcomeReader = Box<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<stockflow_state::reference::Outcome, String>> + Send + Sync,
+>;
 
 /// The dashboard's shared state; cheap to clone.
 #[derive(Clone)]
@@ -360,6 +366,15 @@ impl Dashboard {
                 started: Instant::now(),
                 shutdown: shutdown.clone(),
                 snapshot_thread: Mutex::new(None),
+                outcome: {
+                    let store = Arc::clone(&store);
+                    Box::new(move || {
+                        let store = Arc::clone(&store);
+                        Box::pin(async move {
+                            stockflow_state::reference::Outcome::of_store(&*store).await.map_err(|e| e.to_string())
+                        })
+                    })
+                },
             }),
         };
         if cfg.snapshot_thread {
@@ -389,6 +404,12 @@ impl Dashboard {
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
+    }
+
+    /// The store's whole outcome, read now: what `stockflow verify` and `stockflow replay`
+    /// compare with the straight pass.
+    pub async fn outcome(&self) -> Result<stockflow_state::reference::Outcome, String> {
+        (self.inner.outcome)().await
     }
 
     /// The snapshot being served.

@@ -46,7 +46,7 @@ impl SkuSummary {
 }
 
 /// What a run ends with: what `verify` compares.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Outcome {
     /// Per-SKU summaries, sorted by SKU.
     pub skus: Vec<SkuSummary>,

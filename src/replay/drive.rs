@@ -1,0 +1,729 @@
+//! The open-model driver: lanes that send due records, and the sampler that watches them and the
+//! consumers until everything accepted is committed.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::body::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use indicatif::{ProgressBar, ProgressStyle};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use stockflow_connectors::connector::HttpClient;
+use stockflow_pipeline::{OutRecord, Progress, StreamProducer};
+use tokio::time::Instant;
+
+use super::{Pace, Workload};
+use crate::webhook::Verifier;
+
+/// How to drive.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Pacing.
+    pub pace: Pace,
+    /// Records per request or put, at most.
+    pub batch: usize,
+    /// Lanes.
+    pub lanes: usize,
+    /// Paced runs fail beyond this lag (seconds).
+    pub max_lag: f64,
+    /// Longest wait for the consumers after the last record.
+    pub drain_timeout: Duration,
+}
+
+/// What one send did.
+#[derive(Debug)]
+pub enum Sent {
+    /// Put on the stream: how many events (an SP-API notification can become several).
+    Accepted(u64),
+    /// Refused for a record's content: the record at `index` of the request (when the target
+    /// said which), with the reason. Not retried.
+    Rejected(Option<usize>, String),
+    /// Failed for the target's sake (overload, 5xx, connection lost): sent again after a backoff.
+    Retry(String),
+    /// Cannot go on (a refused signature, a stream that does not exist).
+    Fatal(anyhow::Error),
+}
+
+/// A lane's way to the target.
+#[derive(Debug)]
+pub enum Sink {
+    /// One keep-alive HTTP/1.1 connection.
+    Http(HttpSink),
+    /// The embedded log.
+    Log(StreamSink<stockflow_pipeline::EmbeddedLog>),
+    /// Kinesis `PutRecords`.
+    Kinesis(StreamSink<stockflow_pipeline::kinesis::KinesisProducer>),
+}
+
+impl Sink {
+    async fn send(&mut self, w: &Workload, records: &[u32]) -> Sent {
+        match self {
+            Sink::Http(s) => s.send(w, records).await,
+            Sink::Log(s) => s.send(w, records).await,
+            Sink::Kinesis(s) => s.send(w, records).await,
+        }
+    }
+}
+
+/// Posts records to an ingest endpoint: one JSON document, or NDJSON for several.
+#[derive(Debug)]
+pub struct HttpSink {
+    addr: std::net::SocketAddr,
+    host: String,
+    path: String,
+    key: Option<Arc<Vec<u8>>>,
+    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    run: u64,
+    n: u64,
+}
+
+impl HttpSink {
+    /// A lane to `url` (`http://HOST:PORT/path`), signing with `key` when given.
+    pub async fn new(url: &str, key: Option<Arc<Vec<u8>>>, lane: usize) -> anyhow::Result<Self> {
+        let rest = url.strip_prefix("http://").context("only http:// targets are supported")?;
+        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+        let addr = tokio::net::lookup_host(authority)
+            .await
+            .with_context(|| format!("resolving {authority}"))?
+            .next()
+            .with_context(|| format!("{authority} has no address"))?;
+        Ok(HttpSink {
+            addr,
+            host: authority.to_string(),
+            path,
+            key,
+            sender: None,
+            run: stockflow_state::now_ms() as u64 * 1024 + lane as u64,
+            n: 0,
+        })
+    }
+
+    async fn send(&mut self, w: &Workload, records: &[u32]) -> Sent {
+        let mut body = Vec::with_capacity(records.len() * 200);
+        for (i, r) in records.iter().enumerate() {
+            if i > 0 {
+                body.push(b'\n');
+            }
+            body.extend_from_slice(w.record(*r as usize).1);
+        }
+        let content_type = if records.len() == 1 { "application/json" } else { "application/x-ndjson" };
+        if self.sender.as_ref().is_none_or(hyper::client::conn::http1::SendRequest::is_closed) {
+            match connect(self.addr).await {
+                Ok(s) => self.sender = Some(s),
+                Err(e) => return Sent::Retry(format!("connecting to {}: {e}", self.addr)),
+            }
+        }
+        let mut req = hyper::Request::post(self.path.as_str())
+            .header(hyper::header::HOST, self.host.as_str())
+            .header(hyper::header::CONTENT_TYPE, content_type);
+        if let Some(key) = &self.key {
+            // A fresh id per attempt: a retry after a lost answer must not look like a replay.
+            self.n += 1;
+            let id = format!("replay-{}-{}", self.run, self.n);
+            let ts = stockflow_state::now_ms() / 1000;
+            req = req
+                .header("webhook-signature", Verifier::sign(key, &id, ts, &body))
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts.to_string());
+        }
+        let req = match req.body(Full::new(Bytes::from(body))) {
+            Ok(r) => r,
+            Err(e) => return Sent::Fatal(e.into()),
+        };
+        let Some(sender) = self.sender.as_mut() else { return Sent::Retry("no connection".into()) };
+        let exchange = async {
+            sender.ready().await?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        };
+        let (status, body) = match tokio::time::timeout(Duration::from_secs(30), exchange).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.sender = None;
+                return Sent::Retry(e.to_string());
+            }
+            Err(_) => {
+                self.sender = None;
+                return Sent::Retry("no answer within 30 s".into());
+            }
+        };
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        match status.as_u16() {
+            200..=299 => Sent::Accepted(json["accepted"].as_u64().unwrap_or(records.len() as u64)),
+            400 | 413 | 415 | 422 => {
+                let index = json["index"].as_u64().map(|i| i as usize).filter(|i| *i < records.len());
+                let field = json["field"].as_str().map(|f| format!(" (field {f})")).unwrap_or_default();
+                let error = json["error"].as_str().unwrap_or("refused");
+                Sent::Rejected(index, format!("{status}: {error}{field}"))
+            }
+            401 | 403 | 404 => Sent::Fatal(anyhow::anyhow!(
+                "{} answered {status}: {}",
+                self.path,
+                String::from_utf8_lossy(&body).chars().take(300).collect::<String>()
+            )),
+            _ => Sent::Retry(format!("{status}")),
+        }
+    }
+}
+
+async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// Puts records on a stream directly, each stamped with `ingested_at` (the consumers' end-to-end
+/// latency starts at the put, as it does at the ingest API).
+#[derive(Debug)]
+pub struct StreamSink<P> {
+    producer: Arc<P>,
+}
+
+impl<P: StreamProducer> StreamSink<P> {
+    /// A lane putting through `producer`.
+    pub fn new(producer: Arc<P>) -> Self {
+        StreamSink { producer }
+    }
+
+    async fn send(&mut self, w: &Workload, records: &[u32]) -> Sent {
+        let now = stockflow_state::now_ms();
+        let stamped: Vec<Option<Vec<u8>>> = records
+            .iter()
+            .map(|r| {
+                let (key, payload) = w.record(*r as usize);
+                crate::ingest::stamp(key, payload, now)
+            })
+            .collect();
+        let out: Vec<OutRecord<'_>> = records
+            .iter()
+            .zip(&stamped)
+            .map(|(r, s)| {
+                let (key, payload) = w.record(*r as usize);
+                OutRecord { key, payload: s.as_deref().unwrap_or(payload) }
+            })
+            .collect();
+        match self.producer.put(&out).await {
+            Ok(()) => Sent::Accepted(records.len() as u64),
+            Err(e) if e.is_transient() => Sent::Retry(e.to_string()),
+            Err(e) => Sent::Fatal(e.into()),
+        }
+    }
+}
+
+/// Where the consumers' progress is read.
+#[derive(Debug)]
+pub enum Probe {
+    /// Consumers in this process.
+    InProcess {
+        /// Their counters.
+        progress: Arc<Progress>,
+        /// This process's metrics (end-to-end latency).
+        metrics: Option<PrometheusHandle>,
+    },
+    /// Consumers elsewhere: their `/metrics`.
+    Scrape {
+        /// Client.
+        client: Box<HttpClient>,
+        /// URLs.
+        urls: Vec<String>,
+    },
+}
+
+/// One reading of the consumers.
+#[derive(Debug, Clone, Default)]
+struct Probed {
+    /// Records covered by durable commits.
+    committed: u64,
+    /// `stockflow_end_to_end_seconds` cumulative buckets: (upper bound, count), ascending.
+    e2e: Buckets,
+}
+
+/// Cumulative histogram buckets `(le seconds, count)`, ascending, `+Inf` last.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets(pub Vec<(f64, u64)>);
+
+impl Buckets {
+    /// Adds another set (same bounds expected; unknown bounds are inserted).
+    fn add(&mut self, other: &Buckets) {
+        for (le, n) in &other.0 {
+            match self.0.iter_mut().find(|(l, _)| l == le) {
+                Some((_, c)) => *c += n,
+                None => {
+                    self.0.push((*le, *n));
+                    self.0.sort_by(|a, b| a.0.total_cmp(&b.0));
+                }
+            }
+        }
+    }
+
+    /// `self − before`, bucket by bucket (a counter that went down counts from 0).
+    pub fn since(&self, before: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .map(|(le, n)| {
+                    let b = before.0.iter().find(|(l, _)| l == le).map_or(0, |x| x.1);
+                    (*le, if *n >= b { n - b } else { *n })
+                })
+                .collect(),
+        )
+    }
+
+    /// Observations counted.
+    pub fn count(&self) -> u64 {
+        self.0.last().map_or(0, |x| x.1)
+    }
+
+    /// The `q` quantile in milliseconds, interpolated inside its bucket (as PromQL's
+    /// `histogram_quantile`); a quantile in the `+Inf` bucket gives the largest finite bound.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let (mut prev_le, mut prev_n) = (0.0, 0u64);
+        for (le, n) in &self.0 {
+            if *n as f64 >= rank {
+                if le.is_infinite() {
+                    return Some(prev_le * 1000.0);
+                }
+                let inside = (*n - prev_n).max(1) as f64;
+                return Some((prev_le + (le - prev_le) * (rank - prev_n as f64) / inside) * 1000.0);
+            }
+            (prev_le, prev_n) = (*le, *n);
+        }
+        Some(prev_le * 1000.0)
+    }
+}
+
+/// The records-committed counter and end-to-end buckets of one exposition.
+fn parse(text: &str) -> Probed {
+    let mut p = Probed::default();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        if line.starts_with("stockflow_records_committed_total") {
+            p.committed += value as u64;
+        } else if let Some(rest) = line.strip_prefix("stockflow_end_to_end_seconds_bucket{") {
+            let Some(le) = rest.split("le=\"").nth(1).and_then(|s| s.split('"').next()) else { continue };
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+            if !le.is_nan() {
+                p.e2e.add(&Buckets(vec![(le, value as u64)]));
+            }
+        }
+    }
+    p
+}
+
+impl Probe {
+    async fn sample(&self) -> Option<Probed> {
+        match self {
+            Probe::InProcess { progress, metrics } => {
+                let mut p = metrics.as_ref().map(|m| parse(&m.render())).unwrap_or_default();
+                p.committed = progress.committed.load(Relaxed);
+                Some(p)
+            }
+            Probe::Scrape { client, urls } => {
+                let mut total = Probed::default();
+                for url in urls {
+                    let r = client.send(hyper::Method::GET, url, &[], Bytes::new()).await.ok()?;
+                    if !r.status.is_success() {
+                        return None;
+                    }
+                    let p = parse(&String::from_utf8_lossy(&r.body));
+                    total.committed += p.committed;
+                    total.e2e.add(&p.e2e);
+                }
+                Some(total)
+            }
+        }
+    }
+}
+
+/// A record the target refused, kept for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    /// The record's number in the stream (1-based, blank lines not counted).
+    pub record: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// One point of the time series (per second).
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    /// Seconds since the start.
+    pub t: f64,
+    /// Events a second due in the interval.
+    pub offered: f64,
+    /// Events a second accepted in the interval.
+    pub achieved: f64,
+    /// Failed attempts (retried) in the interval.
+    pub errors: u64,
+    /// Accepted but not yet committed by the consumers.
+    pub lag_records: u64,
+    /// How long ago the oldest uncommitted accepted record was accepted.
+    pub lag_seconds: f64,
+    /// How far the most late lane is behind its schedule.
+    pub behind_seconds: f64,
+    /// Ingest latency (due → accepted) in the interval, ms.
+    pub ingest_p50_ms: Option<f64>,
+    /// 99th percentile of the same.
+    pub ingest_p99_ms: Option<f64>,
+    /// End-to-end latency (accepted → committed) in the interval, ms (bucket-interpolated).
+    pub e2e_p50_ms: Option<f64>,
+    /// 99th percentile of the same.
+    pub e2e_p99_ms: Option<f64>,
+}
+
+/// What a drive measured.
+#[derive(Debug)]
+pub struct Driven {
+    /// Seconds from the start to the last answer.
+    pub send_seconds: f64,
+    /// Seconds from the last answer until the consumers had committed everything.
+    pub drain_seconds: f64,
+    /// The consumers committed everything accepted.
+    pub caught_up: bool,
+    /// Records accepted.
+    pub accepted_records: u64,
+    /// Events the target put on the stream.
+    pub accepted_events: u64,
+    /// Records refused for their content.
+    pub rejected: u64,
+    /// The first refusals.
+    pub rejections: Vec<Rejection>,
+    /// Failed attempts (retried).
+    pub errors: u64,
+    /// Requests or puts that succeeded.
+    pub requests: u64,
+    /// Ingest latency of every accepted record, µs from its due time.
+    pub ingest: Histogram<u64>,
+    /// End-to-end latency buckets over the run.
+    pub e2e: Buckets,
+    /// Per second.
+    pub series: Vec<Point>,
+    /// Worst consumer lag, records and seconds.
+    pub max_lag_records: u64,
+    /// Worst consumer lag in seconds.
+    pub max_lag_seconds: f64,
+    /// Worst lateness of a lane behind the schedule.
+    pub max_behind_seconds: f64,
+}
+
+struct Shared {
+    accepted_records: AtomicU64,
+    accepted_events: AtomicU64,
+    rejected: AtomicU64,
+    errors: AtomicU64,
+    requests: AtomicU64,
+    interval: Mutex<Histogram<u64>>,
+    rejections: Mutex<Vec<Rejection>>,
+    /// Per lane: due (µs) of its oldest unanswered record; `u64::MAX` when done.
+    oldest_due: Vec<AtomicU64>,
+    remaining: AtomicUsize,
+    last_answer_us: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("3 sigfig"))
+}
+
+/// Drives `lanes` through the workload, then waits for the consumers.
+pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Options) -> anyhow::Result<Driven> {
+    let due = Arc::new(opts.pace.due_us(&w));
+    let n_lanes = lanes.len().max(1);
+    let mut assigned: Vec<Vec<u32>> = vec![Vec::new(); n_lanes];
+    for i in 0..w.len() {
+        let h = u64::from(w.sku_index(i)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        assigned[(h % n_lanes as u64) as usize].push(i as u32);
+    }
+    let shared = Arc::new(Shared {
+        accepted_records: AtomicU64::new(0),
+        accepted_events: AtomicU64::new(0),
+        rejected: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        interval: Mutex::new(histogram()),
+        rejections: Mutex::new(Vec::new()),
+        oldest_due: (0..n_lanes).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        remaining: AtomicUsize::new(n_lanes),
+        last_answer_us: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    // The consumers' counters before the first record: the target may hold earlier work.
+    let mut base = None;
+    for _ in 0..50 {
+        if let Some(p) = probe.sample().await {
+            base = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let base = base.context("the consumers' metrics do not answer (see --metrics)")?;
+    let start = Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::with_capacity(n_lanes);
+    for (k, (sink, mine)) in lanes.into_iter().zip(assigned).enumerate() {
+        let (w, due, shared) = (Arc::clone(&w), Arc::clone(&due), Arc::clone(&shared));
+        let batch = opts.batch;
+        tasks.push(tokio::spawn(lane(sink, mine, w, due, shared, k, start, batch)));
+    }
+    let bar = ProgressBar::new(w.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} records  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut series = Vec::new();
+    let mut history: Vec<(f64, u64)> = Vec::new();
+    let (mut last_t, mut last_offered, mut last_accepted, mut last_errors) = (0.0, 0u64, 0u64, 0u64);
+    let mut last_e2e = base.e2e.clone();
+    let mut last_probe = base.clone();
+    let (mut max_lag_records, mut max_lag_seconds, mut max_behind) = (0u64, 0.0f64, 0.0f64);
+    let mut sent_done_at: Option<f64> = None;
+    let mut caught_up;
+    let mut tick = tokio::time::interval_at(start, Duration::from_millis(100));
+    let mut ticks = 0u64;
+    loop {
+        tick.tick().await;
+        ticks += 1;
+        let t = start.elapsed().as_secs_f64();
+        let t_us = (t * 1e6) as u64;
+        let lanes_done = shared.remaining.load(Relaxed) == 0;
+        let accepted = shared.accepted_events.load(Relaxed);
+        if lanes_done && sent_done_at.is_none() {
+            sent_done_at = Some(shared.last_answer_us.load(Relaxed) as f64 / 1e6);
+        }
+        if let Some(p) = probe.sample().await {
+            last_probe = p;
+        }
+        let committed = last_probe.committed.saturating_sub(base.committed);
+        caught_up = lanes_done && committed >= accepted;
+        if history.last().is_none_or(|(_, a)| *a < accepted) {
+            history.push((t, accepted));
+        }
+        let point_due = ticks.is_multiple_of(10) || caught_up;
+        if !point_due {
+            if lanes_done && sent_done_at.is_some_and(|s| t - s > opts.drain_timeout.as_secs_f64()) {
+                break;
+            }
+            continue;
+        }
+        let lag_records = accepted.saturating_sub(committed);
+        let lag_seconds = if lag_records == 0 {
+            0.0
+        } else {
+            history.get(history.partition_point(|(_, a)| *a <= committed)).map_or(0.0, |(at, _)| t - at)
+        };
+        let behind = shared
+            .oldest_due
+            .iter()
+            .map(|d| d.load(Relaxed))
+            .filter(|d| *d != u64::MAX && *d < t_us)
+            .map(|d| (t_us - d) as f64 / 1e6)
+            .fold(0.0, f64::max);
+        let offered = due.partition_point(|d| *d <= t_us) as u64;
+        let errors = shared.errors.load(Relaxed);
+        let secs = (t - last_t).max(1e-3);
+        let interval = std::mem::replace(&mut *shared.interval.lock().unwrap_or_else(|e| e.into_inner()), histogram());
+        let e2e = last_probe.e2e.since(&last_e2e);
+        let q = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0);
+        series.push(Point {
+            t,
+            offered: offered.saturating_sub(last_offered) as f64 / secs,
+            achieved: accepted.saturating_sub(last_accepted) as f64 / secs,
+            errors: errors - last_errors,
+            lag_records,
+            lag_seconds,
+            behind_seconds: behind,
+            ingest_p50_ms: q(&interval, 0.5),
+            ingest_p99_ms: q(&interval, 0.99),
+            e2e_p50_ms: e2e.quantile_ms(0.5),
+            e2e_p99_ms: e2e.quantile_ms(0.99),
+        });
+        (last_t, last_offered, last_accepted, last_errors) = (t, offered, accepted, errors);
+        last_e2e = last_probe.e2e.clone();
+        max_lag_records = max_lag_records.max(lag_records);
+        max_lag_seconds = max_lag_seconds.max(lag_seconds);
+        max_behind = max_behind.max(behind);
+        let done = shared.accepted_records.load(Relaxed) + shared.rejected.load(Relaxed);
+        bar.set_position(done);
+        let pace = if opts.pace.paced() {
+            format!("offered {:.0}/s  ", series.last().map_or(0.0, |p| p.offered))
+        } else {
+            String::new()
+        };
+        bar.set_message(format!(
+            "{pace}achieved {:.0}/s  errors {errors}  lag {lag_records} ({lag_seconds:.1} s){}",
+            series.last().map_or(0.0, |p| p.achieved),
+            if behind > 1.0 { format!("  behind {behind:.1} s") } else { String::new() },
+        ));
+        if caught_up {
+            break;
+        }
+        if lanes_done && sent_done_at.is_some_and(|s| t - s > opts.drain_timeout.as_secs_f64()) {
+            break;
+        }
+        if shared.stop.load(Relaxed) && !lanes_done {
+            // A lane hit a fatal error: stop the rest and report it below.
+            for t in &tasks {
+                t.abort();
+            }
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let mut ingest = histogram();
+    for task in tasks {
+        match task.await {
+            Ok(Ok(h)) => ingest.add(&h).context("merging latency histograms")?,
+            Ok(Err(e)) => return Err(e),
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let send_seconds = sent_done_at.unwrap_or(start.elapsed().as_secs_f64());
+    let rejections = std::mem::take(&mut *shared.rejections.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(Driven {
+        send_seconds,
+        drain_seconds: if caught_up { (start.elapsed().as_secs_f64() - send_seconds).max(0.0) } else { f64::NAN },
+        caught_up,
+        accepted_records: shared.accepted_records.load(Relaxed),
+        accepted_events: shared.accepted_events.load(Relaxed),
+        rejected: shared.rejected.load(Relaxed),
+        rejections,
+        errors: shared.errors.load(Relaxed),
+        requests: shared.requests.load(Relaxed),
+        ingest,
+        e2e: last_probe.e2e.since(&base.e2e),
+        series,
+        max_lag_records,
+        max_lag_seconds,
+        max_behind_seconds: max_behind,
+    })
+}
+
+/// One lane: its records in file order, sent when due, as many as are due per request.
+#[allow(clippy::too_many_arguments)]
+async fn lane(
+    mut sink: Sink,
+    mut mine: Vec<u32>,
+    w: Arc<Workload>,
+    due: Arc<Vec<u64>>,
+    shared: Arc<Shared>,
+    k: usize,
+    start: Instant,
+    batch: usize,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = histogram();
+    let mut pos = 0;
+    let mut single_until = 0;
+    let mut backoff = Duration::from_millis(20);
+    let result = loop {
+        let Some(&first) = mine.get(pos) else { break Ok(()) };
+        let first_due = due[first as usize];
+        shared.oldest_due[k].store(first_due, Relaxed);
+        tokio::time::sleep_until(start + Duration::from_micros(first_due)).await;
+        let now_us = start.elapsed().as_micros() as u64;
+        let limit = if pos < single_until { 1 } else { batch };
+        let mut end = pos + 1;
+        while end < mine.len() && end - pos < limit && due[mine[end] as usize] <= now_us {
+            end += 1;
+        }
+        match sink.send(&w, &mine[pos..end]).await {
+            Sent::Accepted(events) => {
+                let done = start.elapsed().as_micros() as u64;
+                let mut interval = shared.interval.lock().unwrap_or_else(|e| e.into_inner());
+                for r in &mine[pos..end] {
+                    let us = done.saturating_sub(due[*r as usize]).max(1);
+                    hist.saturating_record(us);
+                    interval.saturating_record(us);
+                }
+                drop(interval);
+                shared.accepted_records.fetch_add((end - pos) as u64, Relaxed);
+                shared.accepted_events.fetch_add(events, Relaxed);
+                shared.requests.fetch_add(1, Relaxed);
+                shared.last_answer_us.fetch_max(done, Relaxed);
+                pos = end;
+                backoff = Duration::from_millis(20);
+            }
+            Sent::Rejected(Some(i), reason) => {
+                let r = mine.remove(pos + i);
+                reject(&shared, r, reason);
+            }
+            Sent::Rejected(None, reason) => {
+                if end - pos > 1 {
+                    // Which record is at fault is unknown: send these one by one.
+                    single_until = end;
+                } else {
+                    reject(&shared, mine[pos], reason);
+                    pos += 1;
+                }
+            }
+            Sent::Retry(reason) => {
+                shared.errors.fetch_add(1, Relaxed);
+                tracing::debug!(lane = k, %reason, ?backoff, "send failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Sent::Fatal(e) => break Err(e),
+        }
+    };
+    shared.oldest_due[k].store(u64::MAX, Relaxed);
+    shared.remaining.fetch_sub(1, Relaxed);
+    if result.is_err() {
+        shared.stop.store(true, Relaxed);
+    }
+    result.map(|()| hist)
+}
+
+fn reject(shared: &Shared, record: u32, reason: String) {
+    shared.rejected.fetch_add(1, Relaxed);
+    let mut list = shared.rejections.lock().unwrap_or_else(|e| e.into_inner());
+    if list.len() < 20 {
+        list.push(Rejection { record: record as usize + 1, reason });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_buckets() {
+        let b = Buckets(vec![(0.01, 50), (0.1, 90), (1.0, 100), (f64::INFINITY, 100)]);
+        assert_eq!(b.count(), 100);
+        assert!((b.quantile_ms(0.5).unwrap() - 10.0).abs() < 1e-9);
+        assert!((b.quantile_ms(0.7).unwrap() - 55.0).abs() < 1e-9);
+        assert!((b.quantile_ms(0.99).unwrap() - 910.0).abs() < 1e-6);
+        let over = Buckets(vec![(0.01, 1), (f64::INFINITY, 10)]);
+        assert_eq!(over.quantile_ms(0.99), Some(10.0), "beyond the last bound: the last bound");
+        assert_eq!(Buckets::default().quantile_ms(0.5), None);
+    }
+
+    #[test]
+    fn expositions_sum_over_shards_and_deltas_reset() {
+        let text = "# TYPE x counter\nstockflow_records_committed_total{shard=\"a\"} 10\n\
+                    stockflow_records_committed_total{shard=\"b\"} 5\n\
+                    stockflow_end_to_end_seconds_bucket{le=\"0.1\"} 3\n\
+                    stockflow_end_to_end_seconds_bucket{le=\"+Inf\"} 4\n";
+        let p = parse(text);
+        assert_eq!(p.committed, 15);
+        assert_eq!(p.e2e, Buckets(vec![(0.1, 3), (f64::INFINITY, 4)]));
+        let later = Buckets(vec![(0.1, 5), (f64::INFINITY, 9)]);
+        assert_eq!(later.since(&p.e2e), Buckets(vec![(0.1, 2), (f64::INFINITY, 5)]));
+    }
+}

@@ -1,0 +1,355 @@
+//! Starting a replay's target: its lanes, where the consumers' progress and the final state are
+//! read, and how it is stopped.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::body::Bytes;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use stockflow_connectors::connector::HttpClient;
+use stockflow_pipeline::Progress;
+use stockflow_state::dynamodb::DynamoStore;
+use stockflow_state::embedded::RedbStore;
+use stockflow_state::reference::Outcome;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::watch;
+
+use super::drive::{HttpSink, Probe, Sink, StreamSink};
+use super::{CliContext, DriveArgs, Target};
+use crate::commands::Embedded;
+use crate::config::Settings;
+
+/// A started target.
+#[derive(Debug)]
+pub struct Setup {
+    /// One sink per lane.
+    pub lanes: Vec<Sink>,
+    /// The consumers' progress.
+    pub probe: Probe,
+    /// The final state.
+    pub reader: Reader,
+    /// Stops it.
+    pub teardown: Teardown,
+}
+
+/// Where the final state is read.
+#[derive(Debug)]
+pub enum Reader {
+    /// The embedded store of this process.
+    Embedded(Arc<RedbStore>),
+    /// The DynamoDB tables.
+    Dynamo(Arc<DynamoStore>),
+    /// A dashboard's `/api/outcome`.
+    Http(Box<HttpClient>, String),
+}
+
+impl Reader {
+    /// Reads every SKU summary, alert and the dead-letter count.
+    pub async fn read(&self) -> anyhow::Result<Outcome> {
+        match self {
+            Reader::Embedded(s) => Ok(Outcome::of_store(&**s).await?),
+            Reader::Dynamo(s) => Ok(Outcome::of_store(&**s).await?),
+            Reader::Http(client, url) => {
+                let r = client
+                    .send(hyper::Method::GET, url, &[], Bytes::new())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("GET {url}: {e}"))?;
+                if !r.status.is_success() {
+                    bail!("GET {url}: {} {}", r.status, String::from_utf8_lossy(&r.body));
+                }
+                serde_json::from_slice(&r.body).with_context(|| format!("GET {url}: not an outcome"))
+            }
+        }
+    }
+}
+
+/// What stops a target, and what it counted.
+#[derive(Debug)]
+pub struct Teardown {
+    shutdown: Option<watch::Sender<bool>>,
+    consumers: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    child: Option<tokio::process::Child>,
+    dynamo: Option<Arc<DynamoStore>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Teardown {
+    /// Stops the consumers (or the child `stockflow run`); returns the AWS calls counted, if any.
+    pub async fn stop(mut self) -> Option<serde_json::Value> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(task) = self.consumers.take() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the consumers stopped with an error"),
+                Err(e) => tracing::warn!(error = %e, "the consumer task failed"),
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+            }
+            if tokio::time::timeout(Duration::from_secs(60), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+        self.dynamo.map(|s| {
+            let st = s.stats();
+            json!({
+                "dynamodb_transactions": st.transactions.load(Relaxed),
+                "dynamodb_reads": st.reads.load(Relaxed),
+                "dynamodb_lease_writes": st.lease_calls.load(Relaxed),
+                "dynamodb_lease_renewals": st.lease_renewals.load(Relaxed),
+                "dynamodb_lease_scans": st.lease_scans.load(Relaxed),
+            })
+        })
+    }
+}
+
+/// Starts `target`.
+pub async fn start(
+    target: &Target,
+    args: &DriveArgs,
+    settings: &Settings,
+    cli: &CliContext,
+    report_dir: &Path,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<Setup> {
+    let lanes = args.connections as usize;
+    match target {
+        Target::Embedded => embedded(settings, cli, lanes, metrics),
+        Target::Local => local(args, cli, report_dir, lanes).await,
+        Target::Http(url) => {
+            let url = ingest_url(url);
+            let metrics_urls = if args.metrics_urls.is_empty() {
+                vec![format!("{}/metrics", base_of(&url))]
+            } else {
+                args.metrics_urls.clone()
+            };
+            let dashboard = args.dashboard.trim_end_matches('/').to_string();
+            http(&url, &dashboard, metrics_urls, args.secret.as_deref(), lanes, teardown_none()).await
+        }
+        Target::Kinesis(stream) => kinesis(stream, args, settings, cli, lanes).await,
+    }
+}
+
+fn teardown_none() -> Teardown {
+    Teardown { shutdown: None, consumers: None, child: None, dynamo: None, _dir: None }
+}
+
+/// `http://host:port` → `http://host:port/v1/events`; a URL with a path is kept.
+fn ingest_url(url: &str) -> String {
+    let rest = url.trim_end_matches('/').strip_prefix("http://").unwrap_or(url);
+    if rest.contains('/') { format!("http://{rest}") } else { format!("http://{rest}/v1/events") }
+}
+
+fn base_of(url: &str) -> String {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    format!("http://{}", rest.split('/').next().unwrap_or(rest))
+}
+
+fn secret_key(secret: Option<&str>) -> anyhow::Result<Option<Arc<Vec<u8>>>> {
+    secret
+        .map(|s| {
+            let b64 = s.strip_prefix("whsec_").unwrap_or(s);
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
+                .map(Arc::new)
+                .context("--secret: not a whsec_ base64 secret")
+        })
+        .transpose()
+}
+
+async fn http(
+    url: &str,
+    dashboard: &str,
+    metrics_urls: Vec<String>,
+    secret: Option<&str>,
+    lanes: usize,
+    teardown: Teardown,
+) -> anyhow::Result<Setup> {
+    let key = secret_key(secret)?;
+    let mut sinks = Vec::with_capacity(lanes);
+    for k in 0..lanes {
+        sinks.push(Sink::Http(HttpSink::new(url, key.clone(), k).await?));
+    }
+    Ok(Setup {
+        lanes: sinks,
+        probe: Probe::Scrape { client: Box::new(HttpClient::new(Duration::from_secs(5))), urls: metrics_urls },
+        reader: Reader::Http(Box::new(HttpClient::new(Duration::from_secs(300))), format!("{dashboard}/api/outcome")),
+        teardown,
+    })
+}
+
+fn fresh_dir(cli: &CliContext, settings: &Settings) -> anyhow::Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
+    match &cli.data_dir {
+        Some(dir) => {
+            let mut s = settings.clone();
+            s.data_dir = dir.clone();
+            if s.state_path().exists() {
+                bail!("{} already holds a stockflow store: a replay needs a fresh directory", dir.display());
+            }
+            Ok((dir.clone(), None))
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("stockflow-replay-").tempdir().context("creating a temp dir")?;
+            Ok((t.path().to_path_buf(), Some(t)))
+        }
+    }
+}
+
+fn embedded(
+    settings: &Settings,
+    cli: &CliContext,
+    lanes: usize,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<Setup> {
+    let (dir, temp) = fresh_dir(cli, settings)?;
+    let mut settings = settings.clone();
+    settings.data_dir = dir;
+    let backend = Arc::new(Embedded::open(&settings, true)?);
+    let progress = Arc::new(Progress::default());
+    let (tx, rx) = watch::channel(false);
+    let consumers = {
+        let (backend, progress) = (Arc::clone(&backend), Arc::clone(&progress));
+        tokio::spawn(async move { backend.consume(&settings, rx, progress).await.map(|_| ()) })
+    };
+    let log = Arc::new(backend.log.clone());
+    Ok(Setup {
+        lanes: (0..lanes).map(|_| Sink::Log(StreamSink::new(Arc::clone(&log)))).collect(),
+        probe: Probe::InProcess { progress, metrics },
+        reader: Reader::Embedded(Arc::clone(&backend.store)),
+        teardown: Teardown { shutdown: Some(tx), consumers: Some(consumers), child: None, dynamo: None, _dir: temp },
+    })
+}
+
+/// Starts `stockflow run` on a fresh data directory and free loopback ports; its log goes to
+/// `run.log` in the report directory.
+async fn local(args: &DriveArgs, cli: &CliContext, report_dir: &Path, lanes: usize) -> anyhow::Result<Setup> {
+    let temp = tempfile::Builder::new().prefix("stockflow-replay-").tempdir().context("creating a temp dir")?;
+    let exe = std::env::current_exe().context("locating the stockflow binary")?;
+    let log_path = report_dir.join("run.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    if let Some(cfg) = &cli.config {
+        cmd.arg("--config").arg(cfg);
+    }
+    if let Some(n) = cli.shards {
+        cmd.arg("--shards").arg(n.to_string());
+    }
+    cmd.arg("--data-dir")
+        .arg(temp.path())
+        .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true);
+    if let Some(secret) = &args.secret {
+        cmd.env("STOCKFLOW_WEBHOOK_SECRETS", secret);
+    }
+    let mut child = cmd.spawn().context("starting stockflow run")?;
+    let stdout = child.stdout.take().context("stockflow run's stdout")?;
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stdout);
+    match tokio::time::timeout(Duration::from_secs(60), reader.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => bail!("stockflow run did not start (see {})", log_path.display()),
+    }
+    // "stockflow: ingest on http://A/v1/events, metrics on /metrics, dashboard on http://B/"
+    let host = |n: usize| line.split("http://").nth(n).and_then(|r| r.split('/').next()).map(str::to_string);
+    let (Some(ingest), Some(dashboard)) = (host(1), host(2)) else {
+        bail!("stockflow run said {line:?}, not its addresses");
+    };
+    // Keep draining its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut reader, &mut sink).await;
+    });
+    let teardown = Teardown { shutdown: None, consumers: None, child: Some(child), dynamo: None, _dir: Some(temp) };
+    http(
+        &format!("http://{ingest}/v1/events"),
+        &format!("http://{dashboard}"),
+        vec![format!("http://{ingest}/metrics")],
+        args.secret.as_deref(),
+        lanes,
+        teardown,
+    )
+    .await
+}
+
+/// Puts on a Kinesis stream (created when missing) and consumes it in this process as a group
+/// member, with state, checkpoints and leases in DynamoDB (tables created when missing).
+async fn kinesis(
+    stream: &str,
+    args: &DriveArgs,
+    settings: &Settings,
+    cli: &CliContext,
+    lanes: usize,
+) -> anyhow::Result<Setup> {
+    use stockflow_pipeline::group::Coordinator;
+    use stockflow_pipeline::kinesis::{self, KinesisConfig, KinesisProducer, KinesisSource};
+    let endpoint = args.kinesis_endpoint.clone().or_else(|| settings.kinesis.endpoint.clone());
+    let client = kinesis::client(endpoint.as_deref(), false).await;
+    ensure_stream(&client, stream, cli.shards.unwrap_or(settings.shards).max(1) as i32).await?;
+    let mut cfg = KinesisConfig::new(stream);
+    cfg.idle_poll = Duration::from_millis(settings.kinesis.idle_poll_ms);
+    cfg.get_records_limit = settings.kinesis.get_records_limit;
+    let source = KinesisSource::new(client.clone(), cfg).await.context("opening the Kinesis stream")?;
+    let prefix = args.table_prefix.clone().unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
+    let dynamo_endpoint = args.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
+    let store = Arc::new(DynamoStore::new(DynamoStore::client(dynamo_endpoint.as_deref()).await, &prefix));
+    store.setup().await.context("creating the DynamoDB tables")?;
+    let progress = Arc::new(Progress::default());
+    let coordinator = Coordinator::new(
+        Arc::new(source),
+        Arc::clone(&store),
+        Arc::clone(&store),
+        Arc::clone(&settings.engine),
+        settings.worker,
+        settings.group.clone(),
+        Arc::clone(&progress),
+    );
+    let (tx, rx) = watch::channel(false);
+    let consumers = tokio::spawn(async move { coordinator.run(rx).await.map(|_| ()).map_err(anyhow::Error::from) });
+    let producer = Arc::new(KinesisProducer::new(client, stream));
+    Ok(Setup {
+        lanes: (0..lanes).map(|_| Sink::Kinesis(StreamSink::new(Arc::clone(&producer)))).collect(),
+        probe: Probe::InProcess { progress, metrics: None },
+        reader: Reader::Dynamo(Arc::clone(&store)),
+        teardown: Teardown {
+            shutdown: Some(tx),
+            consumers: Some(consumers),
+            child: None,
+            dynamo: Some(store),
+            _dir: None,
+        },
+    })
+}
+
+async fn ensure_stream(client: &aws_sdk_kinesis::Client, name: &str, shards: i32) -> anyhow::Result<()> {
+    match client.describe_stream_summary().stream_name(name).send().await {
+        Ok(_) => {}
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => {
+            client
+                .create_stream()
+                .stream_name(name)
+                .shard_count(shards)
+                .send()
+                .await
+                .with_context(|| format!("creating the Kinesis stream {name}"))?;
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("describing the Kinesis stream {name}"))),
+    }
+    for _ in 0..600 {
+        let s = client.describe_stream_summary().stream_name(name).send().await?;
+        if s.stream_description_summary().is_some_and(|d| d.stream_status().as_str() == "ACTIVE") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the Kinesis stream {name} did not become ACTIVE")
+}
