@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use stockflow_connectors::connector::HttpClient;
+use stockflow_pipeline::batcher::Batching;
 use stockflow_pipeline::{OutRecord, Progress, StreamProducer};
 use tokio::time::Instant;
 
@@ -54,10 +55,34 @@ pub enum Sent {
 pub enum Sink {
     /// One keep-alive HTTP/1.1 connection.
     Http(HttpSink),
-    /// The embedded log.
-    Log(StreamSink<stockflow_pipeline::EmbeddedLog>),
-    /// Kinesis `PutRecords`.
-    Kinesis(StreamSink<stockflow_pipeline::kinesis::KinesisProducer>),
+    /// The embedded log, behind the ingest's group-commit batcher.
+    Log(StreamSink<Batching<stockflow_pipeline::EmbeddedLog>>),
+    /// Kinesis `PutRecords` (calls counted), behind the ingest's group-commit batcher.
+    Kinesis(StreamSink<Batching<Counted<stockflow_pipeline::kinesis::KinesisProducer>>>),
+}
+
+/// A producer whose `put` calls are counted.
+#[derive(Debug)]
+pub struct Counted<P> {
+    inner: P,
+    calls: Arc<AtomicU64>,
+}
+
+impl<P> Counted<P> {
+    /// Counts `inner`'s puts into `calls`.
+    pub fn new(inner: P, calls: Arc<AtomicU64>) -> Self {
+        Counted { inner, calls }
+    }
+}
+
+impl<P: StreamProducer> StreamProducer for Counted<P> {
+    fn put(
+        &self,
+        records: &[OutRecord<'_>],
+    ) -> impl std::future::Future<Output = Result<(), stockflow_pipeline::StreamError>> + Send {
+        self.calls.fetch_add(1, Relaxed);
+        self.inner.put(records)
+    }
 }
 
 impl Sink {

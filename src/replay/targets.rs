@@ -18,7 +18,9 @@ use stockflow_state::reference::Outcome;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::watch;
 
-use super::drive::{HttpSink, Probe, Sink, StreamSink};
+use stockflow_pipeline::batcher::Batching;
+
+use super::drive::{Counted, HttpSink, Probe, Sink, StreamSink};
 use super::{CliContext, DriveArgs, Target};
 use crate::commands::Embedded;
 use crate::config::Settings;
@@ -74,6 +76,7 @@ pub struct Teardown {
     consumers: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     child: Option<tokio::process::Child>,
     dynamo: Option<Arc<DynamoStore>>,
+    put_calls: Option<Arc<std::sync::atomic::AtomicU64>>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -98,9 +101,11 @@ impl Teardown {
                 let _ = child.kill().await;
             }
         }
+        let puts = self.put_calls.map_or(0, |c| c.load(Relaxed));
         self.dynamo.map(|s| {
             let st = s.stats();
             json!({
+                "kinesis_put_records": puts,
                 "dynamodb_transactions": st.transactions.load(Relaxed),
                 "dynamodb_reads": st.reads.load(Relaxed),
                 "dynamodb_lease_writes": st.lease_calls.load(Relaxed),
@@ -134,12 +139,12 @@ pub async fn start(
             let dashboard = args.dashboard.trim_end_matches('/').to_string();
             http(&url, &dashboard, metrics_urls, args.secret.as_deref(), lanes, teardown_none()).await
         }
-        Target::Kinesis(stream) => kinesis(stream, args, settings, cli, lanes).await,
+        Target::Kinesis(stream) => kinesis(stream, args, settings, cli, lanes, metrics).await,
     }
 }
 
 fn teardown_none() -> Teardown {
-    Teardown { shutdown: None, consumers: None, child: None, dynamo: None, _dir: None }
+    Teardown { shutdown: None, consumers: None, child: None, dynamo: None, put_calls: None, _dir: None }
 }
 
 /// `http://host:port` → `http://host:port/v1/events`; a URL with a path is kept.
@@ -214,16 +219,23 @@ fn embedded(
     let backend = Arc::new(Embedded::open(&settings, true)?);
     let progress = Arc::new(Progress::default());
     let (tx, rx) = watch::channel(false);
+    let log = Arc::new(Batching::new(Arc::new(backend.log.clone()), settings.ingest_batch));
     let consumers = {
         let (backend, progress) = (Arc::clone(&backend), Arc::clone(&progress));
         tokio::spawn(async move { backend.consume(&settings, rx, progress).await.map(|_| ()) })
     };
-    let log = Arc::new(backend.log.clone());
     Ok(Setup {
         lanes: (0..lanes).map(|_| Sink::Log(StreamSink::new(Arc::clone(&log)))).collect(),
         probe: Probe::InProcess { progress, metrics },
         reader: Reader::Embedded(Arc::clone(&backend.store)),
-        teardown: Teardown { shutdown: Some(tx), consumers: Some(consumers), child: None, dynamo: None, _dir: temp },
+        teardown: Teardown {
+            shutdown: Some(tx),
+            consumers: Some(consumers),
+            child: None,
+            dynamo: None,
+            put_calls: None,
+            _dir: temp,
+        },
     })
 }
 
@@ -269,7 +281,14 @@ async fn local(args: &DriveArgs, cli: &CliContext, report_dir: &Path, lanes: usi
         let mut sink = tokio::io::sink();
         let _ = tokio::io::copy(&mut reader, &mut sink).await;
     });
-    let teardown = Teardown { shutdown: None, consumers: None, child: Some(child), dynamo: None, _dir: Some(temp) };
+    let teardown = Teardown {
+        shutdown: None,
+        consumers: None,
+        child: Some(child),
+        dynamo: None,
+        put_calls: None,
+        _dir: Some(temp),
+    };
     http(
         &format!("http://{ingest}/v1/events"),
         &format!("http://{dashboard}"),
@@ -289,6 +308,7 @@ async fn kinesis(
     settings: &Settings,
     cli: &CliContext,
     lanes: usize,
+    metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<Setup> {
     use stockflow_pipeline::group::Coordinator;
     use stockflow_pipeline::kinesis::{self, KinesisConfig, KinesisProducer, KinesisSource};
@@ -315,16 +335,19 @@ async fn kinesis(
     );
     let (tx, rx) = watch::channel(false);
     let consumers = tokio::spawn(async move { coordinator.run(rx).await.map(|_| ()).map_err(anyhow::Error::from) });
-    let producer = Arc::new(KinesisProducer::new(client, stream));
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Counted::new(KinesisProducer::new(client, stream), Arc::clone(&calls));
+    let producer = Arc::new(Batching::new(Arc::new(counted), settings.ingest_batch));
     Ok(Setup {
         lanes: (0..lanes).map(|_| Sink::Kinesis(StreamSink::new(Arc::clone(&producer)))).collect(),
-        probe: Probe::InProcess { progress, metrics: None },
+        probe: Probe::InProcess { progress, metrics },
         reader: Reader::Dynamo(Arc::clone(&store)),
         teardown: Teardown {
             shutdown: Some(tx),
             consumers: Some(consumers),
             child: None,
             dynamo: Some(store),
+            put_calls: Some(calls),
             _dir: None,
         },
     })
