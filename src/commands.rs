@@ -284,7 +284,7 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         }
         Command::Replay(args) => replay(*args, settings).await,
         Command::Loadgen(args) => {
-            crate::loadgen::run(&args, std::sync::Arc::clone(&settings.engine))?;
+            crate::loadgen::run(&args, std::sync::Arc::clone(&settings.engine), &settings.amazon)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {

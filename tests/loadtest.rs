@@ -182,3 +182,41 @@ async fn onto_kinesis_the_group_consumes_it_into_dynamodb_and_the_state_is_exact
     assert!(per["dynamodb_transactions"].as_f64().unwrap() > 0.0, "{report:#}");
     assert!(per["kinesis_put_records"].as_f64().unwrap() >= 2.0, "500 records a put at most: {report:#}");
 }
+
+#[test]
+fn the_sp_api_form_goes_through_the_amazon_and_manufacturer_routes_and_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = loadgen(
+        dir.path(),
+        "hooks",
+        &["--format", "sp-api", "--hours", "20-20", "--base-rate", "0.1", "--skus", "60", "--seed", "5"],
+    );
+    let first = std::fs::read_to_string(hooks.join("webhooks.ndjson")).unwrap();
+    assert!(first.contains(r#""route":"amazon""#) && first.contains("ORDER_CHANGE"), "SP-API notifications");
+    assert!(first.contains(r#""route":"manufacturer""#) && first.contains("goods_received"));
+    let expected = json(&hooks.join("expected.json"));
+    // Straight onto a stream it cannot go: the notifications are mapped by the ingest API.
+    let out = stockflow(&["replay", "--dir", hooks.to_str().unwrap(), "--target", "embedded"]);
+    assert!(!out.status.success() && text(&out).contains("goes through the ingest API"), "{}", text(&out));
+    let report_dir = dir.path().join("report");
+    let out = stockflow(&[
+        "replay",
+        "--dir",
+        hooks.to_str().unwrap(),
+        "--target",
+        "local",
+        "--rate",
+        "3000",
+        "--secret",
+        SECRET,
+        "--report",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report = json(&report_dir.join("report.json"));
+    assert_eq!(report["passed"], true, "{report:#}");
+    // A shipment notification restates the order line: one delivery, two events on the stream.
+    assert!(report["accepted_events"].as_u64() > report["accepted_records"].as_u64(), "{report:#}");
+    assert_eq!(report["rejected"], expected["bad_records"]);
+    assert_eq!(report["verification"]["oversell_alerts"], expected["oversell_alerts"]);
+}

@@ -143,7 +143,11 @@ impl HttpSink {
                 Err(e) => return Sent::Retry(format!("connecting to {}: {e}", self.addr)),
             }
         }
-        let mut req = hyper::Request::post(self.path.as_str())
+        let path = match w.route(records[0] as usize) {
+            "events" => self.path.as_str(),
+            other => crate::loadgen::spapi::path(other),
+        };
+        let mut req = hyper::Request::post(path)
             .header(hyper::header::HOST, self.host.as_str())
             .header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(key) = &self.key {
@@ -264,10 +268,14 @@ pub enum Probe {
 }
 
 /// One reading of the consumers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Probed {
     /// Records covered by durable commits.
     committed: u64,
+    /// Records read.
+    read: u64,
+    /// Every lag gauge the consumers export is 0 (true when they export none).
+    lag_zero: bool,
     /// `stockflow_end_to_end_seconds` cumulative buckets: (upper bound, count), ascending.
     e2e: Buckets,
 }
@@ -331,7 +339,14 @@ impl Buckets {
     }
 }
 
-/// The records-committed counter and end-to-end buckets of one exposition.
+impl Default for Probed {
+    fn default() -> Self {
+        Probed { committed: 0, read: 0, lag_zero: true, e2e: Buckets::default() }
+    }
+}
+
+/// The records-committed and -read counters, the lag gauges and the end-to-end buckets of one
+/// exposition.
 fn parse(text: &str) -> Probed {
     let mut p = Probed::default();
     for line in text.lines() {
@@ -341,6 +356,10 @@ fn parse(text: &str) -> Probed {
         let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
         if line.starts_with("stockflow_records_committed_total") {
             p.committed += value as u64;
+        } else if line.starts_with("stockflow_records_read_total") {
+            p.read += value as u64;
+        } else if line.starts_with("stockflow_shard_lag_") && value > 0.0 {
+            p.lag_zero = false;
         } else if let Some(rest) = line.strip_prefix("stockflow_end_to_end_seconds_bucket{") {
             let Some(le) = rest.split("le=\"").nth(1).and_then(|s| s.split('"').next()) else { continue };
             let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
@@ -358,6 +377,8 @@ impl Probe {
             Probe::InProcess { progress, metrics } => {
                 let mut p = metrics.as_ref().map(|m| parse(&m.render())).unwrap_or_default();
                 p.committed = progress.committed.load(Relaxed);
+                p.read = progress.read.load(Relaxed);
+                p.lag_zero &= progress.lag_bytes.load(Relaxed) == 0;
                 Some(p)
             }
             Probe::Scrape { client, urls } => {
@@ -369,6 +390,8 @@ impl Probe {
                     }
                     let p = parse(&String::from_utf8_lossy(&r.body));
                     total.committed += p.committed;
+                    total.read += p.read;
+                    total.lag_zero &= p.lag_zero;
                     total.e2e.add(&p.e2e);
                 }
                 Some(total)
@@ -503,8 +526,8 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
     let mut tasks = Vec::with_capacity(n_lanes);
     for (k, (sink, mine)) in lanes.into_iter().zip(assigned).enumerate() {
         let (w, due, shared) = (Arc::clone(&w), Arc::clone(&due), Arc::clone(&shared));
-        let batch = opts.batch;
-        tasks.push(tokio::spawn(lane(sink, mine, w, due, shared, k, start, batch)));
+        let (batch, give_up) = (opts.batch, opts.drain_timeout);
+        tasks.push(tokio::spawn(lane(sink, mine, w, due, shared, k, start, batch, give_up)));
     }
     let bar = ProgressBar::new(w.len() as u64);
     bar.set_style(
@@ -520,6 +543,7 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
     let (mut max_lag_records, mut max_lag_seconds, mut max_behind) = (0u64, 0.0f64, 0.0f64);
     let mut sent_done_at: Option<f64> = None;
     let mut caught_up;
+    let mut previous_committed = u64::MAX;
     let mut tick = tokio::time::interval_at(start, Duration::from_millis(100));
     let mut ticks = 0u64;
     loop {
@@ -527,8 +551,10 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
         ticks += 1;
         let t = start.elapsed().as_secs_f64();
         let t_us = (t * 1e6) as u64;
-        let lanes_done = shared.remaining.load(Relaxed) == 0;
+        // Acquire: a lane's counts are visible once its `remaining` decrement is.
+        let lanes_done = shared.remaining.load(std::sync::atomic::Ordering::Acquire) == 0;
         let accepted = shared.accepted_events.load(Relaxed);
+        let accepted_records = shared.accepted_records.load(Relaxed);
         if lanes_done && sent_done_at.is_none() {
             sent_done_at = Some(shared.last_answer_us.load(Relaxed) as f64 / 1e6);
         }
@@ -536,7 +562,15 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
             last_probe = p;
         }
         let committed = last_probe.committed.saturating_sub(base.committed);
-        caught_up = lanes_done && committed >= accepted;
+        // Everything put is committed, and nothing read is left uncommitted or unread: a retried
+        // put whose first answer was lost counts twice in `committed`, so the count alone could
+        // be reached early.
+        caught_up = lanes_done
+            && committed >= accepted
+            && last_probe.read == last_probe.committed
+            && last_probe.lag_zero
+            && last_probe.committed == previous_committed;
+        previous_committed = last_probe.committed;
         if history.last().is_none_or(|(_, a)| *a < accepted) {
             history.push((t, accepted));
         }
@@ -569,7 +603,7 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
         series.push(Point {
             t,
             offered: offered.saturating_sub(last_offered) as f64 / secs,
-            achieved: accepted.saturating_sub(last_accepted) as f64 / secs,
+            achieved: accepted_records.saturating_sub(last_accepted) as f64 / secs,
             errors: errors - last_errors,
             lag_records,
             lag_seconds,
@@ -579,7 +613,7 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
             e2e_p50_ms: e2e.quantile_ms(0.5),
             e2e_p99_ms: e2e.quantile_ms(0.99),
         });
-        (last_t, last_offered, last_accepted, last_errors) = (t, offered, accepted, errors);
+        (last_t, last_offered, last_accepted, last_errors) = (t, offered, accepted_records, errors);
         last_e2e = last_probe.e2e.clone();
         max_lag_records = max_lag_records.max(lag_records);
         max_lag_seconds = max_lag_seconds.max(lag_seconds);
@@ -602,7 +636,7 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
         if lanes_done && sent_done_at.is_some_and(|s| t - s > opts.drain_timeout.as_secs_f64()) {
             break;
         }
-        if shared.stop.load(Relaxed) && !lanes_done {
+        if shared.stop.load(Relaxed) {
             // A lane hit a fatal error: stop the rest and report it below.
             for t in &tasks {
                 t.abort();
@@ -652,11 +686,13 @@ async fn lane(
     k: usize,
     start: Instant,
     batch: usize,
+    give_up: Duration,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut hist = histogram();
     let mut pos = 0;
     let mut single_until = 0;
     let mut backoff = Duration::from_millis(20);
+    let mut failing_since: Option<Instant> = None;
     let result = loop {
         let Some(&first) = mine.get(pos) else { break Ok(()) };
         let first_due = due[first as usize];
@@ -665,7 +701,12 @@ async fn lane(
         let now_us = start.elapsed().as_micros() as u64;
         let limit = if pos < single_until { 1 } else { batch };
         let mut end = pos + 1;
-        while end < mine.len() && end - pos < limit && due[mine[end] as usize] <= now_us {
+        let route = w.route(first as usize);
+        while end < mine.len()
+            && end - pos < limit
+            && due[mine[end] as usize] <= now_us
+            && w.route(mine[end] as usize) == route
+        {
             end += 1;
         }
         match sink.send(&w, &mine[pos..end]).await {
@@ -684,6 +725,7 @@ async fn lane(
                 shared.last_answer_us.fetch_max(done, Relaxed);
                 pos = end;
                 backoff = Duration::from_millis(20);
+                failing_since = None;
             }
             Sent::Rejected(Some(i), reason) => {
                 let r = mine.remove(pos + i);
@@ -700,6 +742,10 @@ async fn lane(
             }
             Sent::Retry(reason) => {
                 shared.errors.fetch_add(1, Relaxed);
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > give_up {
+                    break Err(anyhow::anyhow!("the target kept failing for {give_up:?}: {reason}"));
+                }
                 tracing::debug!(lane = k, %reason, ?backoff, "send failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -708,7 +754,7 @@ async fn lane(
         }
     };
     shared.oldest_due[k].store(u64::MAX, Relaxed);
-    shared.remaining.fetch_sub(1, Relaxed);
+    shared.remaining.fetch_sub(1, std::sync::atomic::Ordering::Release);
     if result.is_err() {
         shared.stop.store(true, Relaxed);
     }

@@ -28,6 +28,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use stockflow_state::reference::{Outcome, straight_pass};
 
 use crate::config::Settings;
+use crate::loadgen::spapi::Delivery;
 use crate::loadgen::{ProfileName, Schedule};
 
 pub use report::Report;
@@ -113,9 +114,10 @@ pub struct DriveArgs {
     /// Give up waiting for the consumers to commit everything after this long (seconds).
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub drain_timeout: u64,
-    /// With an http:// target: the dashboard the final state is read from (`/api/outcome`).
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8090")]
-    pub dashboard: String,
+    /// With an http:// target: the dashboard the final state is read from (`/api/outcome`;
+    /// default: port 8090 of the target's host).
+    #[arg(long, value_name = "URL")]
+    pub dashboard: Option<String>,
     /// With an http:// target: the consumers' `/metrics` (repeatable; default: the target's).
     #[arg(long = "metrics", value_name = "URL")]
     pub metrics_urls: Vec<String>,
@@ -137,6 +139,8 @@ pub struct Workload {
     /// Per record: SKU index and the line's byte range.
     records: Vec<(u32, std::ops::Range<usize>)>,
     skus: Vec<String>,
+    /// Per record, in the SP-API form: its route (an index into [`ROUTES`]); `None`: canonical.
+    routes: Option<Vec<u8>>,
     /// Per record: due time in event-time seconds from the start (pacing divides it).
     event_seconds: Option<Vec<f64>>,
     /// The schedule, when the stream came from loadgen.
@@ -146,18 +150,15 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Reads an NDJSON stream (and, from a loadgen directory, its schedule).
+    /// Reads an NDJSON stream (and, from a loadgen directory, its schedule): canonical events, or
+    /// the SP-API form's deliveries (`{"route":…,"key":…,"body":…}` per line).
     pub fn read(file: &Path, schedule: Option<Schedule>) -> anyhow::Result<Self> {
-        let buf = crate::commands::read_lines(file)?;
+        let raw = crate::commands::read_lines(file)?;
         let mut index: foldhash::HashMap<String, u32> = foldhash::HashMap::default();
         let mut skus = Vec::new();
-        let base = buf.as_ptr() as usize;
-        let mut records = Vec::new();
-        for line in crate::commands::lines(&buf) {
-            let start = line.as_ptr() as usize - base;
-            let key = crate::commands::partition_key(line);
+        let mut intern = |key: Cow<'_, str>| -> u32 {
             let key: Cow<'_, str> = if key.is_empty() { Cow::Borrowed("-") } else { key };
-            let k = match index.get(key.as_ref()) {
+            match index.get(key.as_ref()) {
                 Some(k) => *k,
                 None => {
                     let k = skus.len() as u32;
@@ -165,9 +166,42 @@ impl Workload {
                     skus.push(key.into_owned());
                     k
                 }
-            };
-            records.push((k, start..start + line.len()));
-        }
+            }
+        };
+        let mut records = Vec::new();
+        let webhooks = crate::commands::lines(&raw).next().is_some_and(|l| l.starts_with(br#"{"route":"#));
+        let (buf, routes) = if webhooks {
+            let mut buf = Vec::with_capacity(raw.len());
+            let mut routes = Vec::new();
+            for (n, line) in crate::commands::lines(&raw).enumerate() {
+                let d: Delivery<'_> = serde_json::from_slice(line)
+                    .with_context(|| format!("{}: record {} is not a webhook delivery", file.display(), n + 1))?;
+                let route = ROUTES.iter().position(|r| *r == d.route).with_context(|| {
+                    format!(
+                        "{}: record {}: route {:?} (expected amazon, manufacturer or events)",
+                        file.display(),
+                        n + 1,
+                        d.route
+                    )
+                })?;
+                let start = buf.len();
+                // A pretty-printed body would be split into several documents in an NDJSON request.
+                match serde_json::from_str::<serde_json::Value>(&d.body) {
+                    Ok(v) if d.body.contains('\n') => buf.extend_from_slice(v.to_string().as_bytes()),
+                    _ => buf.extend_from_slice(d.body.replace('\n', " ").as_bytes()),
+                }
+                records.push((intern(d.key), start..buf.len()));
+                routes.push(route as u8);
+            }
+            (buf, Some(routes))
+        } else {
+            let base = raw.as_ptr() as usize;
+            for line in crate::commands::lines(&raw) {
+                let start = line.as_ptr() as usize - base;
+                records.push((intern(crate::commands::partition_key(line)), start..start + line.len()));
+            }
+            (raw, None)
+        };
         if records.is_empty() {
             bail!("{}: no records", file.display());
         }
@@ -181,7 +215,17 @@ impl Workload {
             ),
             None => None,
         };
-        Ok(Workload { buf, records, skus, event_seconds, schedule, source: file.display().to_string() })
+        Ok(Workload { buf, records, skus, routes, event_seconds, schedule, source: file.display().to_string() })
+    }
+
+    /// The route of record `i` (`events` for a canonical stream).
+    pub fn route(&self, i: usize) -> &'static str {
+        self.routes.as_ref().map_or("events", |r| ROUTES[r[i] as usize])
+    }
+
+    /// True for the SP-API form (it goes through the ingest API only).
+    pub fn is_webhooks(&self) -> bool {
+        self.routes.is_some()
     }
 
     /// Number of records.
@@ -204,11 +248,32 @@ impl Workload {
         self.records[i].0
     }
 
-    /// The straight pass over every record, in file order.
+    /// The straight pass over every record, in file order (for the SP-API form: over what the
+    /// ingest's mappings make of each delivery).
     pub fn straight_pass(&self, settings: &Settings) -> Outcome {
-        straight_pass(Arc::clone(&settings.engine), self.records.iter().map(|(_, r)| &self.buf[r.clone()]))
+        let engine = Arc::clone(&settings.engine);
+        match &self.routes {
+            None => straight_pass(engine, self.records.iter().map(|(_, r)| &self.buf[r.clone()])),
+            Some(routes) => {
+                let deliveries: Vec<Delivery<'_>> = self
+                    .records
+                    .iter()
+                    .zip(routes)
+                    .map(|((k, r), route)| Delivery {
+                        route: Cow::Borrowed(ROUTES[*route as usize]),
+                        key: Cow::Borrowed(&self.skus[*k as usize]),
+                        body: String::from_utf8_lossy(&self.buf[r.clone()]),
+                    })
+                    .collect();
+                let records = crate::loadgen::spapi::canonical_records(&deliveries, &settings.amazon);
+                straight_pass(engine, records.iter().map(Vec::as_slice))
+            }
+        }
     }
 }
+
+/// The routes of the SP-API form.
+const ROUTES: [&str; 3] = ["events", "amazon", "manufacturer"];
 
 /// Pacing: when record `i` is due, in microseconds from the start.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -270,9 +335,10 @@ pub async fn run(
                 hours: args.hours.clone(),
                 skus: 10_000,
                 seed: 42,
+                format: crate::loadgen::Format::Canonical,
                 out: out.clone(),
             };
-            let g = crate::loadgen::run(&gen_args, Arc::clone(&settings.engine))?;
+            let g = crate::loadgen::run(&gen_args, Arc::clone(&settings.engine), &settings.amazon)?;
             (out.join(&g.schedule.stream), Some(g.schedule))
         }
         (None, None, None) => bail!("give --file, --dir or --profile"),
@@ -286,6 +352,9 @@ pub async fn run(
         (None, None) => Pace::Max,
     };
     let workload = Arc::new(Workload::read(&stream_file, schedule)?);
+    if workload.is_webhooks() && matches!(target, Target::Embedded | Target::Kinesis(_)) {
+        bail!("{}: the SP-API form goes through the ingest API: use --target local or http://…", stream_file.display());
+    }
     let batch = batch.map_or(
         match target {
             Target::Embedded | Target::Kinesis(_) => 500,

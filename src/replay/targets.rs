@@ -136,7 +136,14 @@ pub async fn start(
             } else {
                 args.metrics_urls.clone()
             };
-            let dashboard = args.dashboard.trim_end_matches('/').to_string();
+            let dashboard = match &args.dashboard {
+                Some(d) => d.trim_end_matches('/').to_string(),
+                None => {
+                    let base = base_of(&url);
+                    let host = base.rsplit_once(':').map_or(base.as_str(), |(h, _)| h);
+                    format!("{host}:8090")
+                }
+            };
             http(&url, &dashboard, metrics_urls, args.secret.as_deref(), lanes, teardown_none()).await
         }
         Target::Kinesis(stream) => kinesis(stream, args, settings, cli, lanes, metrics).await,
@@ -323,6 +330,14 @@ async fn kinesis(
     let dynamo_endpoint = args.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
     let store = Arc::new(DynamoStore::new(DynamoStore::client(dynamo_endpoint.as_deref()).await, &prefix));
     store.setup().await.context("creating the DynamoDB tables")?;
+    // The comparison is with a straight pass from nothing: earlier state would be a difference.
+    let before = Outcome::of_store(&*store).await.context("reading the DynamoDB tables")?;
+    if !before.skus.is_empty() || !before.alerts.is_empty() {
+        bail!(
+            "the tables with prefix {prefix:?} already hold {} SKUs: give a fresh --table-prefix (and a fresh stream)",
+            before.skus.len()
+        );
+    }
     let progress = Arc::new(Progress::default());
     let coordinator = Coordinator::new(
         Arc::new(source),

@@ -19,6 +19,20 @@ use stockflow_state::reference::{Outcome, straight_pass};
 
 use crate::generate::{GenConfig, Stream, generate};
 
+pub mod spapi;
+
+/// How the stream's records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// Canonical events (SPEC §1), one per line: `events.ndjson`.
+    #[default]
+    Canonical,
+    /// The webhooks as senders send them: SP-API notifications, manufacturer documents, and
+    /// canonical events for the rest: `webhooks.ndjson` (replayed over HTTP only).
+    SpApi,
+}
+
 /// A named traffic shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -118,6 +132,9 @@ pub struct LoadgenArgs {
     /// Seed of the deterministic generator.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Canonical events, or the SP-API form (notifications and manufacturer documents).
+    #[arg(long, value_enum, default_value = "canonical")]
+    pub format: Format,
     /// Output directory.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -151,6 +168,9 @@ pub struct Schedule {
     pub skus: usize,
     /// The stream file, relative to the directory.
     pub stream: String,
+    /// How its records are written.
+    #[serde(default)]
+    pub format: Format,
     /// Total records.
     pub records: usize,
     /// Opening stock counts, one per SKU, due at the start.
@@ -282,7 +302,11 @@ pub fn build(args: &LoadgenArgs) -> anyhow::Result<Generated> {
         base_rate: args.base_rate,
         seed: args.seed,
         skus: args.skus,
-        stream: "events.ndjson".into(),
+        stream: match args.format {
+            Format::Canonical => "events.ndjson".into(),
+            Format::SpApi => spapi::FILE.into(),
+        },
+        format: args.format,
         records: stream.len(),
         opening_records: stream.hour_starts.first().copied().unwrap_or(0),
         hours,
@@ -291,7 +315,11 @@ pub fn build(args: &LoadgenArgs) -> anyhow::Result<Generated> {
 }
 
 /// `stockflow loadgen`: writes the stream, its schedule and the expected result.
-pub fn run(args: &LoadgenArgs, engine: Arc<EngineConfig>) -> anyhow::Result<Generated> {
+pub fn run(
+    args: &LoadgenArgs,
+    engine: Arc<EngineConfig>,
+    amazon: &crate::ingest::AmazonConfig,
+) -> anyhow::Result<Generated> {
     let started = std::time::Instant::now();
     let generated = build(args)?;
     let (stream, schedule) = (&generated.stream, &generated.schedule);
@@ -302,9 +330,23 @@ pub fn run(args: &LoadgenArgs, engine: Arc<EngineConfig>) -> anyhow::Result<Gene
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
         ))
     };
-    stream.write_ndjson(file(&schedule.stream)?)?;
+    let outcome = match args.format {
+        Format::Canonical => {
+            stream.write_ndjson(file(&schedule.stream)?)?;
+            straight_pass(engine, stream.iter().map(|(_, p)| p))
+        }
+        Format::SpApi => {
+            let mut buf = Vec::with_capacity(stream.bytes() * 4);
+            spapi::write(stream, &mut buf)?;
+            file(&schedule.stream)?.write_all(&buf)?;
+            let deliveries = crate::commands::lines(&buf)
+                .map(serde_json::from_slice::<spapi::Delivery<'_>>)
+                .collect::<Result<Vec<_>, _>>()?;
+            let records = spapi::canonical_records(&deliveries, amazon);
+            straight_pass(engine, records.iter().map(Vec::as_slice))
+        }
+    };
     write_json(&args.out.join("profile.json"), schedule)?;
-    let outcome = straight_pass(engine, stream.iter().map(|(_, p)| p));
     let duplicates = count_duplicates(stream);
     write_json(&args.out.join("expected.json"), &Expected::of(&outcome, stream.len(), duplicates))?;
     let mut out = file("expected-state.ndjson")?;
@@ -321,10 +363,10 @@ pub fn run(args: &LoadgenArgs, engine: Arc<EngineConfig>) -> anyhow::Result<Gene
     out.flush()?;
     let peak = schedule.hours.iter().map(|h| h.events_per_second).fold(0.0, f64::max);
     println!(
-        "loadgen: {} records ({:.1} MB) over {} hours, {} SKUs, peak {:.0}× baseline ({peak:.1} events/s), \
+        "loadgen: {} records ({}) over {} hours, {} SKUs, peak {:.0}× baseline ({peak:.1} events/s), \
          {} oversell alerts expected; wrote {} in {:.2?}",
         stream.len(),
-        stream.bytes() as f64 / 1e6,
+        schedule.stream,
         schedule.hours.len(),
         schedule.skus,
         schedule.peak_multiple(),
@@ -358,6 +400,7 @@ mod tests {
             hours: None,
             skus: 50,
             seed: 1,
+            format: Format::Canonical,
             out: PathBuf::from("unused"),
         }
     }
