@@ -32,6 +32,34 @@ pub struct AwsTargets {
     pub table_prefix: String,
 }
 
+/// A consumer-group member of `settings` (`[kinesis]` read mode, `[worker]`, `[group]`) over
+/// `stream`, with state and leases in `store`.
+pub async fn member(
+    settings: &Settings,
+    client: aws_sdk_kinesis::Client,
+    stream: &str,
+    store: Arc<DynamoStore>,
+    progress: Arc<Progress>,
+) -> anyhow::Result<Coordinator<KinesisSource, DynamoStore, DynamoStore>> {
+    let k = &settings.kinesis;
+    let mut cfg = KinesisConfig::new(stream);
+    cfg.idle_poll = std::time::Duration::from_millis(k.idle_poll_ms);
+    cfg.get_records_limit = k.get_records_limit;
+    if k.mode == "fan-out" {
+        cfg.mode = ReadMode::FanOut { consumer_name: k.consumer_name.clone() };
+    }
+    let source = KinesisSource::new(client, cfg).await.context("opening the Kinesis stream")?;
+    Ok(Coordinator::new(
+        Arc::new(source),
+        Arc::clone(&store),
+        store,
+        Arc::clone(&settings.engine),
+        settings.worker,
+        settings.group.clone(),
+        progress,
+    ))
+}
+
 /// Runs this process as a consumer-group member until SIGINT/SIGTERM, then hands its leases off.
 pub async fn consume(
     settings: &Settings,
@@ -39,15 +67,7 @@ pub async fn consume(
     metrics_listen: Option<SocketAddr>,
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<ExitCode> {
-    let k = &settings.kinesis;
-    let mut cfg = KinesisConfig::new(&targets.stream);
-    cfg.idle_poll = std::time::Duration::from_millis(k.idle_poll_ms);
-    cfg.get_records_limit = k.get_records_limit;
-    if k.mode == "fan-out" {
-        cfg.mode = ReadMode::FanOut { consumer_name: k.consumer_name.clone() };
-    }
     let client = kinesis::client(targets.kinesis_endpoint.as_deref(), false).await;
-    let source = KinesisSource::new(client, cfg).await.context("opening the Kinesis stream")?;
     let store = Arc::new(DynamoStore::new(
         DynamoStore::client(targets.dynamodb_endpoint.as_deref()).await,
         &targets.table_prefix,
@@ -65,15 +85,7 @@ pub async fn consume(
         println!("stockflow: metrics on http://{at}/metrics");
     }
     let progress = Arc::new(Progress::default());
-    let coordinator = Coordinator::new(
-        Arc::new(source),
-        Arc::clone(&store),
-        Arc::clone(&store),
-        Arc::clone(&settings.engine),
-        settings.worker,
-        settings.group.clone(),
-        Arc::clone(&progress),
-    );
+    let coordinator = member(settings, client, &targets.stream, Arc::clone(&store), Arc::clone(&progress)).await?;
     println!("stockflow: worker {} joined the group on stream {}", settings.group.worker_id, targets.stream);
     // Each member drains the outbox of the shards it leases (and of ended parents of those).
     let owned: Arc<RwLock<HashSet<String>>> = Arc::default();

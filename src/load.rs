@@ -83,7 +83,7 @@ pub struct Summary {
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Percentiles {
     /// Median.
     pub p50: f64,
@@ -111,6 +111,18 @@ struct Plan {
     run: u64,
 }
 
+/// An `http://host:port/path` URL: the address to connect to, the `Host` header and the path.
+pub async fn resolve(url: &str) -> anyhow::Result<(std::net::SocketAddr, String, String)> {
+    let rest = url.strip_prefix("http://").context("only http:// is supported")?;
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .with_context(|| format!("resolving {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} has no address"))?;
+    Ok((addr, authority.to_string(), path))
+}
+
 /// Runs the load and prints the summary.
 pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
     if args.batch == 0 || args.batch > crate::ingest::MAX_EVENTS_PER_REQUEST {
@@ -119,13 +131,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
     if args.connections == 0 || args.skus == 0 || args.rate.is_some_and(|r| r <= 0.0) {
         bail!("--connections, --skus and --rate must be positive");
     }
-    let rest = args.url.strip_prefix("http://").context("--url: only http:// is supported")?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
-    let addr = tokio::net::lookup_host(authority)
-        .await
-        .with_context(|| format!("resolving {authority}"))?
-        .next()
-        .with_context(|| format!("{authority} has no address"))?;
+    let (addr, authority, path) = resolve(&args.url).await.context("--url")?;
     let key = match &args.secret {
         Some(s) => {
             let b64 = s.strip_prefix("whsec_").unwrap_or(s);
@@ -136,7 +142,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
     let start = Instant::now() + Duration::from_millis(100);
     let measure_from = start + Duration::from_secs(args.warmup);
     let plan = Arc::new(Plan {
-        host: authority.to_string(),
+        host: authority,
         path,
         batch: args.batch,
         skus: args.skus,

@@ -110,16 +110,10 @@ pub struct HttpSink {
 impl HttpSink {
     /// A lane to `url` (`http://HOST:PORT/path`), signing with `key` when given.
     pub async fn new(url: &str, key: Option<Arc<Vec<u8>>>, lane: usize) -> anyhow::Result<Self> {
-        let rest = url.strip_prefix("http://").context("only http:// targets are supported")?;
-        let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
-        let addr = tokio::net::lookup_host(authority)
-            .await
-            .with_context(|| format!("resolving {authority}"))?
-            .next()
-            .with_context(|| format!("{authority} has no address"))?;
+        let (addr, host, path) = crate::load::resolve(url).await?;
         Ok(HttpSink {
             addr,
-            host: authority.to_string(),
+            host,
             path,
             key,
             sender: None,
@@ -339,6 +333,10 @@ impl Buckets {
     }
 }
 
+/// The consumers' lag gauges (docs/metrics.md).
+const LAG_GAUGES: [&str; 3] =
+    ["stockflow_shard_lag_bytes", "stockflow_shard_lag_records", "stockflow_shard_lag_seconds"];
+
 impl Default for Probed {
     fn default() -> Self {
         Probed { committed: 0, read: 0, lag_zero: true, e2e: Buckets::default() }
@@ -358,7 +356,7 @@ fn parse(text: &str) -> Probed {
             p.committed += value as u64;
         } else if line.starts_with("stockflow_records_read_total") {
             p.read += value as u64;
-        } else if line.starts_with("stockflow_shard_lag_") && value > 0.0 {
+        } else if LAG_GAUGES.iter().any(|g| line.starts_with(g)) && value > 0.0 {
             p.lag_zero = false;
         } else if let Some(rest) = line.strip_prefix("stockflow_end_to_end_seconds_bucket{") {
             let Some(le) = rest.split("le=\"").nth(1).and_then(|s| s.split('"').next()) else { continue };

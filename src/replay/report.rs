@@ -11,6 +11,7 @@ use stockflow_state::reference::Outcome;
 
 use super::drive::{Buckets, Driven, Options, Point, Rejection};
 use super::{Pace, Target, Workload};
+use crate::load::Percentiles;
 
 /// The final state against the straight pass.
 #[derive(Debug, Clone, Serialize)]
@@ -71,42 +72,25 @@ impl Verification {
     }
 }
 
-/// Latency percentiles, milliseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Percentiles {
-    /// Median.
-    pub p50: f64,
-    /// 90th.
-    pub p90: f64,
-    /// 99th.
-    pub p99: f64,
-    /// 99.9th.
-    pub p999: f64,
-    /// Largest.
-    pub max: f64,
+fn of_hdr(h: &Histogram<u64>) -> Option<Percentiles> {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    (!h.is_empty()).then(|| Percentiles {
+        p50: ms(0.5),
+        p90: ms(0.9),
+        p99: ms(0.99),
+        p999: ms(0.999),
+        max: h.max() as f64 / 1000.0,
+    })
 }
 
-impl Percentiles {
-    fn of_hdr(h: &Histogram<u64>) -> Option<Self> {
-        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        (!h.is_empty()).then(|| Percentiles {
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: h.max() as f64 / 1000.0,
-        })
-    }
-
-    fn of_buckets(b: &Buckets) -> Option<Self> {
-        Some(Percentiles {
-            p50: b.quantile_ms(0.5)?,
-            p90: b.quantile_ms(0.9)?,
-            p99: b.quantile_ms(0.99)?,
-            p999: b.quantile_ms(0.999)?,
-            max: b.quantile_ms(1.0)?,
-        })
-    }
+fn of_buckets(b: &Buckets) -> Option<Percentiles> {
+    Some(Percentiles {
+        p50: b.quantile_ms(0.5)?,
+        p90: b.quantile_ms(0.9)?,
+        p99: b.quantile_ms(0.99)?,
+        p999: b.quantile_ms(0.999)?,
+        max: b.quantile_ms(1.0)?,
+    })
 }
 
 /// `report.json`.
@@ -268,8 +252,8 @@ impl Report {
                 }
                 _ => None,
             },
-            ingest_latency_ms: Percentiles::of_hdr(&d.ingest),
-            end_to_end_ms: Percentiles::of_buckets(&d.e2e),
+            ingest_latency_ms: of_hdr(&d.ingest),
+            end_to_end_ms: of_buckets(&d.e2e),
             max_lag_records: d.max_lag_records,
             max_lag_seconds: d.max_lag_seconds,
             max_behind_seconds: d.max_behind_seconds,

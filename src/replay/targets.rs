@@ -317,15 +317,10 @@ async fn kinesis(
     lanes: usize,
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<Setup> {
-    use stockflow_pipeline::group::Coordinator;
-    use stockflow_pipeline::kinesis::{self, KinesisConfig, KinesisProducer, KinesisSource};
+    use stockflow_pipeline::kinesis::{self, KinesisProducer};
     let endpoint = args.kinesis_endpoint.clone().or_else(|| settings.kinesis.endpoint.clone());
     let client = kinesis::client(endpoint.as_deref(), false).await;
     ensure_stream(&client, stream, cli.shards.unwrap_or(settings.shards).max(1) as i32).await?;
-    let mut cfg = KinesisConfig::new(stream);
-    cfg.idle_poll = Duration::from_millis(settings.kinesis.idle_poll_ms);
-    cfg.get_records_limit = settings.kinesis.get_records_limit;
-    let source = KinesisSource::new(client.clone(), cfg).await.context("opening the Kinesis stream")?;
     let prefix = args.table_prefix.clone().unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
     let dynamo_endpoint = args.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
     let store = Arc::new(DynamoStore::new(DynamoStore::client(dynamo_endpoint.as_deref()).await, &prefix));
@@ -339,15 +334,8 @@ async fn kinesis(
         );
     }
     let progress = Arc::new(Progress::default());
-    let coordinator = Coordinator::new(
-        Arc::new(source),
-        Arc::clone(&store),
-        Arc::clone(&store),
-        Arc::clone(&settings.engine),
-        settings.worker,
-        settings.group.clone(),
-        Arc::clone(&progress),
-    );
+    let coordinator =
+        crate::group::member(settings, client.clone(), stream, Arc::clone(&store), Arc::clone(&progress)).await?;
     let (tx, rx) = watch::channel(false);
     let consumers = tokio::spawn(async move { coordinator.run(rx).await.map(|_| ()).map_err(anyhow::Error::from) });
     let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
