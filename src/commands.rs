@@ -586,8 +586,12 @@ fn open_store(settings: &Settings) -> anyhow::Result<RedbStore> {
 }
 
 fn print_ndjson<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> anyhow::Result<()> {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    write_ndjson(std::io::stdout().lock(), items)
+}
+
+/// Writes each item as one JSON line, buffered.
+pub fn write_ndjson<T: serde::Serialize>(out: impl Write, items: impl IntoIterator<Item = T>) -> anyhow::Result<()> {
+    let mut out = std::io::BufWriter::new(out);
     for item in items {
         serde_json::to_writer(&mut out, &item)?;
         out.write_all(b"\n")?;

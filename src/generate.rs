@@ -78,11 +78,6 @@ impl Stream {
         self.buf.len()
     }
 
-    /// The SKU index of record `i`.
-    pub fn sku_of(&self, i: usize) -> u32 {
-        self.records[i].0
-    }
-
     /// Writes the records as NDJSON.
     pub fn write_ndjson(&self, mut out: impl Write) -> std::io::Result<()> {
         for (_, payload) in self.iter() {

@@ -23,7 +23,8 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::webhook::Verifier;
+use hyper::client::conn::http1::SendRequest;
+use stockflow_connectors::alerts::{decode_secret, signature_headers};
 
 /// Arguments of `stockflow ingest load`.
 #[derive(Debug, clap::Args)]
@@ -132,13 +133,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         bail!("--connections, --skus and --rate must be positive");
     }
     let (addr, authority, path) = resolve(&args.url).await.context("--url")?;
-    let key = match &args.secret {
-        Some(s) => {
-            let b64 = s.strip_prefix("whsec_").unwrap_or(s);
-            Some(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).context("--secret")?)
-        }
-        None => None,
-    };
+    let key = args.secret.as_deref().map(decode_secret).transpose().map_err(|e| anyhow::anyhow!("--secret: {e}"))?;
     let start = Instant::now() + Duration::from_millis(100);
     let measure_from = start + Duration::from_secs(args.warmup);
     let plan = Arc::new(Plan {
@@ -215,13 +210,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+/// An HTTP/1.1 keep-alive connection to `addr` (no Nagle delay), its driver spawned.
+pub async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// One keep-alive connection: takes the next request number, waits for its due time (open
 /// model), sends it, records the latency (µs).
 async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Result<Measured> {
-    let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = connect(addr).await?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut lag = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut last = plan.measure_from;
@@ -244,13 +245,9 @@ async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Resu
             .header(hyper::header::HOST, plan.host.as_str())
             .header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(key) = &plan.key {
-            let id = format!("load-{}-{n}", plan.run);
-            let ts =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            req = req
-                .header("webhook-signature", Verifier::sign(key, &id, ts, &body))
-                .header("webhook-id", id)
-                .header("webhook-timestamp", ts.to_string());
+            for (name, value) in signature_headers(key, format!("load-{}-{n}", plan.run), &body) {
+                req = req.header(name, value);
+            }
         }
         let req = req.body(Full::new(Bytes::from(body)))?;
         sender.ready().await?;

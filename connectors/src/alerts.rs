@@ -144,6 +144,14 @@ pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
+/// The three Standard Webhooks headers of a request signed now: `webhook-id`,
+/// `webhook-timestamp`, `webhook-signature`.
+pub fn signature_headers(secret: &[u8], id: String, body: &[u8]) -> [(&'static str, String); 3] {
+    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let signature = sign(secret, &id, ts, body);
+    [("webhook-id", id), ("webhook-timestamp", ts.to_string()), ("webhook-signature", signature)]
+}
+
 /// Decodes a `whsec_<base64>` (or raw base64) signing secret of at least 16 bytes.
 pub fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
     let s = secret.trim();
@@ -190,13 +198,7 @@ impl Connector for AlertWebhook {
 
     async fn send(&self, request: &Request) -> Result<Delivered, DeliveryError> {
         let key = decode_secret(&self.secret.expose()).map_err(DeliveryError::Rejected)?;
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        let signature = sign(&key, &request.key, ts, request.body.as_bytes());
-        let headers = [
-            ("webhook-id", request.key.clone()),
-            ("webhook-timestamp", ts.to_string()),
-            ("webhook-signature", signature),
-        ];
+        let headers = signature_headers(&key, request.key.clone(), request.body.as_bytes());
         let resp =
             self.http.send(Method::POST, &self.url, &headers, Bytes::from(request.body.clone().into_bytes())).await?;
         classify(resp, Duration::from_secs(5))?;

@@ -89,19 +89,27 @@ pub struct Sample {
     pub lag_records: Option<u64>,
     /// Largest time behind the newest record over the shards (Kinesis).
     pub lag_seconds: Option<f64>,
+    /// Records covered by durable commits so far.
+    pub committed: u64,
+    /// `stockflow_end_to_end_seconds` cumulative bucket counts: one per bound of
+    /// [`crate::telemetry::SECONDS_BUCKETS`], then `+Inf`.
+    pub end_to_end: [u64; E2E_BUCKETS],
 }
+
+/// Buckets of `stockflow_end_to_end_seconds` in a [`Sample`].
+pub const E2E_BUCKETS: usize = crate::telemetry::SECONDS_BUCKETS.len() + 1;
 
 impl Telemetry {
     /// One sample per source (a scraped member that did not answer: `None`).
-    async fn sample(&self) -> Vec<Option<Sample>> {
+    pub async fn sample(&self) -> Vec<Option<Sample>> {
         use std::sync::atomic::Ordering::Relaxed;
         match self {
             Telemetry::InProcess(p) => vec![Some(Sample {
                 applied: p.applied.load(Relaxed),
                 read: p.read.load(Relaxed),
                 lag_bytes: Some(p.lag_bytes.load(Relaxed)),
-                lag_records: None,
-                lag_seconds: None,
+                committed: p.committed.load(Relaxed),
+                ..Sample::default()
             })],
             Telemetry::Scrape { client, urls } => {
                 let mut out = Vec::with_capacity(urls.len());
@@ -181,6 +189,18 @@ pub fn parse_exposition(text: &str) -> Sample {
             "stockflow_shard_lag_bytes" => s.lag_bytes = Some(s.lag_bytes.unwrap_or(0) + value as u64),
             "stockflow_shard_lag_records" => s.lag_records = Some(s.lag_records.unwrap_or(0) + value as u64),
             "stockflow_shard_lag_seconds" => s.lag_seconds = Some(s.lag_seconds.unwrap_or(0.0).max(value)),
+            "stockflow_records_committed_total" => s.committed += value as u64,
+            "stockflow_end_to_end_seconds_bucket" => {
+                let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+                let bound = |b: &f64| le.and_then(|l| l.parse::<f64>().ok()) == Some(*b);
+                let i = match le {
+                    Some("+Inf") => Some(E2E_BUCKETS - 1),
+                    _ => crate::telemetry::SECONDS_BUCKETS.iter().position(bound),
+                };
+                if let Some(i) = i {
+                    s.end_to_end[i] += value as u64;
+                }
+            }
             _ => {}
         }
     }

@@ -248,15 +248,7 @@ pub async fn put<P: StreamProducer>(
     if records.is_empty() {
         return Ok(());
     }
-    let now = stockflow_state::now_ms();
-    let stamped: Vec<Option<Vec<u8>>> = records.iter().map(|r| stamp(r.key, r.payload, now)).collect();
-    let records: Vec<OutRecord<'_>> = records
-        .iter()
-        .zip(&stamped)
-        .map(|(r, s)| OutRecord { key: r.key, payload: s.as_deref().unwrap_or(r.payload) })
-        .collect();
-    let records = &records[..];
-    match producer.put(records).await {
+    match put_stamped(producer, records).await {
         Ok(()) => {
             metrics::counter!("stockflow_ingested_events_total", "route" => route).increment(records.len() as u64);
             Ok(())
@@ -268,6 +260,19 @@ pub async fn put<P: StreamProducer>(
             Err(e)
         }
     }
+}
+
+/// Puts the records, each stamped with the ingest time ([`stamp`]): what the ingest does, and what
+/// a replay straight onto the stream does in its place.
+pub async fn put_stamped<P: StreamProducer>(producer: &P, records: &[OutRecord<'_>]) -> Result<(), StreamError> {
+    let now = stockflow_state::now_ms();
+    let stamped: Vec<Option<Vec<u8>>> = records.iter().map(|r| stamp(r.key, r.payload, now)).collect();
+    let records: Vec<OutRecord<'_>> = records
+        .iter()
+        .zip(&stamped)
+        .map(|(r, s)| OutRecord { key: r.key, payload: s.as_deref().unwrap_or(r.payload) })
+        .collect();
+    producer.put(&records).await
 }
 
 /// The event with `"ingested_at": now` added as its last member, for the consumers' end-to-end

@@ -224,7 +224,7 @@ pub struct Expected {
 impl Expected {
     /// Totals of an outcome.
     pub fn of(outcome: &Outcome, records: usize, duplicates: usize) -> Self {
-        let oversell = outcome.alerts.iter().filter(|a| matches!(a, stockflow_state::Effect::Oversell(_))).count();
+        let oversell = outcome.oversell_alerts();
         Expected {
             records,
             duplicates,
@@ -324,15 +324,13 @@ pub fn run(
     let generated = build(args)?;
     let (stream, schedule) = (&generated.stream, &generated.schedule);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let file = |name: &str| -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+    let file = |name: &str| -> anyhow::Result<std::fs::File> {
         let path = args.out.join(name);
-        Ok(std::io::BufWriter::new(
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
-        ))
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
     };
     let outcome = match args.format {
         Format::Canonical => {
-            stream.write_ndjson(file(&schedule.stream)?)?;
+            stream.write_ndjson(std::io::BufWriter::new(file(&schedule.stream)?))?;
             straight_pass(engine, stream.iter().map(|(_, p)| p))
         }
         Format::SpApi => {
@@ -342,25 +340,14 @@ pub fn run(
             let deliveries = crate::commands::lines(&buf)
                 .map(serde_json::from_slice::<spapi::Delivery<'_>>)
                 .collect::<Result<Vec<_>, _>>()?;
-            let records = spapi::canonical_records(&deliveries, amazon);
-            straight_pass(engine, records.iter().map(Vec::as_slice))
+            spapi::straight_pass(&deliveries, engine, amazon)
         }
     };
     write_json(&args.out.join("profile.json"), schedule)?;
     let duplicates = count_duplicates(stream);
     write_json(&args.out.join("expected.json"), &Expected::of(&outcome, stream.len(), duplicates))?;
-    let mut out = file("expected-state.ndjson")?;
-    for s in &outcome.skus {
-        serde_json::to_writer(&mut out, s)?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()?;
-    let mut out = file("expected-alerts.ndjson")?;
-    for a in &outcome.alerts {
-        serde_json::to_writer(&mut out, a)?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()?;
+    crate::commands::write_ndjson(file("expected-state.ndjson")?, &outcome.skus)?;
+    crate::commands::write_ndjson(file("expected-alerts.ndjson")?, &outcome.alerts)?;
     let peak = schedule.hours.iter().map(|h| h.events_per_second).fold(0.0, f64::max);
     println!(
         "loadgen: {} records ({}) over {} hours, {} SKUs, peak {:.0}× baseline ({peak:.1} events/s), \
@@ -370,7 +357,7 @@ pub fn run(
         schedule.hours.len(),
         schedule.skus,
         schedule.peak_multiple(),
-        outcome.alerts.iter().filter(|a| matches!(a, stockflow_state::Effect::Oversell(_))).count(),
+        outcome.oversell_alerts(),
         args.out.display(),
         started.elapsed(),
     );

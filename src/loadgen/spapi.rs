@@ -212,6 +212,17 @@ pub fn canonical_records(deliveries: &[Delivery<'_>], amazon: &AmazonConfig) -> 
     out
 }
 
+/// The straight pass over what the ingest makes of the deliveries: the expected result of the
+/// SP-API form.
+pub fn straight_pass(
+    deliveries: &[Delivery<'_>],
+    engine: std::sync::Arc<stockflow_state::EngineConfig>,
+    amazon: &AmazonConfig,
+) -> stockflow_state::reference::Outcome {
+    let records = canonical_records(deliveries, amazon);
+    stockflow_state::reference::straight_pass(engine, records.iter().map(Vec::as_slice))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,8 +248,7 @@ mod tests {
         let manufacturer = deliveries.iter().filter(|d| d.route == "manufacturer").count();
         assert!(amazon > stream.len() / 2 && manufacturer > 100, "{amazon} amazon, {manufacturer} manufacturer");
         let engine = std::sync::Arc::new(stockflow_state::EngineConfig::default());
-        let records = canonical_records(&deliveries, &AmazonConfig::default());
-        let mapped = stockflow_state::reference::straight_pass(engine.clone(), records.iter().map(Vec::as_slice));
+        let mapped = straight_pass(&deliveries, engine.clone(), &AmazonConfig::default());
         let canonical = stockflow_state::reference::straight_pass(engine, stream.iter().map(|(_, p)| p));
         // Same units per SKU (ids, prices and count sources differ by form; stock must not).
         let units = |o: &stockflow_state::reference::Outcome| {

@@ -9,17 +9,16 @@ use anyhow::Context;
 use axum::body::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use stockflow_connectors::connector::HttpClient;
 use stockflow_pipeline::batcher::Batching;
-use stockflow_pipeline::{OutRecord, Progress, StreamProducer};
+use stockflow_pipeline::{OutRecord, StreamProducer};
 use tokio::time::Instant;
 
 use super::{Pace, Workload};
-use crate::webhook::Verifier;
+use crate::dashboard::{E2E_BUCKETS, Sample, Telemetry, parse_exposition};
+use stockflow_connectors::alerts::signature_headers;
 
 /// How to drive.
 #[derive(Debug, Clone)]
@@ -132,7 +131,7 @@ impl HttpSink {
         }
         let content_type = if records.len() == 1 { "application/json" } else { "application/x-ndjson" };
         if self.sender.as_ref().is_none_or(hyper::client::conn::http1::SendRequest::is_closed) {
-            match connect(self.addr).await {
+            match crate::load::connect(self.addr).await {
                 Ok(s) => self.sender = Some(s),
                 Err(e) => return Sent::Retry(format!("connecting to {}: {e}", self.addr)),
             }
@@ -147,12 +146,9 @@ impl HttpSink {
         if let Some(key) = &self.key {
             // A fresh id per attempt: a retry after a lost answer must not look like a replay.
             self.n += 1;
-            let id = format!("replay-{}-{}", self.run, self.n);
-            let ts = stockflow_state::now_ms() / 1000;
-            req = req
-                .header("webhook-signature", Verifier::sign(key, &id, ts, &body))
-                .header("webhook-id", id)
-                .header("webhook-timestamp", ts.to_string());
+            for (name, value) in signature_headers(key, format!("replay-{}-{}", self.run, self.n), &body) {
+                req = req.header(name, value);
+            }
         }
         let req = match req.body(Full::new(Bytes::from(body))) {
             Ok(r) => r,
@@ -196,14 +192,6 @@ impl HttpSink {
     }
 }
 
-async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
 /// Puts records on a stream directly, each stamped with `ingested_at` (the consumers' end-to-end
 /// latency starts at the put, as it does at the ingest API).
 #[derive(Debug)]
@@ -218,23 +206,14 @@ impl<P: StreamProducer> StreamSink<P> {
     }
 
     async fn send(&mut self, w: &Workload, records: &[u32]) -> Sent {
-        let now = stockflow_state::now_ms();
-        let stamped: Vec<Option<Vec<u8>>> = records
+        let out: Vec<OutRecord<'_>> = records
             .iter()
             .map(|r| {
                 let (key, payload) = w.record(*r as usize);
-                crate::ingest::stamp(key, payload, now)
+                OutRecord { key, payload }
             })
             .collect();
-        let out: Vec<OutRecord<'_>> = records
-            .iter()
-            .zip(&stamped)
-            .map(|(r, s)| {
-                let (key, payload) = w.record(*r as usize);
-                OutRecord { key, payload: s.as_deref().unwrap_or(payload) }
-            })
-            .collect();
-        match self.producer.put(&out).await {
+        match crate::ingest::put_stamped(&*self.producer, &out).await {
             Ok(()) => Sent::Accepted(records.len() as u64),
             Err(e) if e.is_transient() => Sent::Retry(e.to_string()),
             Err(e) => Sent::Fatal(e.into()),
@@ -242,160 +221,86 @@ impl<P: StreamProducer> StreamSink<P> {
     }
 }
 
-/// Where the consumers' progress is read.
+/// Where the consumers' progress is read: the dashboard's telemetry (this process's consumers,
+/// or the members' `/metrics`), and for consumers in this process its metrics handle (their
+/// end-to-end histogram).
 #[derive(Debug)]
-pub enum Probe {
-    /// Consumers in this process.
-    InProcess {
-        /// Their counters.
-        progress: Arc<Progress>,
-        /// This process's metrics (end-to-end latency).
-        metrics: Option<PrometheusHandle>,
-    },
-    /// Consumers elsewhere: their `/metrics`.
-    Scrape {
-        /// Client.
-        client: Box<HttpClient>,
-        /// URLs.
-        urls: Vec<String>,
-    },
+pub struct Probe {
+    /// The consumers' counters.
+    pub telemetry: Telemetry,
+    /// This process's metrics, when the consumers run here.
+    pub metrics: Option<PrometheusHandle>,
 }
 
-/// One reading of the consumers.
-#[derive(Debug, Clone)]
-struct Probed {
-    /// Records covered by durable commits.
-    committed: u64,
-    /// Records read.
-    read: u64,
-    /// Every lag gauge the consumers export is 0 (true when they export none).
-    lag_zero: bool,
-    /// `stockflow_end_to_end_seconds` cumulative buckets: (upper bound, count), ascending.
-    e2e: Buckets,
-}
-
-/// Cumulative histogram buckets `(le seconds, count)`, ascending, `+Inf` last.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Buckets(pub Vec<(f64, u64)>);
+/// Cumulative `stockflow_end_to_end_seconds` bucket counts (bounds: `SECONDS_BUCKETS`, `+Inf`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Buckets(pub [u64; E2E_BUCKETS]);
 
 impl Buckets {
-    /// Adds another set (same bounds expected; unknown bounds are inserted).
-    fn add(&mut self, other: &Buckets) {
-        for (le, n) in &other.0 {
-            match self.0.iter_mut().find(|(l, _)| l == le) {
-                Some((_, c)) => *c += n,
-                None => {
-                    self.0.push((*le, *n));
-                    self.0.sort_by(|a, b| a.0.total_cmp(&b.0));
-                }
-            }
-        }
-    }
-
     /// `self − before`, bucket by bucket (a counter that went down counts from 0).
     pub fn since(&self, before: &Buckets) -> Buckets {
-        Buckets(
-            self.0
-                .iter()
-                .map(|(le, n)| {
-                    let b = before.0.iter().find(|(l, _)| l == le).map_or(0, |x| x.1);
-                    (*le, if *n >= b { n - b } else { *n })
-                })
-                .collect(),
-        )
+        Buckets(std::array::from_fn(|i| {
+            let (n, b) = (self.0[i], before.0[i]);
+            if n >= b { n - b } else { n }
+        }))
     }
 
-    /// Observations counted.
-    pub fn count(&self) -> u64 {
-        self.0.last().map_or(0, |x| x.1)
-    }
-
-    /// The `q` quantile in milliseconds, interpolated inside its bucket (as PromQL's
-    /// `histogram_quantile`); a quantile in the `+Inf` bucket gives the largest finite bound.
+    /// The `q` quantile in milliseconds (see [`quantile_ms`]).
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let total = self.count();
-        if total == 0 {
-            return None;
-        }
-        let rank = q * total as f64;
-        let (mut prev_le, mut prev_n) = (0.0, 0u64);
-        for (le, n) in &self.0 {
-            if *n as f64 >= rank {
-                if le.is_infinite() {
-                    return Some(prev_le * 1000.0);
-                }
-                let inside = (*n - prev_n).max(1) as f64;
-                return Some((prev_le + (le - prev_le) * (rank - prev_n as f64) / inside) * 1000.0);
-            }
-            (prev_le, prev_n) = (*le, *n);
-        }
-        Some(prev_le * 1000.0)
+        quantile_ms(crate::telemetry::SECONDS_BUCKETS, &self.0, q)
     }
 }
 
-/// The consumers' lag gauges (docs/metrics.md).
-const LAG_GAUGES: [&str; 3] =
-    ["stockflow_shard_lag_bytes", "stockflow_shard_lag_records", "stockflow_shard_lag_seconds"];
-
-impl Default for Probed {
-    fn default() -> Self {
-        Probed { committed: 0, read: 0, lag_zero: true, e2e: Buckets::default() }
+/// The `q` quantile in milliseconds of cumulative counts over `bounds` (seconds) then `+Inf`,
+/// interpolated inside its bucket (as PromQL's `histogram_quantile`); a quantile in the `+Inf`
+/// bucket gives the largest finite bound.
+fn quantile_ms(bounds: &[f64], cumulative: &[u64], q: f64) -> Option<f64> {
+    let total = cumulative.last().copied().unwrap_or(0);
+    if total == 0 {
+        return None;
     }
-}
-
-/// The records-committed and -read counters, the lag gauges and the end-to-end buckets of one
-/// exposition.
-fn parse(text: &str) -> Probed {
-    let mut p = Probed::default();
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
+    let rank = q * total as f64;
+    let (mut prev_le, mut prev_n) = (0.0, 0u64);
+    for (i, n) in cumulative.iter().enumerate() {
+        let Some(le) = bounds.get(i) else { return Some(prev_le * 1000.0) };
+        if *n as f64 >= rank {
+            let inside = (*n - prev_n).max(1) as f64;
+            return Some((prev_le + (le - prev_le) * (rank - prev_n as f64) / inside) * 1000.0);
         }
-        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
-        if line.starts_with("stockflow_records_committed_total") {
-            p.committed += value as u64;
-        } else if line.starts_with("stockflow_records_read_total") {
-            p.read += value as u64;
-        } else if LAG_GAUGES.iter().any(|g| line.starts_with(g)) && value > 0.0 {
-            p.lag_zero = false;
-        } else if let Some(rest) = line.strip_prefix("stockflow_end_to_end_seconds_bucket{") {
-            let Some(le) = rest.split("le=\"").nth(1).and_then(|s| s.split('"').next()) else { continue };
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
-            if !le.is_nan() {
-                p.e2e.add(&Buckets(vec![(le, value as u64)]));
-            }
-        }
+        (prev_le, prev_n) = (*le, *n);
     }
-    p
+    Some(prev_le * 1000.0)
 }
 
 impl Probe {
-    async fn sample(&self) -> Option<Probed> {
-        match self {
-            Probe::InProcess { progress, metrics } => {
-                let mut p = metrics.as_ref().map(|m| parse(&m.render())).unwrap_or_default();
-                p.committed = progress.committed.load(Relaxed);
-                p.read = progress.read.load(Relaxed);
-                p.lag_zero &= progress.lag_bytes.load(Relaxed) == 0;
-                Some(p)
-            }
-            Probe::Scrape { client, urls } => {
-                let mut total = Probed::default();
-                for url in urls {
-                    let r = client.send(hyper::Method::GET, url, &[], Bytes::new()).await.ok()?;
-                    if !r.status.is_success() {
-                        return None;
-                    }
-                    let p = parse(&String::from_utf8_lossy(&r.body));
-                    total.committed += p.committed;
-                    total.read += p.read;
-                    total.lag_zero &= p.lag_zero;
-                    total.e2e.add(&p.e2e);
-                }
-                Some(total)
+    /// The consumers' counters summed over the sources; `None` when one did not answer.
+    async fn sample(&self) -> Option<Sample> {
+        let mut total = Sample::default();
+        for s in self.telemetry.sample().await {
+            let s = s?;
+            total.read += s.read;
+            total.committed += s.committed;
+            total.lag_bytes = Some(total.lag_bytes.unwrap_or(0) + s.lag_bytes.unwrap_or(0));
+            total.lag_records = Some(total.lag_records.unwrap_or(0) + s.lag_records.unwrap_or(0));
+            total.lag_seconds = Some(total.lag_seconds.unwrap_or(0.0).max(s.lag_seconds.unwrap_or(0.0)));
+            for (t, n) in total.end_to_end.iter_mut().zip(s.end_to_end) {
+                *t += n;
             }
         }
+        if let Some(m) = &self.metrics {
+            // The histogram, and the lag gauges a Kinesis reader sets (its progress has none).
+            let here = parse_exposition(&m.render());
+            total.end_to_end = here.end_to_end;
+            total.lag_records = total.lag_records.max(here.lag_records);
+            total.lag_seconds = Some(total.lag_seconds.unwrap_or(0.0).max(here.lag_seconds.unwrap_or(0.0)));
+        }
+        Some(total)
     }
+}
+
+/// Nothing left unread on any shard, as far as the consumers' lag gauges tell.
+fn lag_zero(s: &Sample) -> bool {
+    s.lag_bytes.unwrap_or(0) == 0 && s.lag_records.unwrap_or(0) == 0 && s.lag_seconds.unwrap_or(0.0) <= 0.0
 }
 
 /// A record the target refused, kept for the report.
@@ -536,8 +441,8 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
     let mut series = Vec::new();
     let mut history: Vec<(f64, u64)> = Vec::new();
     let (mut last_t, mut last_offered, mut last_accepted, mut last_errors) = (0.0, 0u64, 0u64, 0u64);
-    let mut last_e2e = base.e2e.clone();
-    let mut last_probe = base.clone();
+    let mut last_e2e = Buckets(base.end_to_end);
+    let mut last_probe = base;
     let (mut max_lag_records, mut max_lag_seconds, mut max_behind) = (0u64, 0.0f64, 0.0f64);
     let mut sent_done_at: Option<f64> = None;
     let mut caught_up;
@@ -566,7 +471,7 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
         caught_up = lanes_done
             && committed >= accepted
             && last_probe.read == last_probe.committed
-            && last_probe.lag_zero
+            && lag_zero(&last_probe)
             && last_probe.committed == previous_committed;
         previous_committed = last_probe.committed;
         if history.last().is_none_or(|(_, a)| *a < accepted) {
@@ -596,7 +501,7 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
         let errors = shared.errors.load(Relaxed);
         let secs = (t - last_t).max(1e-3);
         let interval = std::mem::replace(&mut *shared.interval.lock().unwrap_or_else(|e| e.into_inner()), histogram());
-        let e2e = last_probe.e2e.since(&last_e2e);
+        let e2e = Buckets(last_probe.end_to_end).since(&last_e2e);
         let q = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0);
         series.push(Point {
             t,
@@ -612,7 +517,7 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
             e2e_p99_ms: e2e.quantile_ms(0.99),
         });
         (last_t, last_offered, last_accepted, last_errors) = (t, offered, accepted_records, errors);
-        last_e2e = last_probe.e2e.clone();
+        last_e2e = Buckets(last_probe.end_to_end);
         max_lag_records = max_lag_records.max(lag_records);
         max_lag_seconds = max_lag_seconds.max(lag_seconds);
         max_behind = max_behind.max(behind);
@@ -665,7 +570,7 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
         errors: shared.errors.load(Relaxed),
         requests: shared.requests.load(Relaxed),
         ingest,
-        e2e: last_probe.e2e.since(&base.e2e),
+        e2e: Buckets(last_probe.end_to_end).since(&Buckets(base.end_to_end)),
         series,
         max_lag_records,
         max_lag_seconds,
@@ -773,14 +678,13 @@ mod tests {
 
     #[test]
     fn quantiles_interpolate_inside_buckets() {
-        let b = Buckets(vec![(0.01, 50), (0.1, 90), (1.0, 100), (f64::INFINITY, 100)]);
-        assert_eq!(b.count(), 100);
-        assert!((b.quantile_ms(0.5).unwrap() - 10.0).abs() < 1e-9);
-        assert!((b.quantile_ms(0.7).unwrap() - 55.0).abs() < 1e-9);
-        assert!((b.quantile_ms(0.99).unwrap() - 910.0).abs() < 1e-6);
-        let over = Buckets(vec![(0.01, 1), (f64::INFINITY, 10)]);
-        assert_eq!(over.quantile_ms(0.99), Some(10.0), "beyond the last bound: the last bound");
-        assert_eq!(Buckets::default().quantile_ms(0.5), None);
+        let q = |cumulative: &[u64], q: f64| quantile_ms(&[0.01, 0.1, 1.0], cumulative, q);
+        let b = [50, 90, 100, 100];
+        assert!((q(&b, 0.5).unwrap() - 10.0).abs() < 1e-9);
+        assert!((q(&b, 0.7).unwrap() - 55.0).abs() < 1e-9);
+        assert!((q(&b, 0.99).unwrap() - 910.0).abs() < 1e-6);
+        assert_eq!(quantile_ms(&[0.01], &[1, 10], 0.99), Some(10.0), "beyond the last bound: the last bound");
+        assert_eq!(Buckets([0; E2E_BUCKETS]).quantile_ms(0.5), None);
     }
 
     #[test]
@@ -789,10 +693,14 @@ mod tests {
                     stockflow_records_committed_total{shard=\"b\"} 5\n\
                     stockflow_end_to_end_seconds_bucket{le=\"0.1\"} 3\n\
                     stockflow_end_to_end_seconds_bucket{le=\"+Inf\"} 4\n";
-        let p = parse(text);
+        let p = parse_exposition(text);
         assert_eq!(p.committed, 15);
-        assert_eq!(p.e2e, Buckets(vec![(0.1, 3), (f64::INFINITY, 4)]));
-        let later = Buckets(vec![(0.1, 5), (f64::INFINITY, 9)]);
-        assert_eq!(later.since(&p.e2e), Buckets(vec![(0.1, 2), (f64::INFINITY, 5)]));
+        let at = |b: f64| crate::telemetry::SECONDS_BUCKETS.iter().position(|x| *x == b).unwrap();
+        let (tenth, inf) = (at(0.1), E2E_BUCKETS - 1);
+        assert_eq!((p.end_to_end[tenth], p.end_to_end[inf]), (3, 4));
+        let mut later = p.end_to_end;
+        (later[tenth], later[inf]) = (5, 9);
+        let d = Buckets(later).since(&Buckets(p.end_to_end));
+        assert_eq!((d.0[tenth], d.0[inf]), (2, 5));
     }
 }

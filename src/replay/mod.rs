@@ -265,8 +265,7 @@ impl Workload {
                         body: String::from_utf8_lossy(&self.buf[r.clone()]),
                     })
                     .collect();
-                let records = crate::loadgen::spapi::canonical_records(&deliveries, &settings.amazon);
-                straight_pass(engine, records.iter().map(Vec::as_slice))
+                crate::loadgen::spapi::straight_pass(&deliveries, engine, &settings.amazon)
             }
         }
     }

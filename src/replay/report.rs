@@ -59,11 +59,7 @@ impl Verification {
             ok: false,
             skus: expected.skus.len(),
             alerts: expected.alerts.len(),
-            oversell_alerts: expected
-                .alerts
-                .iter()
-                .filter(|a| matches!(a, stockflow_state::Effect::Oversell(_)))
-                .count(),
+            oversell_alerts: expected.oversell_alerts(),
             bad_records: expected.dead_letters,
             dead_lettered: 0,
             rejected_at_ingest: 0,

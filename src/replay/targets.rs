@@ -24,6 +24,7 @@ use super::drive::{Counted, HttpSink, Probe, Sink, StreamSink};
 use super::{CliContext, DriveArgs, Target};
 use crate::commands::Embedded;
 use crate::config::Settings;
+use crate::dashboard::Telemetry;
 
 /// A started target.
 #[derive(Debug)]
@@ -167,13 +168,9 @@ fn base_of(url: &str) -> String {
 
 fn secret_key(secret: Option<&str>) -> anyhow::Result<Option<Arc<Vec<u8>>>> {
     secret
-        .map(|s| {
-            let b64 = s.strip_prefix("whsec_").unwrap_or(s);
-            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
-                .map(Arc::new)
-                .context("--secret: not a whsec_ base64 secret")
-        })
+        .map(|s| stockflow_connectors::alerts::decode_secret(s).map(Arc::new))
         .transpose()
+        .map_err(|e| anyhow::anyhow!("--secret: {e}"))
 }
 
 async fn http(
@@ -191,27 +188,16 @@ async fn http(
     }
     Ok(Setup {
         lanes: sinks,
-        probe: Probe::Scrape { client: Box::new(HttpClient::new(Duration::from_secs(5))), urls: metrics_urls },
+        probe: Probe {
+            telemetry: Telemetry::Scrape {
+                client: Box::new(HttpClient::new(Duration::from_secs(5))),
+                urls: metrics_urls,
+            },
+            metrics: None,
+        },
         reader: Reader::Http(Box::new(HttpClient::new(Duration::from_secs(300))), format!("{dashboard}/api/outcome")),
         teardown,
     })
-}
-
-fn fresh_dir(cli: &CliContext, settings: &Settings) -> anyhow::Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
-    match &cli.data_dir {
-        Some(dir) => {
-            let mut s = settings.clone();
-            s.data_dir = dir.clone();
-            if s.state_path().exists() {
-                bail!("{} already holds a stockflow store: a replay needs a fresh directory", dir.display());
-            }
-            Ok((dir.clone(), None))
-        }
-        None => {
-            let t = tempfile::Builder::new().prefix("stockflow-replay-").tempdir().context("creating a temp dir")?;
-            Ok((t.path().to_path_buf(), Some(t)))
-        }
-    }
 }
 
 fn embedded(
@@ -220,9 +206,22 @@ fn embedded(
     lanes: usize,
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<Setup> {
-    let (dir, temp) = fresh_dir(cli, settings)?;
+    // A fresh directory: the explicit `--data-dir` if it holds no store yet, else a temp one.
     let mut settings = settings.clone();
-    settings.data_dir = dir;
+    let temp = match &cli.data_dir {
+        Some(dir) => {
+            settings.data_dir = dir.clone();
+            if settings.state_path().exists() {
+                bail!("{} already holds a stockflow store: a replay needs a fresh directory", dir.display());
+            }
+            None
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("stockflow-replay-").tempdir().context("creating a temp dir")?;
+            settings.data_dir = t.path().to_path_buf();
+            Some(t)
+        }
+    };
     let backend = Arc::new(Embedded::open(&settings, true)?);
     let progress = Arc::new(Progress::default());
     let (tx, rx) = watch::channel(false);
@@ -233,7 +232,7 @@ fn embedded(
     };
     Ok(Setup {
         lanes: (0..lanes).map(|_| Sink::Log(StreamSink::new(Arc::clone(&log)))).collect(),
-        probe: Probe::InProcess { progress, metrics },
+        probe: Probe { telemetry: Telemetry::InProcess(progress), metrics },
         reader: Reader::Embedded(Arc::clone(&backend.store)),
         teardown: Teardown {
             shutdown: Some(tx),
@@ -343,7 +342,7 @@ async fn kinesis(
     let producer = Arc::new(Batching::new(Arc::new(counted), settings.ingest_batch));
     Ok(Setup {
         lanes: (0..lanes).map(|_| Sink::Kinesis(StreamSink::new(Arc::clone(&producer)))).collect(),
-        probe: Probe::InProcess { progress, metrics },
+        probe: Probe { telemetry: Telemetry::InProcess(progress), metrics },
         reader: Reader::Dynamo(Arc::clone(&store)),
         teardown: Teardown {
             shutdown: Some(tx),

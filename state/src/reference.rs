@@ -66,6 +66,11 @@ impl Outcome {
         Outcome { skus, alerts, dead_letters }
     }
 
+    /// Oversell alerts among the alerts (the rest are low stock).
+    pub fn oversell_alerts(&self) -> usize {
+        self.alerts.iter().filter(|a| matches!(a, Effect::Oversell(_))).count()
+    }
+
     /// The outcome a store holds: every SKU state, alert and dead letter.
     pub async fn of_store<S: crate::store::StateStore>(store: &S) -> Result<Self, crate::store::StoreError> {
         let states = store.sku_states().await?;
