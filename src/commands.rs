@@ -465,6 +465,7 @@ fn ingest_state<P: stockflow_pipeline::StreamProducer>(
     let batching = stockflow_pipeline::batcher::Batching::new(Arc::new(producer), settings.ingest_batch);
     crate::ingest::IngestState {
         amazon: settings.amazon.clone(),
+        max_future_ms: settings.ingest_max_future_ms,
         ..crate::ingest::IngestState::new(Arc::new(batching))
     }
 }

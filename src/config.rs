@@ -181,8 +181,11 @@ pub struct EngineSection {
     pub window_sizes_ms: Vec<i64>,
     /// Allowed lateness of the watermark in milliseconds (default 5 minutes).
     pub allowed_lateness_ms: i64,
-    /// How long an event id is remembered, in milliseconds of event time (default 24 h).
+    /// How long an event id is remembered, in milliseconds of event time (default 7 days).
     pub dedup_horizon_ms: i64,
+    /// How long a closed order line is remembered, in milliseconds of event time (default 35
+    /// days): a placement or shipment of the line re-sent within it changes nothing.
+    pub line_horizon_ms: i64,
     /// Reorder point of SKUs not listed in `reorder_points` (0 = low-stock alerts off).
     pub default_reorder_point: i64,
     /// Reorder point per SKU.
@@ -196,6 +199,7 @@ impl Default for EngineSection {
             window_sizes_ms: d.windows.sizes_ms().to_vec(),
             allowed_lateness_ms: d.windows.allowed_lateness_ms(),
             dedup_horizon_ms: d.dedup_horizon_ms,
+            line_horizon_ms: d.line_horizon_ms,
             default_reorder_point: 0,
             reorder_points: HashMap::new(),
         }
@@ -239,6 +243,9 @@ pub struct IngestSection {
     /// The SP-API marketplace whose FBA availability counts (e.g. `ATVPDKIKX0DER`); unset: the
     /// first marketplace of each notification.
     pub marketplace_id: Option<String>,
+    /// An event whose `ts` is more than this many ms ahead of the ingest's clock is refused with
+    /// 400 naming `ts` (default one hour; 1,000 to 604,800,000).
+    pub max_future_ms: u64,
 }
 
 impl Default for IngestSection {
@@ -248,6 +255,7 @@ impl Default for IngestSection {
             linger_ms: 0,
             max_in_flight: 2,
             marketplace_id: None,
+            max_future_ms: crate::ingest::DEFAULT_MAX_FUTURE_MS as u64,
         }
     }
 }
@@ -280,6 +288,8 @@ pub struct Settings {
     pub ingest_batch: BatchConfig,
     /// How SP-API notifications are read.
     pub amazon: crate::ingest::AmazonConfig,
+    /// `ingest.max_future_ms`.
+    pub ingest_max_future_ms: i64,
     /// Connectors (validated; credentials are read when they start).
     pub connectors: crate::connectors::ConnectorsSection,
     /// The live dashboard.
@@ -300,6 +310,9 @@ impl FileConfig {
         let windows = WindowConfig::new(e.window_sizes_ms, e.allowed_lateness_ms).map_err(anyhow::Error::msg)?;
         if e.dedup_horizon_ms < 60_000 {
             bail!("engine.dedup_horizon_ms = {}: must be at least 60000", e.dedup_horizon_ms);
+        }
+        if e.line_horizon_ms < 60_000 {
+            bail!("engine.line_horizon_ms = {}: must be at least 60000", e.line_horizon_ms);
         }
         if e.default_reorder_point < 0 || e.reorder_points.values().any(|r| *r < 0) {
             bail!("engine reorder points must not be negative");
@@ -328,6 +341,7 @@ impl FileConfig {
         let i = &self.ingest;
         in_range("ingest.linger_ms", i.linger_ms, 0, 1_000)?;
         in_range("ingest.max_in_flight", i.max_in_flight as u64, 1, 64)?;
+        in_range("ingest.max_future_ms", i.max_future_ms, 1_000, 604_800_000)?;
         self.connectors.validate()?;
         let dash = &self.dashboard;
         in_range("dashboard.refresh_ms", dash.refresh_ms, 100, 60_000)?;
@@ -342,6 +356,7 @@ impl FileConfig {
                 ..BatchConfig::default()
             },
             amazon: crate::ingest::AmazonConfig { marketplace_id: i.marketplace_id.clone() },
+            ingest_max_future_ms: i.max_future_ms as i64,
             kinesis: k,
             group,
             data_dir: self.data_dir,
@@ -349,6 +364,7 @@ impl FileConfig {
             engine: Arc::new(EngineConfig {
                 windows,
                 dedup_horizon_ms: e.dedup_horizon_ms,
+                line_horizon_ms: e.line_horizon_ms,
                 default_reorder_point: e.default_reorder_point,
                 reorder_points: e.reorder_points,
             }),
@@ -391,7 +407,8 @@ mod tests {
     fn defaults_validate_and_unknown_fields_are_rejected() {
         let s = FileConfig::default().validate().unwrap();
         assert_eq!(s.shards, 4);
-        assert_eq!(s.engine.dedup_horizon_ms, 86_400_000);
+        assert_eq!(s.engine.dedup_horizon_ms, 7 * 86_400_000);
+        assert_eq!(s.engine.line_horizon_ms, 35 * 86_400_000);
         let err = toml::from_str::<FileConfig>("shardz = 3").unwrap_err().to_string();
         assert!(err.contains("shardz"), "{err}");
         let parsed: FileConfig =

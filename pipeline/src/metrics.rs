@@ -26,6 +26,8 @@ pub struct BatchCounts {
     pub dead_letters: u64,
     /// Events late for a window.
     pub late: u64,
+    /// Placements of an order line that already exists (SPEC v2: re-sent, no change).
+    pub resent_placements: u64,
     /// Windows finalised.
     pub windows_final: u64,
     /// Effects produced.
@@ -41,6 +43,7 @@ pub fn batch_processed(shard: &str, c: &BatchCounts) {
     counter!("stockflow_events_deduplicated_total", "shard" => shard.clone()).increment(c.duplicates);
     counter!("stockflow_dead_letters_total", "shard" => shard.clone()).increment(c.dead_letters);
     counter!("stockflow_late_events_total", "shard" => shard.clone()).increment(c.late);
+    counter!("stockflow_resent_placements_total", "shard" => shard.clone()).increment(c.resent_placements);
     counter!("stockflow_windows_final_total", "shard" => shard.clone()).increment(c.windows_final);
     counter!("stockflow_effects_total", "shard" => shard).increment(c.effects);
 }

@@ -289,11 +289,16 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
                     // Already in the SKU's stored state (an interrupted split commit).
                     self.engine.remember(&ev);
                 }
-                Ok(ev) => {
-                    if self.engine.apply(&ev) == Applied::Duplicate {
-                        tracing::debug!(shard = %self.shard, id = %ev.id, "duplicate skipped");
+                Ok(ev) => match self.engine.apply(&ev) {
+                    Applied::Applied => {}
+                    Applied::Duplicate => tracing::debug!(shard = %self.shard, id = %ev.id, "duplicate skipped"),
+                    Applied::Rejected(e) => {
+                        let position = batch.position(k);
+                        tracing::debug!(shard = %self.shard, %position, error = %e, "dead-lettered an event that cannot be applied");
+                        self.dead.push(DeadLetter::new(&self.shard, position, e.to_string(), Some(e.field), payload));
+                        counts.dead_letters += 1;
                     }
-                }
+                },
                 Err(e) => {
                     let position = batch.position(k);
                     tracing::debug!(shard = %self.shard, %position, error = %e, "dead-lettered a bad record");
@@ -313,6 +318,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         counts.applied = stats.applied - self.seen.applied;
         counts.duplicates = stats.duplicates - self.seen.duplicates;
         counts.late = stats.late - self.seen.late;
+        counts.resent_placements = stats.resent_placements - self.seen.resent_placements;
         counts.windows_final = stats.windows_final - self.seen.windows_final;
         counts.effects = stats.effects - self.seen.effects;
         self.seen = stats;

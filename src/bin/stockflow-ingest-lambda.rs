@@ -29,6 +29,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         metrics,
         verifier,
         amazon: AmazonConfig { marketplace_id: std::env::var("STOCKFLOW_MARKETPLACE_ID").ok() },
+        max_future_ms: std::env::var("STOCKFLOW_MAX_FUTURE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(stockflow::ingest::DEFAULT_MAX_FUTURE_MS),
     });
     let router = app_shared(Arc::clone(&state));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {

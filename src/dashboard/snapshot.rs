@@ -165,12 +165,12 @@ impl Snapshot {
             negative += usize::from(available < 0);
             let velocity = st.velocity.units_24h();
             rows.push(StockRow {
-                days_of_cover: (velocity > 0).then(|| available as f64 / velocity as f64),
+                days_of_cover: (velocity > 0).then(|| available.max(0) as f64 / velocity as f64),
                 velocity_per_day: velocity,
                 on_hand: st.on_hand,
                 reserved: st.reserved,
                 available,
-                open_lines: st.lines.len(),
+                open_lines: st.open_lines(),
                 oversells: st.oversells,
                 avg_cost: st.cost_currency.map(|_| st.avg_cost),
                 currency: st.cost_currency,
@@ -255,11 +255,11 @@ mod tests {
     fn states() -> Vec<(String, SkuState)> {
         let mut engine = ShardEngine::new(std::sync::Arc::new(EngineConfig::default()));
         let events = [
-            r#"{"id":"r1","type":"stock_received","sku":"MUG-BLUE","ts":3600000,"qty":10}"#,
-            r#"{"id":"o1","type":"order_placed","sku":"MUG-BLUE","ts":3600001,"qty":4,"order_id":"A"}"#,
-            r#"{"id":"r2","type":"stock_received","sku":"cap-red","ts":3600000,"qty":2}"#,
-            r#"{"id":"o2","type":"order_placed","sku":"cap-red","ts":3600002,"qty":5,"order_id":"B"}"#,
-            r#"{"id":"r3","type":"stock_received","sku":"TEE","ts":3600000,"qty":1}"#,
+            r#"{"id":"r1","type":"stock_received","sku":"MUG-BLUE","ts":1795737600000,"qty":10}"#,
+            r#"{"id":"o1","type":"order_placed","sku":"MUG-BLUE","ts":1795737600001,"qty":4,"order_id":"A"}"#,
+            r#"{"id":"r2","type":"stock_received","sku":"cap-red","ts":1795737600000,"qty":2}"#,
+            r#"{"id":"o2","type":"order_placed","sku":"cap-red","ts":1795737600002,"qty":5,"order_id":"B"}"#,
+            r#"{"id":"r3","type":"stock_received","sku":"TEE","ts":1795737600000,"qty":1}"#,
         ];
         for e in events {
             engine.apply(&decode(e.as_bytes()).unwrap());
@@ -276,8 +276,10 @@ mod tests {
         let (n, by_avail) = snap.page("", SortKey::Available, false, false, 0, 10);
         assert_eq!((n, skus(by_avail)), (3, vec!["cap-red".to_string(), "TEE".into(), "MUG-BLUE".into()]));
         assert_eq!(snap.negative, 1);
-        // Cover: cap-red −3/5, MUG-BLUE 6/4; TEE sold nothing: last.
+        // Cover: cap-red has nothing available, 0 (never negative); MUG-BLUE 6/4; TEE sold
+        // nothing: last.
         assert_eq!(skus(snap.page("", SortKey::Cover, false, false, 0, 10).1), ["cap-red", "MUG-BLUE", "TEE"]);
+        assert_eq!(snap.get("cap-red", &[]).unwrap().0.days_of_cover, Some(0.0));
         assert_eq!(skus(snap.page("", SortKey::Velocity, true, false, 0, 10).1), ["cap-red", "MUG-BLUE", "TEE"]);
         assert_eq!(skus(snap.page("CAP", SortKey::Sku, false, false, 0, 10).1), ["cap-red"]);
         assert_eq!(skus(snap.page("", SortKey::Sku, false, true, 0, 10).1), ["cap-red"]);
@@ -285,7 +287,7 @@ mod tests {
         assert_eq!((n, skus(page)), (3, vec!["TEE".to_string()]));
         let (row, detail) = snap.get("MUG-BLUE", &[60_000, 3_600_000]).unwrap();
         assert_eq!((row.available, row.reserved, row.velocity_per_day, row.days_of_cover), (6, 4, 4, Some(1.5)));
-        assert_eq!(detail.hourly.last().map(|h| (h.hour, h.units)), Some((3_600_000, 4)));
+        assert_eq!(detail.hourly.last().map(|h| (h.hour, h.units)), Some((1_795_737_600_000, 4)));
         assert!(detail.windows.iter().any(|w| w.size_ms == 60_000 && w.counts.units_ordered == 4), "{detail:?}");
         assert!(snap.get("MUG", &[]).is_none());
     }

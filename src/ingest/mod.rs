@@ -39,6 +39,9 @@ pub const MAX_EVENTS_PER_REQUEST: usize = 500;
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 /// Largest request body.
 pub const MAX_REQUEST_BYTES: usize = 10 << 20;
+/// Default of `ingest.max_future_ms`: an event more than an hour ahead of the ingest's clock is
+/// refused (SPEC v2 §1).
+pub const DEFAULT_MAX_FUTURE_MS: i64 = 3_600_000;
 
 /// What the app serves with.
 #[derive(Debug)]
@@ -51,13 +54,33 @@ pub struct IngestState<P> {
     pub verifier: Option<Arc<Verifier>>,
     /// How SP-API notifications are read.
     pub amazon: AmazonConfig,
+    /// Events whose `ts` is more than this ahead of the ingest's clock are refused (400, `ts`).
+    pub max_future_ms: i64,
 }
 
 impl<P> IngestState<P> {
     /// Unsigned ingest over `producer`, without `/metrics`.
     pub fn new(producer: Arc<P>) -> Self {
-        IngestState { producer, metrics: None, verifier: None, amazon: AmazonConfig::default() }
+        IngestState {
+            producer,
+            metrics: None,
+            verifier: None,
+            amazon: AmazonConfig::default(),
+            max_future_ms: DEFAULT_MAX_FUTURE_MS,
+        }
     }
+}
+
+/// The 400 message for an event time too far ahead, or `None` when `ts` is acceptable.
+fn ahead_of_clock(ts: i64, max_future_ms: i64) -> Option<String> {
+    let now = stockflow_state::now_ms();
+    (ts > now.saturating_add(max_future_ms)).then(|| {
+        format!(
+            "field `ts`: {ts} is {} s ahead of the ingest's clock; at most {} s (ingest.max_future_ms) — is it in seconds or microseconds, or is the sender's clock wrong?",
+            ts.saturating_sub(now) / 1000,
+            max_future_ms / 1000
+        )
+    })
 }
 
 /// A canonical event built by a mapping: its SKU (the partition key) and its JSON.
@@ -351,13 +374,13 @@ async fn handle<P: StreamProducer>(
     let response = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
         Err(r) => *r,
         Ok(docs) => match route {
-            Route::Events => put_canonical(&*state.producer, &docs).await,
+            Route::Events => put_canonical(&*state.producer, &docs, state.max_future_ms).await,
             Route::Amazon => {
-                let mapped = map_all(&docs, |n| amazon_events(n, &state.amazon));
+                let mapped = map_all(&docs, state.max_future_ms, |n| amazon_events(n, &state.amazon));
                 answer_mapped(&*state.producer, "amazon", mapped).await
             }
             Route::Manufacturer => {
-                let mapped = map_all(&docs, |d| manufacturer::map_document(d).map(Some));
+                let mapped = map_all(&docs, state.max_future_ms, |d| manufacturer::map_document(d).map(Some));
                 answer_mapped(&*state.producer, "manufacturer", mapped).await
             }
         },
@@ -366,7 +389,7 @@ async fn handle<P: StreamProducer>(
 }
 
 /// Canonical events: validated, then put as sent, keyed by SKU.
-async fn put_canonical<P: StreamProducer>(producer: &P, docs: &[&[u8]]) -> Response {
+async fn put_canonical<P: StreamProducer>(producer: &P, docs: &[&[u8]], max_future_ms: i64) -> Response {
     let mut keys = Vec::with_capacity(docs.len());
     for (i, doc) in docs.iter().enumerate() {
         match stockflow_state::decode(doc) {
@@ -379,7 +402,13 @@ async fn put_canonical<P: StreamProducer>(producer: &P, docs: &[&[u8]]) -> Respo
                     None,
                 );
             }
-            Ok(ev) => keys.push(ev.sku.into_owned()),
+            Ok(ev) => {
+                if let Some(why) = ahead_of_clock(ev.ts, max_future_ms) {
+                    let msg = format!("event {i} is invalid (the request was rejected whole): {why}");
+                    return invalid("events", msg, Some(i), Some("ts"));
+                }
+                keys.push(ev.sku.into_owned())
+            }
             Err(e) => {
                 let msg = format!("event {i} is invalid (the request was rejected whole): {e}");
                 return invalid("events", msg, Some(i), e.field());
@@ -394,6 +423,7 @@ async fn put_canonical<P: StreamProducer>(producer: &P, docs: &[&[u8]]) -> Respo
 /// Maps every document of a request, or names the first that cannot be mapped (by index).
 fn map_all(
     docs: &[&[u8]],
+    max_future_ms: i64,
     mut map: impl FnMut(&serde_json::Value) -> Result<Option<Vec<Canonical>>, MapError>,
 ) -> Result<(Vec<Canonical>, usize), (usize, MapError)> {
     let mut out = Vec::with_capacity(docs.len());
@@ -402,7 +432,15 @@ fn map_all(
         let value: serde_json::Value =
             serde_json::from_slice(doc).map_err(|e| (i, MapError::new("$", format!("malformed JSON: {e}"))))?;
         match map(&value).map_err(|e| (i, e))? {
-            Some(events) => out.extend(events),
+            Some(events) => {
+                for ev in &events {
+                    let ts = stockflow_state::decode(ev.json.as_bytes()).map_or(0, |e| e.ts);
+                    if let Some(why) = ahead_of_clock(ts, max_future_ms) {
+                        return Err((i, MapError::new("ts", why)));
+                    }
+                }
+                out.extend(events)
+            }
             None => ignored += 1,
         }
     }

@@ -97,15 +97,25 @@ impl DedupIndex {
         }
     }
 
-    /// True if the event was already applied; otherwise remembers it and returns false.
-    pub fn check_and_insert(&mut self, key: u128, ts: i64, sku: u32, sku_max_ts: Option<i64>) -> bool {
-        if let Some((seen_ts, _)) = self.live.get(&key)
-            && sku_max_ts.is_none_or(|m| seen_ts.saturating_add(self.horizon_ms) >= m)
-        {
-            return true;
-        }
+    /// True if the event was already applied within the horizon of the SKU's event time.
+    pub fn is_duplicate(&self, key: u128, sku_max_ts: Option<i64>) -> bool {
+        self.live
+            .get(&key)
+            .is_some_and(|(seen_ts, _)| sku_max_ts.is_none_or(|m| seen_ts.saturating_add(self.horizon_ms) >= m))
+    }
+
+    /// Remembers an applied event.
+    pub fn insert(&mut self, key: u128, ts: i64, sku: u32) {
         self.live.insert(key, (ts, sku));
         self.pending.push((key, ts, sku));
+    }
+
+    /// True if the event was already applied; otherwise remembers it and returns false.
+    pub fn check_and_insert(&mut self, key: u128, ts: i64, sku: u32, sku_max_ts: Option<i64>) -> bool {
+        if self.is_duplicate(key, sku_max_ts) {
+            return true;
+        }
+        self.insert(key, ts, sku);
         false
     }
 

@@ -15,12 +15,14 @@ use hashbrown::HashTable;
 use crate::dedup::{DedupEntry, DedupIndex, ENTRY_BYTES, sku_id};
 use crate::effects::Effect;
 use crate::event::Event;
-use crate::ledger::SkuState;
+use crate::ledger::{ApplyError, SkuRules, SkuState};
 use crate::store::StoreError;
 use crate::windows::{FinalWindow, WindowClock, WindowConfig};
 
-/// Default dedup horizon: 24 hours of event time.
-pub const DEFAULT_DEDUP_HORIZON_MS: i64 = 24 * 3_600_000;
+/// Default dedup horizon: 7 days of event time (SPEC v2: webhook senders retry for ~3 days).
+pub const DEFAULT_DEDUP_HORIZON_MS: i64 = 7 * 86_400_000;
+/// Default line horizon: a closed order line is remembered for 35 days of event time (SPEC v2).
+pub const DEFAULT_LINE_HORIZON_MS: i64 = 35 * 86_400_000;
 
 /// The rules' parameters, shared by every shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,8 @@ pub struct EngineConfig {
     pub windows: WindowConfig,
     /// How long (event time, per SKU) an event id is remembered.
     pub dedup_horizon_ms: i64,
+    /// How long (event time, per SKU) a closed order line is remembered.
+    pub line_horizon_ms: i64,
     /// Reorder point of SKUs without their own (0 = low-stock alerts off).
     pub default_reorder_point: i64,
     /// Per-SKU reorder points.
@@ -40,6 +44,7 @@ impl Default for EngineConfig {
         EngineConfig {
             windows: WindowConfig::default(),
             dedup_horizon_ms: DEFAULT_DEDUP_HORIZON_MS,
+            line_horizon_ms: DEFAULT_LINE_HORIZON_MS,
             default_reorder_point: 0,
             reorder_points: HashMap::new(),
         }
@@ -64,6 +69,10 @@ pub struct EngineStats {
     pub late: u64,
     /// Cancellations without an open line.
     pub unmatched: u64,
+    /// Placements of an order line that exists (open or remembered): re-sent, no change.
+    pub resent_placements: u64,
+    /// Valid events whose money could not be booked (dead-lettered by the caller).
+    pub rejected: u64,
     /// Windows finalised.
     pub windows_final: u64,
     /// Effects produced.
@@ -75,19 +84,21 @@ pub struct EngineStats {
 pub struct MemoryUse {
     /// SKU slots, names, index and open windows.
     pub skus: usize,
-    /// Open order lines.
+    /// Order lines, open and remembered.
     pub lines: usize,
     /// Live dedup entries.
     pub dedup: usize,
 }
 
 /// The result of applying one event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
     /// The event changed the state.
     Applied,
     /// The event id was already applied: nothing changed.
     Duplicate,
+    /// The event cannot be applied (SPEC v2: dead-letter it with this reason); nothing changed.
+    Rejected(ApplyError),
 }
 
 /// Everything a shard's state is made of, in a canonical order (SKUs by name).
@@ -256,13 +267,25 @@ impl ShardEngine {
         idx
     }
 
-    fn intern(&mut self, sku: &str) -> u32 {
+    /// The SKU's slot, and whether it was just created.
+    fn intern(&mut self, sku: &str) -> (u32, bool) {
         let hash = self.hasher.hash_one(sku);
         if let Some(&idx) = self.table.find(hash, |&i| &*self.skus[i as usize].name == sku) {
-            return idx;
+            return (idx, false);
         }
         let ordinal = self.skus.len() as u32;
-        self.push_slot(sku.into(), SkuState { ordinal, ..SkuState::default() })
+        (self.push_slot(sku.into(), SkuState { ordinal, ..SkuState::default() }), true)
+    }
+
+    /// Forgets the SKU created last (its first event was rejected).
+    fn drop_last_slot(&mut self) {
+        if let Some(slot) = self.skus.pop() {
+            let idx = self.skus.len() as u32;
+            let hash = self.hasher.hash_one(&*slot.name);
+            if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
+                entry.remove();
+            }
+        }
     }
 
     fn mark_dirty(&mut self, idx: u32) {
@@ -273,22 +296,34 @@ impl ShardEngine {
         }
     }
 
-    /// Applies one validated event: dedup, ledger rules, windows, watermark.
+    /// Applies one validated event: dedup, ledger rules, windows, watermark. A rejected event
+    /// changes nothing, not even the dedup index (SPEC v2: dead-letter it).
     pub fn apply(&mut self, ev: &Event<'_>) -> Applied {
-        let idx = self.intern(&ev.sku);
+        let (idx, created) = self.intern(&ev.sku);
         let key = DedupEntry::key(&ev.sku, &ev.id);
         let slot = &mut self.skus[idx as usize];
-        if self.dedup.check_and_insert(key, ev.ts, idx, slot.state.max_ts) {
+        if self.dedup.is_duplicate(key, slot.state.max_ts) {
             self.stats.duplicates += 1;
             return Applied::Duplicate;
         }
         let effects_before = self.effects.len();
-        let out = slot.state.apply(ev, slot.reorder_point, &mut self.effects);
-        slot.state.max_ts = Some(slot.state.max_ts.map_or(ev.ts, |m| m.max(ev.ts)));
+        let rules = SkuRules { reorder_point: slot.reorder_point, line_horizon_ms: self.cfg.line_horizon_ms };
+        let out = match slot.state.apply(ev, &rules, &mut self.effects) {
+            Ok(out) => out,
+            Err(e) => {
+                self.stats.rejected += 1;
+                if created {
+                    self.drop_last_slot();
+                }
+                return Applied::Rejected(e);
+            }
+        };
+        self.dedup.insert(key, ev.ts, idx);
         let late = self.clock.contribute(&self.cfg.windows, idx, &mut slot.state.windows, ev.ts, &out.contribution);
         self.stats.applied += 1;
         self.stats.late += u64::from(late > 0);
         self.stats.unmatched += u64::from(out.unmatched);
+        self.stats.resent_placements += u64::from(out.resent);
         self.stats.effects += (self.effects.len() - effects_before) as u64;
         self.mark_dirty(idx);
         self.advance_clock(ev.ts);
@@ -299,7 +334,7 @@ impl ShardEngine {
     /// split commit): its id joins the dedup index and its time the watermark; nothing else
     /// changes. The SKU must already be known.
     pub fn remember(&mut self, ev: &Event<'_>) {
-        let idx = self.intern(&ev.sku);
+        let (idx, _) = self.intern(&ev.sku);
         let key = DedupEntry::key(&ev.sku, &ev.id);
         let max_ts = self.skus[idx as usize].state.max_ts;
         self.dedup.check_and_insert(key, ev.ts, idx, max_ts);
@@ -422,10 +457,7 @@ impl ShardEngine {
         let lines = self
             .skus
             .iter()
-            .map(|s| {
-                s.state.lines.capacity() * (std::mem::size_of::<(Box<str>, crate::ledger::Line)>() + 1)
-                    + s.state.lines.keys().map(|k| k.len()).sum::<usize>()
-            })
+            .map(|s| s.state.lines.capacity() * (std::mem::size_of::<(u64, crate::ledger::Line)>() + 1))
             .sum();
         // A live dedup entry: 16-byte key + (ts, ordinal) + control byte, at ~7/8 load.
         let dedup = self.dedup.len() * 37;
@@ -443,8 +475,27 @@ mod tests {
     use super::*;
     use crate::event::decode;
 
+    const T0: i64 = 1_795_737_600_000;
+
     fn engine() -> ShardEngine {
         ShardEngine::new(Arc::new(EngineConfig::default()))
+    }
+
+    #[test]
+    fn a_rejected_event_changes_nothing_and_can_be_sent_again() {
+        let mut e = engine();
+        let huge = format!(
+            r#"{{"id":"h","type":"stock_received","sku":"NEW","ts":{T0},"qty":1000000000,"unit_cost":"1000000000000000","currency":"USD"}}"#
+        );
+        assert!(matches!(e.apply(&decode(huge.as_bytes()).unwrap()), Applied::Rejected(r) if r.field == "unit_cost"));
+        assert_eq!((e.sku_count(), e.dedup_len(), e.is_dirty()), (0, 0, false), "no trace of the SKU");
+        assert_eq!(e.stats().rejected, 1);
+        // The same id with a sane cost is a new event, not a duplicate.
+        let fixed = format!(
+            r#"{{"id":"h","type":"stock_received","sku":"NEW","ts":{T0},"qty":1000000000,"unit_cost":"1","currency":"USD"}}"#
+        );
+        assert_eq!(e.apply(&decode(fixed.as_bytes()).unwrap()), Applied::Applied);
+        assert_eq!(e.sku("NEW").unwrap().on_hand, 1_000_000_000);
     }
 
     #[test]
@@ -457,7 +508,7 @@ mod tests {
     #[test]
     fn duplicates_are_skipped_and_counted() {
         let mut e = engine();
-        let ev = br#"{"id":"a","type":"stock_received","sku":"S","ts":1,"qty":3}"#;
+        let ev = br#"{"id":"a","type":"stock_received","sku":"S","ts":1795737600000,"qty":3}"#;
         assert_eq!(e.apply(&decode(ev).unwrap()), Applied::Applied);
         assert_eq!(e.apply(&decode(ev).unwrap()), Applied::Duplicate);
         assert_eq!(e.sku("S").unwrap().on_hand, 3);
@@ -468,7 +519,8 @@ mod tests {
     fn delta_holds_dirty_skus_once_and_resets() {
         let mut e = engine();
         for (i, sku) in ["A", "B", "A"].iter().enumerate() {
-            let json = format!(r#"{{"id":"{i}","type":"stock_adjusted","sku":"{sku}","ts":{i},"delta":1}}"#);
+            let json =
+                format!(r#"{{"id":"{i}","type":"stock_adjusted","sku":"{sku}","ts":{},"delta":1}}"#, T0 + i as i64);
             e.apply(&decode(json.as_bytes()).unwrap());
         }
         let d = e.take_delta().unwrap();
@@ -483,7 +535,7 @@ mod tests {
     #[test]
     fn a_child_adopts_its_parents_skus_and_dedup_ids_in_its_range() {
         let ev = |id: &str, sku: &str, ts: i64| {
-            format!(r#"{{"id":"{id}","type":"stock_adjusted","sku":"{sku}","ts":{ts},"delta":1}}"#)
+            format!(r#"{{"id":"{id}","type":"stock_adjusted","sku":"{sku}","ts":{},"delta":1}}"#, T0 + ts)
         };
         // Two parents (a merge), each with SKUs the child keeps ("K*") and one it does not.
         let mut parents = [engine(), engine()];
@@ -493,7 +545,7 @@ mod tests {
             }
         }
         let merged = ShardSnapshot::merge(parents.iter().map(ShardEngine::snapshot), |sku| sku.starts_with('K'));
-        assert_eq!(merged.max_ts, Some(11));
+        assert_eq!(merged.max_ts, Some(T0 + 11));
         assert_eq!(merged.skus.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), ["K0", "K1"]);
         assert_eq!(merged.dedup.len(), 2, "only the kept SKUs' ids");
         let mut child = ShardEngine::adopt(Arc::new(EngineConfig::default()), merged);

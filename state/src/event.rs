@@ -13,6 +13,12 @@ use crate::money::{Currency, Money};
 pub const MAX_ID_BYTES: usize = 256;
 /// Longest accepted SKU, in bytes.
 pub const MAX_SKU_BYTES: usize = 64;
+/// Largest accepted `qty`, `shipped_total`, `on_hand` and `|delta|` (SPEC v2 §1).
+pub const MAX_UNITS: i64 = 1_000_000_000;
+/// Earliest accepted event time: 2000-01-01T00:00:00Z, epoch ms (SPEC v2 §1).
+pub const MIN_TS: i64 = 946_684_800_000;
+/// First event time no longer accepted: 2100-01-01T00:00:00Z, epoch ms (SPEC v2 §1).
+pub const END_TS: i64 = 4_102_444_800_000;
 
 /// The six event types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -283,6 +289,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
 fn positive(field: &'static str, v: Option<i64>) -> Result<Option<i64>, DecodeError> {
     match v {
         Some(q) if q < 1 => Err(DecodeError::field_err(field, "must be an integer ≥ 1")),
+        Some(q) if q > MAX_UNITS => Err(DecodeError::field_err(field, "must be at most 1000000000")),
         other => Ok(other),
     }
 }
@@ -319,6 +326,12 @@ fn validate(raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
     if raw.sku.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) && raw.sku.chars().any(char::is_control) {
         return Err(DecodeError::field_err("sku", "must not contain control characters"));
     }
+    if !(MIN_TS..END_TS).contains(&raw.ts) {
+        return Err(DecodeError::field_err(
+            "ts",
+            "must be Unix epoch milliseconds in the years 2000–2099 (946684800000 ≤ ts < 4102444800000)",
+        ));
+    }
     if let Some(c) = raw.currency.as_deref()
         && Currency::parse(c).is_none()
     {
@@ -354,10 +367,14 @@ fn validate(raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
         },
         EventKind::StockAdjusted => match required("delta", kind, raw.delta)? {
             0 => return Err(DecodeError::field_err("delta", "must not be 0")),
+            d if !(-MAX_UNITS..=MAX_UNITS).contains(&d) => {
+                return Err(DecodeError::field_err("delta", "must be between -1000000000 and 1000000000"));
+            }
             delta => EventBody::StockAdjusted { delta },
         },
         EventKind::StockCounted => match required("on_hand", kind, raw.on_hand)? {
             n if n < 0 => return Err(DecodeError::field_err("on_hand", "must be an integer ≥ 0")),
+            n if n > MAX_UNITS => return Err(DecodeError::field_err("on_hand", "must be at most 1000000000")),
             on_hand => EventBody::StockCounted { on_hand },
         },
     };
@@ -457,7 +474,7 @@ mod tests {
 
     #[test]
     fn names_the_offending_field() {
-        let base = r#""id":"a","sku":"S","ts":1"#;
+        let base = r#""id":"a","sku":"S","ts":1795737600000"#;
         let cases = [
             (format!(r#"{{{base},"type":"order_placed","order_id":"o"}}"#), "qty"),
             (format!(r#"{{{base},"type":"order_placed","qty":0,"order_id":"o"}}"#), "qty"),
@@ -474,24 +491,57 @@ mod tests {
             (format!(r#"{{{base},"type":"stock_received","qty":1,"unit_cost":"2","currency":"usd"}}"#), "currency"),
             (format!(r#"{{{base},"type":"teleported"}}"#), "type"),
             (r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1.5,"delta":1}"#.to_string(), "ts"),
-            (r#"{"id":"a","type":"stock_adjusted","ts":1,"delta":1}"#.to_string(), "sku"),
-            (r#"{"id":"","type":"stock_adjusted","sku":"S","ts":1,"delta":1}"#.to_string(), "id"),
-            (r#"{"id":"a","type":"stock_adjusted","sku":"S\u0007","ts":1,"delta":1}"#.to_string(), "sku"),
-            (format!(r#"{{"id":"a","type":"stock_adjusted","sku":"{}","ts":1,"delta":1}}"#, "x".repeat(65)), "sku"),
+            (r#"{"id":"a","type":"stock_adjusted","ts":1795737600000,"delta":1}"#.to_string(), "sku"),
+            (r#"{"id":"","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":1}"#.to_string(), "id"),
+            (r#"{"id":"a","type":"stock_adjusted","sku":"S\u0007","ts":1795737600000,"delta":1}"#.to_string(), "sku"),
+            (
+                format!(
+                    r#"{{"id":"a","type":"stock_adjusted","sku":"{}","ts":1795737600000,"delta":1}}"#,
+                    "x".repeat(65)
+                ),
+                "sku",
+            ),
             ("[1,2]".to_string(), "$"),
+            // SPEC v2 bounds.
+            (format!(r#"{{{base},"type":"order_placed","qty":1000000001,"order_id":"o"}}"#), "qty"),
+            (format!(r#"{{{base},"type":"order_placed","qty":9223372036854775807,"order_id":"o"}}"#), "qty"),
+            (
+                format!(r#"{{{base},"type":"order_shipped","order_id":"o","shipped_total":1000000001}}"#),
+                "shipped_total",
+            ),
+            (format!(r#"{{{base},"type":"order_cancelled","order_id":"o","qty":1000000001}}"#), "qty"),
+            (format!(r#"{{{base},"type":"stock_counted","on_hand":1000000001}}"#), "on_hand"),
+            (format!(r#"{{{base},"type":"stock_adjusted","delta":-1000000001}}"#), "delta"),
+            (format!(r#"{{{base},"type":"stock_adjusted","delta":1000000001}}"#), "delta"),
+            (r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1795737600,"delta":1}"#.to_string(), "ts"),
+            (r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":946684799999,"delta":1}"#.to_string(), "ts"),
+            (r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":4102444800000,"delta":1}"#.to_string(), "ts"),
+            (r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":-1,"delta":1}"#.to_string(), "ts"),
         ];
         for (json, field) in cases {
             assert_eq!(field_of(&json), Some(field), "{json}");
         }
         assert!(matches!(decode(b"{not json"), Err(DecodeError::Json(_))));
+        // The bounds themselves are accepted.
+        for ok in [
+            format!(r#"{{{base},"type":"order_placed","qty":1000000000,"order_id":"o"}}"#),
+            format!(r#"{{{base},"type":"stock_adjusted","delta":-1000000000}}"#),
+            format!(r#"{{{base},"type":"stock_counted","on_hand":1000000000}}"#),
+            r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":946684800000,"delta":1}"#.to_string(),
+            r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":4102444799999,"delta":1}"#.to_string(),
+        ] {
+            assert!(decode(ok.as_bytes()).is_ok(), "{ok}");
+        }
     }
 
     #[test]
     fn shipped_forms() {
-        let ev =
-            decode(br#"{"id":"a","type":"order_shipped","sku":"S","ts":1,"order_id":"o","shipped_total":3}"#).unwrap();
+        let ev = decode(
+            br#"{"id":"a","type":"order_shipped","sku":"S","ts":1795737600000,"order_id":"o","shipped_total":3}"#,
+        )
+        .unwrap();
         assert!(matches!(ev.body, EventBody::OrderShipped { shipped: Shipped::Total(3), .. }));
-        let ev = decode(br#"{"id":"a","type":"order_shipped","sku":"S","ts":1,"order_id":"o"}"#).unwrap();
+        let ev = decode(br#"{"id":"a","type":"order_shipped","sku":"S","ts":1795737600000,"order_id":"o"}"#).unwrap();
         assert!(matches!(ev.body, EventBody::OrderShipped { shipped: Shipped::Qty(None), .. }));
     }
 }

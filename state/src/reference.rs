@@ -149,7 +149,9 @@ fn pass<'a>(cfg: Arc<EngineConfig>, records: impl IntoIterator<Item = &'a [u8]>)
     for record in records {
         match decode(record) {
             Ok(ev) => {
-                engine.apply(&ev);
+                if let crate::engine::Applied::Rejected(_) = engine.apply(&ev) {
+                    bad += 1;
+                }
             }
             Err(_) => bad += 1,
         }

@@ -2,6 +2,11 @@
 //!
 //! A SKU keeps only its *open* windows; the shard keeps a min-heap of window ends so that a
 //! watermark advance finalises exactly the windows it passes, without scanning every SKU.
+//!
+//! Arithmetic is explicit (`clippy::arithmetic_side_effects` is denied): counts saturate, times
+//! saturate at the ends of `i64`.
+
+#![deny(clippy::arithmetic_side_effects)]
 
 use std::collections::BTreeMap;
 
@@ -177,11 +182,11 @@ impl Velocity {
             Some(head) if hour > head => {
                 // Slots head+1 ..= hour hold counts from a day earlier: clear them.
                 for back in 0..hour.saturating_sub(head).min(24) {
-                    self.units[(hour - back).rem_euclid(24) as usize] = 0;
+                    self.units[hour.saturating_sub(back).rem_euclid(24) as usize] = 0;
                 }
                 self.head_hour = Some(hour);
             }
-            Some(head) if hour <= head - 24 => return,
+            Some(head) if hour <= head.saturating_sub(24) => return,
             Some(_) => {}
         }
         let slot = &mut self.units[hour.rem_euclid(24) as usize];
@@ -199,7 +204,10 @@ impl Velocity {
         let Some(head) = self.head_hour else { return Vec::new() };
         (0..24i64)
             .rev()
-            .map(|back| ((head - back).saturating_mul(HOUR_MS), self.units[(head - back).rem_euclid(24) as usize]))
+            .map(|back| {
+                let hour = head.saturating_sub(back);
+                (hour.saturating_mul(HOUR_MS), self.units[hour.rem_euclid(24) as usize])
+            })
             .collect()
     }
 }
@@ -246,11 +254,11 @@ impl WindowClock {
         c: &Contribution,
     ) -> u32 {
         let watermark = self.watermark(cfg);
-        let mut late = 0;
+        let mut late: u32 = 0;
         for (i, &size) in cfg.sizes_ms.iter().enumerate() {
             let start = ts.div_euclid(size).saturating_mul(size);
             if watermark.is_some_and(|w| start.saturating_add(size) <= w) {
-                late += 1;
+                late = late.saturating_add(1);
                 continue;
             }
             if c.is_empty() {
@@ -284,7 +292,7 @@ impl WindowClock {
                 break;
             }
             for (sku, size) in entry.remove() {
-                out.push((sku, size, end - cfg.sizes_ms[usize::from(size)]));
+                out.push((sku, size, end.saturating_sub(cfg.sizes_ms[usize::from(size)])));
             }
         }
     }

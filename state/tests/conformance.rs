@@ -21,9 +21,9 @@ fn events(from: usize, to: usize) -> Vec<String> {
         .map(|i| {
             let sku = format!("SKU-{}", i % 13);
             match i % 4 {
-                0 => format!(r#"{{"id":"r{i}","type":"stock_received","sku":"{sku}","ts":{},"qty":2,"unit_cost":"1.25","currency":"USD"}}"#, 1_000_000 + i),
-                1 | 2 => format!(r#"{{"id":"p{i}","type":"order_placed","sku":"{sku}","ts":{},"qty":1,"order_id":"o{i}"}}"#, 1_000_000 + i),
-                _ => format!(r#"{{"id":"s{i}","type":"order_shipped","sku":"{sku}","ts":{},"order_id":"o{}"}}"#, 1_000_000 + i, i - 1),
+                0 => format!(r#"{{"id":"r{i}","type":"stock_received","sku":"{sku}","ts":{},"qty":2,"unit_cost":"1.25","currency":"USD"}}"#, 1_795_737_600_000i64 + i as i64),
+                1 | 2 => format!(r#"{{"id":"p{i}","type":"order_placed","sku":"{sku}","ts":{},"qty":1,"order_id":"o{i}"}}"#, 1_795_737_600_000i64 + i as i64),
+                _ => format!(r#"{{"id":"s{i}","type":"order_shipped","sku":"{sku}","ts":{},"order_id":"o{}"}}"#, 1_795_737_600_000i64 + i as i64, i - 1),
             }
         })
         .collect()
@@ -209,8 +209,9 @@ async fn dynamodb_effects_larger_than_one_item_read_back_whole() {
     let mut engine = ShardEngine::new(Arc::new(EngineConfig::default()));
     for i in 0..4_000 {
         let ev = format!(
-            r#"{{"id":"o{i}","type":"order_placed","sku":"SKU-{}","ts":{i},"qty":1,"order_id":"o{i}"}}"#,
-            i % 50
+            r#"{{"id":"o{i}","type":"order_placed","sku":"SKU-{}","ts":{},"qty":1,"order_id":"o{i}"}}"#,
+            i % 50,
+            1_795_737_600_000i64 + i
         );
         engine.apply(&decode(ev.as_bytes()).unwrap());
     }

@@ -62,7 +62,7 @@ proptest! {
             engine.apply(&ev);
             let s = engine.sku(&ev.sku).unwrap();
             prop_assert_eq!(s.reserved, s.open_line_units());
-            prop_assert!(s.lines.values().all(|l| l.remaining > 0));
+            prop_assert!(s.lines.values().all(|l| l.is_open() || l.closed_ts <= s.max_ts.unwrap_or(i64::MAX)));
         }
     }
 
