@@ -88,9 +88,69 @@ impl Stream {
     }
 }
 
-struct Rng(u64);
+impl Stream {
+    /// An empty stream over the config's SKUs (`SKU-00000`, …).
+    pub(crate) fn with_skus(cfg: &GenConfig) -> Stream {
+        Stream {
+            skus: (0..cfg.skus).map(|i| format!("SKU-{i:05}")).collect(),
+            buf: Vec::with_capacity(cfg.events * 190),
+            records: Vec::with_capacity(cfg.events),
+            hour_starts: Vec::new(),
+        }
+    }
+
+    /// Appends a record of SKU `sku` written by `f`.
+    pub(crate) fn emit(&mut self, sku: u32, f: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.buf.len();
+        f(&mut self.buf);
+        self.records.push((sku, start..self.buf.len()));
+    }
+
+    /// Appends record `index` again, byte for byte (a re-sent notification).
+    pub(crate) fn repeat(&mut self, index: usize) {
+        let (sku, range) = self.records[index].clone();
+        let start = self.buf.len();
+        self.buf.extend_from_within(range);
+        self.records.push((sku, start..self.buf.len()));
+    }
+
+    /// Zipf popularity over the stream's SKUs.
+    pub(crate) fn zipf(&self, cfg: &GenConfig) -> Zipf {
+        let weights: Vec<f64> = (1..=cfg.skus).map(|r| 1.0 / (r as f64).powf(cfg.zipf_s)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut cdf = Vec::with_capacity(cfg.skus);
+        let mut acc = 0.0;
+        for w in &weights {
+            acc += w / total;
+            cdf.push(acc);
+        }
+        Zipf { weights, cdf }
+    }
+}
+
+/// SKU popularity: weight of rank *r* ∝ 1/r^s.
+pub(crate) struct Zipf {
+    /// Unnormalised weights by SKU index.
+    pub weights: Vec<f64>,
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    /// A SKU index drawn by popularity.
+    pub fn pick(&self, rng: &mut Rng) -> u32 {
+        self.cdf.partition_point(|c| *c < rng.unit()).min(self.cdf.len().saturating_sub(1)) as u32
+    }
+}
+
+/// SplitMix64: small, fast and the same everywhere.
+pub(crate) struct Rng(u64);
 
 impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
     fn next(&mut self) -> u64 {
         // SplitMix64.
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -100,11 +160,13 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn unit(&mut self) -> f64 {
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 }
@@ -118,25 +180,14 @@ struct OpenOrder {
 
 /// Generates the stream described by `cfg`.
 pub fn generate(cfg: &GenConfig) -> Stream {
-    let mut rng = Rng(cfg.seed);
-    let skus: Vec<String> = (0..cfg.skus).map(|i| format!("SKU-{i:05}")).collect();
-    let weights: Vec<f64> = (1..=cfg.skus).map(|r| 1.0 / (r as f64).powf(cfg.zipf_s)).collect();
+    let mut rng = Rng::new(cfg.seed);
+    let mut out = Stream::with_skus(cfg);
+    let popularity = out.zipf(cfg);
+    let weights = &popularity.weights;
     let total_weight: f64 = weights.iter().sum();
-    let mut cdf = Vec::with_capacity(cfg.skus);
-    let mut acc = 0.0;
-    for w in &weights {
-        acc += w / total_weight;
-        cdf.push(acc);
-    }
-    let zipf = |rng: &mut Rng| cdf.partition_point(|c| *c < rng.unit()).min(cfg.skus - 1) as u32;
+    let zipf = |rng: &mut Rng| popularity.pick(rng);
     let price = |sku: u32| 5 + i64::from(sku % 45);
 
-    let mut out = Stream {
-        skus,
-        buf: Vec::with_capacity(cfg.events * 190),
-        records: Vec::with_capacity(cfg.events),
-        hour_starts: Vec::new(),
-    };
     let mut model_on_hand = vec![0i64; cfg.skus];
     let mut open: VecDeque<OpenOrder> = VecDeque::new();
     let mut next_order = 1u64;
@@ -148,11 +199,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
     let total_hours: f64 = weights_h.iter().map(|w| w.max(0.0)).sum::<f64>().max(f64::MIN_POSITIVE);
     let body_events = cfg.events.saturating_sub(cfg.skus);
 
-    let emit = |out: &mut Stream, sku: u32, f: &mut dyn FnMut(&mut Vec<u8>)| {
-        let start = out.buf.len();
-        f(&mut out.buf);
-        out.records.push((sku, start..out.buf.len()));
-    };
+    let emit = |out: &mut Stream, sku: u32, f: &mut dyn FnMut(&mut Vec<u8>)| out.emit(sku, |b| f(b));
 
     // Opening physical counts: every SKU starts with ~30% of its expected demand; restocks then
     // bring ~108% of the demand, so stock mostly keeps up and oversells come from bursts.
@@ -194,10 +241,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
             if r < cfg.duplicate_rate && out.records.len() > 1 {
                 // A re-sent notification: the same bytes again.
                 let back = 1 + rng.below(out.records.len().min(1000) as u64) as usize;
-                let (sku, range) = out.records[out.records.len() - back].clone();
-                let start = out.buf.len();
-                out.buf.extend_from_within(range);
-                out.records.push((sku, start..out.buf.len()));
+                out.repeat(out.records.len() - back);
                 continue;
             }
             if r < cfg.duplicate_rate + cfg.bad_rate {

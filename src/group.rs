@@ -68,10 +68,10 @@ pub async fn consume(
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<ExitCode> {
     let client = kinesis::client(targets.kinesis_endpoint.as_deref(), false).await;
-    let store = Arc::new(DynamoStore::new(
-        DynamoStore::client(targets.dynamodb_endpoint.as_deref()).await,
-        &targets.table_prefix,
-    ));
+    let store = Arc::new(
+        DynamoStore::new(DynamoStore::client(targets.dynamodb_endpoint.as_deref()).await, &targets.table_prefix)
+            .with_dedup_horizon(settings.engine.dedup_horizon_ms),
+    );
     let shutdown = crate::commands::shutdown_signal();
     if let Some(addr) = metrics_listen {
         let app = Router::new().route("/healthz", get(|| async { "ok" })).route(

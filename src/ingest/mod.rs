@@ -529,21 +529,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(EmbeddedLog::open(dir.path(), 1).unwrap());
         let app = app(IngestState::new(Arc::clone(&log)));
-        let ev = |id: &str| format!(r#"{{"id":"{id}","type":"stock_adjusted","sku":"S","ts":1,"delta":2}}"#);
+        let ev =
+            |id: &str| format!(r#"{{"id":"{id}","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":2}}"#);
         let (s, b) = call(app.clone(), &ev("a"), "application/json").await;
         assert_eq!((s, b["accepted"].as_u64()), (StatusCode::ACCEPTED, Some(1)));
         let (s, b) = call(app.clone(), &format!("[{},{}]", ev("b"), ev("c")), "application/json").await;
         assert_eq!((s, b["accepted"].as_u64()), (StatusCode::ACCEPTED, Some(2)));
         let (s, b) = call(app.clone(), &format!("{}\n{}\n", ev("d"), ev("e")), "application/x-ndjson").await;
         assert_eq!((s, b["accepted"].as_u64()), (StatusCode::ACCEPTED, Some(2)));
-        let bad = format!(r#"[{},{{"id":"x","type":"stock_adjusted","sku":"S","ts":1,"delta":0}}]"#, ev("f"));
+        let bad =
+            format!(r#"[{},{{"id":"x","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":0}}]"#, ev("f"));
         let (s, b) = call(app.clone(), &bad, "application/json").await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         assert_eq!((b["field"].as_str(), b["index"].as_u64()), (Some("delta"), Some(1)));
         let (s, _) = call(app.clone(), &ev("t"), "text/plain").await;
         assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
         let huge = format!(
-            r#"{{"id":"h","type":"stock_adjusted","sku":"S","ts":1,"delta":2,"pad":"{}"}}"#,
+            r#"{{"id":"h","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":2,"pad":"{}"}}"#,
             "x".repeat(MAX_EVENT_BYTES)
         );
         let (s, b) = call(app.clone(), &huge, "application/json").await;
@@ -553,8 +555,24 @@ mod tests {
         let many = (0..501).map(|i| ev(&format!("m{i}"))).collect::<Vec<_>>().join("\n");
         let (s, _) = call(app, &many, "application/x-ndjson").await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
-        // Exactly the five accepted events are on the stream; the rejected request added none.
-        assert_eq!(records_on(&log).await, 5);
+        // SPEC v2: a quantity over 10⁹, a time in seconds, a time two hours ahead: 400 naming the field.
+        let over = r#"{"id":"q","type":"stock_received","sku":"S","ts":1795737600000,"qty":1000000001}"#;
+        let (s, b) = call(app.clone(), over, "application/json").await;
+        assert_eq!((s, b["field"].as_str()), (StatusCode::BAD_REQUEST, Some("qty")));
+        let seconds = r#"{"id":"q","type":"stock_adjusted","sku":"S","ts":1795737600,"delta":1}"#;
+        let (s, b) = call(app.clone(), seconds, "application/json").await;
+        assert_eq!((s, b["field"].as_str()), (StatusCode::BAD_REQUEST, Some("ts")));
+        let ahead = stockflow_state::now_ms() + 2 * 3_600_000;
+        let future = format!(r#"{{"id":"q","type":"stock_adjusted","sku":"S","ts":{ahead},"delta":1}}"#);
+        let (s, b) = call(app.clone(), &future, "application/json").await;
+        assert_eq!((s, b["field"].as_str()), (StatusCode::BAD_REQUEST, Some("ts")), "{b}");
+        assert!(b["error"].as_str().unwrap().contains("max_future"), "{b}");
+        let soon =
+            format!(r#"{{"id":"q","type":"stock_adjusted","sku":"S","ts":{},"delta":1}}"#, ahead - 3_600_000 - 60_000);
+        let (s, _) = call(app.clone(), &soon, "application/json").await;
+        assert_eq!(s, StatusCode::ACCEPTED, "within the hour is taken");
+        // Exactly the six accepted events are on the stream; the rejected requests added none.
+        assert_eq!(records_on(&log).await, 6);
     }
 
     #[tokio::test]
@@ -565,7 +583,7 @@ mod tests {
         let verifier = Arc::new(Verifier::new(&[secret]).unwrap());
         let app = app(IngestState { verifier: Some(verifier), ..IngestState::new(Arc::clone(&log)) });
         let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &secret[6..]).unwrap();
-        let body = r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2}"#;
+        let body = r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":2}"#;
         let now = unix_now();
         let signed = |id: &str, body: &str| {
             vec![
@@ -590,10 +608,10 @@ mod tests {
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         // A signed request that is refused for its content does not burn its id: the sender's
         // corrected retry with the same id is taken, not refused as a replay.
-        let bad = r#"{"id":"b","type":"stock_adjusted","sku":"S","ts":1,"delta":0}"#;
+        let bad = r#"{"id":"b","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":0}"#;
         let (s, _) = call_with(app.clone(), bad, "application/json", &signed("m4", bad)).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
-        let good = r#"{"id":"b","type":"stock_adjusted","sku":"S","ts":1,"delta":1}"#;
+        let good = r#"{"id":"b","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":1}"#;
         let (s, _) = call_with(app, good, "application/json", &signed("m4", good)).await;
         assert_eq!(s, StatusCode::ACCEPTED);
         assert_eq!(records_on(&log).await, 2, "only the two accepted signed requests reached the stream");
@@ -601,7 +619,7 @@ mod tests {
 
     #[test]
     fn stamps_the_ingest_time_once_and_keeps_the_event() {
-        let doc = br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2} "#;
+        let doc = br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":2} "#;
         let out = stamp("S", doc, 1_795_000_000_123).unwrap();
         let ev = stockflow_state::decode(&out).unwrap();
         assert_eq!((ev.id.as_ref(), ev.ts, ev.ingested_at), ("a", 1, Some(1_795_000_000_123)));
@@ -609,7 +627,8 @@ mod tests {
         assert_eq!(stamp("S", &out, 5), None);
         assert_eq!(stamp("S", b"{}", 7).as_deref(), Some(&br#"{"ingested_at":7}"#[..]));
         assert_eq!(stamp("S", b"[1]", 7), None);
-        let escaped = br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2,"ingested\u005fat":3}"#;
+        let escaped =
+            br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":2,"ingested\u005fat":3}"#;
         assert_eq!(stockflow_state::decode(escaped).unwrap().ingested_at, Some(3));
         assert_eq!(stamp("S", escaped, 7), None, "an escaped key is the same field: not stamped twice");
         // Never past a stream record's size.
@@ -617,7 +636,7 @@ mod tests {
         assert_eq!(stamp("S", big.as_bytes(), 7), None);
         // A sender's non-integer `ingested_at` is ignored, not an error.
         let odd = stockflow_state::decode(
-            br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1,"delta":2,"ingested_at":"x"}"#,
+            br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":2,"ingested_at":"x"}"#,
         );
         assert_eq!(odd.unwrap().ingested_at, None);
     }

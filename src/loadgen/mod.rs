@@ -45,6 +45,11 @@ pub enum ProfileName {
     /// flash hours (10× and 8×), the weekend at 3×, the days around at 1.5–2×, each day shaped
     /// like a baseline day.
     CyberWeek,
+    /// Four weeks (672 hours) of baseline days, with order lifecycles over days: placements
+    /// re-notified with the same ids, shipped 1–5 days later (partly first, cumulative), some
+    /// re-notified again weeks later, receipts re-sent within 3 days, a pre-order SKU piling up
+    /// open lines (`crate::lifecycles`).
+    FourWeeks,
     /// Rates per hour from a CSV (`--rates`): one line per hour, `hour,events_per_second`.
     Custom,
 }
@@ -77,6 +82,7 @@ pub fn multiples(profile: ProfileName) -> Vec<f64> {
             }
             out
         }
+        ProfileName::FourWeeks => (0..28).flat_map(|_| day).collect(),
         ProfileName::Custom => Vec::new(),
     }
 }
@@ -284,7 +290,16 @@ pub fn build(args: &LoadgenArgs) -> anyhow::Result<Generated> {
         hour_weights: rates.clone(),
         ..GenConfig::default()
     };
-    let stream = generate(&cfg);
+    // Four weeks end where Black Friday begins: every event time is in the past of a replay
+    // through the ingest, which refuses events more than an hour ahead of its clock.
+    let cfg = match args.profile {
+        ProfileName::FourWeeks => GenConfig { start_ts: cfg.start_ts - 28 * 86_400_000, ..cfg },
+        _ => cfg,
+    };
+    let stream = match args.profile {
+        ProfileName::FourWeeks => crate::lifecycles::generate(&cfg),
+        _ => generate(&cfg),
+    };
     let mut hours = Vec::with_capacity(rates.len());
     for (k, rate) in rates.iter().enumerate() {
         let first = stream.hour_starts.get(k).copied().unwrap_or(stream.len());

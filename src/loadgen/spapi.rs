@@ -51,7 +51,7 @@ pub fn path(route: &str) -> &'static str {
 
 /// Writes the stream's deliveries as NDJSON.
 pub fn write(stream: &Stream, mut out: impl Write) -> std::io::Result<()> {
-    let mut open: HashMap<String, i64> = HashMap::new();
+    let mut open: HashMap<String, (i64, i64)> = HashMap::new();
     for (key, payload) in stream.iter() {
         let (route, body) = convert(payload, &mut open);
         serde_json::to_writer(&mut out, &Delivery { route: route.into(), key: key.into(), body: body.into() })?;
@@ -60,9 +60,10 @@ pub fn write(stream: &Stream, mut out: impl Write) -> std::io::Result<()> {
     out.flush()
 }
 
-/// One canonical record as a webhook: (route, body). `open` remembers each open order line's
-/// quantity (an ORDER_CHANGE states the line's quantity with every status).
-fn convert(payload: &[u8], open: &mut HashMap<String, i64>) -> (&'static str, String) {
+/// One canonical record as a webhook: (route, body). `open` remembers each order line's quantity
+/// and units shipped (an ORDER_CHANGE states both with every status; a placement seen again is
+/// Amazon re-notifying the order in its current status).
+fn convert(payload: &[u8], open: &mut HashMap<String, (i64, i64)>) -> (&'static str, String) {
     let as_is = || ("events", String::from_utf8_lossy(payload).into_owned());
     let Ok(v) = serde_json::from_slice::<Value>(payload) else { return as_is() };
     let (Some(kind), Some(sku), Some(ts)) = (v["type"].as_str(), v["sku"].as_str(), v["ts"].as_i64()) else {
@@ -72,17 +73,24 @@ fn convert(payload: &[u8], open: &mut HashMap<String, i64>) -> (&'static str, St
     match (kind, order) {
         ("order_placed", Some((o, i))) => {
             let Some(qty) = v["qty"].as_i64().filter(|q| *q >= 1) else { return as_is() };
-            open.insert(format!("{o}:{i}"), qty);
-            ("amazon", order_change(&o, &i, sku, ts, "Unshipped", qty, 0))
+            let (qty, shipped) = *open.entry(format!("{o}:{i}")).or_insert((qty, 0));
+            let status = match shipped {
+                0 => "Unshipped",
+                s if s < qty => "PartiallyShipped",
+                _ => "Shipped",
+            };
+            ("amazon", order_change(&o, &i, sku, ts, status, qty, shipped))
         }
         ("order_shipped", Some((o, i))) => {
-            let Some(&qty) = open.get(&format!("{o}:{i}")) else { return as_is() };
+            let Some(line) = open.get_mut(&format!("{o}:{i}")) else { return as_is() };
+            let qty = line.0;
             let shipped = v["shipped_total"].as_i64().unwrap_or(qty);
+            line.1 = line.1.max(shipped);
             let status = if shipped < qty { "PartiallyShipped" } else { "Shipped" };
             ("amazon", order_change(&o, &i, sku, ts, status, qty, shipped))
         }
         ("order_cancelled", Some((o, i))) => {
-            let qty = open.get(&format!("{o}:{i}")).copied().unwrap_or(1);
+            let qty = open.get(&format!("{o}:{i}")).map_or(1, |l| l.0);
             ("amazon", order_change(&o, &i, sku, ts, "Canceled", qty, 0))
         }
         ("stock_counted", _) => {

@@ -181,12 +181,133 @@ async fn outbox_conformance<S: StateStore + OutboxStore>(store: &S, shard: &str)
     assert_eq!(store.connector_dead_letters(None).await.unwrap(), vec![]);
 }
 
+const T0: i64 = 1_795_737_600_000;
+
+/// A shard written by stockflow before SPEC v2 (unversioned states, open lines by order id) is
+/// read and upgraded: its open line keeps its units, a re-sent placement of it reserves nothing,
+/// and the next commit stores the SKU in the current encoding.
+async fn v1_rows_are_upgraded<S: StateStore>(store: &S, shard: &str, epoch: u64) {
+    use stockflow_state::ledger::v1::{LineV1, SkuStateV1};
+    let old = SkuStateV1 {
+        on_hand: 7,
+        reserved: 3,
+        lines: [("114-1:1".into(), LineV1 { remaining: 3, shipped: 0 })].into_iter().collect(),
+        avg_cost: "2.5".parse().unwrap(),
+        cost_currency: stockflow_state::money::Currency::parse("USD"),
+        max_ts: Some(T0),
+        ..SkuStateV1::default()
+    };
+    let commit = |states: Vec<(String, Vec<u8>)>, pos: u64| {
+        Arc::new(ShardCommit {
+            shard: shard.into(),
+            lease_epoch: epoch,
+            checkpoint: Position::offset(pos),
+            max_ts: Some(T0),
+            states,
+            effects: Vec::new(),
+            dead_letters: Vec::new(),
+            dedup: DedupDelta::Append(Vec::new()),
+        })
+    };
+    store.commit(commit(vec![("OLD-SKU".into(), old.encode())], 1)).await.unwrap();
+    let stored = store.load_shard(shard).await.unwrap();
+    let (_, s) = stored.snapshot.skus.iter().find(|(k, _)| k == "OLD-SKU").expect("the v1 SKU is read");
+    assert_eq!((s.on_hand, s.reserved, s.open_line_units()), (7, 3, 3));
+    let cfg = Arc::new(EngineConfig::default());
+    let mut engine = ShardEngine::restore(Arc::clone(&cfg), stored.snapshot);
+    let placed = format!(
+        r#"{{"id":"ord:114-1:1:placed","type":"order_placed","sku":"OLD-SKU","ts":{},"qty":3,"order_id":"114-1:1"}}"#,
+        T0 + 86_400_000 * 3
+    );
+    assert_eq!(engine.apply(&decode(placed.as_bytes()).unwrap()), Applied::Applied);
+    assert_eq!(engine.sku("OLD-SKU").unwrap().reserved, 3, "a re-sent placement of an upgraded line");
+    let shipped = format!(
+        r#"{{"id":"ord:114-1:1:shipped:3","type":"order_shipped","sku":"OLD-SKU","ts":{},"order_id":"114-1:1","shipped_total":3}}"#,
+        T0 + 86_400_000 * 4
+    );
+    engine.apply(&decode(shipped.as_bytes()).unwrap());
+    let d = engine.take_delta().unwrap();
+    assert!(d.states.iter().all(|(_, bytes)| bytes.starts_with(&[0xFF; 5])), "written back in the current encoding");
+    store.commit(commit(d.states, 2)).await.unwrap();
+    let again = store.load_shard(shard).await.unwrap();
+    let (_, s) = again.snapshot.skus.iter().find(|(k, _)| k == "OLD-SKU").unwrap();
+    assert_eq!((s.on_hand, s.reserved, s.open_lines()), (4, 0, 0));
+    assert_eq!(s, engine.sku("OLD-SKU").unwrap());
+}
+
+/// A hot SKU with `n` remembered (closed) order lines and a few open ones: it commits (split into
+/// parts on DynamoDB, within one transaction) and restores whole.
+async fn many_lines_commit_and_restore<S: StateStore>(store: &S, shard: &str, epoch: u64, n: usize) {
+    let cfg = Arc::new(EngineConfig::default());
+    let mut engine = ShardEngine::new(Arc::clone(&cfg));
+    // Orders over 30 days (within the line horizon), each placed then shipped.
+    let step = 30 * 86_400_000 / n as i64;
+    for i in 0..n {
+        let ts = T0 + i as i64 * step;
+        let order = format!("114-{i:07}-{:07}:{:014}", i * 7 % 9_999_999, i * 31);
+        for (kind, extra) in [("placed", r#""qty":1"#), ("shipped:1", r#""shipped_total":1"#)] {
+            let t = if kind == "placed" { "order_placed" } else { "order_shipped" };
+            let ev = format!(
+                r#"{{"id":"ord:{order}:{kind}","type":"{t}","sku":"HOT","ts":{ts},{extra},"order_id":"{order}"}}"#
+            );
+            assert_eq!(engine.apply(&decode(ev.as_bytes()).unwrap()), Applied::Applied);
+        }
+    }
+    let hot = engine.sku("HOT").unwrap();
+    assert_eq!((hot.lines.len(), hot.open_lines(), hot.on_hand), (n, 0, -(n as i64)));
+    let d = engine.take_delta().unwrap();
+    let bytes = d.states[0].1.len();
+    assert!(bytes < 25 * n, "{bytes} bytes for {n} lines");
+    store
+        .commit(Arc::new(ShardCommit {
+            shard: shard.into(),
+            lease_epoch: epoch,
+            checkpoint: Position::offset(2 * n as u64),
+            max_ts: d.max_ts,
+            states: d.states,
+            effects: d.effects,
+            dead_letters: Vec::new(),
+            dedup: d.dedup,
+        }))
+        .await
+        .unwrap();
+    let stored = store.load_shard(shard).await.unwrap();
+    let restored = stored.snapshot.skus.iter().find(|(k, _)| k == "HOT").map(|(_, s)| s).unwrap();
+    assert_eq!(restored, engine.sku("HOT").unwrap());
+    // Every order's re-sent placement is recognised after the restore.
+    let mut after = ShardEngine::restore(cfg, stored.snapshot);
+    let order = format!("114-{:07}-{:07}:{:014}", 17, 17 * 7 % 9_999_999, 17 * 31);
+    let again = format!(
+        r#"{{"id":"ord:{order}:placed:again","type":"order_placed","sku":"HOT","ts":{},"qty":1,"order_id":"{order}"}}"#,
+        T0 + 31 * 86_400_000
+    );
+    after.apply(&decode(again.as_bytes()).unwrap());
+    assert_eq!(after.sku("HOT").unwrap().reserved, 0);
+    assert_eq!(after.stats().resent_placements, 1);
+}
+
 #[tokio::test]
 async fn embedded_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
     conformance(&store, "shard-0000", 0).await;
     outbox_conformance(&store, "shard-0000").await;
+    v1_rows_are_upgraded(&store, "shard-0001", 0).await;
+    many_lines_commit_and_restore(&store, "shard-0002", 0, 100_000).await;
+}
+
+#[tokio::test]
+async fn dynamodb_v1_rows_are_upgraded() {
+    let Some(store) = emulator_store("v1").await else { return };
+    let epoch = store.take_lease("shardId-000000000007", "worker-a").await.unwrap();
+    v1_rows_are_upgraded(&store, "shardId-000000000007", epoch).await;
+}
+
+#[tokio::test]
+async fn dynamodb_a_sku_with_100k_remembered_lines_commits_and_restores() {
+    let Some(store) = emulator_store("lines").await else { return };
+    let epoch = store.take_lease("shardId-000000000009", "worker-a").await.unwrap();
+    many_lines_commit_and_restore(&store, "shardId-000000000009", epoch, 100_000).await;
 }
 
 #[tokio::test]

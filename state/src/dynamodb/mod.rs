@@ -121,8 +121,19 @@ impl DynamoStore {
             tables: Arc::new(TableNames::with_prefix(prefix)),
             stats: Arc::default(),
             faults: Arc::default(),
-            dedup_ttl_secs: 3 * 24 * 3600,
+            dedup_ttl_secs: Self::dedup_ttl_for(crate::engine::DEFAULT_DEDUP_HORIZON_MS),
         }
+    }
+
+    /// Dedup chunks expire (DynamoDB TTL, wall clock) the horizon plus 3 days after their write.
+    fn dedup_ttl_for(horizon_ms: i64) -> u64 {
+        u64::try_from(horizon_ms / 1000).unwrap_or(0).saturating_add(3 * 24 * 3600)
+    }
+
+    /// The same store, with dedup chunks kept for `horizon_ms` of dedup horizon (plus 3 days).
+    pub fn with_dedup_horizon(mut self, horizon_ms: i64) -> Self {
+        self.dedup_ttl_secs = Self::dedup_ttl_for(horizon_ms);
+        self
     }
 
     /// A client from the environment's AWS configuration, with an optional endpoint override
