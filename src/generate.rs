@@ -142,6 +142,18 @@ impl Zipf {
     }
 }
 
+/// Units of an order: one 70 % of the time, two 20 %, three to five 10 %.
+pub(crate) fn order_size(rng: &mut Rng) -> i64 {
+    let q = rng.unit();
+    if q < 0.7 {
+        1
+    } else if q < 0.9 {
+        2
+    } else {
+        3 + rng.below(3) as i64
+    }
+}
+
 /// SplitMix64: small, fast and the same everywhere.
 pub(crate) struct Rng(u64);
 
@@ -262,14 +274,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
             let k = rng.unit();
             if k < 0.48 || (k < 0.86 && open.is_empty()) {
                 let sku = zipf(&mut rng);
-                let q = rng.unit();
-                let qty = if q < 0.7 {
-                    1
-                } else if q < 0.9 {
-                    2
-                } else {
-                    3 + rng.below(3) as i64
-                };
+                let qty = order_size(&mut rng);
                 let order = next_order;
                 next_order += 1;
                 let p = price(sku);

@@ -15,7 +15,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::Write;
 
-use crate::generate::{GenConfig, Rng, Stream};
+use crate::generate::{GenConfig, Rng, Stream, order_size};
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 60 * MINUTE;
@@ -30,8 +30,10 @@ enum FollowUp {
     Ship { order: u64, total: i64 },
     /// The whole line cancelled.
     Cancel { order: u64 },
-    /// Weeks later: the placement and the last shipment again, same ids.
+    /// Weeks later: the placement again, same id; its shipment follows in the next slot.
     LateRenotify { order: u64 },
+    /// A shipment notification re-sent (same id): nothing more ships.
+    ShipAgain { order: u64 },
     /// A receipt webhook re-sent: record `index` again, byte for byte.
     Resend { index: usize },
 }
@@ -139,8 +141,12 @@ pub fn generate(cfg: &GenConfig) -> Stream {
                         let id = order_id(order);
                         emit_placed(&mut out, o.sku, &id, at, o.qty, price(o.sku));
                         if o.shipped > 0 {
-                            emit_shipped(&mut out, o.sku, &id, at, o.shipped);
+                            schedule(&mut due, at, FollowUp::ShipAgain { order });
                         }
+                    }
+                    FollowUp::ShipAgain { order } => {
+                        let o = orders[&order];
+                        emit_shipped(&mut out, o.sku, &order_id(order), at, o.shipped);
                     }
                     FollowUp::Resend { index } => out.repeat(index),
                 }
@@ -170,14 +176,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
             if k < PLACE {
                 let is_preorder = rng.unit() < 0.02;
                 let sku = if is_preorder { preorder } else { zipf.pick(&mut rng) };
-                let q = rng.unit();
-                let qty = if q < 0.7 {
-                    1
-                } else if q < 0.9 {
-                    2
-                } else {
-                    3 + rng.below(3) as i64
-                };
+                let qty = order_size(&mut rng);
                 let order = next_order;
                 next_order += 1;
                 orders.insert(order, Order { sku, qty, shipped: 0 });

@@ -21,7 +21,10 @@ async fn posted_events_land_on_kinesis_exactly_keyed_and_ordered_by_sku() {
         for i in 0..40 {
             let sku = format!("SKU-{}", i % 7);
             let id = format!("r{request}-e{i}");
-            body.push_str(&format!(r#"{{"id":"{id}","type":"stock_adjusted","sku":"{sku}","ts":{i},"delta":1}}"#));
+            body.push_str(&format!(
+                r#"{{"id":"{id}","type":"stock_adjusted","sku":"{sku}","ts":{},"delta":1}}"#,
+                1_795_737_600_000i64 + i
+            ));
             body.push('\n');
             sent.entry(sku).or_default().push(id);
         }

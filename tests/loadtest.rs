@@ -7,22 +7,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use serde_json::Value;
-
-fn stockflow(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stockflow")).args(args).env("STOCKFLOW_LOG", "warn").output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
-}
+use support::{json, stockflow, text};
 
 /// Writes a loadgen stream into `dir/name`; returns its directory.
 fn loadgen(dir: &Path, name: &str, args: &[&str]) -> std::path::PathBuf {

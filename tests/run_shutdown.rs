@@ -38,7 +38,7 @@ fn sigterm_commits_what_was_applied_before_exit() {
         &addr,
         "POST",
         "/v1/events",
-        "{\"id\":\"x\",\"type\":\"stock_received\",\"sku\":\"S\",\"ts\":1,\"qty\":0}",
+        "{\"id\":\"x\",\"type\":\"stock_received\",\"sku\":\"S\",\"ts\":1795773600000,\"qty\":0}",
     );
     assert_eq!(status, 400);
     assert!(resp.contains("\"field\":\"qty\""), "{resp}");

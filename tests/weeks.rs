@@ -6,24 +6,15 @@
 //! v2 (`tests/model`), SKU by SKU and alert by alert; then the stream is replayed onto the embedded
 //! backend and onto Kinesis with the consumer group's state in DynamoDB, and each must verify.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 use stockflow_model::{Config, Outcome, canonical_effect, decimal_value};
 
-fn stockflow(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stockflow")).args(args).env("STOCKFLOW_LOG", "warn").output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
-}
+use support::{json, stockflow, text};
 
 fn ndjson(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -88,6 +79,10 @@ fn four_weeks_verify_against_the_model_on_the_embedded_backend() {
     assert!(records >= 200_000, "{records} records");
     let model = model_of(&month.join("events.ndjson"));
     // The stream exercises what SPEC v2 is about: re-sent placements past the dedup horizon.
+    eprintln!(
+        "four weeks: {records} records, {} duplicates, {} re-sent placements, {} dead letters",
+        model.duplicates, model.resent_placements, model.dead_letters
+    );
     assert!(model.resent_placements > 1_000, "{} re-sent placements", model.resent_placements);
     assert!(model.duplicates > 10_000, "{} duplicates", model.duplicates);
     let preorder = &model.skus["SKU-00999"];

@@ -190,7 +190,7 @@ pub fn parse_exposition(text: &str) -> Sample {
             "stockflow_shard_lag_records" => s.lag_records = Some(s.lag_records.unwrap_or(0) + value as u64),
             "stockflow_shard_lag_seconds" => s.lag_seconds = Some(s.lag_seconds.unwrap_or(0.0).max(value)),
             "stockflow_records_committed_total" => s.committed += value as u64,
-            "stockflow_end_to_end_seconds_bucket" => {
+            bucket if bucket.strip_suffix("_bucket") == Some("stockflow_end_to_end_seconds") => {
                 let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next());
                 let bound = |b: &f64| le.and_then(|l| l.parse::<f64>().ok()) == Some(*b);
                 let i = match le {

@@ -553,7 +553,7 @@ mod tests {
         let (s, _) = call(app.clone(), "[1,", "application/json").await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         let many = (0..501).map(|i| ev(&format!("m{i}"))).collect::<Vec<_>>().join("\n");
-        let (s, _) = call(app, &many, "application/x-ndjson").await;
+        let (s, _) = call(app.clone(), &many, "application/x-ndjson").await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
         // SPEC v2: a quantity over 10⁹, a time in seconds, a time two hours ahead: 400 naming the field.
         let over = r#"{"id":"q","type":"stock_received","sku":"S","ts":1795737600000,"qty":1000000001}"#;
@@ -622,7 +622,7 @@ mod tests {
         let doc = br#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":2} "#;
         let out = stamp("S", doc, 1_795_000_000_123).unwrap();
         let ev = stockflow_state::decode(&out).unwrap();
-        assert_eq!((ev.id.as_ref(), ev.ts, ev.ingested_at), ("a", 1, Some(1_795_000_000_123)));
+        assert_eq!((ev.id.as_ref(), ev.ts, ev.ingested_at), ("a", 1_795_737_600_000, Some(1_795_000_000_123)));
         // Already stamped (a replayed record): kept as is.
         assert_eq!(stamp("S", &out, 5), None);
         assert_eq!(stamp("S", b"{}", 7).as_deref(), Some(&br#"{"ingested_at":7}"#[..]));

@@ -115,3 +115,18 @@ pub fn placed(id: &str, sku: &str, qty: i64, order: &str) -> String {
         r#"{{"id":"{id}","type":"order_placed","sku":"{sku}","ts":1795773660000,"qty":{qty},"order_id":"{order}"}}"#
     )
 }
+
+/// Runs the `stockflow` binary with `args` (logs at warn) to completion.
+pub fn stockflow(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_stockflow")).args(args).env("STOCKFLOW_LOG", "warn").output().unwrap()
+}
+
+/// What a finished command printed, stdout then stderr.
+pub fn text(out: &std::process::Output) -> String {
+    format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A JSON file, parsed (panics naming the file).
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
