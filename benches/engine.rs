@@ -1,4 +1,5 @@
-//! Hot paths of the engine on the demo stream: decode, apply, and decode + apply + windows.
+//! Hot paths of the engine on the demo stream: decode, apply, and decode + apply + windows; and
+//! decode + apply over four weeks of order lifecycles (re-sent placements, remembered lines).
 //!
 //! `cargo bench --bench engine`; figures in docs/BENCHMARKS.md.
 
@@ -47,6 +48,33 @@ fn benches(c: &mut Criterion) {
     });
 
     group.bench_function("decode_apply_windows", |b| {
+        b.iter_batched(
+            || ShardEngine::new(Arc::clone(&cfg)),
+            |mut engine| {
+                for r in &records {
+                    if let Ok(ev) = decode(black_box(r)) {
+                        engine.apply(&ev);
+                    }
+                }
+                engine
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+
+    // Four weeks of lifecycles: lines remembered for 35 days, placements re-sent days apart.
+    let weeks = stockflow::lifecycles::generate(&GenConfig {
+        events: EVENTS,
+        skus: 1_000,
+        hour_weights: vec![1.0; 28 * 24],
+        ..GenConfig::default()
+    });
+    let records: Vec<&[u8]> = weeks.iter().map(|(_, p)| p).collect();
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(records.len() as u64));
+    group.sample_size(20);
+    group.bench_function("decode_apply_four_weeks", |b| {
         b.iter_batched(
             || ShardEngine::new(Arc::clone(&cfg)),
             |mut engine| {

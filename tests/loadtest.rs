@@ -167,7 +167,10 @@ async fn onto_kinesis_the_group_consumes_it_into_dynamodb_and_the_state_is_exact
     assert_eq!(report["passed"], true, "{report:#}");
     let per = &report["calls"]["per_1000_events"];
     assert!(per["dynamodb_transactions"].as_f64().unwrap() > 0.0, "{report:#}");
-    assert!(per["kinesis_put_records"].as_f64().unwrap() >= 2.0, "500 records a put at most: {report:#}");
+    // Puts are batched (group commit, KPL-aggregated per SKU: one put can carry more than 500
+    // events, so the count depends on timing): far fewer calls than events, and some.
+    let puts = per["kinesis_put_records"].as_f64().unwrap();
+    assert!(puts > 0.0 && puts < 100.0, "batched puts: {report:#}");
 }
 
 #[test]

@@ -422,17 +422,17 @@ mod tests {
             let sku = format!("SKU-{}", i % 7);
             let json = match i % 5 {
                 0 => format!(
-                    r#"{{"id":"r{i}","type":"stock_received","sku":"{sku}","ts":17957{i:04}00000,"qty":3,"unit_cost":"2.10","currency":"USD"}}"#
+                    r#"{{"id":"r{i}","type":"stock_received","sku":"{sku}","ts":1795{i:04}00000,"qty":3,"unit_cost":"2.10","currency":"USD"}}"#
                 ),
                 1 | 2 => format!(
-                    r#"{{"id":"p{i}","type":"order_placed","sku":"{sku}","ts":17957{i:04}00000,"qty":2,"order_id":"o{i}"}}"#
+                    r#"{{"id":"p{i}","type":"order_placed","sku":"{sku}","ts":1795{i:04}00000,"qty":2,"order_id":"o{i}"}}"#
                 ),
                 3 => format!(
-                    r#"{{"id":"s{i}","type":"order_shipped","sku":"{sku}","ts":17957{i:04}00000,"order_id":"o{}"}}"#,
+                    r#"{{"id":"s{i}","type":"order_shipped","sku":"{sku}","ts":1795{i:04}00000,"order_id":"o{}"}}"#,
                     i - 2
                 ),
                 _ => format!(
-                    r#"{{"id":"bad{i}","type":"order_placed","sku":"{sku}","ts":17957{i:04}00000,"qty":-1,"order_id":"x"}}"#
+                    r#"{{"id":"bad{i}","type":"order_placed","sku":"{sku}","ts":1795{i:04}00000,"qty":-1,"order_id":"x"}}"#
                 ),
             };
             v.push((sku, json));

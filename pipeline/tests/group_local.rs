@@ -23,9 +23,9 @@ fn events(n: usize) -> Vec<(String, String)> {
         .map(|i| {
             let sku = format!("SKU-{}", i % 40);
             let json = if i % 3 == 0 {
-                format!(r#"{{"id":"r{i}","type":"stock_received","sku":"{sku}","ts":{},"qty":5,"unit_cost":"1.50","currency":"USD"}}"#, 1_000 + i)
+                format!(r#"{{"id":"r{i}","type":"stock_received","sku":"{sku}","ts":{},"qty":5,"unit_cost":"1.50","currency":"USD"}}"#, 1_795_737_600_000i64 + i as i64)
             } else {
-                format!(r#"{{"id":"p{i}","type":"order_placed","sku":"{sku}","ts":{},"qty":2,"order_id":"o{i}"}}"#, 1_000 + i)
+                format!(r#"{{"id":"p{i}","type":"order_placed","sku":"{sku}","ts":{},"qty":2,"order_id":"o{i}"}}"#, 1_795_737_600_000i64 + i as i64)
             };
             (sku, json)
         })
