@@ -304,16 +304,43 @@ fn money(
     currency: &Option<Cow<'_, str>>,
 ) -> Result<Option<Money>, DecodeError> {
     let Some(amount) = amount else { return Ok(None) };
-    let amount: Decimal =
-        amount.parse().map_err(|_| DecodeError::field_err(field, "must be a decimal string such as \"19.99\""))?;
-    if amount.is_sign_negative() {
+    if amount.starts_with('-') {
         return Err(DecodeError::field_err(field, "must not be negative"));
     }
+    let amount = parse_amount(&amount).ok_or_else(|| {
+        DecodeError::field_err(
+            field,
+            "must be a decimal string such as \"19.99\": digits, an optional point and digits, at most 28 digits",
+        )
+    })?;
     let code =
         currency.as_deref().ok_or_else(|| DecodeError::field_err("currency", format!("required with `{field}`")))?;
     let currency = Currency::parse(code)
         .ok_or_else(|| DecodeError::field_err("currency", "must be an ISO 4217 code such as \"USD\""))?;
     Ok(Some(Money { amount, currency }))
+}
+
+/// Most digits of a decimal amount (from its first non-zero digit) and after its point.
+pub const MAX_AMOUNT_DIGITS: usize = 28;
+
+/// A non-negative decimal string, exactly: `[0-9]+(\.[0-9]+)?` with at most
+/// [`MAX_AMOUNT_DIGITS`] digits after the point and from the first non-zero digit on (so the value
+/// is held exactly; no sign, exponent, separators or rounding).
+pub fn parse_amount(s: &str) -> Option<Decimal> {
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) if !f.is_empty() => (i, f),
+        Some(_) => return None,
+        None => (s, ""),
+    };
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = || int.bytes().chain(frac.bytes()).skip_while(|b| *b == b'0');
+    if frac.len() > MAX_AMOUNT_DIGITS || digits().count() > MAX_AMOUNT_DIGITS {
+        return None;
+    }
+    let mantissa = digits().fold(0i128, |m, d| m.saturating_mul(10).saturating_add(i128::from(d - b'0')));
+    Decimal::try_from_i128_with_scale(mantissa, frac.len() as u32).ok()
 }
 
 fn validate(raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
@@ -531,6 +558,21 @@ mod tests {
             r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":4102444799999,"delta":1}"#.to_string(),
         ] {
             assert!(decode(ok.as_bytes()).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn amounts_are_plain_exact_decimals() {
+        for ok in ["0", "19.99", "007.50", "0.0000000000000000000000000001", "9999999999999999999999999999"] {
+            assert_eq!(
+                parse_amount(ok).map(|d| d.to_string()),
+                Some(ok.parse::<Decimal>().unwrap().to_string()),
+                "{ok}"
+            );
+        }
+        assert_eq!(parse_amount("1.0000000000000000000000000000"), None, "29 digits");
+        for bad in ["", ".99", "9.", "+9.99", "-1", "1_000", "1e3", " 1", "1.2.3", "0.00000000000000000000000000001"] {
+            assert_eq!(parse_amount(bad), None, "{bad:?}");
         }
     }
 

@@ -106,18 +106,24 @@ pub fn run<'a>(cfg: &Config, records: impl IntoIterator<Item = &'a [u8]>) -> Out
             out.dead_letters += 1;
             continue;
         };
-        let sku = skus.get(&ev.sku).cloned().unwrap_or_default();
-        if let Some(seen) = sku.seen.get(&ev.id)
-            && sku.last_ts.is_none_or(|l| seen + cfg.dedup_horizon_ms >= l)
+        let existed = skus.contains_key(&ev.sku);
+        let next = skus.entry(ev.sku.clone()).or_default();
+        if let Some(seen) = next.seen.get(&ev.id)
+            && next.last_ts.is_none_or(|l| seen.saturating_add(cfg.dedup_horizon_ms) >= l)
         {
             out.duplicates += 1;
             continue;
         }
-        // Apply to a copy: a record that cannot be booked leaves no trace.
-        let mut next = sku;
+        // `apply` refuses a record before it changes anything, so a refused record leaves no
+        // trace (a SKU it would have created is removed again).
         let mut effects = Vec::new();
-        match apply(cfg, &mut next, &ev, &mut effects) {
-            Err(()) => out.dead_letters += 1,
+        match apply(cfg, next, &ev, &mut effects) {
+            Err(()) => {
+                out.dead_letters += 1;
+                if !existed {
+                    skus.remove(&ev.sku);
+                }
+            }
             Ok(resent) => {
                 out.resent_placements += usize::from(resent);
                 next.seen.insert(ev.id.clone(), ev.ts);
@@ -130,7 +136,6 @@ pub fn run<'a>(cfg: &Config, records: impl IntoIterator<Item = &'a [u8]>) -> Out
                         .to_string();
                     out.effects.insert(id, canonical_effect(&e));
                 }
-                skus.insert(ev.sku.clone(), next);
             }
         }
     }
@@ -388,7 +393,7 @@ fn parse_decimal(s: &str) -> Option<BigRational> {
         return None;
     }
     let all = format!("{int}{frac}");
-    if all.trim_start_matches('0').len() > 28 {
+    if frac.len() > 28 || all.trim_start_matches('0').len() > 28 {
         return None;
     }
     let n: BigInt = all.parse().ok()?;
@@ -458,12 +463,16 @@ impl Event {
         if !(946_684_800_000..4_102_444_800_000).contains(&ts) {
             return Err(());
         }
-        let qty = units(int(m, "qty")?)?;
-        let total = units(int(m, "shipped_total")?)?;
+        // Every known field must have its type, whatever the event's type; values are checked
+        // only where the type uses them (a field outside its types is ignored).
+        let qty = int(m, "qty")?;
+        let total = int(m, "shipped_total")?;
         let delta = int(m, "delta")?;
         let on_hand = int(m, "on_hand")?;
         let order = text(m, "order_id")?;
         let currency = text(m, "currency")?;
+        text(m, "unit_price")?;
+        text(m, "unit_cost")?;
         if currency.is_some_and(|c| !currency_ok(c)) {
             return Err(());
         }
@@ -483,16 +492,17 @@ impl Event {
         let body = match kind {
             "order_placed" => {
                 money("unit_price")?;
-                Body::Placed { qty: qty.ok_or(())?, order: order_of()? }
+                Body::Placed { qty: units(qty)?.ok_or(())?, order: order_of()? }
             }
-            "order_cancelled" => Body::Cancelled { qty, order: order_of()? },
+            "order_cancelled" => Body::Cancelled { qty: units(qty)?, order: order_of()? },
             "order_shipped" => {
+                let (qty, total) = (units(qty)?, units(total)?);
                 if qty.is_some() && total.is_some() {
                     return Err(());
                 }
                 Body::Shipped { order: order_of()?, qty, total }
             }
-            "stock_received" => Body::Received { qty: qty.ok_or(())?, cost: money("unit_cost")? },
+            "stock_received" => Body::Received { qty: units(qty)?.ok_or(())?, cost: money("unit_cost")? },
             "stock_adjusted" => match delta.ok_or(())? {
                 0 => return Err(()),
                 d if !(-MAX_UNITS..=MAX_UNITS).contains(&d) => return Err(()),
