@@ -47,20 +47,7 @@ fn benches(c: &mut Criterion) {
         )
     });
 
-    group.bench_function("decode_apply_windows", |b| {
-        b.iter_batched(
-            || ShardEngine::new(Arc::clone(&cfg)),
-            |mut engine| {
-                for r in &records {
-                    if let Ok(ev) = decode(black_box(r)) {
-                        engine.apply(&ev);
-                    }
-                }
-                engine
-            },
-            criterion::BatchSize::LargeInput,
-        )
-    });
+    decode_apply(&mut group, "decode_apply_windows", &records, &cfg);
     group.finish();
 
     // Four weeks of lifecycles: lines remembered for 35 days, placements re-sent days apart.
@@ -74,11 +61,22 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(records.len() as u64));
     group.sample_size(20);
-    group.bench_function("decode_apply_four_weeks", |b| {
+    decode_apply(&mut group, "decode_apply_four_weeks", &records, &cfg);
+    group.finish();
+}
+
+/// Decode and apply every record into a fresh engine (SKU interning and map growth included).
+fn decode_apply(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    records: &[&[u8]],
+    cfg: &Arc<EngineConfig>,
+) {
+    group.bench_function(name, |b| {
         b.iter_batched(
-            || ShardEngine::new(Arc::clone(&cfg)),
+            || ShardEngine::new(Arc::clone(cfg)),
             |mut engine| {
-                for r in &records {
+                for r in records {
                     if let Ok(ev) = decode(black_box(r)) {
                         engine.apply(&ev);
                     }
@@ -88,7 +86,6 @@ fn benches(c: &mut Criterion) {
             criterion::BatchSize::LargeInput,
         )
     });
-    group.finish();
 }
 
 criterion_group!(engine, benches);

@@ -6,20 +6,9 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
-use support::{json, stockflow, text};
-
-/// Writes a loadgen stream into `dir/name`; returns its directory.
-fn loadgen(dir: &Path, name: &str, args: &[&str]) -> std::path::PathBuf {
-    let out_dir = dir.join(name);
-    let mut all = vec!["loadgen", "--out", out_dir.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = stockflow(&all);
-    assert!(out.status.success(), "{}", text(&out));
-    out_dir
-}
+use support::{json, loadgen, stockflow, text};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -153,17 +142,7 @@ async fn onto_kinesis_the_group_consumes_it_into_dynamodb_and_the_state_is_exact
         "hour",
         &["--profile", "baseline-day", "--hours", "12-12", "--base-rate", "0.8", "--skus", "80"],
     );
-    let prefix = format!("{stream}-");
-    let target = format!("kinesis:{stream}");
-    let args: Vec<String> = ["replay", "--dir", hour.to_str().unwrap(), "--target", &target, "--table-prefix", &prefix]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let out = tokio::task::spawn_blocking(move || stockflow(&args.iter().map(String::as_str).collect::<Vec<_>>()))
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let report = json(&hour.join("report").join("report.json"));
+    let report = support::replay_onto_kinesis(&hour, &stream).await;
     assert_eq!(report["passed"], true, "{report:#}");
     let per = &report["calls"]["per_1000_events"];
     assert!(per["dynamodb_transactions"].as_f64().unwrap() > 0.0, "{report:#}");

@@ -22,13 +22,9 @@ fn ndjson(path: &Path) -> Vec<Value> {
 
 /// Four weeks at `rate` events a second of baseline, `skus` SKUs, in `dir/name`.
 fn four_weeks(dir: &Path, name: &str, rate: &str, skus: &str, extra: &[&str]) -> PathBuf {
-    let out_dir = dir.join(name);
-    let mut args = vec!["loadgen", "--profile", "four-weeks", "--base-rate", rate, "--skus", skus, "--seed", "28"];
+    let mut args = vec!["--profile", "four-weeks", "--base-rate", rate, "--skus", skus, "--seed", "28"];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["--out", out_dir.to_str().unwrap()]);
-    let out = stockflow(&args);
-    assert!(out.status.success(), "{}", text(&out));
-    out_dir
+    support::loadgen(dir, name, &args)
 }
 
 fn model_of(events: &Path) -> Outcome {
@@ -107,18 +103,7 @@ async fn four_weeks_verify_on_kinesis_with_the_groups_state_in_dynamodb() {
     assert!(expected["records"].as_u64().unwrap() >= 200_000);
     let model = model_of(&month.join("events.ndjson"));
     assert_expected_is_the_model(&month, &model);
-    let prefix = format!("{stream}-");
-    let target = format!("kinesis:{stream}");
-    let args: Vec<String> =
-        ["replay", "--dir", month.to_str().unwrap(), "--target", &target, "--table-prefix", &prefix]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let out = tokio::task::spawn_blocking(move || stockflow(&args.iter().map(String::as_str).collect::<Vec<_>>()))
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let report = json(&month.join("report").join("report.json"));
+    let report = support::replay_onto_kinesis(&month, &stream).await;
     assert_eq!(report["passed"], true, "{report:#}");
     assert_eq!(report["verification"]["dead_lettered"], expected["bad_records"]);
 }

@@ -130,3 +130,29 @@ pub fn text(out: &std::process::Output) -> String {
 pub fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
+
+/// `stockflow replay --dir DIR --target kinesis:STREAM` with the group's tables under
+/// `STREAM-`, run off the async runtime; asserts it succeeded and returns its `report.json`.
+pub async fn replay_onto_kinesis(dir: &Path, stream: &str) -> serde_json::Value {
+    let prefix = format!("{stream}-");
+    let target = format!("kinesis:{stream}");
+    let args: Vec<String> = ["replay", "--dir", dir.to_str().unwrap(), "--target", &target, "--table-prefix", &prefix]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let out = tokio::task::spawn_blocking(move || stockflow(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    json(&dir.join("report").join("report.json"))
+}
+
+/// Writes a loadgen stream into `dir/name`; returns its directory.
+pub fn loadgen(dir: &Path, name: &str, args: &[&str]) -> std::path::PathBuf {
+    let out_dir = dir.join(name);
+    let mut all = vec!["loadgen", "--out", out_dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = stockflow(&all);
+    assert!(out.status.success(), "{}", text(&out));
+    out_dir
+}
