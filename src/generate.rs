@@ -108,7 +108,7 @@ impl Stream {
 
     /// Appends record `index` again, byte for byte (a re-sent notification).
     pub(crate) fn repeat(&mut self, index: usize) {
-        let (sku, range) = self.records[index].clone();
+        let Some((sku, range)) = self.records.get(index).cloned() else { return };
         let start = self.buf.len();
         self.buf.extend_from_within(range);
         self.records.push((sku, start..self.buf.len()));

@@ -55,23 +55,24 @@ pub fn generate(cfg: &GenConfig) -> Stream {
     let mut rng = Rng::new(cfg.seed);
     let mut out = Stream::with_skus(cfg);
     let zipf = out.zipf(cfg);
-    let weights = zipf.weights.clone();
-    let total_weight: f64 = weights.iter().sum();
+    let total_weight: f64 = zipf.weights.iter().sum();
     let price = |sku: u32| 5 + i64::from(sku % 45);
     let preorder = (cfg.skus as u32).saturating_sub(1);
     let body_events = cfg.events.saturating_sub(cfg.skus);
     // New events are ~1/2.6 of the records (each placement brings ~2 follow-ups).
     let placements = body_events as f64 / 2.6 * PLACE;
 
+    // Units on hand per SKU, as the generator believes (what its counts report, ± 2).
     let mut on_hand = vec![0i64; cfg.skus];
-    for sku in 0..cfg.skus as u32 {
+    for (sku, (held, weight)) in on_hand.iter_mut().zip(&zipf.weights).enumerate() {
         if out.len() >= cfg.events {
             break;
         }
+        let sku = sku as u32;
         // Opening stock: ~10 days of the SKU's demand (1.5 units an order).
-        let demand = placements * 1.5 * weights[sku as usize] / total_weight;
+        let demand = placements * 1.5 * weight / total_weight;
         let n = (demand * 10.0 / 28.0).ceil() as i64 + 5;
-        on_hand[sku as usize] = n;
+        *held = n;
         let ts = cfg.start_ts;
         out.emit(sku, |b| {
             let _ = write!(
@@ -113,20 +114,22 @@ pub fn generate(cfg: &GenConfig) -> Stream {
             if due.peek().is_some_and(|Reverse((at, _, _))| *at <= slot_ts) {
                 let Some(Reverse((at, _, f))) = due.pop() else { continue };
                 match f {
+                    // Orders are inserted before any follow-up of theirs is scheduled and never
+                    // removed, so the look-ups below always find them.
                     FollowUp::Renotify { order } => {
-                        let o = orders[&order];
+                        let Some(&o) = orders.get(&order) else { continue };
                         let id = order_id(order);
                         emit_placed(&mut out, o.sku, &id, at, o.qty, price(o.sku));
                     }
                     FollowUp::Ship { order, total } => {
                         let Some(o) = orders.get_mut(&order) else { continue };
-                        on_hand[o.sku as usize] -= total - o.shipped;
+                        add(&mut on_hand, o.sku, o.shipped - total);
                         o.shipped = total;
                         let (sku, id) = (o.sku, order_id(order));
                         emit_shipped(&mut out, sku, &id, at, total);
                     }
                     FollowUp::Cancel { order } => {
-                        let o = orders[&order];
+                        let Some(&o) = orders.get(&order) else { continue };
                         let id = order_id(order);
                         out.emit(o.sku, |b| {
                             let _ = write!(
@@ -137,7 +140,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
                         });
                     }
                     FollowUp::LateRenotify { order } => {
-                        let o = orders[&order];
+                        let Some(&o) = orders.get(&order) else { continue };
                         let id = order_id(order);
                         emit_placed(&mut out, o.sku, &id, at, o.qty, price(o.sku));
                         if o.shipped > 0 {
@@ -145,7 +148,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
                         }
                     }
                     FollowUp::ShipAgain { order } => {
-                        let o = orders[&order];
+                        let Some(&o) = orders.get(&order) else { continue };
                         emit_shipped(&mut out, o.sku, &order_id(order), at, o.shipped);
                     }
                     FollowUp::Resend { index } => out.repeat(index),
@@ -216,7 +219,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
             } else if k < PLACE + RECEIVE {
                 let sku = zipf.pick(&mut rng);
                 let qty = 6 + rng.below(15) as i64;
-                on_hand[sku as usize] += qty;
+                add(&mut on_hand, sku, qty);
                 let cost = price(sku) * 40;
                 let index = out.len();
                 out.emit(sku, |b| {
@@ -233,7 +236,7 @@ pub fn generate(cfg: &GenConfig) -> Stream {
             } else if k < PLACE + RECEIVE + ADJUST {
                 let sku = zipf.pick(&mut rng);
                 let delta = if rng.below(2) == 0 { -1 - rng.below(3) as i64 } else { 1 + rng.below(3) as i64 };
-                on_hand[sku as usize] += delta;
+                add(&mut on_hand, sku, delta);
                 out.emit(sku, |b| {
                     let _ = write!(
                         b,
@@ -242,8 +245,9 @@ pub fn generate(cfg: &GenConfig) -> Stream {
                 });
             } else {
                 let sku = zipf.pick(&mut rng);
-                let counted = (on_hand[sku as usize] + rng.below(5) as i64 - 2).max(0);
-                on_hand[sku as usize] = counted;
+                let held = on_hand.get(sku as usize).copied().unwrap_or(0);
+                let counted = (held + rng.below(5) as i64 - 2).max(0);
+                add(&mut on_hand, sku, counted - held);
                 out.emit(sku, |b| {
                     let _ = write!(
                         b,
@@ -254,6 +258,13 @@ pub fn generate(cfg: &GenConfig) -> Stream {
         }
     }
     out
+}
+
+/// Moves the generator's belief of a SKU's stock by `delta`.
+fn add(on_hand: &mut [i64], sku: u32, delta: i64) {
+    if let Some(held) = on_hand.get_mut(sku as usize) {
+        *held += delta;
+    }
 }
 
 fn emit_placed(out: &mut Stream, sku: u32, id: &str, ts: i64, qty: i64, price: i64) {

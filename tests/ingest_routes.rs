@@ -288,3 +288,20 @@ async fn lambda_eventbridge_detail_is_the_notification() {
         ]
     );
 }
+
+#[tokio::test]
+async fn mapped_events_ahead_of_the_ingest_clock_are_refused_naming_ts() {
+    let s = setup(None);
+    // The same documents dated 2099: more than `ingest.max_future_ms` (1 h) ahead.
+    let order =
+        fixture("amazon/order_change_canceled.json").replace("2026-11-27T09:12:04.500Z", "2099-01-01T00:00:00Z");
+    let (status, body) = post(&s.router, "/v1/amazon/notifications", &order).await;
+    assert_eq!(
+        (status, body["field"].as_str(), body["index"].as_u64()),
+        (StatusCode::BAD_REQUEST, Some("ts"), Some(0))
+    );
+    let grn = fixture("manufacturer/goods_received.json").replace("2026-11-27T07:45:00Z", "2099-01-01T00:00:00Z");
+    let (status, body) = post(&s.router, "/v1/manufacturer/events", &grn).await;
+    assert_eq!((status, body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("ts")), "{body}");
+    assert!(records(&s.log).await.is_empty(), "nothing of a refused request reaches the stream");
+}

@@ -197,8 +197,8 @@ pub fn parse_exposition(text: &str) -> Sample {
                     Some("+Inf") => Some(E2E_BUCKETS - 1),
                     _ => crate::telemetry::SECONDS_BUCKETS.iter().position(bound),
                 };
-                if let Some(i) = i {
-                    s.end_to_end[i] += value as u64;
+                if let Some(slot) = i.and_then(|i| s.end_to_end.get_mut(i)) {
+                    *slot += value as u64;
                 }
             }
             _ => {}

@@ -156,7 +156,7 @@ fn canonical(id: &str, sku: &str, ts: i64, body: EventBody<'_>, sku_field: &str)
 pub(super) fn validated(ev: Event<'_>, sku_field: &str) -> Result<Canonical, MapError> {
     let json = ev.to_json();
     match stockflow_state::decode(json.as_bytes()) {
-        Ok(_) => Ok(Canonical { sku: ev.sku.into_owned(), json }),
+        Ok(_) => Ok(Canonical { sku: ev.sku.into_owned(), json, ts: ev.ts }),
         Err(e) => {
             let field = match e.field() {
                 Some("sku") => sku_field.to_string(),

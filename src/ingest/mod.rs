@@ -71,10 +71,15 @@ impl<P> IngestState<P> {
     }
 }
 
-/// The 400 message for an event time too far ahead, or `None` when `ts` is acceptable.
-fn ahead_of_clock(ts: i64, max_future_ms: i64) -> Option<String> {
+/// The latest event time a request may carry: the ingest's clock plus `max_future_ms`.
+fn latest_ts(max_future_ms: i64) -> (i64, i64) {
     let now = stockflow_state::now_ms();
-    (ts > now.saturating_add(max_future_ms)).then(|| {
+    (now, now.saturating_add(max_future_ms))
+}
+
+/// The 400 message for an event time past `latest` (from [`latest_ts`]), or `None`.
+fn ahead_of_clock(ts: i64, (now, latest): (i64, i64), max_future_ms: i64) -> Option<String> {
+    (ts > latest).then(|| {
         format!(
             "field `ts`: {ts} is {} s ahead of the ingest's clock; at most {} s (ingest.max_future_ms) — is it in seconds or microseconds, or is the sender's clock wrong?",
             ts.saturating_sub(now) / 1000,
@@ -90,6 +95,8 @@ pub struct Canonical {
     pub sku: String,
     /// The canonical JSON document (SPEC §1), already validated.
     pub json: String,
+    /// Its event time (`ts`).
+    pub ts: i64,
 }
 
 /// Why a sender's document cannot be mapped: the field (a path such as
@@ -391,6 +398,7 @@ async fn handle<P: StreamProducer>(
 /// Canonical events: validated, then put as sent, keyed by SKU.
 async fn put_canonical<P: StreamProducer>(producer: &P, docs: &[&[u8]], max_future_ms: i64) -> Response {
     let mut keys = Vec::with_capacity(docs.len());
+    let clock = latest_ts(max_future_ms);
     for (i, doc) in docs.iter().enumerate() {
         match stockflow_state::decode(doc) {
             // A stream record holds the key and the event: Kinesis takes 1 MiB for both.
@@ -403,7 +411,7 @@ async fn put_canonical<P: StreamProducer>(producer: &P, docs: &[&[u8]], max_futu
                 );
             }
             Ok(ev) => {
-                if let Some(why) = ahead_of_clock(ev.ts, max_future_ms) {
+                if let Some(why) = ahead_of_clock(ev.ts, clock, max_future_ms) {
                     let msg = format!("event {i} is invalid (the request was rejected whole): {why}");
                     return invalid("events", msg, Some(i), Some("ts"));
                 }
@@ -428,14 +436,14 @@ fn map_all(
 ) -> Result<(Vec<Canonical>, usize), (usize, MapError)> {
     let mut out = Vec::with_capacity(docs.len());
     let mut ignored = 0;
+    let clock = latest_ts(max_future_ms);
     for (i, doc) in docs.iter().enumerate() {
         let value: serde_json::Value =
             serde_json::from_slice(doc).map_err(|e| (i, MapError::new("$", format!("malformed JSON: {e}"))))?;
         match map(&value).map_err(|e| (i, e))? {
             Some(events) => {
                 for ev in &events {
-                    let ts = stockflow_state::decode(ev.json.as_bytes()).map_or(0, |e| e.ts);
-                    if let Some(why) = ahead_of_clock(ts, max_future_ms) {
+                    if let Some(why) = ahead_of_clock(ev.ts, clock, max_future_ms) {
                         return Err((i, MapError::new("ts", why)));
                     }
                 }

@@ -239,10 +239,11 @@ pub struct Buckets(pub [u64; E2E_BUCKETS]);
 impl Buckets {
     /// `self − before`, bucket by bucket (a counter that went down counts from 0).
     pub fn since(&self, before: &Buckets) -> Buckets {
-        Buckets(std::array::from_fn(|i| {
-            let (n, b) = (self.0[i], before.0[i]);
-            if n >= b { n - b } else { n }
-        }))
+        let mut out = self.0;
+        for (n, b) in out.iter_mut().zip(before.0) {
+            *n = n.checked_sub(b).unwrap_or(*n);
+        }
+        Buckets(out)
     }
 
     /// The `q` quantile in milliseconds (see [`quantile_ms`]).

@@ -221,6 +221,9 @@ impl ShardEngine {
         for (name, mut state) in skus {
             let idx = engine.skus.len() as u32;
             state.ordinal = idx;
+            // Window sizes removed from the config since the snapshot: those open windows can
+            // never be final under this config; they are dropped rather than tracked.
+            state.windows.retain(|w| engine.cfg.windows.size_ms(w.size).is_some());
             for w in &state.windows {
                 engine.clock.track(&engine.cfg.windows, idx, w);
             }
@@ -356,7 +359,7 @@ impl ShardEngine {
                 if self.collect_finals {
                     self.finals.push(FinalWindow {
                         sku: slot.name.to_string(),
-                        size_ms: self.cfg.windows.sizes_ms()[usize::from(size)],
+                        size_ms: self.cfg.windows.size_ms(size).unwrap_or(0),
                         start,
                         counts: w.counts,
                     });
@@ -503,6 +506,24 @@ mod tests {
         // docs/BENCHMARKS.md reports bytes per SKU; this keeps the slot from growing unnoticed.
         let size = std::mem::size_of::<Slot>();
         assert!(size <= 320, "Slot is {size} bytes");
+    }
+
+    #[test]
+    fn a_restore_under_fewer_window_sizes_drops_the_windows_it_no_longer_has() {
+        let mut e = engine();
+        let ev = format!(r#"{{"id":"p","type":"order_placed","sku":"S","ts":{T0},"qty":1,"order_id":"o"}}"#);
+        e.apply(&decode(ev.as_bytes()).unwrap());
+        assert_eq!(e.sku("S").unwrap().windows.len(), 2, "minute and hour");
+        let hour_only = EngineConfig {
+            windows: crate::windows::WindowConfig::new(vec![crate::windows::HOUR_MS], 0).unwrap(),
+            ..EngineConfig::default()
+        };
+        let mut restored = ShardEngine::restore(Arc::new(hour_only), e.snapshot());
+        assert!(restored.sku("S").unwrap().windows.iter().all(|w| w.size == 0));
+        // A day later every window is final; nothing indexes past the configured sizes.
+        let later = format!(r#"{{"id":"q","type":"stock_adjusted","sku":"S","ts":{},"delta":1}}"#, T0 + 86_400_000);
+        assert_eq!(restored.apply(&decode(later.as_bytes()).unwrap()), Applied::Applied);
+        assert!(restored.stats().windows_final >= 1);
     }
 
     #[test]

@@ -444,8 +444,8 @@ pub mod v1 {
 
     impl SkuStateV1 {
         /// v1's encoding (tests write stores as an earlier stockflow did).
-        pub fn encode(&self) -> Vec<u8> {
-            postcard::to_allocvec(self).unwrap_or_default()
+        pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+            postcard::to_allocvec(self).map_err(|e| StoreError::Corrupt(format!("encoding a v1 SKU state: {e}")))
         }
     }
 
@@ -698,7 +698,7 @@ mod tests {
             max_ts: Some(T0),
             ..v1::SkuStateV1::default()
         };
-        let up = SkuState::decode(&old.encode()).unwrap();
+        let up = SkuState::decode(&old.encode().unwrap()).unwrap();
         assert_eq!((up.ordinal, up.on_hand, up.reserved, up.open_line_units()), (7, 5, 2, 2));
         assert_eq!(*line(&up, "a"), Line { remaining: 2, shipped: 1, closed_ts: 0 });
         // An encoding from a newer stockflow is refused, not misread.

@@ -56,6 +56,11 @@ impl WindowConfig {
         &self.sizes_ms
     }
 
+    /// The size of window-size index `idx` (as stored in an [`OpenWindow`]), if configured.
+    pub fn size_ms(&self, idx: u8) -> Option<i64> {
+        self.sizes_ms.get(usize::from(idx)).copied()
+    }
+
     /// The allowed lateness in milliseconds.
     pub fn allowed_lateness_ms(&self) -> i64 {
         self.allowed_lateness_ms
@@ -239,7 +244,9 @@ impl WindowClock {
 
     /// Registers an open window of SKU `sku` (after a restore, or when first created).
     pub fn track(&mut self, cfg: &WindowConfig, sku: u32, w: &OpenWindow) {
-        let end = w.start.saturating_add(cfg.sizes_ms[usize::from(w.size)]);
+        // A size no longer configured (the restore drops such windows) has no end to wait for.
+        let Some(size) = cfg.size_ms(w.size) else { return };
+        let end = w.start.saturating_add(size);
         self.ends.entry(end).or_default().push((sku, w.size));
     }
 
@@ -292,7 +299,7 @@ impl WindowClock {
                 break;
             }
             for (sku, size) in entry.remove() {
-                out.push((sku, size, end.saturating_sub(cfg.sizes_ms[usize::from(size)])));
+                out.push((sku, size, end.saturating_sub(cfg.size_ms(size).unwrap_or(0))));
             }
         }
     }

@@ -209,7 +209,7 @@ async fn v1_rows_are_upgraded<S: StateStore>(store: &S, shard: &str, epoch: u64)
             dedup: DedupDelta::Append(Vec::new()),
         })
     };
-    store.commit(commit(vec![("OLD-SKU".into(), old.encode())], 1)).await.unwrap();
+    store.commit(commit(vec![("OLD-SKU".into(), old.encode().unwrap())], 1)).await.unwrap();
     let stored = store.load_shard(shard).await.unwrap();
     let (_, s) = stored.snapshot.skus.iter().find(|(k, _)| k == "OLD-SKU").expect("the v1 SKU is read");
     assert_eq!((s.on_hand, s.reserved, s.open_line_units()), (7, 3, 3));
