@@ -54,6 +54,18 @@ impl Line {
     pub fn is_open(&self) -> bool {
         self.remaining > 0
     }
+
+    /// Releases up to `wanted` units of the line's reservation at event time `ts` (closing it, and
+    /// starting its memory, when none remain); returns the units released.
+    fn release(&mut self, wanted: i64, ts: i64) -> i64 {
+        let remaining = i64::from(self.remaining);
+        let released = wanted.clamp(0, remaining);
+        self.remaining = units(remaining.saturating_sub(released));
+        if released > 0 && !self.is_open() {
+            self.closed_ts = ts;
+        }
+        released
+    }
 }
 
 /// Everything stockflow knows about one SKU.
@@ -219,49 +231,38 @@ impl SkuState {
             }
             EventBody::OrderCancelled { order_id, qty } => match self.lines.get_mut(&line_key(order_id)) {
                 Some(line) if line.is_open() => {
-                    let remaining = i64::from(line.remaining);
-                    let release = qty.unwrap_or(remaining).min(remaining);
-                    self.reserved = self.reserved.saturating_sub(release);
-                    line.remaining = units(remaining.saturating_sub(release));
-                    if !line.is_open() {
-                        line.closed_ts = ev.ts;
-                    }
-                    out.contribution.cancelled = release.unsigned_abs();
+                    let released = line.release(qty.unwrap_or(i64::from(line.remaining)), ev.ts);
+                    self.reserved = self.reserved.saturating_sub(released);
+                    out.contribution.cancelled = released.unsigned_abs();
                 }
                 _ => out.unmatched = true,
             },
             EventBody::OrderShipped { order_id, shipped } => {
                 let key = line_key(order_id);
                 let line = self.live_line(key, last, horizon);
-                // (units shipped, units released, the line afterwards)
+                // (units shipped, the line with its `shipped` count updated); a line that does
+                // not exist is created closed, remembered from now.
                 let step = match (shipped, line) {
                     (Shipped::Qty(q), Some(line)) => {
-                        let remaining = i64::from(line.remaining);
-                        let q = q.unwrap_or(remaining);
+                        let q = q.unwrap_or(i64::from(line.remaining));
                         let shipped = if line.is_open() { line.shipped.saturating_add(units(q)) } else { line.shipped };
-                        (q > 0).then(|| (q, q.min(remaining), Line { shipped, ..line }))
+                        (q > 0).then_some((q, Line { shipped, ..line }))
                     }
                     (Shipped::Qty(q), None) => {
-                        q.filter(|q| *q > 0).map(|q| (q, 0, Line { remaining: 0, shipped: units(q), closed_ts: ev.ts }))
+                        q.filter(|q| *q > 0).map(|q| (q, Line { remaining: 0, shipped: units(q), closed_ts: ev.ts }))
                     }
                     (Shipped::Total(total), Some(line)) => {
                         let q = total.saturating_sub(i64::from(line.shipped));
-                        let release = q.min(i64::from(line.remaining));
-                        (q > 0).then(|| (q, release, Line { shipped: units(*total), ..line }))
+                        (q > 0).then_some((q, Line { shipped: units(*total), ..line }))
                     }
                     (Shipped::Total(total), None) => {
-                        Some((*total, 0, Line { remaining: 0, shipped: units(*total), closed_ts: ev.ts }))
+                        Some((*total, Line { remaining: 0, shipped: units(*total), closed_ts: ev.ts }))
                     }
                 };
-                if let Some((q, release, mut line)) = step {
+                if let Some((q, mut line)) = step {
                     let journal = self.cogs_line(ev, q)?;
-                    if release > 0 {
-                        self.reserved = self.reserved.saturating_sub(release);
-                        line.remaining = units(i64::from(line.remaining).saturating_sub(release));
-                        if !line.is_open() {
-                            line.closed_ts = ev.ts;
-                        }
-                    }
+                    let released = line.release(q, ev.ts);
+                    self.reserved = self.reserved.saturating_sub(released);
                     self.lines.insert(key, line);
                     self.on_hand = self.on_hand.saturating_sub(q);
                     if let Some(j) = journal {
