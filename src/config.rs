@@ -144,15 +144,22 @@ impl Default for GroupSection {
 #[serde(deny_unknown_fields, default)]
 pub struct DynamoSection {
     /// Table name prefix: tables are `{prefix}-sku-state`, `-outbox`, `-dead-letters`, `-dedup`,
-    /// `-leases`.
+    /// `-leases`, `-delivery`, `-shard-skus`.
     pub table_prefix: String,
     /// Endpoint override (e.g. `http://127.0.0.1:5001` for a local emulator); unset for AWS.
     pub endpoint: Option<String>,
+    /// Dedup chunks expire (DynamoDB TTL) `engine.dedup_horizon_ms` plus this after their write;
+    /// shard workers rewrite live ids when less than half of it is left (default 3 days).
+    pub dedup_ttl_margin_ms: i64,
 }
 
 impl Default for DynamoSection {
     fn default() -> Self {
-        DynamoSection { table_prefix: "stockflow".into(), endpoint: None }
+        DynamoSection {
+            table_prefix: "stockflow".into(),
+            endpoint: None,
+            dedup_ttl_margin_ms: stockflow_state::dynamodb::DEFAULT_DEDUP_TTL_MARGIN_MS,
+        }
     }
 }
 
@@ -308,6 +315,12 @@ impl FileConfig {
         in_range("shards", self.shards as u64, 1, 1024)?;
         let e = self.engine;
         let windows = WindowConfig::new(e.window_sizes_ms, e.allowed_lateness_ms).map_err(anyhow::Error::msg)?;
+        if !(60_000..=30 * 86_400_000).contains(&self.dynamodb.dedup_ttl_margin_ms) {
+            bail!(
+                "dynamodb.dedup_ttl_margin_ms = {}: must be 60000 to 2592000000 (30 days)",
+                self.dynamodb.dedup_ttl_margin_ms
+            );
+        }
         if e.dedup_horizon_ms < 60_000 {
             bail!("engine.dedup_horizon_ms = {}: must be at least 60000", e.dedup_horizon_ms);
         }

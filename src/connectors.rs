@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use stockflow_connectors::accounting::{Accounting, Accounts, Shape};
 use stockflow_connectors::alerts::{AlertFeed, AlertWebhook, LogSink};
-use stockflow_connectors::drain::{Drain, DrainConfig, DrainControl, DrainStats, ShardFilter};
+use stockflow_connectors::drain::{Drain, DrainConfig, DrainControl, DrainStats, Lanes};
 use stockflow_connectors::manufacturer::{Manufacturer, SyncReport, sync_stock_levels};
 use stockflow_connectors::policy::{BackoffConfig, BreakerConfig, DeliveryPolicy};
 use stockflow_connectors::{Connector, Secret};
@@ -491,17 +491,12 @@ impl Connectors {
 
     /// Starts a drain per connector (and the stock-level sync) over `store`, every shard.
     pub fn spawn<S: OutboxStore + StateStore>(&self, store: Arc<S>, ctl: DrainControl) -> Running {
-        self.spawn_filtered(store, ctl, Arc::new(|_| true))
+        self.spawn_lanes(store, ctl, Lanes::All)
     }
 
-    /// Starts a drain per connector over the shards `filter` admits (a consumer-group member
-    /// drains the shards it leases).
-    pub fn spawn_filtered<S: OutboxStore + StateStore>(
-        &self,
-        store: Arc<S>,
-        ctl: DrainControl,
-        filter: ShardFilter,
-    ) -> Running {
+    /// Starts a drain per connector over `lanes` (a consumer-group member delivers what its
+    /// coordinator assigns it, fenced by its leases; the stock-level sync sends its shards' SKUs).
+    pub fn spawn_lanes<S: OutboxStore + StateStore>(&self, store: Arc<S>, ctl: DrainControl, lanes: Lanes) -> Running {
         let mut tasks = JoinSet::new();
         fn start<S: OutboxStore, C: Connector>(
             tasks: &mut JoinSet<Result<Option<DrainSummary>, StoreError>>,
@@ -509,28 +504,27 @@ impl Connectors {
             c: &Arc<C>,
             cfg: &DrainConfig,
             ctl: &DrainControl,
-            filter: &ShardFilter,
+            lanes: &Lanes,
         ) {
-            let drain =
-                Arc::new(Drain::new(Arc::clone(store), Arc::clone(c), cfg.clone()).with_filter(Arc::clone(filter)));
+            let drain = Arc::new(Drain::new(Arc::clone(store), Arc::clone(c), cfg.clone()).with_lanes(lanes.clone()));
             let ctl = ctl.clone();
             tasks.spawn(async move {
                 Arc::clone(&drain).run(ctl).await?;
                 Ok(Some(DrainSummary::of(drain.name(), drain.stats())))
             });
         }
-        start(&mut tasks, &store, &self.feed, &self.drain, &ctl, &filter);
+        start(&mut tasks, &store, &self.feed, &self.drain, &ctl, &lanes);
         if let Some(c) = &self.log {
-            start(&mut tasks, &store, c, &self.drain, &ctl, &filter);
+            start(&mut tasks, &store, c, &self.drain, &ctl, &lanes);
         }
         if let Some(c) = &self.webhook {
-            start(&mut tasks, &store, c, &self.drain, &ctl, &filter);
+            start(&mut tasks, &store, c, &self.drain, &ctl, &lanes);
         }
         if let Some(c) = &self.manufacturer {
-            start(&mut tasks, &store, c, &self.drain, &ctl, &filter);
+            start(&mut tasks, &store, c, &self.drain, &ctl, &lanes);
         }
         if let Some(c) = &self.accounting {
-            start(&mut tasks, &store, c, &self.drain, &ctl, &filter);
+            start(&mut tasks, &store, c, &self.drain, &ctl, &lanes);
         }
         let (stop_sync, stop_rx) = watch::channel(false);
         let stock_sync = match (&self.manufacturer, self.stock_sync) {
@@ -540,8 +534,14 @@ impl Connectors {
                 let shutdown = ctl.shutdown.clone();
                 Some(tokio::spawn(async move {
                     // Runs until shutdown; when told to finish, one last full pass after the drains.
-                    let periodic =
-                        sync_stock_levels(Arc::clone(&store), Arc::clone(&m), interval, stop_rx.clone(), false);
+                    let periodic = sync_stock_levels(
+                        Arc::clone(&store),
+                        Arc::clone(&m),
+                        interval,
+                        stop_rx.clone(),
+                        false,
+                        lanes.clone(),
+                    );
                     let finished = async move { finish.wait_for(|f| *f).await.is_ok() };
                     let mut signal = shutdown.clone();
                     let stopped = async move { signal.wait_for(|s| *s).await.is_ok() };
@@ -550,7 +550,7 @@ impl Connectors {
                         true = finished => {
                             let mut stop = stop_rx;
                             let _ = stop.wait_for(|s| *s).await.is_ok();
-                            sync_stock_levels(store, m, interval, shutdown.clone(), true).await
+                            sync_stock_levels(store, m, interval, shutdown.clone(), true, lanes).await
                         }
                         _ = stopped => SyncReport::default(),
                     }

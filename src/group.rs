@@ -1,11 +1,10 @@
 //! `stockflow consume` on the AWS backend: a member of a consumer group reading a Kinesis stream
 //! (polling or enhanced fan-out), with leases, state, outbox and checkpoints in DynamoDB.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
@@ -15,7 +14,6 @@ use stockflow_pipeline::Progress;
 use stockflow_pipeline::group::Coordinator;
 use stockflow_pipeline::kinesis::{self, KinesisConfig, KinesisSource, ReadMode};
 use stockflow_state::dynamodb::DynamoStore;
-use stockflow_state::lease::LeaseStore;
 
 use crate::config::Settings;
 
@@ -70,7 +68,8 @@ pub async fn consume(
     let client = kinesis::client(targets.kinesis_endpoint.as_deref(), false).await;
     let store = Arc::new(
         DynamoStore::new(DynamoStore::client(targets.dynamodb_endpoint.as_deref()).await, &targets.table_prefix)
-            .with_dedup_horizon(settings.engine.dedup_horizon_ms),
+            .with_dedup_horizon(settings.engine.dedup_horizon_ms)
+            .with_dedup_margin(settings.dynamodb.dedup_ttl_margin_ms),
     );
     let shutdown = crate::commands::shutdown_signal();
     if let Some(addr) = metrics_listen {
@@ -87,46 +86,17 @@ pub async fn consume(
     let progress = Arc::new(Progress::default());
     let coordinator = member(settings, client, &targets.stream, Arc::clone(&store), Arc::clone(&progress)).await?;
     println!("stockflow: worker {} joined the group on stream {}", settings.group.worker_id, targets.stream);
-    // Each member drains the outbox of the shards it leases (and of ended parents of those).
-    let owned: Arc<RwLock<HashSet<String>>> = Arc::default();
-    let refresh = {
-        let (store, owned, me, mut stop) =
-            (Arc::clone(&store), Arc::clone(&owned), settings.group.worker_id.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                if let Ok(leases) = store.leases().await {
-                    let mine: HashSet<String> = leases
-                        .iter()
-                        .filter(|l| l.owner.as_deref() == Some(me.as_str()))
-                        .map(|l| l.key.clone())
-                        .collect();
-                    let parents = leases.iter().filter(|l| l.ended && l.children.iter().any(|c| mine.contains(c)));
-                    let parents: Vec<String> = parents.map(|l| l.key.clone()).collect();
-                    let mut set = owned.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    *set = mine;
-                    set.extend(parents);
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    _ = crate::server::stopped(&mut stop) => return,
-                }
-            }
-        })
-    };
+    // Each member delivers the outboxes its coordinator assigns it: the shards it leases and the
+    // ended ancestors it is designated for, every write fenced by one of its leases.
     let connectors = crate::connectors::Connectors::build(&settings.connectors).await?;
     let (_finish, finish) = tokio::sync::watch::channel(false);
-    let filter = {
-        let owned = Arc::clone(&owned);
-        Arc::new(move |shard: &str| owned.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(shard))
-    };
-    let drains = connectors.spawn_filtered(
+    let drains = connectors.spawn_lanes(
         Arc::clone(&store),
         stockflow_connectors::DrainControl::new(shutdown.clone(), finish),
-        filter,
+        stockflow_connectors::drain::Lanes::Assigned(coordinator.assignment()),
     );
     let report = coordinator.run(shutdown).await?;
     let (delivered, _) = drains.join().await?;
-    refresh.abort();
     for d in delivered.iter().filter(|d| d.sent > 0) {
         println!("delivered: {} {} effects in {} requests", d.connector, d.effects, d.sent);
     }
@@ -140,12 +110,13 @@ pub async fn consume(
         report.lost,
     );
     println!(
-        "dynamodb-calls: transactions={} reads={} lease_writes={} renewals={} lease_scans={}",
+        "dynamodb-calls: transactions={} reads={} lease_writes={} renewals={} lease_scans={} delivery_writes={}",
         s.transactions.load(Ordering::Relaxed),
         s.reads.load(Ordering::Relaxed),
         s.lease_calls.load(Ordering::Relaxed),
         s.lease_renewals.load(Ordering::Relaxed),
         s.lease_scans.load(Ordering::Relaxed),
+        s.delivery_writes.load(Ordering::Relaxed),
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -15,13 +15,23 @@
 //! outbox order. After a crash the saved in-flight request is re-sent verbatim: the receiver
 //! sees the same idempotency key and the same body, never a regrouped batch under a new key.
 //! Dead letters flagged by `stockflow outbox retry` are re-sent under their own keys.
+//!
+//! In a consumer group ([`Lanes::Assigned`]) a member runs the lanes its coordinator grants it:
+//! every write of a lane is fenced by the grant's lease epoch, so a lane whose lease moved can no
+//! longer save a cursor, an in-flight request or a dead letter — and it stops as soon as the grant
+//! is withdrawn, even mid-wait. A child shard's lane starts only once its parents' outboxes are
+//! delivered (per SKU order across a reshard), and each member sends at `1/members` of a
+//! connector's rate, so the group together stays within the receiver's limit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stockflow_state::outbox::{ConnectorDeadLetter, Cursor, InFlight, OutboxEntry, OutboxPos, OutboxStore, Request};
+use stockflow_state::lease::{Assignment, LaneGrant};
+use stockflow_state::outbox::{
+    ConnectorDeadLetter, Cursor, Fence, InFlight, OutboxEntry, OutboxPos, OutboxStore, Request,
+};
 use stockflow_state::{Effect, StoreError};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -95,8 +105,70 @@ pub struct DrainStats {
     pub redelivered: AtomicU64,
 }
 
-/// Which shards this process drains (the AWS consumer group drains the shards it leases).
-pub type ShardFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Which shards a drain delivers.
+#[derive(Debug, Clone)]
+pub enum Lanes {
+    /// Every shard with an outbox, unfenced: one process owns the store (the embedded backend).
+    All,
+    /// The lanes a consumer-group member's coordinator grants it, kept current.
+    Assigned(watch::Receiver<Arc<Assignment>>),
+}
+
+impl Lanes {
+    /// The grant of `shard` now (`Some(None)`: unfenced, every shard; `None`: not this process's).
+    fn grant(&self, shard: &str) -> Option<Option<LaneGrant>> {
+        match self {
+            Lanes::All => Some(None),
+            Lanes::Assigned(rx) => rx.borrow().lanes.get(shard).cloned().map(Some),
+        }
+    }
+
+    /// True while `shard` is still granted under `fence`.
+    fn holds(&self, shard: &str, fence: Option<&Fence>) -> bool {
+        match self {
+            Lanes::All => true,
+            Lanes::Assigned(rx) => rx.borrow().lanes.get(shard).is_some_and(|g| Some(&g.fence) == fence),
+        }
+    }
+
+    /// The live shards whose leases this process holds (`None` for `All`: every shard).
+    pub fn owned_shards(&self) -> Option<Vec<String>> {
+        match self {
+            Lanes::All => None,
+            Lanes::Assigned(rx) => Some(
+                rx.borrow().lanes.iter().filter(|(s, g)| !g.ended && g.fence.lease == **s).map(|(s, _)| s.clone()).collect(),
+            ),
+        }
+    }
+
+    /// How many members share the connector's rate.
+    fn members(&self) -> u32 {
+        match self {
+            Lanes::All => 1,
+            Lanes::Assigned(rx) => rx.borrow().members.max(1),
+        }
+    }
+
+    /// Resolves when the assignment changes (never, for `All`).
+    async fn changed(&mut self) {
+        match self {
+            Lanes::All => std::future::pending().await,
+            Lanes::Assigned(rx) => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
+
+/// How a lane ended without error.
+enum LaneEnd {
+    /// Told to stop, or its grant was withdrawn.
+    Stopped,
+    /// An ended shard's outbox is delivered: nothing more will come.
+    Done,
+}
 
 /// One connector's drain over a store's outbox.
 pub struct Drain<S, C> {
@@ -104,7 +176,7 @@ pub struct Drain<S, C> {
     connector: Arc<C>,
     cfg: DrainConfig,
     sleeper: Arc<dyn Sleeper>,
-    filter: ShardFilter,
+    lanes: Lanes,
     breaker: CircuitBreaker,
     bucket: Option<TokenBucket>,
     gate: Semaphore,
@@ -137,7 +209,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
             store,
             cfg,
             sleeper: Arc::new(TokioSleeper),
-            filter: Arc::new(|_| true),
+            lanes: Lanes::All,
             breaker: CircuitBreaker::new(policy.breaker),
             bucket: policy.rate.map(TokenBucket::new),
             gate: Semaphore::new(policy.concurrency.max(1)),
@@ -153,9 +225,9 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
         self
     }
 
-    /// Drains only the shards `filter` admits.
-    pub fn with_filter(mut self, filter: ShardFilter) -> Self {
-        self.filter = filter;
+    /// Drains the lanes a consumer-group coordinator grants (default: every shard, unfenced).
+    pub fn with_lanes(mut self, lanes: Lanes) -> Self {
+        self.lanes = lanes;
         self
     }
 
@@ -193,13 +265,38 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
         }
     }
 
+    /// Sleeps `d` for a lane: false as soon as the drain stops or the lane's grant is withdrawn
+    /// (a lease that moves stops the lane mid-wait, not after it).
+    async fn wait_lane(&self, d: Duration, ctl: &DrainControl, shard: &str, fence: Option<&Fence>) -> bool {
+        let mut stop = ctl.shutdown.clone();
+        let mut lanes = self.lanes.clone();
+        let sleep = self.sleeper.sleep(d);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return !ctl.stopping() && self.lanes.holds(shard, fence),
+                _ = stop.wait_for(|s| *s) => return false,
+                () = lanes.changed() => {
+                    if !self.lanes.holds(shard, fence) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs every lane until `ctl` says stop (or, with `finish`, until everything is delivered).
     pub async fn run(self: Arc<Self>, ctl: DrainControl) -> Result<(), StoreError> {
-        let mut lanes: JoinSet<(String, Result<(), StoreError>)> = JoinSet::new();
-        let mut running: HashMap<String, ()> = HashMap::new();
+        type LaneResult = (String, Option<Fence>, Result<LaneEnd, StoreError>);
+        let mut lanes: JoinSet<LaneResult> = JoinSet::new();
+        // Running lanes by shard, with the fence they write under.
+        let mut running: HashMap<String, Option<Fence>> = HashMap::new();
+        // Ended shards delivered under a fence: not started again.
+        let mut done: std::collections::HashSet<(String, Option<Fence>)> = Default::default();
         let mut backoff = Backoff::new(self.connector.policy().backoff, 0x5eed);
         let mut store_failures = 0u32;
         let mut finish = ctl.finish.clone();
+        let mut assignment = self.lanes.clone();
         // Born at 0: the first failure or dead letter is then an increase Prometheus sees.
         for metric in [
             "stockflow_connector_failed_total",
@@ -217,7 +314,13 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
             // Read before the scan: once finishing, the scan sees every shard there will be.
             let finishing = ctl.finishing();
             let scan = async {
-                let shards = self.store.outbox_shards().await?;
+                let shards: Vec<(String, Option<LaneGrant>)> = match &self.lanes {
+                    Lanes::All => self.store.outbox_shards().await?.into_iter().map(|s| (s, None)).collect(),
+                    Lanes::Assigned(rx) => {
+                        let a = Arc::clone(&rx.borrow());
+                        a.lanes.iter().map(|(s, g)| (s.clone(), Some(g.clone()))).collect()
+                    }
+                };
                 let requeued = self.redeliver_dead_letters(&ctl).await?;
                 Ok::<_, StoreError>((shards, requeued))
             };
@@ -226,6 +329,8 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                     store_failures = 0;
                     v
                 }
+                // A requeued dead letter's lease moved while it was re-sent: the new holder goes on.
+                Err(StoreError::Fenced { .. }) => continue,
                 Err(e) if e.is_transient() => {
                     tracing::warn!(connector = self.name(), error = %e, "outbox scan failed; retrying");
                     store_failures += 1;
@@ -236,15 +341,18 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 }
                 Err(e) => return Err(e),
             };
-            for shard in shards {
-                if (self.filter)(&shard) && !running.contains_key(&shard) {
-                    running.insert(shard.clone(), ());
-                    let (me, ctl) = (Arc::clone(&self), ctl.clone());
-                    lanes.spawn(async move {
-                        let r = me.lane(&shard, &ctl).await;
-                        (shard, r)
-                    });
+            for (shard, grant) in shards {
+                let fence = grant.as_ref().map(|g| g.fence.clone());
+                // A lane of the shard under an older fence is still stopping: start after it.
+                if running.contains_key(&shard) || done.contains(&(shard.clone(), fence.clone())) {
+                    continue;
                 }
+                running.insert(shard.clone(), fence.clone());
+                let (me, ctl) = (Arc::clone(&self), ctl.clone());
+                lanes.spawn(async move {
+                    let r = me.lane(&shard, grant.as_ref(), &ctl).await;
+                    (shard, fence, r)
+                });
             }
             if finishing && lanes.is_empty() && requeued_left == 0 {
                 break;
@@ -252,13 +360,24 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
             let mut stop = ctl.shutdown.clone();
             tokio::select! {
                 Ok(()) = finish.changed(), if !finishing => {}
-                Some(done) = lanes.join_next(), if !lanes.is_empty() => {
-                    let (shard, result) = done.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
+                () = assignment.changed() => {}
+                Some(joined) = lanes.join_next(), if !lanes.is_empty() => {
+                    let (shard, fence, result) = joined.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
                     match result {
-                        Ok(()) => {
+                        Ok(LaneEnd::Done) => {
+                            running.remove(&shard);
+                            done.insert((shard, fence));
+                        }
+                        Ok(LaneEnd::Stopped) => {
                             if !ctl.finishing() {
                                 running.remove(&shard);
                             }
+                        }
+                        // The lease moved (or a zombie's write was refused): the lane stops; if the
+                        // shard is granted again, a new lane resumes from the stored cursor.
+                        Err(e @ (StoreError::Fenced { .. } | StoreError::CursorRegression { .. })) => {
+                            tracing::info!(connector = self.name(), shard, error = %e, "drain lane stopped: its lease moved");
+                            running.remove(&shard);
                         }
                         // A store hiccup (a throttled write) must not stop delivery: the lane
                         // restarts from its saved cursor after a backoff.
@@ -277,43 +396,83 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 _ = async { stop.wait_for(|s| *s).await.is_ok() } => break,
             }
         }
-        while let Some(done) = lanes.join_next().await {
-            let (shard, result) = done.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
+        while let Some(joined) = lanes.join_next().await {
+            let (shard, _, result) = joined.map_err(|e| StoreError::Unavailable(format!("drain lane: {e}")))?;
             match result {
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_transient() || matches!(e, StoreError::Fenced { .. }) => {
                     tracing::warn!(connector = self.name(), shard, error = %e, "drain lane failed at shutdown")
                 }
-                other => other?,
+                other => {
+                    other?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Delivers one shard's outbox in order.
-    async fn lane(&self, shard: &str, ctl: &DrainControl) -> Result<(), StoreError> {
+    /// True once every shard of `parents` has its outbox delivered for this connector (nothing
+    /// in flight, nothing this connector takes after its cursor).
+    async fn delivered(&self, parents: &[String]) -> Result<bool, StoreError> {
+        for p in parents {
+            let cursor = self.store.cursor(self.name(), p).await?;
+            if cursor.in_flight.is_some() {
+                return Ok(false);
+            }
+            let (batch, _, _) = self.scan(p, cursor.delivered.as_ref(), 1).await?;
+            if !batch.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Delivers one shard's outbox in order, under `grant` (`None`: unfenced).
+    async fn lane(&self, shard: &str, grant: Option<&LaneGrant>, ctl: &DrainControl) -> Result<LaneEnd, StoreError> {
+        let fence = grant.map(|g| &g.fence);
+        let ended = grant.is_some_and(|g| g.ended);
+        if let Some(g) = grant
+            && !g.after.is_empty()
+        {
+            // A reshard: the parents' effects of the same SKUs go first.
+            let mut waited = false;
+            while !self.delivered(&g.after).await? {
+                if !waited {
+                    tracing::info!(connector = self.name(), shard, parents = ?g.after, "waiting for the parents' outboxes to be delivered");
+                    waited = true;
+                }
+                if !self.wait_lane(self.cfg.idle_poll.max(Duration::from_millis(500)), ctl, shard, fence).await {
+                    return Ok(LaneEnd::Stopped);
+                }
+            }
+        }
         let policy = self.connector.policy().clone();
         let mut backoff = Backoff::new(policy.backoff, xxhash_rust::xxh3::xxh3_64(shard.as_bytes()));
+        // Read after the grant was established: a write of a previous holder either happened
+        // before (and is read here) or is refused by the fence.
         let mut cursor = self.store.cursor(self.name(), shard).await?;
         let mut pending_since: Option<Instant> = None;
         // After a rejection, effects up to here are sent one by one to find the refused one.
         let mut single_until: Option<OutboxPos> = None;
         // The cursor moved past a delivered request but was not written yet.
         let mut unsaved = false;
+        let save = |cursor: Cursor, dead: Option<ConnectorDeadLetter>| async move {
+            self.store.save_cursor(self.name(), shard, &cursor, dead.as_ref(), fence).await
+        };
         loop {
-            if ctl.stopping() || !(self.filter)(shard) {
+            if ctl.stopping() || !self.lanes.holds(shard, fence) {
                 if unsaved {
-                    self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+                    save(cursor.clone(), None).await?;
                 }
-                return Ok(());
+                return Ok(LaneEnd::Stopped);
             }
             if let Some(mut flight) = cursor.in_flight.clone() {
                 if flight.attempts > 0 {
                     self.count(&self.stats.retried, "stockflow_connector_retried_total", 1);
                 }
-                match self.deliver(shard, &flight.request, ctl).await {
-                    Outcome::Stopped => return Ok(()),
+                match self.deliver(shard, fence, &flight.request, ctl).await {
+                    Outcome::Stopped => return Ok(LaneEnd::Stopped),
                     Outcome::Delivered(d) => {
-                        self.dead_letter_items(shard, cursor.delivered.as_ref(), &flight, &d).await?;
+                        self.dead_letter_items(shard, fence, cursor.delivered.as_ref(), &flight, &d).await?;
                         let n = flight.request.items.len() as u64;
                         self.count(&self.stats.effects, "stockflow_connector_effects_delivered_total", n);
                         // Saved with the next in-flight request (one write per request): a crash
@@ -326,26 +485,26 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                             "batch rejected: sending its effects one by one");
                         single_until = Some(flight.through);
                         cursor.in_flight = None;
-                        self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+                        save(cursor.clone(), None).await?;
                     }
                     Outcome::Rejected(reason) => {
                         flight.attempts += 1;
-                        cursor = self.give_up(shard, flight, reason).await?;
+                        cursor = self.give_up(shard, fence, flight, reason).await?;
                     }
                     Outcome::Failed(reason, retry_after) => {
                         flight.attempts += 1;
                         flight.last_error = Some(reason.clone());
                         if flight.attempts >= policy.max_attempts {
-                            cursor = self.give_up(shard, flight, reason).await?;
+                            cursor = self.give_up(shard, fence, flight, reason).await?;
                             continue;
                         }
                         let wait =
                             backoff.delay(flight.attempts - 1).max(retry_after.unwrap_or_default().min(MAX_PAUSE));
                         tracing::debug!(connector = self.name(), shard, attempts = flight.attempts, ?wait, %reason, "delivery failed");
                         cursor.in_flight = Some(flight);
-                        self.store.save_cursor(self.name(), shard, &cursor, None).await?;
-                        if !self.wait(wait, ctl).await {
-                            return Ok(());
+                        save(cursor.clone(), None).await?;
+                        if !self.wait_lane(wait, ctl, shard, fence).await {
+                            return Ok(LaneEnd::Stopped);
                         }
                     }
                 }
@@ -361,17 +520,21 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
             // that began after it and found nothing has seen everything. (Read after the scan,
             // a commit between the two would be left undelivered.)
             let finishing = ctl.finishing();
-            let (entries, through, ended) = self.scan(shard, cursor.delivered.as_ref(), max).await?;
+            let (entries, through, ended_here) = self.scan(shard, cursor.delivered.as_ref(), max).await?;
             let Some(through) = through else {
                 if unsaved {
-                    self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+                    save(cursor.clone(), None).await?;
                     unsaved = false;
                 }
-                if finishing {
-                    return Ok(());
+                if ended {
+                    // An ended shard's outbox does not grow: delivered for good.
+                    return Ok(LaneEnd::Done);
                 }
-                if !self.wait(self.cfg.idle_poll, ctl).await {
-                    return Ok(());
+                if finishing {
+                    return Ok(LaneEnd::Stopped);
+                }
+                if !self.wait_lane(self.cfg.idle_poll, ctl, shard, fence).await {
+                    return Ok(LaneEnd::Stopped);
                 }
                 continue;
             };
@@ -381,23 +544,25 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 unsaved = true;
                 continue;
             }
-            let exhausted = ended && batch.len() < max;
-            if exhausted && !ctl.finishing() && !single {
+            let exhausted = ended_here && batch.len() < max;
+            if exhausted && !ctl.finishing() && !single && !ended {
                 let since = *pending_since.get_or_insert_with(Instant::now);
                 let waited = since.elapsed();
                 if waited < policy.linger {
-                    if !self.wait((policy.linger - waited).min(self.cfg.idle_poll), ctl).await {
-                        return Ok(());
+                    if !self.wait_lane((policy.linger - waited).min(self.cfg.idle_poll), ctl, shard, fence).await {
+                        return Ok(LaneEnd::Stopped);
                     }
                     continue;
                 }
             }
             pending_since = None;
-            let Some((request, through)) = self.render_batch(shard, &mut cursor, &batch, through, ctl).await? else {
+            let Some((request, through)) =
+                self.render_batch(shard, fence, &mut cursor, &batch, through, ctl).await?
+            else {
                 continue;
             };
             cursor.in_flight = Some(InFlight { request, through, attempts: 0, last_error: None });
-            self.store.save_cursor(self.name(), shard, &cursor, None).await?;
+            save(cursor.clone(), None).await?;
             unsaved = false;
         }
     }
@@ -444,6 +609,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
     async fn render_batch(
         &self,
         shard: &str,
+        fence: Option<&Fence>,
         cursor: &mut Cursor,
         batch: &[&OutboxEntry],
         through: OutboxPos,
@@ -480,7 +646,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                         rendered: false,
                     };
                     *cursor = Cursor { delivered: Some(entry.pos.clone()), in_flight: None };
-                    self.store.save_cursor(self.name(), shard, cursor, Some(&dead)).await?;
+                    self.store.save_cursor(self.name(), shard, cursor, Some(&dead), fence).await?;
                     self.record_dead_letter(&dead);
                     return Ok(None);
                 }
@@ -494,7 +660,9 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                         DeliveryError::Rejected(_) => Duration::ZERO,
                     };
                     let mut backoff = Backoff::new(policy.backoff, failures.into());
-                    if !self.wait(backoff.delay(failures).max(wait), ctl).await || failures >= policy.max_attempts {
+                    if !self.wait_lane(backoff.delay(failures).max(wait), ctl, shard, fence).await
+                        || failures >= policy.max_attempts
+                    {
                         return Ok(None);
                     }
                 }
@@ -503,7 +671,13 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
     }
 
     /// Moves an in-flight request to the dead letters, advancing the cursor past it.
-    async fn give_up(&self, shard: &str, flight: InFlight, reason: String) -> Result<Cursor, StoreError> {
+    async fn give_up(
+        &self,
+        shard: &str,
+        fence: Option<&Fence>,
+        flight: InFlight,
+        reason: String,
+    ) -> Result<Cursor, StoreError> {
         let dead = ConnectorDeadLetter {
             connector: self.name().to_string(),
             shard: shard.to_string(),
@@ -515,7 +689,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
             rendered: true,
         };
         let next = Cursor { delivered: Some(flight.through), in_flight: None };
-        self.store.save_cursor(self.name(), shard, &next, Some(&dead)).await?;
+        self.store.save_cursor(self.name(), shard, &next, Some(&dead), fence).await?;
         self.record_dead_letter(&dead);
         Ok(next)
     }
@@ -534,6 +708,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
     async fn dead_letter_items(
         &self,
         shard: &str,
+        fence: Option<&Fence>,
         delivered: Option<&OutboxPos>,
         flight: &InFlight,
         answer: &Delivered,
@@ -581,7 +756,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 requeued: false,
                 rendered,
             };
-            self.store.put_dead_letter(&dead).await?;
+            self.store.put_dead_letter(&dead, fence).await?;
             self.record_dead_letter(&dead);
         }
         Ok(())
@@ -591,9 +766,13 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
     async fn redeliver_dead_letters(&self, ctl: &DrainControl) -> Result<usize, StoreError> {
         let mut left = 0;
         for mut dead in self.store.connector_dead_letters(Some(self.name())).await? {
-            if !dead.requeued || !(self.filter)(&dead.shard) {
+            if !dead.requeued {
                 continue;
             }
+            // Only the member entitled to the shard's lane re-sends it, under the lane's fence.
+            let Some(grant) = self.lanes.grant(&dead.shard) else { continue };
+            let fence = grant.map(|g| g.fence);
+            let fence = fence.as_ref();
             if !dead.rendered {
                 let Ok(effect) = serde_json::from_str::<Effect>(&dead.request.body) else { continue };
                 match self.connector.render(&[&effect]).await {
@@ -604,12 +783,12 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                     Err(e) => {
                         dead.requeued = false;
                         dead.last_error = format!("not rendered: {e}");
-                        self.store.put_dead_letter(&dead).await?;
+                        self.store.put_dead_letter(&dead, fence).await?;
                         continue;
                     }
                 }
             }
-            match self.deliver(&dead.shard, &dead.request, ctl).await {
+            match self.deliver(&dead.shard, fence, &dead.request, ctl).await {
                 Outcome::Stopped => return Ok(left + 1),
                 Outcome::Delivered(d) if !d.rejected.is_empty() => {
                     // Items refused inside the answer: keep the dead letter (a re-send under its
@@ -617,10 +796,10 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                     dead.attempts += 1;
                     dead.requeued = false;
                     dead.last_error = format!("refused inside the answer: {:?}", d.rejected);
-                    self.store.put_dead_letter(&dead).await?;
+                    self.store.put_dead_letter(&dead, fence).await?;
                 }
                 Outcome::Delivered(_) => {
-                    self.store.remove_dead_letter(&dead.connector, &dead.shard, &dead.request.key).await?;
+                    self.store.remove_dead_letter(&dead.connector, &dead.shard, &dead.request.key, fence).await?;
                     self.count(&self.stats.redelivered, "stockflow_connector_redelivered_total", 1);
                     let n = dead.request.items.len() as u64;
                     self.count(&self.stats.effects, "stockflow_connector_effects_delivered_total", n);
@@ -629,12 +808,12 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                     dead.attempts += 1;
                     dead.requeued = false;
                     dead.last_error = reason;
-                    self.store.put_dead_letter(&dead).await?;
+                    self.store.put_dead_letter(&dead, fence).await?;
                 }
                 Outcome::Failed(reason, _) => {
                     dead.attempts += 1;
                     dead.last_error = reason;
-                    self.store.put_dead_letter(&dead).await?;
+                    self.store.put_dead_letter(&dead, fence).await?;
                     left += 1;
                 }
             }
@@ -643,24 +822,24 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
     }
 
     /// Sends one request through the connector's gate until the receiver decides.
-    async fn deliver(&self, shard: &str, request: &Request, ctl: &DrainControl) -> Outcome {
+    async fn deliver(&self, shard: &str, fence: Option<&Fence>, request: &Request, ctl: &DrainControl) -> Outcome {
         loop {
-            // Stop when told to, or when this process no longer drains the shard.
-            if ctl.stopping() || !(self.filter)(shard) {
+            // Stop when told to, or when this process no longer holds the shard's grant.
+            if ctl.stopping() || !self.lanes.holds(shard, fence) {
                 return Outcome::Stopped;
             }
             let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(until) = paused
                 && until > Instant::now()
             {
-                if !self.wait(until - Instant::now(), ctl).await {
+                if !self.wait_lane(until - Instant::now(), ctl, shard, fence).await {
                     return Outcome::Stopped;
                 }
                 continue;
             }
             if let Err(wait) = self.breaker.permit() {
                 self.publish_circuit();
-                if !self.wait(wait, ctl).await {
+                if !self.wait_lane(wait, ctl, shard, fence).await {
                     return Outcome::Stopped;
                 }
                 continue;
@@ -669,11 +848,11 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
             // goes right away, so queued requests cannot bunch above the rate.
             let Ok(_permit) = self.gate.acquire().await else { return Outcome::Stopped };
             if let Some(bucket) = &self.bucket {
-                bucket.acquire().await;
+                bucket.acquire_share(self.lanes.members()).await;
             }
             // A 429 (or a lost lease) may have come while this request queued.
             let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if paused.is_some_and(|u| u > Instant::now()) || !(self.filter)(shard) {
+            if paused.is_some_and(|u| u > Instant::now()) || !self.lanes.holds(shard, fence) {
                 self.breaker.release();
                 continue;
             }

@@ -255,13 +255,15 @@ pub struct SyncReport {
 
 /// Every `interval`, posts the levels of SKUs that changed since the last successful sync, in
 /// batches of the policy's size. Levels are state, not events: a lost sync is repaired by the
-/// next one, and a restart sends every SKU once. With `once`, one full pass and return.
+/// next one, and a restart sends every SKU once. With `once`, one full pass and return. With
+/// [`Lanes::Assigned`](crate::drain::Lanes), only the SKUs of the shards this group member leases.
 pub async fn sync_stock_levels<S: StateStore>(
     store: Arc<S>,
     maker: Arc<Manufacturer>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
     once: bool,
+    lanes: crate::drain::Lanes,
 ) -> SyncReport {
     let mut sent: HashMap<String, (i64, i64)> = HashMap::new();
     let mut report = SyncReport::default();
@@ -275,7 +277,20 @@ pub async fn sync_stock_levels<S: StateStore>(
         pass += 1;
         let nonce = format!("pass={started}.{pass}");
         let mut failed = false;
-        match store.sku_states().await {
+        // In a consumer group, each member sends the SKUs of the shards it leases: one sender per SKU.
+        let states = async {
+            match lanes.owned_shards() {
+                None => store.sku_states().await,
+                Some(shards) => {
+                    let mut all = Vec::new();
+                    for shard in shards {
+                        all.extend(store.shard_sku_states(&shard).await?);
+                    }
+                    Ok(all)
+                }
+            }
+        };
+        match states.await {
             Ok(states) => {
                 let changed: Vec<StockLevel> = states
                     .iter()

@@ -272,14 +272,25 @@ impl TokenBucket {
 
     /// Waits for a token and takes it. Waiters are served in order (the lock is fair).
     pub async fn acquire(&self) {
+        self.acquire_share(1).await;
+    }
+
+    /// Like [`TokenBucket::acquire`], for one of `members` processes sharing the limit: a burst
+    /// of `max(1, capacity / members)` and a token every `members × every`, so that the group
+    /// together stays within `capacity + W/every` in any window `W` (while `members ≤ capacity`;
+    /// beyond that the group's burst is `members`). The share may change between calls.
+    pub async fn acquire_share(&self, members: u32) {
+        let members = members.max(1);
+        let every = self.limit.every.saturating_mul(members);
+        let capacity = (self.limit.capacity / members).max(1);
         let mut tat = self.tat.lock().await;
-        let tolerance = self.limit.every * self.limit.capacity.saturating_sub(1);
+        let tolerance = every * capacity.saturating_sub(1);
         let now = Instant::now();
         let t = (*tat).max(now);
         if t > now + tolerance {
             tokio::time::sleep_until(t - tolerance).await;
         }
-        *tat = t + self.limit.every;
+        *tat = t + every;
     }
 }
 
@@ -420,5 +431,36 @@ mod tests {
             let expected = limit.every * (300 - limit.capacity);
             assert!(span <= expected + limit.every, "{limit:?}: {span:?} > {expected:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn members_sharing_a_bucket_hold_the_limit_together() {
+        // Three members, each with its own bucket at a third of Xero's limit, all sending flat out.
+        let (limit, window, most) = (RateLimit::XERO, Duration::from_secs(60), 60);
+        let start = Instant::now();
+        let times = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let times = std::sync::Arc::clone(&times);
+            tasks.push(tokio::spawn(async move {
+                let bucket = TokenBucket::new(limit);
+                for _ in 0..100 {
+                    bucket.acquire_share(3).await;
+                    times.lock().unwrap().push(Instant::now() - start);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut times = times.lock().unwrap().clone();
+        times.sort();
+        for (i, t) in times.iter().enumerate() {
+            let within = times[i..].iter().take_while(|u| **u < *t + window).count();
+            assert!(within <= most, "{within} requests of the group in {window:?} from {t:?}");
+        }
+        // Not needlessly slow: the group's long-run rate is one token per `every`.
+        let span = times[299] - times[0];
+        assert!(span <= limit.every * 300, "{span:?}");
     }
 }

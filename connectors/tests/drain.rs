@@ -113,6 +113,9 @@ async fn store_with(n: usize, shards: usize) -> (tempfile::TempDir, Arc<RedbStor
                 effects: chunk.to_vec(),
                 dead_letters: Vec::new(),
                 dedup: DedupDelta::Append(Vec::new()),
+                new_skus: Vec::new(),
+                keep_checkpoint: false,
+                lag_ms: None,
             };
             store.commit(Arc::new(commit)).await.unwrap();
         }

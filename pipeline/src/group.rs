@@ -23,12 +23,16 @@
 //!
 //! On shutdown every worker finishes its batch and commits, then its lease is released, so
 //! another process takes it on its next take pass instead of waiting for expiry.
+//!
+//! The coordinator also publishes this member's [`Assignment`] (after every event of its loop):
+//! the outboxes its connectors' drains deliver, each fenced by a lease it holds, and the number of
+//! live members that share the connectors' rate limits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stockflow_state::lease::{Lease, LeaseStore, NewLease};
+use stockflow_state::lease::{Assignment, Lease, LeaseStore, NewLease};
 use stockflow_state::{EngineConfig, StateStore, StoreError};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
@@ -164,9 +168,15 @@ pub struct Coordinator<Src, L, S> {
     worker_cfg: WorkerConfig,
     cfg: GroupConfig,
     progress: Arc<Progress>,
+    assignment: watch::Sender<Arc<Assignment>>,
 }
 
 impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
+    /// What this member delivers, kept current while it runs (empty before and after).
+    pub fn assignment(&self) -> watch::Receiver<Arc<Assignment>> {
+        self.assignment.subscribe()
+    }
+
     /// A member over these stores.
     pub fn new(
         source: Arc<Src>,
@@ -177,7 +187,8 @@ impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
         cfg: GroupConfig,
         progress: Arc<Progress>,
     ) -> Self {
-        Coordinator { source, leases, store, engine_cfg, worker_cfg, cfg, progress }
+        let assignment = watch::channel(Arc::new(Assignment::default())).0;
+        Coordinator { source, leases, store, engine_cfg, worker_cfg, cfg, progress, assignment }
     }
 
     /// Runs until `shutdown` turns true: takes, renews and balances leases and runs a worker
@@ -201,6 +212,9 @@ impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
             observed: HashMap::new(),
             known_shards: HashSet::new(),
             report: GroupReport::default(),
+            table: Vec::new(),
+            members: std::sync::atomic::AtomicU32::new(1),
+            closing: false,
         };
         tracing::info!(worker = %self.cfg.worker_id, failover = ?self.cfg.failover, "joining the consumer group");
         run.sync_shards().await;
@@ -237,6 +251,7 @@ impl<Src: StreamSource, L: LeaseStore, S: StateStore> Coordinator<Src, L, S> {
                 _ = take.tick() => run.take_pass().await,
                 _ = sync.tick() => run.sync_shards().await,
             }
+            run.publish();
         };
         run.shutdown().await;
         heart.abort();
@@ -256,6 +271,12 @@ struct Run<'a, Src, L, S> {
     /// Shards `ListShards` returned last.
     known_shards: HashSet<String>,
     report: GroupReport,
+    /// The lease table as the last take pass scanned it.
+    table: Vec<Lease>,
+    /// Live members by that scan (this one included).
+    members: std::sync::atomic::AtomicU32,
+    /// Shutting down: nothing is granted any more.
+    closing: bool,
 }
 
 impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
@@ -302,7 +323,28 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
 
     fn forget(&mut self, key: &str) -> Option<Owned> {
         lock(&self.held).remove(key);
-        self.owned.remove(key)
+        metrics::shard_owned(key, false);
+        let owned = self.owned.remove(key);
+        // Drains stop the shard's lanes before anything else happens to the lease.
+        self.publish();
+        owned
+    }
+
+    /// Publishes the drains' assignment (when it changed).
+    fn publish(&self) {
+        let owned: std::collections::BTreeMap<String, u64> = if self.closing {
+            Default::default()
+        } else {
+            self.owned.iter().map(|(k, o)| (k.clone(), o.epoch)).collect()
+        };
+        let next = Assignment::of(&self.table, &owned, self.members.load(std::sync::atomic::Ordering::Relaxed));
+        self.c.assignment.send_if_modified(|a| {
+            if **a == next {
+                return false;
+            }
+            *a = Arc::new(next);
+            true
+        });
     }
 
     fn lose(&mut self, key: &str) {
@@ -329,6 +371,7 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         // is checked at this scan's *start*: the owner has certainly not renewed for at least the
         // time between the two, however slow the scans (a slow store never expires live leases).
         let scanned = Instant::now();
+        self.table = leases.clone();
         for l in &leases {
             let e = self.observed.entry(l.key.clone()).or_insert((l.counter, scanned));
             if e.0 != l.counter {
@@ -373,6 +416,7 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         }
         load.entry(self.me()).or_default();
         let workers = load.len();
+        self.members.store(u32::try_from(workers).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
         let target = eligible.len().div_ceil(workers.max(1)).min(self.c.cfg.max_leases);
         let mut need = target.saturating_sub(self.owned.len());
         if need == 0 {
@@ -467,6 +511,8 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         lock(&self.held).insert(l.key.clone(), epoch);
         self.owned.insert(l.key.clone(), Owned { epoch, stop, abort });
         metrics::leases_owned(self.owned.len());
+        metrics::shard_owned(&l.key, true);
+        self.publish();
         true
     }
 
@@ -521,8 +567,11 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         }
     }
 
-    /// Graceful handoff: stop every worker (each commits), then release or end its lease.
+    /// Graceful handoff: stop the drains' lanes and every worker (each commits), then release
+    /// or end its lease.
     async fn shutdown(&mut self) {
+        self.closing = true;
+        self.publish();
         for o in self.owned.values() {
             let _ = o.stop.send(true);
         }

@@ -136,6 +136,11 @@ pub fn leases_owned(n: usize) {
     gauge!("stockflow_leases_owned").set(n as f64);
 }
 
+/// Whether this process holds the shard's lease now (1) or not (0).
+pub fn shard_owned(shard: &str, owned: bool) {
+    gauge!("stockflow_shard_owned", "shard" => shard.to_string()).set(if owned { 1.0 } else { 0.0 });
+}
+
 /// A lease changed hands here (`event`: `taken`, `stolen`, `lost`, `released`, `ended`, `created`).
 pub fn lease_event(event: &'static str) {
     counter!("stockflow_lease_events_total", "event" => event).increment(1);

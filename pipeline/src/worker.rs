@@ -134,6 +134,8 @@ pub struct ShardWorker<R: ShardReader, S: StateStore> {
     commit_floor: Option<Position>,
     /// Ingest stamps of the uncommitted events, run-length encoded (ms, events).
     stamps: Vec<(i64, u32)>,
+    /// When the first stored dedup entry expires (wall ms), for stores whose entries expire.
+    dedup_expires_at: Option<i64>,
 }
 
 impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
@@ -202,6 +204,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             floors: stored.floors.into_iter().collect(),
             commit_floor,
             stamps: Vec::new(),
+            dedup_expires_at: stored.dedup_expires_at_ms,
         })
     }
 
@@ -234,6 +237,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
                     if self.uncommitted > 0 && self.last_commit.elapsed() >= self.cfg.commit_interval {
                         self.commit().await?;
                     }
+                    self.refresh_dedup().await?;
                 }
                 status = self.reader.next_batch(&mut batch, self.cfg.batch_records) => {
                     let status = status?;
@@ -348,6 +352,28 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         self.lag_reported = bytes;
     }
 
+    /// A store whose dedup entries expire by wall clock (DynamoDB TTL) must see the live ones
+    /// rewritten before they do — a quiet shard commits nothing for days, while its ids stay
+    /// live in event time. When less than the store's refresh margin is left, the live set is
+    /// rewritten: with the next commit, or alone at the stored checkpoint if the shard is idle.
+    async fn refresh_dedup(&mut self) -> Result<(), WorkerError> {
+        let Some(expiry) = self.store.dedup_expiry() else { return Ok(()) };
+        let Some(at) = self.dedup_expires_at else { return Ok(()) };
+        if at.saturating_sub(stockflow_state::now_ms()) > expiry.refresh_before_ms {
+            return Ok(());
+        }
+        self.engine.rewrite_dedup();
+        if self.uncommitted > 0 {
+            return self.commit().await;
+        }
+        let Some(checkpoint) = self.checkpoint.clone() else { return Ok(()) };
+        if self.commit_floor.is_some() {
+            return Ok(()); // the replay of an interrupted commit comes first
+        }
+        tracing::info!(shard = %self.shard, "rewriting the live dedup ids before their TTL");
+        self.write(checkpoint, true).await
+    }
+
     /// Writes everything applied since the last commit, with its checkpoint.
     async fn commit(&mut self) -> Result<(), WorkerError> {
         let Some(checkpoint) = self.last.clone() else { return Ok(()) };
@@ -362,6 +388,13 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             self.commit_floor = None;
             self.floors.clear();
         }
+        self.write(checkpoint, false).await
+    }
+
+    /// One commit at `checkpoint` (`keep`: the stored one, dedup ids only), retried while the
+    /// store's trouble is transient.
+    async fn write(&mut self, checkpoint: Position, keep: bool) -> Result<(), WorkerError> {
+        let written_at = stockflow_state::now_ms();
         let delta = self.engine.take_delta()?;
         let commit = Arc::new(ShardCommit {
             shard: self.shard.clone(),
@@ -372,6 +405,9 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             effects: delta.effects,
             dead_letters: std::mem::take(&mut self.dead),
             dedup: delta.dedup,
+            new_skus: delta.new_skus,
+            keep_checkpoint: keep,
+            lag_ms: self.reader.lag().millis,
         });
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5), self.cfg.commit_attempts);
         loop {
@@ -396,6 +432,20 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             }
         }
         metrics::committed(&self.shard, self.uncommitted as u64, &commit.effects, &self.stamps);
+        if let Some(expiry) = self.store.dedup_expiry() {
+            // The earliest expiry of what is stored: a rewrite resets it; appended entries
+            // expire after the ones already there.
+            let fresh = written_at.saturating_add(expiry.ttl_ms);
+            match &commit.dedup {
+                stockflow_state::engine::DedupDelta::Replace(b) => {
+                    self.dedup_expires_at = (!b.is_empty()).then_some(fresh);
+                }
+                stockflow_state::engine::DedupDelta::Append(b) if !b.is_empty() => {
+                    self.dedup_expires_at.get_or_insert(fresh);
+                }
+                stockflow_state::engine::DedupDelta::Append(_) => {}
+            }
+        }
         self.progress.committed.fetch_add(self.uncommitted as u64, Ordering::Relaxed);
         self.stamps.clear();
         self.checkpoint = Some(checkpoint);

@@ -25,7 +25,7 @@ use crate::dedup::DedupEntry;
 use crate::effects::Effect;
 use crate::engine::{DedupDelta, ShardSnapshot};
 use crate::ledger::SkuState;
-use crate::outbox::{ConnectorDeadLetter, Cursor, OutboxEntry, OutboxPos, OutboxStore, row_entries};
+use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_entries};
 use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
 
 const SKU_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sku_state");
@@ -117,6 +117,7 @@ impl RedbStore {
             checkpoint: meta.checkpoint,
             snapshot: ShardSnapshot { max_ts: meta.max_ts, skus, dedup },
             floors: Vec::new(),
+            dedup_expires_at_ms: None,
         })
     }
 
@@ -131,7 +132,7 @@ impl RedbStore {
                 None => ShardMeta::default(),
             };
             if let Some(stored) = &meta.checkpoint
-                && *stored >= c.checkpoint
+                && (*stored > c.checkpoint || (*stored == c.checkpoint && !c.keep_checkpoint))
             {
                 return Err(StoreError::CheckpointRegression {
                     shard: c.shard.clone(),
@@ -250,6 +251,25 @@ impl StateStore for RedbStore {
         self.blocking(|db| Self::scan_json(db, DEAD_LETTERS)).await
     }
 
+    async fn shard_sku_states(&self, shard: &str) -> Result<Vec<(String, SkuState)>, StoreError> {
+        let shard = shard.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let states = txn.open_table(SKU_STATE).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in states.range((shard.as_str(), "")..).map_err(unavailable)? {
+                let (k, v) = row.map_err(unavailable)?;
+                let (row_shard, sku) = k.value();
+                if row_shard != shard {
+                    break;
+                }
+                out.push((sku.to_string(), SkuState::decode(v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn checkpoints(&self) -> Result<Vec<(String, Position)>, StoreError> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(unavailable)?;
@@ -342,8 +362,11 @@ impl OutboxStore for RedbStore {
         shard: &str,
         cursor: &Cursor,
         dead: Option<&ConnectorDeadLetter>,
+        _fence: Option<&Fence>,
     ) -> Result<(), StoreError> {
+        // One process owns the embedded store (the data directory is locked): no lease to check.
         let (connector, shard) = (connector.to_string(), shard.to_string());
+        let delivered = cursor.delivered.clone();
         let cursor = serde_json::to_vec(cursor).map_err(corrupt)?;
         let dead = dead.map(|d| Ok::<_, StoreError>((d.request.key.clone(), serde_json::to_vec(d).map_err(corrupt)?)));
         let dead = dead.transpose()?;
@@ -351,6 +374,12 @@ impl OutboxStore for RedbStore {
             let txn = db.begin_write().map_err(unavailable)?;
             {
                 let mut t = txn.open_table(DELIVERY).map_err(unavailable)?;
+                let stored = t.get((connector.as_str(), shard.as_str())).map_err(unavailable)?;
+                let stored: Option<Cursor> =
+                    stored.map(|v| serde_json::from_slice(v.value())).transpose().map_err(corrupt)?;
+                if stored.is_some_and(|c| c.delivered > delivered) {
+                    return Err(StoreError::CursorRegression { connector, shard });
+                }
                 t.insert((connector.as_str(), shard.as_str()), cursor.as_slice()).map_err(unavailable)?;
                 if let Some((key, json)) = &dead {
                     let mut d = txn.open_table(CONNECTOR_DLQ).map_err(unavailable)?;
@@ -380,7 +409,7 @@ impl OutboxStore for RedbStore {
         .await
     }
 
-    async fn put_dead_letter(&self, dead: &ConnectorDeadLetter) -> Result<(), StoreError> {
+    async fn put_dead_letter(&self, dead: &ConnectorDeadLetter, _fence: Option<&Fence>) -> Result<(), StoreError> {
         let json = serde_json::to_vec(dead).map_err(corrupt)?;
         let key = (dead.connector.clone(), dead.shard.clone(), dead.request.key.clone());
         self.blocking(move |db| {
@@ -394,7 +423,13 @@ impl OutboxStore for RedbStore {
         .await
     }
 
-    async fn remove_dead_letter(&self, connector: &str, shard: &str, key: &str) -> Result<(), StoreError> {
+    async fn remove_dead_letter(
+        &self,
+        connector: &str,
+        shard: &str,
+        key: &str,
+        _fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
         let key = (connector.to_string(), shard.to_string(), key.to_string());
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(unavailable)?;

@@ -154,6 +154,9 @@ pub struct EngineDelta {
     pub dedup: DedupDelta,
     /// The shard's largest event time.
     pub max_ts: Option<i64>,
+    /// SKUs in `states` whose state was never committed under this shard before (new SKUs, and
+    /// every SKU a child adopts): a store that lists a shard's SKUs adds them to its listing.
+    pub new_skus: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -162,6 +165,8 @@ struct Slot {
     state: SkuState,
     reorder_point: i64,
     dirty: bool,
+    /// Committed under this shard before (restored from it, or in an earlier delta).
+    listed: bool,
 }
 
 /// The state of one shard in memory.
@@ -243,11 +248,18 @@ impl ShardEngine {
     pub fn adopt(cfg: Arc<EngineConfig>, snapshot: ShardSnapshot) -> Self {
         let mut engine = ShardEngine::restore(cfg, snapshot);
         for idx in 0..engine.skus.len() as u32 {
+            engine.skus[idx as usize].listed = false;
             engine.mark_dirty(idx);
         }
         engine.dedup_base_bytes = 0;
         engine.force_dedup_replace = true;
         engine
+    }
+
+    /// The next delta carries the whole live dedup set (a store whose entries expire by wall
+    /// clock rewrites them before they do).
+    pub fn rewrite_dedup(&mut self) {
+        self.force_dedup_replace = true;
     }
 
     /// Keep finalised windows for [`ShardEngine::take_final_windows`] (off by default).
@@ -266,7 +278,8 @@ impl ShardEngine {
         let (skus, hasher) = (&self.skus, &self.hasher);
         self.table.insert_unique(hash, idx, |&i| hasher.hash_one(&*skus[i as usize].name));
         let reorder_point = self.cfg.reorder_point(&name);
-        self.skus.push(Slot { name, state, reorder_point, dirty: false });
+        // Restored SKUs are listed; `intern` marks a new one unlisted.
+        self.skus.push(Slot { name, state, reorder_point, dirty: false, listed: true });
         idx
     }
 
@@ -277,7 +290,9 @@ impl ShardEngine {
             return (idx, false);
         }
         let ordinal = self.skus.len() as u32;
-        (self.push_slot(sku.into(), SkuState { ordinal, ..SkuState::default() }), true)
+        let idx = self.push_slot(sku.into(), SkuState { ordinal, ..SkuState::default() });
+        self.skus[idx as usize].listed = false;
+        (idx, true)
     }
 
     /// Forgets the SKU created last (its first event was rejected).
@@ -411,9 +426,14 @@ impl ShardEngine {
     /// Takes what changed since the previous call: dirty SKUs (encoded), effects, dedup entries.
     pub fn take_delta(&mut self) -> Result<EngineDelta, StoreError> {
         let mut states = Vec::with_capacity(self.dirty.len());
+        let mut new_skus = Vec::new();
         for idx in self.dirty.drain(..) {
             let slot = &mut self.skus[idx as usize];
             slot.dirty = false;
+            if !slot.listed {
+                slot.listed = true;
+                new_skus.push(slot.name.to_string());
+            }
             states.push((slot.name.to_string(), slot.state.encode()?));
         }
         self.dedup_appended_bytes += self.dedup.pending_len() * ENTRY_BYTES;
@@ -436,7 +456,13 @@ impl ShardEngine {
             self.dedup.drain_pending(id_of, |e| e.encode_into(&mut bytes));
             DedupDelta::Append(bytes)
         };
-        Ok(EngineDelta { states, effects: std::mem::take(&mut self.effects), dedup, max_ts: self.clock.max_ts() })
+        Ok(EngineDelta {
+            states,
+            effects: std::mem::take(&mut self.effects),
+            dedup,
+            max_ts: self.clock.max_ts(),
+            new_skus,
+        })
     }
 
     /// A canonical snapshot of everything (SKUs sorted by name, dedup entries by key).
@@ -551,6 +577,20 @@ mod tests {
         assert_eq!(bytes.len(), 3 * ENTRY_BYTES);
         assert!(!e.is_dirty());
         assert!(e.take_delta().unwrap().states.is_empty());
+        assert_eq!(d.new_skus, ["A", "B"], "both SKUs are new to the shard");
+        // Touched again: listed already. A new SKU is new once; a restore lists everything.
+        for (i, sku) in ["A", "C"].iter().enumerate() {
+            let json = format!(r#"{{"id":"n{i}","type":"stock_adjusted","sku":"{sku}","ts":{T0},"delta":1}}"#);
+            e.apply(&decode(json.as_bytes()).unwrap());
+        }
+        assert_eq!(e.take_delta().unwrap().new_skus, ["C"]);
+        let mut restored = ShardEngine::restore(Arc::clone(e.config()), e.snapshot());
+        let json = format!(r#"{{"id":"r","type":"stock_adjusted","sku":"B","ts":{T0},"delta":1}}"#);
+        restored.apply(&decode(json.as_bytes()).unwrap());
+        assert!(restored.take_delta().unwrap().new_skus.is_empty());
+        // A child adopting SKUs lists them all under itself.
+        let mut child = ShardEngine::adopt(Arc::clone(e.config()), e.snapshot());
+        assert_eq!(child.take_delta().unwrap().new_skus, ["A", "B", "C"]);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use md5::{Digest, Md5};
 
+use crate::outbox::Fence;
 use crate::store::{Position, StoreError};
 
 /// A shard's range of 128-bit hash keys (inclusive), as Kinesis assigns partition keys to shards.
@@ -123,6 +124,70 @@ pub trait LeaseStore: Send + Sync + 'static {
         epoch: u64,
         children: &[String],
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// A shard outbox this process may deliver, and under which fence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneGrant {
+    /// Every write of the lane is conditioned on this lease holding this epoch.
+    pub fence: Fence,
+    /// Shards whose outboxes must be delivered (for the same connector) before this one's lane
+    /// starts: the shard's parents, so a SKU's effects keep their order across a reshard.
+    pub after: Vec<String>,
+    /// The shard ended: its outbox will not grow (the lane stops once it is delivered).
+    pub ended: bool,
+}
+
+/// What one member of a consumer group delivers: the outboxes of the shards it leases and of
+/// the ended ancestors it is designated for, and how many members share the connectors' limits.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Assignment {
+    /// Shard → grant.
+    pub lanes: BTreeMap<String, LaneGrant>,
+    /// Live members of the group (at least 1): each takes `1/members` of a connector's rate.
+    pub members: u32,
+}
+
+impl Assignment {
+    /// The lanes of `me` given the lease table and the leases it holds (`owned`: key → epoch).
+    ///
+    /// A live shard is delivered by its owner, fenced by its own lease. An ended shard is
+    /// delivered by the owner of its **designated descendant**: follow the smallest child while
+    /// the shard ended, down to a live shard; its lease fences the writes. Every process
+    /// computes the same designation, so exactly one lease (hence at most one holder at a time)
+    /// entitles a lane of each outbox. An ended shard without recorded children is not delivered
+    /// (it cannot be: nothing fences it) — `stockflow group status` shows it.
+    pub fn of(leases: &[Lease], owned: &BTreeMap<String, u64>, members: u32) -> Assignment {
+        let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+        fn designated<'a>(start: &'a Lease, by_key: &BTreeMap<&str, &'a Lease>, bound: usize) -> Option<&'a str> {
+            let mut at = start;
+            // Lineage is a DAG that only grows downwards; the bound guards a corrupt table.
+            for _ in 0..=bound {
+                if !at.ended {
+                    return Some(at.key.as_str());
+                }
+                let child = at.children.iter().min()?;
+                at = by_key.get(child.as_str())?;
+            }
+            None
+        }
+        let mut lanes = BTreeMap::new();
+        for l in leases {
+            let Some(drainer) = designated(l, &by_key, leases.len()) else { continue };
+            let Some(&epoch) = owned.get(drainer) else { continue };
+            let fence = Fence { lease: drainer.to_string(), epoch };
+            lanes.insert(l.key.clone(), LaneGrant { fence, after: l.parents.clone(), ended: l.ended });
+        }
+        // A shard owned but not yet in the scanned table (taken since): its own lease fences it.
+        for (key, &epoch) in owned {
+            lanes.entry(key.clone()).or_insert_with(|| LaneGrant {
+                fence: Fence { lease: key.clone(), epoch },
+                after: by_key.get(key.as_str()).map(|l| l.parents.clone()).unwrap_or_default(),
+                ended: false,
+            });
+        }
+        Assignment { lanes, members: members.max(1) }
+    }
 }
 
 /// The first epoch of a new row: the creation time in microseconds, so that a row deleted and
@@ -261,5 +326,52 @@ mod tests {
         let row = &l.leases().await.unwrap()[0];
         assert!(row.ended && row.owner.is_none() && row.children == ["c"]);
         assert!(l.take_lease("s", "a", row.counter).await.unwrap().is_none(), "an ended shard is not taken");
+    }
+
+    fn lease(key: &str, ended: bool, parents: &[&str], children: &[&str]) -> Lease {
+        Lease {
+            key: key.into(),
+            owner: None,
+            counter: 0,
+            epoch: 1,
+            checkpoint: None,
+            ended,
+            parents: parents.iter().map(|p| p.to_string()).collect(),
+            children: children.iter().map(|c| c.to_string()).collect(),
+            hash_range: None,
+            owner_switches: 0,
+        }
+    }
+
+    #[test]
+    fn ended_shards_are_delivered_by_the_owner_of_their_smallest_live_descendant() {
+        // p split into c1 and c2; c1 and s3 merged into m; s4 untouched.
+        let table = vec![
+            lease("p", true, &[], &["c1", "c2"]),
+            lease("c1", true, &["p"], &["m"]),
+            lease("c2", false, &["p"], &[]),
+            lease("s3", true, &[], &["m"]),
+            lease("m", false, &["c1", "s3"], &[]),
+            lease("s4", false, &[], &[]),
+            lease("gone", true, &[], &[]),
+        ];
+        let owned = |keys: &[(&str, u64)]| keys.iter().map(|(k, e)| (k.to_string(), *e)).collect();
+        // The owner of m delivers m, c1 (its only child is m), s3, and p (smallest child c1 → m).
+        let a = Assignment::of(&table, &owned(&[("m", 7)]), 2);
+        let keys: Vec<&str> = a.lanes.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["c1", "m", "p", "s3"]);
+        assert!(a.lanes.values().all(|g| g.fence == Fence { lease: "m".into(), epoch: 7 }));
+        assert_eq!(a.lanes["m"].after, ["c1", "s3"], "m starts after its parents' outboxes");
+        assert!(a.lanes["p"].ended && !a.lanes["m"].ended);
+        // The owner of c2 delivers only c2, after p.
+        let b = Assignment::of(&table, &owned(&[("c2", 3), ("s4", 9)]), 2);
+        assert_eq!(b.lanes.keys().map(String::as_str).collect::<Vec<_>>(), ["c2", "s4"]);
+        assert_eq!(b.lanes["c2"].after, ["p"]);
+        assert_eq!(b.lanes["s4"].fence, Fence { lease: "s4".into(), epoch: 9 });
+        // Every outbox but the childless ended one has exactly one designated lease.
+        let all = Assignment::of(&table, &owned(&[("m", 7), ("c2", 3), ("s4", 9)]), 1);
+        assert_eq!(all.lanes.len(), 6);
+        assert!(!all.lanes.contains_key("gone"));
+        assert_eq!(Assignment::of(&table, &BTreeMap::new(), 0).members, 1);
     }
 }

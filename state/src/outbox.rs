@@ -5,6 +5,11 @@
 //! as the cursor's `in_flight` **before** sending it. A restart re-sends exactly those bytes under
 //! that key until the receiver decides, so a batch regrouped after a crash can never go out under
 //! a second key. Delivered → the cursor moves to `through` and `in_flight` is cleared, in one write.
+//!
+//! In a consumer group, every write of a lane carries a [`Fence`]: the lease (and its epoch) that
+//! entitles this process to deliver the shard. A store that is shared (DynamoDB) writes only while
+//! that lease still has that epoch, so a member that lost the lease cannot write a cursor, an
+//! in-flight request or a dead letter; and no write moves a cursor backwards.
 
 use std::future::Future;
 
@@ -21,6 +26,24 @@ pub struct OutboxPos {
     pub row: String,
     /// The effect's line in the row.
     pub line: u32,
+}
+
+impl OutboxPos {
+    /// A string that sorts like the position (rows are fixed-width or order-preserving).
+    pub fn sort_key(&self) -> String {
+        format!("{}#{:010}", self.row, self.line)
+    }
+}
+
+/// What entitles a drain lane to write: holding `lease` at `epoch`. For a live shard the lease is
+/// the shard's own; for an ended parent it is the lease of the descendant whose owner delivers
+/// the parent's outbox (docs/consumer-group.md, "Delivery").
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fence {
+    /// The lease key (a shard id).
+    pub lease: String,
+    /// Its epoch when this process took it.
+    pub epoch: u64,
 }
 
 /// One effect read from the outbox.
@@ -114,13 +137,16 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// The connector's cursor in `shard` (default: nothing delivered).
     fn cursor(&self, connector: &str, shard: &str) -> impl Future<Output = Result<Cursor, StoreError>> + Send;
 
-    /// Writes the cursor and, in the same atomic write, a new dead letter.
+    /// Writes the cursor and, in the same atomic write, a new dead letter. With a fence, only
+    /// while the fence's lease still has its epoch ([`StoreError::Fenced`] otherwise). A cursor
+    /// whose `delivered` is before the stored one is refused ([`StoreError::CursorRegression`]).
     fn save_cursor(
         &self,
         connector: &str,
         shard: &str,
         cursor: &Cursor,
         dead: Option<&ConnectorDeadLetter>,
+        fence: Option<&Fence>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Every connector dead letter (of one connector, or all), by connector, shard and key.
@@ -129,15 +155,22 @@ pub trait OutboxStore: Send + Sync + 'static {
         connector: Option<&str>,
     ) -> impl Future<Output = Result<Vec<ConnectorDeadLetter>, StoreError>> + Send;
 
-    /// Inserts or replaces a dead letter (keyed by connector, shard and request key).
-    fn put_dead_letter(&self, dead: &ConnectorDeadLetter) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Inserts or replaces a dead letter (keyed by connector, shard and request key); with a
+    /// fence, only while its lease has its epoch.
+    fn put_dead_letter(
+        &self,
+        dead: &ConnectorDeadLetter,
+        fence: Option<&Fence>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Removes a dead letter once its request was delivered.
+    /// Removes a dead letter once its request was delivered; with a fence, only while its lease
+    /// has its epoch.
     fn remove_dead_letter(
         &self,
         connector: &str,
         shard: &str,
         key: &str,
+        fence: Option<&Fence>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
@@ -147,7 +180,7 @@ pub async fn requeue_dead_letters<S: OutboxStore>(store: &S, connector: Option<&
     for mut dead in store.connector_dead_letters(connector).await? {
         if !dead.requeued {
             dead.requeued = true;
-            store.put_dead_letter(&dead).await?;
+            store.put_dead_letter(&dead, None).await?;
             n += 1;
         }
     }

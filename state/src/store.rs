@@ -109,6 +109,15 @@ pub struct ShardCommit {
     pub dead_letters: Vec<DeadLetter>,
     /// New dedup entries.
     pub dedup: DedupDelta,
+    /// SKUs of `states` committed under this shard for the first time (see
+    /// [`crate::engine::EngineDelta::new_skus`]).
+    pub new_skus: Vec<String>,
+    /// A commit that only rewrites the dedup entries, at the stored checkpoint (which it keeps):
+    /// no records, states or effects. Stores whose entries expire use it to refresh them.
+    pub keep_checkpoint: bool,
+    /// How far the shard's reader was behind the stream's tip at this commit, ms (shown by
+    /// `stockflow group status`).
+    pub lag_ms: Option<u64>,
 }
 
 /// What a shard's stored state is.
@@ -122,6 +131,19 @@ pub struct StoredShard {
     /// split into parts and interrupted): a replay skips their records up to this position.
     /// Always empty for stores that commit atomically.
     pub floors: Vec<(String, Position)>,
+    /// When the first of the stored dedup entries expires (wall clock, ms), for stores whose
+    /// entries expire ([`StateStore::dedup_expiry`]).
+    pub dedup_expires_at_ms: Option<i64>,
+}
+
+/// How a store expires dedup entries by wall clock (DynamoDB TTL), and when a worker must
+/// rewrite them so that no live entry expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupExpiry {
+    /// Entries written now expire this long after (ms).
+    pub ttl_ms: i64,
+    /// Rewrite them when less than this is left (ms).
+    pub refresh_before_ms: i64,
 }
 
 /// Store failures. Transient ones are retried; permanent ones stop the shard worker.
@@ -147,6 +169,14 @@ pub enum StoreError {
         stored: Position,
         /// The rejected one.
         new: Position,
+    },
+    /// A delivery cursor write would move the cursor backwards: a bug or a zombie writer.
+    #[error("connector {connector}, shard {shard}: the delivery cursor may not move backwards")]
+    CursorRegression {
+        /// The connector.
+        connector: String,
+        /// The shard.
+        shard: String,
     },
     /// Stored bytes could not be decoded: the store needs attention.
     #[error("state store corrupt: {0}")]
@@ -179,6 +209,18 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Every shard's checkpoint.
     fn checkpoints(&self) -> impl Future<Output = Result<Vec<(String, Position)>, StoreError>> + Send;
+
+    /// The SKU states a shard holds now (the SKUs whose latest commit came from it), sorted by
+    /// SKU, read consistently.
+    fn shard_sku_states(
+        &self,
+        shard: &str,
+    ) -> impl Future<Output = Result<Vec<(String, SkuState)>, StoreError>> + Send;
+
+    /// How stored dedup entries expire, if they do (`None`: kept until compaction removes them).
+    fn dedup_expiry(&self) -> Option<DedupExpiry> {
+        None
+    }
 }
 
 #[cfg(test)]

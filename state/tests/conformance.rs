@@ -40,6 +40,9 @@ fn commit_of(engine: &mut ShardEngine, shard: &str, epoch: u64, pos: u64, dead: 
         effects: d.effects,
         dead_letters: dead,
         dedup: d.dedup,
+        new_skus: d.new_skus,
+        keep_checkpoint: false,
+        lag_ms: None,
     })
 }
 
@@ -155,7 +158,7 @@ async fn outbox_conformance<S: StateStore + OutboxStore>(store: &S, shard: &str)
             last_error: Some("HTTP 503".into()),
         }),
     };
-    store.save_cursor("accounting", shard, &cursor, None).await.unwrap();
+    store.save_cursor("accounting", shard, &cursor, None, None).await.unwrap();
     assert_eq!(store.cursor("accounting", shard).await.unwrap(), cursor);
     assert_eq!(store.cursor("alerts-webhook", shard).await.unwrap(), Cursor::default(), "cursors are per connector");
     let dead = ConnectorDeadLetter {
@@ -169,7 +172,14 @@ async fn outbox_conformance<S: StateStore + OutboxStore>(store: &S, shard: &str)
         rendered: true,
     };
     let next = Cursor { delivered: Some(all[3].pos.clone()), in_flight: None };
-    store.save_cursor("accounting", shard, &next, Some(&dead)).await.unwrap();
+    store.save_cursor("accounting", shard, &next, Some(&dead), None).await.unwrap();
+    assert_eq!(store.cursor("accounting", shard).await.unwrap(), next);
+    // A cursor never moves back: an exit-time save of a stale copy is refused, the stored one stays.
+    let stale = Cursor { delivered: Some(all[1].pos.clone()), in_flight: None };
+    let err = store.save_cursor("accounting", shard, &stale, None, None).await.unwrap_err();
+    assert!(matches!(err, StoreError::CursorRegression { .. }), "{err}");
+    let err = store.save_cursor("accounting", shard, &Cursor::default(), None, None).await.unwrap_err();
+    assert!(matches!(err, StoreError::CursorRegression { .. }), "{err}");
     assert_eq!(store.cursor("accounting", shard).await.unwrap(), next);
     assert_eq!(store.connector_dead_letters(Some("accounting")).await.unwrap(), vec![dead.clone()]);
     assert_eq!(store.connector_dead_letters(Some("manufacturer")).await.unwrap(), vec![]);
@@ -177,7 +187,7 @@ async fn outbox_conformance<S: StateStore + OutboxStore>(store: &S, shard: &str)
     assert_eq!(requeue_dead_letters(store, Some("accounting")).await.unwrap(), 0, "already flagged");
     let listed = store.connector_dead_letters(None).await.unwrap();
     assert!(listed.len() == 1 && listed[0].requeued);
-    store.remove_dead_letter("accounting", shard, &dead.request.key).await.unwrap();
+    store.remove_dead_letter("accounting", shard, &dead.request.key, None).await.unwrap();
     assert_eq!(store.connector_dead_letters(None).await.unwrap(), vec![]);
 }
 
@@ -207,6 +217,10 @@ async fn v1_rows_are_upgraded<S: StateStore>(store: &S, shard: &str, epoch: u64)
             effects: Vec::new(),
             dead_letters: Vec::new(),
             dedup: DedupDelta::Append(Vec::new()),
+            // As an earlier stockflow wrote it: no listing (DynamoDB builds it once by a scan).
+            new_skus: Vec::new(),
+            keep_checkpoint: false,
+            lag_ms: None,
         })
     };
     store.commit(commit(vec![("OLD-SKU".into(), old.encode().unwrap())], 1)).await.unwrap();
@@ -272,6 +286,9 @@ async fn many_lines_commit_and_restore<S: StateStore>(store: &S, shard: &str, ep
             effects: d.effects,
             dead_letters: Vec::new(),
             dedup: d.dedup,
+            new_skus: d.new_skus,
+            keep_checkpoint: false,
+            lag_ms: None,
         }))
         .await
         .unwrap();
@@ -359,4 +376,55 @@ async fn dynamodb_effects_larger_than_one_item_read_back_whole() {
         paged.extend(page.into_iter().map(|e| e.effect));
     }
     assert_eq!(paged, stored);
+}
+
+/// Delivery writes are fenced by a lease: the holder writes; once the lease moved (a steal, a
+/// release) every write of the old holder — cursor, in-flight request, dead letter — is refused.
+#[tokio::test]
+async fn dynamodb_delivery_writes_are_fenced_by_the_lease() {
+    use stockflow_state::lease::{LeaseStore, NewLease};
+    use stockflow_state::outbox::Fence;
+    let Some(store) = emulator_store("fence").await else { return };
+    let shard = "shardId-000000000003";
+    assert!(store.create_lease(&NewLease { key: shard.into(), parents: vec![], hash_range: None }).await.unwrap());
+    let mine = store.take_lease(shard, "worker-a").await.unwrap();
+    let fence = Fence { lease: shard.into(), epoch: mine };
+    let pos = |line| OutboxPos { row: "00000000000000000001#0000".into(), line };
+    let request = Request { key: "sf-k".into(), body: "{}".into(), items: vec!["e1".into()] };
+    let flight = Cursor {
+        delivered: Some(pos(1)),
+        in_flight: Some(InFlight { request: request.clone(), through: pos(2), attempts: 0, last_error: None }),
+    };
+    store.save_cursor("accounting", shard, &flight, None, Some(&fence)).await.unwrap();
+    let dead = ConnectorDeadLetter {
+        connector: "accounting".into(),
+        shard: shard.into(),
+        request,
+        attempts: 1,
+        last_error: "refused".into(),
+        at_ms: 1,
+        requeued: false,
+        rendered: true,
+    };
+    store.put_dead_letter(&dead, Some(&fence)).await.unwrap();
+    // Another member steals the lease: the epoch moves.
+    let theirs = store.take_lease(shard, "worker-b").await.unwrap();
+    assert_ne!(theirs, mine);
+    let delivered = Cursor { delivered: Some(pos(2)), in_flight: None };
+    for err in [
+        store.save_cursor("accounting", shard, &delivered, None, Some(&fence)).await.unwrap_err(),
+        store.save_cursor("accounting", shard, &delivered, Some(&dead), Some(&fence)).await.unwrap_err(),
+        store.put_dead_letter(&dead, Some(&fence)).await.unwrap_err(),
+        store.remove_dead_letter("accounting", shard, "sf-k", Some(&fence)).await.unwrap_err(),
+    ] {
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    }
+    // Nothing of the old holder landed: the new holder resumes its in-flight request verbatim.
+    assert_eq!(store.cursor("accounting", shard).await.unwrap(), flight);
+    assert_eq!(store.connector_dead_letters(None).await.unwrap(), vec![dead.clone()]);
+    let new_fence = Fence { lease: shard.into(), epoch: theirs };
+    store.save_cursor("accounting", shard, &delivered, None, Some(&new_fence)).await.unwrap();
+    store.remove_dead_letter("accounting", shard, "sf-k", Some(&new_fence)).await.unwrap();
+    assert_eq!(store.cursor("accounting", shard).await.unwrap(), delivered);
+    assert!(store.connector_dead_letters(None).await.unwrap().is_empty());
 }

@@ -3,15 +3,18 @@
 //! Parts, in order, each one `TransactWriteItems` of at most 100 items and ~3.8 MB:
 //! 1. SKU groups: a dirty SKU's state items (the blob split in ≤ 350 KB parts, part 0 carrying
 //!    `shard`, `pos` = this commit's checkpoint and `parts`) together with the effects it produced
-//!    (an NDJSON blob per part, keyed `{checkpoint}#{part}#{chunk}`). A SKU and its effects are
+//!    (an NDJSON blob per part, keyed `{checkpoint}#{part}#{chunk}`) and, for a SKU new to the
+//!    shard, its name in the part's `-shard-skus` item. A SKU, its effects and its listing are
 //!    never split across transactions.
 //! 2. Dead letters (keyed by position: a re-write is the same item) and dedup chunks.
 //! 3. Last: the lease item's checkpoint, conditioned on the epoch and on moving forward.
 //!
 //! Every part but the last carries a `ConditionCheck` on the lease epoch, so a worker whose lease
 //! was taken cannot write anything. A crash between parts leaves SKU items whose `pos` is past the
-//! stored checkpoint; on restore they become "floors": the replay skips those SKUs' events up to
-//! their `pos`, and does not commit until it is past every floor, so no effect is written twice.
+//! stored checkpoint; on restore (which lists the shard's SKUs from `-shard-skus` and reads their
+//! items, all consistently — never from an index) they become "floors": the replay skips those
+//! SKUs' events up to their `pos`, and does not commit until it is past every floor, so no effect
+//! is written twice.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -51,6 +54,8 @@ struct Parts<'a> {
     items: Vec<TransactWriteItem>,
     bytes: usize,
     effects: Vec<u8>,
+    /// SKUs new to the shard whose state is in the current part.
+    listed: Vec<String>,
     part_no: usize,
 }
 
@@ -61,8 +66,9 @@ impl<'a> Parts<'a> {
 
     /// Room for `items` more items and `bytes` more bytes, plus `effects` more effect bytes?
     fn has_room(&self, items: usize, bytes: usize, effects: usize) -> bool {
-        // One slot stays free for the lease condition.
-        self.items.len() + items + Self::blob_items(self.effects.len() + effects) < MAX_ITEMS
+        // One slot stays free for the lease condition, one for the listing if the part has one.
+        let listing = usize::from(!self.listed.is_empty());
+        self.items.len() + items + Self::blob_items(self.effects.len() + effects) + listing < MAX_ITEMS
             && self.bytes + bytes + self.effects.len() + effects <= MAX_TX_BYTES
     }
 
@@ -77,11 +83,8 @@ impl<'a> Parts<'a> {
         Ok(TransactWriteItem::builder().condition_check(check).build())
     }
 
-    /// Closes the current part (effects blob + the lease condition).
-    fn flush(&mut self) -> Result<(), StoreError> {
-        if self.items.is_empty() && self.effects.is_empty() {
-            return Ok(());
-        }
+    /// The current part's items: what was added, its effects blob and its SKU listing.
+    fn take_part(&mut self) -> Result<Vec<TransactWriteItem>, StoreError> {
         let effects = std::mem::take(&mut self.effects);
         for (chunk_no, chunk) in effects.chunks(MAX_PART_BYTES).enumerate() {
             // Cut at line ends is unnecessary: chunks are re-joined in key order before parsing.
@@ -93,11 +96,29 @@ impl<'a> Parts<'a> {
             ]);
             self.items.push(put(&self.store.tables.outbox, item)?);
         }
-        let mut items = std::mem::take(&mut self.items);
-        items.push(self.condition()?);
-        self.parts.push(items);
+        let listed = std::mem::take(&mut self.listed);
+        if !listed.is_empty() {
+            let json = serde_json::to_string(&listed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let item = HashMap::from([
+                ("shard".to_string(), s(&self.commit.shard)),
+                ("chunk".to_string(), s(format!("{}#{:04}", self.cp_key, self.part_no))),
+                ("skus".to_string(), s(json)),
+            ]);
+            self.items.push(put(&self.store.tables.shard_skus, item)?);
+        }
         self.bytes = 0;
         self.part_no += 1;
+        Ok(std::mem::take(&mut self.items))
+    }
+
+    /// Closes the current part (effects blob, listing, the lease condition).
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.items.is_empty() && self.effects.is_empty() && self.listed.is_empty() {
+            return Ok(());
+        }
+        let mut items = self.take_part()?;
+        items.push(self.condition()?);
+        self.parts.push(items);
         Ok(())
     }
 
@@ -129,22 +150,30 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
         items: Vec::new(),
         bytes: 0,
         effects: Vec::new(),
+        listed: Vec::new(),
         part_no: 0,
     };
+    let new: std::collections::HashSet<&str> = c.new_skus.iter().map(String::as_str).collect();
 
     for (sku, state) in &c.states {
         let slices: Vec<&[u8]> = if state.is_empty() { vec![&[][..]] } else { state.chunks(MAX_PART_BYTES).collect() };
         let effects = by_sku.remove(sku.as_str()).unwrap_or_default();
-        let bytes = state.len() + slices.len() * ITEM_OVERHEAD;
-        if slices.len() + Parts::blob_items(effects.len()) + 1 > MAX_ITEMS || bytes + effects.len() > MAX_TX_BYTES {
+        let is_new = new.contains(sku.as_str());
+        let bytes = state.len() + slices.len() * ITEM_OVERHEAD + if is_new { sku.len() + 3 } else { 0 };
+        // The listing item (if the part has none yet) takes a slot.
+        let listing = usize::from(is_new && parts.listed.is_empty());
+        if slices.len() + Parts::blob_items(effects.len()) + 2 > MAX_ITEMS || bytes + effects.len() > MAX_TX_BYTES {
             return Err(StoreError::Corrupt(format!(
                 "SKU {sku}: state of {} bytes and {} bytes of effects exceed one transaction",
                 state.len(),
                 effects.len()
             )));
         }
-        if !parts.has_room(slices.len(), bytes, effects.len()) {
+        if !parts.has_room(slices.len() + listing, bytes, effects.len()) {
             parts.flush()?;
+        }
+        if is_new {
+            parts.listed.push(sku.clone());
         }
         for (i, slice) in slices.iter().enumerate() {
             let mut item = HashMap::from([
@@ -177,7 +206,8 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
         parts.add(put(&t.dead_letters, item)?, len)?;
     }
 
-    let expires = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + store.dedup_ttl_secs;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let expires = (now + u128::from(store.dedup_ttl_ms)) / 1000;
     let (dedup_bytes, replace) = match &c.dedup {
         DedupDelta::Append(bytes) => (bytes, false),
         DedupDelta::Replace(bytes) => (bytes, true),
@@ -216,37 +246,35 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
     if !parts.has_room(1, ITEM_OVERHEAD, 0) {
         parts.flush()?;
     }
-    let mut last = std::mem::take(&mut parts.items);
-    let effects = std::mem::take(&mut parts.effects);
-    for (chunk_no, chunk) in effects.chunks(MAX_PART_BYTES).enumerate() {
-        let item = HashMap::from([
-            ("shard".to_string(), s(&c.shard)),
-            ("seq".to_string(), s(format!("{cp_key}#{:04}#{chunk_no:03}", parts.part_no))),
-            ("data".to_string(), b(chunk.to_vec())),
-        ]);
-        last.push(put(&t.outbox, item)?);
-    }
+    let mut last = parts.take_part()?;
+    // `committedAt` and `lagMs` are for operators (`stockflow group status`).
+    let mut expr = String::from(
+        "SET checkpoint = :seq, checkpointSubSequenceNumber = :sub, checkpointKey = :cp, \
+         ownerSwitchesSinceCheckpoint = :zero, committedAt = :now",
+    );
     let mut update = Update::builder()
         .table_name(&t.leases)
         .key("leaseKey", s(&c.shard))
-        .update_expression(
-            "SET checkpoint = :seq, checkpointSubSequenceNumber = :sub, checkpointKey = :cp, \
-             ownerSwitchesSinceCheckpoint = :zero",
-        )
-        .condition_expression("leaseEpoch = :e AND (attribute_not_exists(checkpointKey) OR checkpointKey < :cp)")
+        .condition_expression(if c.keep_checkpoint {
+            "leaseEpoch = :e AND checkpointKey = :cp"
+        } else {
+            "leaseEpoch = :e AND (attribute_not_exists(checkpointKey) OR checkpointKey < :cp)"
+        })
         .expression_attribute_values(":seq", s(&c.checkpoint.sequence))
         .expression_attribute_values(":sub", n(c.checkpoint.sub))
         .expression_attribute_values(":cp", s(&cp_key))
         .expression_attribute_values(":zero", n(0))
+        .expression_attribute_values(":now", n(now))
         .expression_attribute_values(":e", n(c.lease_epoch));
     if let Some(ts) = c.max_ts {
-        update = update
-            .update_expression(
-                "SET checkpoint = :seq, checkpointSubSequenceNumber = :sub, checkpointKey = :cp, \
-                 ownerSwitchesSinceCheckpoint = :zero, maxTs = :ts",
-            )
-            .expression_attribute_values(":ts", n(ts));
+        expr.push_str(", maxTs = :ts");
+        update = update.expression_attribute_values(":ts", n(ts));
     }
+    if let Some(lag) = c.lag_ms {
+        expr.push_str(", lagMs = :lag");
+        update = update.expression_attribute_values(":lag", n(lag));
+    }
+    update = update.update_expression(expr);
     last.push(TransactWriteItem::builder().update(update.build().map_err(sdk_error)?).build());
     parts.parts.push(last);
 

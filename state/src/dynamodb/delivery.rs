@@ -2,14 +2,20 @@
 //! `Query` after a position (a part's chunks joined before splitting lines); cursors and
 //! connector dead letters live in `{prefix}-delivery` (`connector` + `key`: `cursor#{shard}`,
 //! `dead#{shard}#{request key}`), the value as JSON in `data`.
+//!
+//! Fencing: a lane's write with a [`Fence`] is one `TransactWriteItems` whose first item is a
+//! `ConditionCheck` on the fence's lease row (`leaseEpoch = :epoch`); a cursor put carries its own
+//! condition on `pos` (the delivered position as a sortable string), so it never moves back.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::builders::PutBuilder;
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem};
 
 use super::{DynamoStore, Item, blob, sdk_error};
-use crate::outbox::{ConnectorDeadLetter, Cursor, OutboxEntry, OutboxPos, OutboxStore, row_entries};
+use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_entries};
 use crate::store::{StateStore, StoreError};
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -48,7 +54,7 @@ impl DynamoStore {
 
     /// One write of one delivery item.
     async fn put_delivery(&self, item: Item) -> Result<(), StoreError> {
-        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        self.stats.delivery_writes.fetch_add(1, Ordering::Relaxed);
         self.client
             .put_item()
             .table_name(&self.tables.delivery)
@@ -57,6 +63,73 @@ impl DynamoStore {
             .await
             .map_err(sdk_error)?;
         Ok(())
+    }
+
+    /// The `ConditionCheck` of a fence: its lease row still has its epoch.
+    fn fence_check(&self, fence: &Fence) -> Result<TransactWriteItem, StoreError> {
+        let check = ConditionCheck::builder()
+            .table_name(&self.tables.leases)
+            .key("leaseKey", s(&fence.lease))
+            .condition_expression("leaseEpoch = :e")
+            .expression_attribute_values(":e", AttributeValue::N(fence.epoch.to_string()))
+            .build()
+            .map_err(sdk_error)?;
+        Ok(TransactWriteItem::builder().condition_check(check).build())
+    }
+
+    fn put_item(&self, item: Item) -> Result<Put, StoreError> {
+        Put::builder().table_name(&self.tables.delivery).set_item(Some(item)).build().map_err(sdk_error)
+    }
+
+    /// Writes `items` in one transaction, the fence's check first. A failed condition is
+    /// `Fenced` (the lease moved) or, for the item at `cursor_at`, `CursorRegression`.
+    async fn fenced_write(
+        &self,
+        fence: Option<&Fence>,
+        items: Vec<TransactWriteItem>,
+        cursor_at: Option<usize>,
+        what: (&str, &str),
+    ) -> Result<(), StoreError> {
+        let mut all = Vec::with_capacity(items.len() + 1);
+        if let Some(f) = fence {
+            all.push(self.fence_check(f)?);
+        }
+        let offset = all.len();
+        all.extend(items);
+        self.stats.delivery_writes.fetch_add(1, Ordering::Relaxed);
+        match self.client.transact_write_items().set_transact_items(Some(all)).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let reasons: Vec<bool> = match e.as_service_error() {
+                    Some(TransactWriteItemsError::TransactionCanceledException(ex)) => ex
+                        .cancellation_reasons()
+                        .iter()
+                        .map(|r| r.code() == Some("ConditionalCheckFailed"))
+                        .collect(),
+                    _ => return Err(sdk_error(e)),
+                };
+                if let Some(f) = fence
+                    && reasons.first() == Some(&true)
+                {
+                    return Err(StoreError::Fenced { shard: f.lease.clone(), epoch: f.epoch });
+                }
+                if cursor_at.is_some_and(|i| reasons.get(i + offset) == Some(&true)) {
+                    return Err(StoreError::CursorRegression { connector: what.0.into(), shard: what.1.into() });
+                }
+                Err(sdk_error(e))
+            }
+        }
+    }
+}
+
+/// A cursor's item condition: `delivered` never moves back (`pos` is its sortable form).
+fn cursor_condition(put: PutBuilder, cursor: &Cursor) -> PutBuilder {
+    match &cursor.delivered {
+        Some(p) => put
+            .condition_expression("attribute_not_exists(#p) OR #p <= :p")
+            .expression_attribute_names("#p", "pos")
+            .expression_attribute_values(":p", s(p.sort_key())),
+        None => put.condition_expression("attribute_not_exists(#p)").expression_attribute_names("#p", "pos"),
     }
 }
 
@@ -146,24 +219,22 @@ impl OutboxStore for DynamoStore {
         shard: &str,
         cursor: &Cursor,
         dead: Option<&ConnectorDeadLetter>,
+        fence: Option<&Fence>,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(cursor).map_err(corrupt)?;
-        let item = self.delivery_item(connector, format!("cursor#{shard}"), json);
-        let Some(d) = dead else { return self.put_delivery(item).await };
-        // The dead letter and the cursor past it, together.
-        let put = |item: Item| -> Result<TransactWriteItem, StoreError> {
-            let p = Put::builder().table_name(&self.tables.delivery).set_item(Some(item)).build().map_err(sdk_error)?;
-            Ok(TransactWriteItem::builder().put(p).build())
-        };
-        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-        self.client
-            .transact_write_items()
-            .transact_items(put(item)?)
-            .transact_items(put(self.dead_letter_item(d)?)?)
-            .send()
-            .await
+        let mut item = self.delivery_item(connector, format!("cursor#{shard}"), json);
+        if let Some(p) = &cursor.delivered {
+            item.insert("pos".into(), s(p.sort_key()));
+        }
+        let put = cursor_condition(Put::builder().table_name(&self.tables.delivery).set_item(Some(item)), cursor)
+            .build()
             .map_err(sdk_error)?;
-        Ok(())
+        let mut items = vec![TransactWriteItem::builder().put(put).build()];
+        if let Some(d) = dead {
+            // The dead letter and the cursor past it, together.
+            items.push(TransactWriteItem::builder().put(self.put_item(self.dead_letter_item(d)?)?).build());
+        }
+        self.fenced_write(fence, items, Some(0), (connector, shard)).await
     }
 
     async fn connector_dead_letters(&self, connector: Option<&str>) -> Result<Vec<ConnectorDeadLetter>, StoreError> {
@@ -191,12 +262,35 @@ impl OutboxStore for DynamoStore {
         Ok(out)
     }
 
-    async fn put_dead_letter(&self, dead: &ConnectorDeadLetter) -> Result<(), StoreError> {
-        self.put_delivery(self.dead_letter_item(dead)?).await
+    async fn put_dead_letter(&self, dead: &ConnectorDeadLetter, fence: Option<&Fence>) -> Result<(), StoreError> {
+        let item = self.dead_letter_item(dead)?;
+        match fence {
+            None => self.put_delivery(item).await,
+            Some(_) => {
+                let put = TransactWriteItem::builder().put(self.put_item(item)?).build();
+                self.fenced_write(fence, vec![put], None, (&dead.connector, &dead.shard)).await
+            }
+        }
     }
 
-    async fn remove_dead_letter(&self, connector: &str, shard: &str, key: &str) -> Result<(), StoreError> {
-        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+    async fn remove_dead_letter(
+        &self,
+        connector: &str,
+        shard: &str,
+        key: &str,
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
+        if fence.is_some() {
+            let del = Delete::builder()
+                .table_name(&self.tables.delivery)
+                .key("connector", s(connector))
+                .key("key", s(dead_key(shard, key)))
+                .build()
+                .map_err(sdk_error)?;
+            let item = TransactWriteItem::builder().delete(del).build();
+            return self.fenced_write(fence, vec![item], None, (connector, shard)).await;
+        }
+        self.stats.delivery_writes.fetch_add(1, Ordering::Relaxed);
         self.client
             .delete_item()
             .table_name(&self.tables.delivery)

@@ -36,6 +36,9 @@ use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, St
 /// Largest slice of a blob stored in one item (DynamoDB items are at most 400 KB).
 pub const MAX_PART_BYTES: usize = 350_000;
 
+/// Default margin of the dedup chunks' TTL beyond the dedup horizon: 3 days.
+pub const DEFAULT_DEDUP_TTL_MARGIN_MS: i64 = 3 * 24 * 3600 * 1000;
+
 pub(crate) type Item = HashMap<String, AttributeValue>;
 
 pub(crate) fn sdk_error(e: impl std::fmt::Display + std::fmt::Debug) -> StoreError {
@@ -71,6 +74,9 @@ pub struct WriteStats {
     pub lease_renewals: AtomicU64,
     /// Lease-table scans (each may page).
     pub lease_scans: AtomicU64,
+    /// Delivery-table writes (cursors, in-flight requests, connector dead letters), each one
+    /// `TransactWriteItems` fenced by the lane's lease.
+    pub delivery_writes: AtomicU64,
 }
 
 /// Fault injection for tests: fail a commit after this many of its transactions succeeded, once.
@@ -100,8 +106,13 @@ pub struct DynamoStore {
     tables: Arc<TableNames>,
     stats: Arc<WriteStats>,
     faults: Arc<FaultPlan>,
-    /// TTL of dedup chunks past their write, seconds (a safety net; compaction removes them).
-    dedup_ttl_secs: u64,
+    /// Dedup horizon (event time) the TTL is derived from, ms.
+    dedup_horizon_ms: i64,
+    /// Margin of the TTL beyond the horizon, ms.
+    dedup_margin_ms: i64,
+    /// TTL of dedup chunks past their write, ms (horizon + margin; workers rewrite live ids
+    /// before it passes).
+    dedup_ttl_ms: u64,
 }
 
 /// Loading strategy of a shard's SKUs.
@@ -121,19 +132,30 @@ impl DynamoStore {
             tables: Arc::new(TableNames::with_prefix(prefix)),
             stats: Arc::default(),
             faults: Arc::default(),
-            dedup_ttl_secs: Self::dedup_ttl_for(crate::engine::DEFAULT_DEDUP_HORIZON_MS),
+            dedup_horizon_ms: crate::engine::DEFAULT_DEDUP_HORIZON_MS,
+            dedup_margin_ms: DEFAULT_DEDUP_TTL_MARGIN_MS,
+            dedup_ttl_ms: 0,
         }
+        .with_ttl()
     }
 
-    /// Dedup chunks expire (DynamoDB TTL, wall clock) the horizon plus 3 days after their write.
-    fn dedup_ttl_for(horizon_ms: i64) -> u64 {
-        u64::try_from(horizon_ms / 1000).unwrap_or(0).saturating_add(3 * 24 * 3600)
-    }
-
-    /// The same store, with dedup chunks kept for `horizon_ms` of dedup horizon (plus 3 days).
-    pub fn with_dedup_horizon(mut self, horizon_ms: i64) -> Self {
-        self.dedup_ttl_secs = Self::dedup_ttl_for(horizon_ms);
+    fn with_ttl(mut self) -> Self {
+        self.dedup_ttl_ms = u64::try_from(self.dedup_horizon_ms.saturating_add(self.dedup_margin_ms)).unwrap_or(0);
         self
+    }
+
+    /// The same store, for an engine whose dedup horizon is `horizon_ms`: dedup chunks expire
+    /// (DynamoDB TTL, wall clock) the horizon plus the margin after their write.
+    pub fn with_dedup_horizon(mut self, horizon_ms: i64) -> Self {
+        self.dedup_horizon_ms = horizon_ms.max(0);
+        self.with_ttl()
+    }
+
+    /// The margin of the dedup TTL beyond the horizon (default 3 days); shard workers rewrite
+    /// their live ids when less than half of it is left, so none expires while a member runs.
+    pub fn with_dedup_margin(mut self, margin_ms: i64) -> Self {
+        self.dedup_margin_ms = margin_ms.max(2);
+        self.with_ttl()
     }
 
     /// A client from the environment's AWS configuration, with an optional endpoint override
@@ -264,26 +286,115 @@ impl DynamoStore {
         }
     }
 
-    /// The SKUs of a shard with their part counts and positions (GSI query).
-    async fn shard_skus(&self, shard: &str) -> Result<Vec<(String, u32, Option<Position>)>, StoreError> {
+    /// The SKUs listed for a shard in `-shard-skus` (consistent `Query`). A store written before
+    /// the listing existed has none for a shard that committed: it is built once from a consistent
+    /// `Scan` of the SKU table and written back.
+    async fn listed_skus(&self, shard: &str, committed: bool) -> Result<Vec<String>, StoreError> {
         let q = self
             .client
             .query()
-            .table_name(&self.tables.sku_state)
-            .index_name(schema::BY_SHARD_INDEX)
+            .table_name(&self.tables.shard_skus)
+            .consistent_read(true)
             .key_condition_expression("#s = :s")
             .expression_attribute_names("#s", "shard")
             .expression_attribute_values(":s", AttributeValue::S(shard.into()));
         let items = self.query_all(q).await?;
-        Ok(items
-            .iter()
-            .filter_map(|i| {
-                let sku = i.get("sku")?.as_s().ok()?.clone();
-                let parts = i.get("parts").and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(1);
-                let pos = i.get("pos").and_then(|v| v.as_s().ok()).and_then(|s| parse_position_key(s));
-                Some((sku, parts, pos))
-            })
-            .collect())
+        let mut skus = std::collections::BTreeSet::new();
+        for item in &items {
+            let json = item.get("skus").and_then(|v| v.as_s().ok()).map_or("[]", String::as_str);
+            let names: Vec<String> = serde_json::from_str(json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            skus.extend(names);
+        }
+        if items.is_empty() && committed {
+            let mut found = Vec::new();
+            for item in self.scan_all(&self.tables.sku_state).await? {
+                if item.get("shard").and_then(|v| v.as_s().ok()).map(String::as_str) == Some(shard)
+                    && let Some(sku) = item.get("sku").and_then(|v| v.as_s().ok())
+                {
+                    found.push(sku.clone());
+                }
+            }
+            let json = serde_json::to_string(&found).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            // Idempotent: a listing is a union, and this chunk key sorts before every commit's.
+            self.client
+                .put_item()
+                .table_name(&self.tables.shard_skus)
+                .item("shard", AttributeValue::S(shard.into()))
+                .item("chunk", AttributeValue::S("0#listed-by-scan".into()))
+                .item("skus", AttributeValue::S(json))
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            tracing::info!(shard, skus = found.len(), "listed the shard's SKUs from a scan (store written before listings)");
+            skus.extend(found);
+        }
+        Ok(skus.into_iter().collect())
+    }
+
+    /// Consistent `BatchGetItem` of `keys` (100 per call, unprocessed keys retried).
+    async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(100) {
+            let mut pending = chunk.to_vec();
+            while !pending.is_empty() {
+                self.stats.reads.fetch_add(1, Ordering::Relaxed);
+                let req =
+                    KeysAndAttributes::builder().set_keys(Some(pending)).consistent_read(true).build().map_err(sdk_error)?;
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.tables.sku_state, req)
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+                if let Some(rows) = out.responses().and_then(|r| r.get(&self.tables.sku_state)) {
+                    items.extend(rows.iter().cloned());
+                }
+                pending = out
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.tables.sku_state))
+                    .map(|k| k.keys().to_vec())
+                    .unwrap_or_default();
+            }
+        }
+        Ok(items)
+    }
+
+    /// The states of the SKUs a shard holds (listed for it, and whose item still names it: a
+    /// SKU that moved to a child after a reshard is the child's), and the floors: SKUs whose
+    /// stored `pos` is past `checkpoint` (an interrupted split commit). Every read is consistent.
+    async fn shard_states(
+        &self,
+        shard: &str,
+        checkpoint: Option<&Position>,
+    ) -> Result<(Vec<(String, SkuState)>, Vec<(String, Position)>), StoreError> {
+        let listed = self.listed_skus(shard, checkpoint.is_some()).await?;
+        let key = |sku: &str, part: u32| {
+            HashMap::from([
+                ("sku".to_string(), AttributeValue::S(sku.to_string())),
+                ("part".to_string(), AttributeValue::N(part.to_string())),
+            ])
+        };
+        let firsts = self.batch_get(listed.iter().map(|sku| key(sku, 0)).collect()).await?;
+        let mut items = Vec::with_capacity(firsts.len());
+        let mut more = Vec::new();
+        let mut floors = Vec::new();
+        for item in firsts {
+            if item.get("shard").and_then(|v| v.as_s().ok()).map(String::as_str) != Some(shard) {
+                continue;
+            }
+            let Some(sku) = item.get("sku").and_then(|v| v.as_s().ok()).cloned() else { continue };
+            let parts: u32 = item.get("parts").and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(1);
+            more.extend((1..parts).map(|p| key(&sku, p)));
+            if let Some(pos) = item.get("pos").and_then(|v| v.as_s().ok()).and_then(|s| parse_position_key(s))
+                && checkpoint.is_none_or(|cp| pos > *cp)
+            {
+                floors.push((sku, pos));
+            }
+            items.push(item);
+        }
+        items.extend(self.batch_get(more).await?);
+        Ok((assemble_states(items)?, floors))
     }
 
     /// Loads SKU states by key: `(sku, parts)` pairs.
@@ -320,34 +431,7 @@ impl DynamoStore {
                     items.extend(out.item().cloned());
                 }
             }
-            LoadMode::Bulk => {
-                for chunk in keys.chunks(100) {
-                    let mut pending = chunk.to_vec();
-                    while !pending.is_empty() {
-                        self.stats.reads.fetch_add(1, Ordering::Relaxed);
-                        let req = KeysAndAttributes::builder()
-                            .set_keys(Some(pending))
-                            .consistent_read(true)
-                            .build()
-                            .map_err(sdk_error)?;
-                        let out = self
-                            .client
-                            .batch_get_item()
-                            .request_items(&self.tables.sku_state, req)
-                            .send()
-                            .await
-                            .map_err(sdk_error)?;
-                        if let Some(rows) = out.responses().and_then(|r| r.get(&self.tables.sku_state)) {
-                            items.extend(rows.iter().cloned());
-                        }
-                        pending = out
-                            .unprocessed_keys()
-                            .and_then(|u| u.get(&self.tables.sku_state))
-                            .map(|k| k.keys().to_vec())
-                            .unwrap_or_default();
-                    }
-                }
-            }
+            LoadMode::Bulk => items = self.batch_get(keys).await?,
         }
         assemble_states(items)
     }
@@ -400,16 +484,7 @@ impl StateStore for DynamoStore {
             .and_then(|s| parse_position_key(s));
         let max_ts =
             lease.as_ref().and_then(|l| l.get("maxTs")).and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok());
-        let listed = self.shard_skus(shard).await?;
-        let floors: Vec<(String, Position)> = listed
-            .iter()
-            .filter_map(|(sku, _, pos)| {
-                let pos = pos.clone()?;
-                checkpoint.as_ref().is_none_or(|cp| pos > *cp).then(|| (sku.clone(), pos))
-            })
-            .collect();
-        let keys: Vec<(String, u32)> = listed.into_iter().map(|(s, p, _)| (s, p)).collect();
-        let skus = self.load_skus(&keys, LoadMode::Bulk).await?;
+        let (skus, floors) = self.shard_states(shard, checkpoint.as_ref()).await?;
         let q = self
             .client
             .query()
@@ -419,10 +494,21 @@ impl StateStore for DynamoStore {
             .expression_attribute_values(":s", AttributeValue::S(shard.into()))
             .consistent_read(true);
         let mut dedup = Vec::new();
+        let mut expires: Option<i64> = None;
         for item in self.query_all(q).await? {
             dedup.extend(DedupEntry::decode_all(&blob(&item, "data")).map_err(StoreError::Corrupt)?);
+            let at = item.get("expires_at").and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<i64>().ok());
+            if let Some(at) = at {
+                let ms = at.saturating_mul(1000);
+                expires = Some(expires.map_or(ms, |e| e.min(ms)));
+            }
         }
-        Ok(StoredShard { checkpoint, snapshot: ShardSnapshot { max_ts, skus, dedup }, floors })
+        Ok(StoredShard {
+            checkpoint,
+            snapshot: ShardSnapshot { max_ts, skus, dedup },
+            floors,
+            dedup_expires_at_ms: expires,
+        })
     }
 
     async fn commit(&self, commit: Arc<ShardCommit>) -> Result<(), StoreError> {
@@ -473,6 +559,22 @@ impl StateStore for DynamoStore {
         }
         out.sort_by(|a: &DeadLetter, b| (&a.shard, &a.position).cmp(&(&b.shard, &b.position)));
         Ok(out)
+    }
+
+    async fn shard_sku_states(&self, shard: &str) -> Result<Vec<(String, SkuState)>, StoreError> {
+        let checkpoint = self
+            .lease_item(shard)
+            .await?
+            .as_ref()
+            .and_then(|l| l.get("checkpointKey"))
+            .and_then(|v| v.as_s().ok())
+            .and_then(|s| parse_position_key(s));
+        Ok(self.shard_states(shard, checkpoint.as_ref()).await?.0)
+    }
+
+    fn dedup_expiry(&self) -> Option<crate::store::DedupExpiry> {
+        let ttl_ms = i64::try_from(self.dedup_ttl_ms).unwrap_or(i64::MAX);
+        Some(crate::store::DedupExpiry { ttl_ms, refresh_before_ms: self.dedup_margin_ms / 2 })
     }
 
     async fn checkpoints(&self) -> Result<Vec<(String, Position)>, StoreError> {

@@ -3,18 +3,18 @@
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType,
-    ScalarAttributeType, TableStatus, TimeToLiveSpecification,
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
+    TimeToLiveSpecification,
 };
 
 use crate::store::StoreError;
 
 use super::sdk_error;
 
-/// Names of the six tables, from one prefix.
+/// Names of the seven tables, from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableNames {
-    /// Per-SKU state: `sku` (S) + `part` (N); GSI `by-shard` on `shard` + `sku`.
+    /// Per-SKU state: `sku` (S) + `part` (N).
     pub sku_state: String,
     /// Effects: `shard` (S) + `seq` (S), one NDJSON blob per commit part.
     pub outbox: String,
@@ -26,6 +26,9 @@ pub struct TableNames {
     pub leases: String,
     /// Connector delivery: `connector` (S) + `key` (S): `cursor#{shard}` and `dead#{shard}#{request key}`.
     pub delivery: String,
+    /// Which SKUs each shard committed: `shard` (S) + `chunk` (S), written with the SKUs' first
+    /// state in the same transaction and read consistently at restore (never an index).
+    pub shard_skus: String,
 }
 
 /// Key schema of one table: name suffix, partition key and optional sort key, each with its
@@ -40,22 +43,20 @@ pub struct TableKeys {
     pub range: Option<(&'static str, &'static str)>,
 }
 
-/// The six tables' key schemas.
-pub const TABLE_KEYS: [TableKeys; 6] = [
+/// The seven tables' key schemas.
+pub const TABLE_KEYS: [TableKeys; 7] = [
     TableKeys { suffix: "sku-state", hash: ("sku", "S"), range: Some(("part", "N")) },
     TableKeys { suffix: "outbox", hash: ("shard", "S"), range: Some(("seq", "S")) },
     TableKeys { suffix: "dead-letters", hash: ("shard", "S"), range: Some(("pos", "S")) },
     TableKeys { suffix: "dedup", hash: ("shard", "S"), range: Some(("chunk", "S")) },
     TableKeys { suffix: "leases", hash: ("leaseKey", "S"), range: None },
     TableKeys { suffix: "delivery", hash: ("connector", "S"), range: Some(("key", "S")) },
+    TableKeys { suffix: "shard-skus", hash: ("shard", "S"), range: Some(("chunk", "S")) },
 ];
-
-/// The GSI of the SKU table that lists a shard's SKUs.
-pub const BY_SHARD_INDEX: &str = "by-shard";
 
 impl TableNames {
     /// `{prefix}-sku-state`, `{prefix}-outbox`, `{prefix}-dead-letters`, `{prefix}-dedup`,
-    /// `{prefix}-leases`, `{prefix}-delivery`.
+    /// `{prefix}-leases`, `{prefix}-delivery`, `{prefix}-shard-skus`.
     pub fn with_prefix(prefix: &str) -> Self {
         let name = |i: usize| format!("{prefix}-{}", TABLE_KEYS[i].suffix);
         TableNames {
@@ -65,11 +66,12 @@ impl TableNames {
             dedup: name(3),
             leases: name(4),
             delivery: name(5),
+            shard_skus: name(6),
         }
     }
 
-    fn all(&self) -> [&str; 6] {
-        [&self.sku_state, &self.outbox, &self.dead_letters, &self.dedup, &self.leases, &self.delivery]
+    fn all(&self) -> [&str; 7] {
+        [&self.sku_state, &self.outbox, &self.dead_letters, &self.dedup, &self.leases, &self.delivery, &self.shard_skus]
     }
 }
 
@@ -126,23 +128,6 @@ pub async fn setup(client: &Client, names: &TableNames) -> Result<Vec<TableOutco
             .key_schema(key(hash, KeyType::Hash)?);
         if let Some((r, t)) = &range {
             req = req.attribute_definitions(attr(r, t.clone())?).key_schema(key(r, KeyType::Range)?);
-        }
-        if table == names.sku_state {
-            req = req.attribute_definitions(attr("shard", ScalarAttributeType::S)?).global_secondary_indexes(
-                GlobalSecondaryIndex::builder()
-                    .index_name(BY_SHARD_INDEX)
-                    .key_schema(key("shard", KeyType::Hash)?)
-                    .key_schema(key("sku", KeyType::Range)?)
-                    .projection(
-                        Projection::builder()
-                            .projection_type(ProjectionType::Include)
-                            .non_key_attributes("parts")
-                            .non_key_attributes("pos")
-                            .build(),
-                    )
-                    .build()
-                    .map_err(sdk_error)?,
-            );
         }
         req.send().await.map_err(sdk_error)?;
         out.push(TableOutcome::Created(table.to_string()));
