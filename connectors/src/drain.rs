@@ -136,7 +136,12 @@ impl Lanes {
         match self {
             Lanes::All => None,
             Lanes::Assigned(rx) => Some(
-                rx.borrow().lanes.iter().filter(|(s, g)| !g.ended && g.fence.lease == **s).map(|(s, _)| s.clone()).collect(),
+                rx.borrow()
+                    .lanes
+                    .iter()
+                    .filter(|(s, g)| !g.ended && g.fence.lease == **s)
+                    .map(|(s, _)| s.clone())
+                    .collect(),
             ),
         }
     }
@@ -556,8 +561,7 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 }
             }
             pending_since = None;
-            let Some((request, through)) =
-                self.render_batch(shard, fence, &mut cursor, &batch, through, ctl).await?
+            let Some((request, through)) = self.render_batch(shard, fence, &mut cursor, &batch, through, ctl).await?
             else {
                 continue;
             };

@@ -115,6 +115,7 @@ async fn store_with(n: usize, shards: usize) -> (tempfile::TempDir, Arc<RedbStor
                 dedup: DedupDelta::Append(Vec::new()),
                 new_skus: Vec::new(),
                 keep_checkpoint: false,
+                after_interrupted: false,
                 lag_ms: None,
             };
             store.commit(Arc::new(commit)).await.unwrap();

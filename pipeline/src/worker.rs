@@ -371,7 +371,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             return Ok(()); // the replay of an interrupted commit comes first
         }
         tracing::info!(shard = %self.shard, "rewriting the live dedup ids before their TTL");
-        self.write(checkpoint, true).await
+        self.write(checkpoint, true, false).await
     }
 
     /// Writes everything applied since the last commit, with its checkpoint.
@@ -380,20 +380,25 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         if self.uncommitted == 0 {
             return Ok(());
         }
+        let mut after_interrupted = false;
         if let Some(floor) = &self.commit_floor {
-            if checkpoint <= *floor {
+            if checkpoint < *floor {
                 // Committing here would write effects a part of the interrupted commit holds.
                 return Ok(());
             }
-            self.commit_floor = None;
-            self.floors.clear();
+            // At exactly the interrupted commit's checkpoint (the replay reached its end, e.g. a
+            // shard that ends there), the store keeps that commit's parts and adds this one's.
+            after_interrupted = checkpoint == *floor;
         }
-        self.write(checkpoint, false).await
+        self.write(checkpoint, false, after_interrupted).await?;
+        self.commit_floor = None;
+        self.floors.clear();
+        Ok(())
     }
 
     /// One commit at `checkpoint` (`keep`: the stored one, dedup ids only), retried while the
     /// store's trouble is transient.
-    async fn write(&mut self, checkpoint: Position, keep: bool) -> Result<(), WorkerError> {
+    async fn write(&mut self, checkpoint: Position, keep: bool, after_interrupted: bool) -> Result<(), WorkerError> {
         let written_at = stockflow_state::now_ms();
         let delta = self.engine.take_delta()?;
         let commit = Arc::new(ShardCommit {
@@ -407,6 +412,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             dedup: delta.dedup,
             new_skus: delta.new_skus,
             keep_checkpoint: keep,
+            after_interrupted,
             lag_ms: self.reader.lag().millis,
         });
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5), self.cfg.commit_attempts);

@@ -20,9 +20,14 @@ const SHARD: &str = "shard-0000";
 
 /// 700 records over 300 SKUs: orders, receipts with costs, shipments, duplicates, bad records.
 fn records() -> Vec<(String, String)> {
+    records_with(|i| (i * 7919) % 300)
+}
+
+/// The same stream shape, with record `i` on SKU `sku_of(i)`.
+fn records_with(sku_of: fn(u64) -> u64) -> Vec<(String, String)> {
     let mut v = Vec::new();
     for i in 0..700u64 {
-        let sku = format!("SKU-{:03}", (i * 7919) % 300);
+        let sku = format!("SKU-{:03}", sku_of(i));
         let ts = 1_795_773_600_000 + i as i64 * 1000;
         let json = match i % 7 {
             0..=2 => format!(
@@ -39,7 +44,7 @@ fn records() -> Vec<(String, String)> {
             5 => format!(
                 r#"{{"id":"p{}","type":"order_placed","sku":"{}","ts":{},"qty":{},"order_id":"o{}"}}"#,
                 i - 5,
-                format_args!("SKU-{:03}", ((i - 5) * 7919) % 300),
+                format_args!("SKU-{:03}", sku_of(i - 5)),
                 ts - 5000,
                 1 + (i - 5) % 3,
                 i - 5
@@ -151,4 +156,146 @@ async fn a_zombie_is_refused_and_a_takeover_mid_stream_loses_nothing() {
     let (_tx, rx) = watch::channel(false);
     run_worker(&log, &store, epoch_b, rx, Arc::default()).await.unwrap();
     assert_equals_straight_pass(&store, &recs).await;
+}
+
+/// The restore after an interrupted commit lists the shard's SKUs and their floors from
+/// consistently read items (the `-shard-skus` listing written with each SKU's first state, then
+/// the SKU items), never from an index: a second commit that brings 150 new SKUs dies after its
+/// first transaction, another member takes over at once, and nothing is lost or applied twice.
+#[tokio::test]
+async fn a_takeover_right_after_an_interrupted_commit_of_new_skus_applies_nothing_twice() {
+    let Some(store) = emulator_store("f").await else { return };
+    // The first 350 records touch SKU-000..149; the next 350 bring SKU-150..299, new to the shard.
+    let recs = records_with(|i| if i < 350 { (i * 7919) % 150 } else { 150 + (i * 7919) % 150 });
+    let (first, second) = recs.split_at(350);
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), 1).unwrap();
+    append(&log, first);
+    let epoch_a = store.take_lease(SHARD, "worker-a").await.unwrap();
+    let progress = Arc::new(Progress::default());
+    let (_tx_a, rx_a) = watch::channel(false);
+    let cfg = WorkerConfig { commit_every_records: 350, ..worker_cfg() };
+    let a = {
+        let (log, store, progress) = (log.clone(), store.clone(), Arc::clone(&progress));
+        tokio::spawn(async move {
+            let engine = Arc::new(EngineConfig::default());
+            let w = ShardWorker::start(&log, SHARD, Arc::new(store), engine, cfg, epoch_a, progress).await?;
+            w.run(rx_a).await
+        })
+    };
+    while progress.commits.load(Ordering::Relaxed) < 1 {
+        tokio::task::yield_now().await;
+    }
+    let first_checkpoint = store.load_shard(SHARD).await.unwrap().checkpoint;
+    // The next commit dies after its first transaction (as a process killed between them).
+    store.faults().fail_next_commit_after(1);
+    append(&log, second);
+    log.seal();
+    let err = a.await.unwrap().unwrap_err();
+    assert!(matches!(&err, WorkerError::Store(StoreError::Unavailable(m)) if m.contains("injected crash")), "{err}");
+
+    // Another member takes over right away and restores.
+    let stored = store.load_shard(SHARD).await.unwrap();
+    assert_eq!(stored.checkpoint, first_checkpoint, "the interrupted commit did not move the checkpoint");
+    assert!(!stored.floors.is_empty(), "the first transaction stored SKUs ahead of the checkpoint");
+    assert!(stored.floors.iter().any(|(sku, _)| sku.as_str() >= "SKU-150"), "a new SKU's floor is listed");
+    for (sku, _) in &stored.floors {
+        assert!(stored.snapshot.skus.iter().any(|(s, _)| s == sku), "{sku}: a floor's SKU is restored with it");
+    }
+    let epoch_b = store.take_lease(SHARD, "worker-b").await.unwrap();
+    let (_tx, rx) = watch::channel(false);
+    run_worker(&log, &store, epoch_b, rx, Arc::default()).await.unwrap();
+    assert_equals_straight_pass(&store, &recs).await;
+    // No effect was written twice (the straight pass comparison sees alerts; this sees them all).
+    let effects = store.effects().await.unwrap();
+    let mut ids: Vec<&str> = effects.iter().map(|e| e.id()).collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "an effect id is stored twice");
+}
+
+/// Dedup ids follow the horizon, not a fixed TTL: with a 2 s horizon and a 3 s margin (chunks
+/// expire 5 s after their write), a shard that stays quiet for 12 s keeps every live id, because
+/// its worker rewrites them before they expire. The test plays DynamoDB's TTL process: it deletes
+/// every chunk whose `expires_at` has passed. Then the shard moves to another worker, the same
+/// events are re-sent, and every one is a duplicate.
+#[tokio::test]
+async fn a_quiet_shard_keeps_its_live_dedup_ids_past_their_ttl() {
+    let Some(store) = emulator_store("ttl").await else { return };
+    let store = store.with_dedup_horizon(2_000).with_dedup_margin(3_000);
+    let engine = Arc::new(EngineConfig { dedup_horizon_ms: 2_000, ..EngineConfig::default() });
+    // 40 events on 20 SKUs at one event time: live for as long as the SKUs see nothing newer.
+    let recs: Vec<(String, String)> = (0..40)
+        .map(|i| {
+            let sku = format!("Q-{:02}", i % 20);
+            let json = format!(r#"{{"id":"q{i}","type":"stock_adjusted","sku":"{sku}","ts":1795773600000,"delta":1}}"#);
+            (sku, json)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), 1).unwrap();
+    append(&log, &recs);
+    let cfg = WorkerConfig { commit_interval: std::time::Duration::from_millis(100), ..worker_cfg() };
+    let epoch_a = store.take_lease(SHARD, "worker-a").await.unwrap();
+    let progress = Arc::new(Progress::default());
+    let (stop_a, rx_a) = watch::channel(false);
+    let a = {
+        let (log, store, progress, engine) = (log.clone(), store.clone(), Arc::clone(&progress), Arc::clone(&engine));
+        tokio::spawn(async move {
+            let w = ShardWorker::start(&log, SHARD, Arc::new(store), engine, cfg, epoch_a, progress).await?;
+            w.run(rx_a).await
+        })
+    };
+    while progress.commits.load(Ordering::Relaxed) < 1 {
+        tokio::task::yield_now().await;
+    }
+    // Quiet for 12 s while "TTL" deletes what expired.
+    let client = store.dynamodb().clone();
+    let table = store.tables().dedup.clone();
+    let (mut deleted, mut seen) = (0, std::collections::BTreeSet::new());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let items = client.scan().table_name(&table).consistent_read(true).send().await.unwrap();
+        for item in items.items() {
+            let expires: u64 = item["expires_at"].as_n().unwrap().parse().unwrap();
+            seen.insert(expires);
+            if expires < now {
+                let key = [("shard", item["shard"].clone()), ("chunk", item["chunk"].clone())];
+                client
+                    .delete_item()
+                    .table_name(&table)
+                    .set_key(Some(key.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
+                    .send()
+                    .await
+                    .unwrap();
+                deleted += 1;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // No chunk ever outlived its TTL (what TTL could have deleted, the sweep did), and the worker
+    // rewrote the live ids again and again: 12 s of quiet over a 5 s TTL.
+    assert_eq!(deleted, 0, "a chunk holding live ids expired");
+    assert!(seen.len() >= 3, "the ids were rewritten with fresh expiries: {seen:?}");
+    stop_a.send(true).unwrap();
+    a.await.unwrap().unwrap();
+
+    // Another worker restores, and every re-sent event is a duplicate.
+    let stored = store.load_shard(SHARD).await.unwrap();
+    assert_eq!(stored.snapshot.dedup.len(), 40, "every live id survived its chunks' TTL");
+    let epoch_b = store.take_lease(SHARD, "worker-b").await.unwrap();
+    append(&log, &recs);
+    log.seal();
+    let progress_b = Arc::new(Progress::default());
+    let (_tx, rx) = watch::channel(false);
+    let w = ShardWorker::start(&log, SHARD, Arc::new(store.clone()), engine, cfg, epoch_b, Arc::clone(&progress_b))
+        .await
+        .unwrap();
+    w.run(rx).await.unwrap();
+    assert_eq!(progress_b.duplicates.load(Ordering::Relaxed), 40);
+    assert_eq!(progress_b.applied.load(Ordering::Relaxed), 0);
+    let states = store.sku_states().await.unwrap();
+    assert!(states.len() == 20 && states.iter().all(|(_, s)| s.on_hand == 2), "each SKU adjusted twice, once each id");
 }

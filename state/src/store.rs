@@ -115,6 +115,9 @@ pub struct ShardCommit {
     /// A commit that only rewrites the dedup entries, at the stored checkpoint (which it keeps):
     /// no records, states or effects. Stores whose entries expire use it to refresh them.
     pub keep_checkpoint: bool,
+    /// The checkpoint is that of an interrupted commit whose first parts are stored (the replay
+    /// after it reached exactly its end): the store must not overwrite what those parts wrote.
+    pub after_interrupted: bool,
     /// How far the shard's reader was behind the stream's tip at this commit, ms (shown by
     /// `stockflow group status`).
     pub lag_ms: Option<u64>,
@@ -212,10 +215,8 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The SKU states a shard holds now (the SKUs whose latest commit came from it), sorted by
     /// SKU, read consistently.
-    fn shard_sku_states(
-        &self,
-        shard: &str,
-    ) -> impl Future<Output = Result<Vec<(String, SkuState)>, StoreError>> + Send;
+    fn shard_sku_states(&self, shard: &str)
+    -> impl Future<Output = Result<Vec<(String, SkuState)>, StoreError>> + Send;
 
     /// How stored dedup entries expire, if they do (`None`: kept until compaction removes them).
     fn dedup_expiry(&self) -> Option<DedupExpiry> {

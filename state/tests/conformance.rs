@@ -42,6 +42,7 @@ fn commit_of(engine: &mut ShardEngine, shard: &str, epoch: u64, pos: u64, dead: 
         dedup: d.dedup,
         new_skus: d.new_skus,
         keep_checkpoint: false,
+        after_interrupted: false,
         lag_ms: None,
     })
 }
@@ -220,6 +221,7 @@ async fn v1_rows_are_upgraded<S: StateStore>(store: &S, shard: &str, epoch: u64)
             // As an earlier stockflow wrote it: no listing (DynamoDB builds it once by a scan).
             new_skus: Vec::new(),
             keep_checkpoint: false,
+            after_interrupted: false,
             lag_ms: None,
         })
     };
@@ -288,6 +290,7 @@ async fn many_lines_commit_and_restore<S: StateStore>(store: &S, shard: &str, ep
             dedup: d.dedup,
             new_skus: d.new_skus,
             keep_checkpoint: false,
+            after_interrupted: false,
             lag_ms: None,
         }))
         .await

@@ -49,7 +49,9 @@ fn put(table: &str, item: Item) -> Result<TransactWriteItem, StoreError> {
 struct Parts<'a> {
     store: &'a DynamoStore,
     commit: &'a ShardCommit,
-    cp_key: String,
+    /// Prefix of this commit's row keys: the checkpoint key, plus `#r{epoch}` for a commit at the
+    /// checkpoint of an interrupted one (its rows sort after, and never overwrite, the stored parts).
+    row_prefix: String,
     parts: Vec<Vec<TransactWriteItem>>,
     items: Vec<TransactWriteItem>,
     bytes: usize,
@@ -88,7 +90,7 @@ impl<'a> Parts<'a> {
         let effects = std::mem::take(&mut self.effects);
         for (chunk_no, chunk) in effects.chunks(MAX_PART_BYTES).enumerate() {
             // Cut at line ends is unnecessary: chunks are re-joined in key order before parsing.
-            let seq = format!("{}#{:04}#{chunk_no:03}", self.cp_key, self.part_no);
+            let seq = format!("{}#{:04}#{chunk_no:03}", self.row_prefix, self.part_no);
             let item = HashMap::from([
                 ("shard".to_string(), s(&self.commit.shard)),
                 ("seq".to_string(), s(seq)),
@@ -101,7 +103,7 @@ impl<'a> Parts<'a> {
             let json = serde_json::to_string(&listed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let item = HashMap::from([
                 ("shard".to_string(), s(&self.commit.shard)),
-                ("chunk".to_string(), s(format!("{}#{:04}", self.cp_key, self.part_no))),
+                ("chunk".to_string(), s(format!("{}#{:04}", self.row_prefix, self.part_no))),
                 ("skus".to_string(), s(json)),
             ]);
             self.items.push(put(&self.store.tables.shard_skus, item)?);
@@ -145,7 +147,7 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
     let mut parts = Parts {
         store,
         commit: c,
-        cp_key: cp_key.clone(),
+        row_prefix: if c.after_interrupted { format!("{cp_key}#r{:020}", c.lease_epoch) } else { cp_key.clone() },
         parts: Vec::new(),
         items: Vec::new(),
         bytes: 0,
@@ -207,7 +209,8 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
     }
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    let expires = (now + u128::from(store.dedup_ttl_ms)) / 1000;
+    // Rounded up: never earlier than the worker's own estimate (write time + TTL).
+    let expires = (now + u128::from(store.dedup_ttl_ms)).div_ceil(1000);
     let (dedup_bytes, replace) = match &c.dedup {
         DedupDelta::Append(bytes) => (bytes, false),
         DedupDelta::Replace(bytes) => (bytes, true),
@@ -217,7 +220,7 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
     for (i, chunk) in dedup_bytes.chunks(per_chunk).enumerate() {
         let item = HashMap::from([
             ("shard".to_string(), s(&c.shard)),
-            ("chunk".to_string(), s(format!("{cp_key}#{i:05}"))),
+            ("chunk".to_string(), s(format!("{}#{i:05}", parts.row_prefix))),
             ("data".to_string(), b(chunk.to_vec())),
             ("expires_at".to_string(), n(expires)),
         ]);

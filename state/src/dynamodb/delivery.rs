@@ -101,11 +101,9 @@ impl DynamoStore {
             Ok(_) => Ok(()),
             Err(e) => {
                 let reasons: Vec<bool> = match e.as_service_error() {
-                    Some(TransactWriteItemsError::TransactionCanceledException(ex)) => ex
-                        .cancellation_reasons()
-                        .iter()
-                        .map(|r| r.code() == Some("ConditionalCheckFailed"))
-                        .collect(),
+                    Some(TransactWriteItemsError::TransactionCanceledException(ex)) => {
+                        ex.cancellation_reasons().iter().map(|r| r.code() == Some("ConditionalCheckFailed")).collect()
+                    }
                     _ => return Err(sdk_error(e)),
                 };
                 if let Some(f) = fence

@@ -325,7 +325,11 @@ impl DynamoStore {
                 .send()
                 .await
                 .map_err(sdk_error)?;
-            tracing::info!(shard, skus = found.len(), "listed the shard's SKUs from a scan (store written before listings)");
+            tracing::info!(
+                shard,
+                skus = found.len(),
+                "listed the shard's SKUs from a scan (store written before listings)"
+            );
             skus.extend(found);
         }
         Ok(skus.into_iter().collect())
@@ -338,8 +342,11 @@ impl DynamoStore {
             let mut pending = chunk.to_vec();
             while !pending.is_empty() {
                 self.stats.reads.fetch_add(1, Ordering::Relaxed);
-                let req =
-                    KeysAndAttributes::builder().set_keys(Some(pending)).consistent_read(true).build().map_err(sdk_error)?;
+                let req = KeysAndAttributes::builder()
+                    .set_keys(Some(pending))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(sdk_error)?;
                 let out = self
                     .client
                     .batch_get_item()
