@@ -64,6 +64,9 @@ pub enum Command {
     Outbox(crate::commands::OutboxArgs),
     /// Create (or validate) the DynamoDB tables of the AWS deployment; safe to run repeatedly.
     Setup(crate::commands::SetupArgs),
+    /// The consumer group of the AWS deployment: `group status` prints every shard's owner,
+    /// epoch, checkpoint, last commit and lag from the lease table.
+    Group(crate::commands::GroupArgs),
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +91,8 @@ pub enum IngestAction {
 pub struct DumpArgs {
     #[command(subcommand)]
     pub action: DumpAction,
+    #[command(flatten)]
+    pub store: crate::commands::StoreArgs,
 }
 
 #[derive(Debug, Subcommand)]

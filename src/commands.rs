@@ -118,11 +118,67 @@ pub struct ReplayArgs {
     drive: crate::replay::DriveArgs,
 }
 
+/// Which store an operator command reads: the embedded one of the data directory, or with
+/// `--dynamodb` the AWS deployment's tables (every consumer-group member's shards).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreArgs {
+    /// Read the AWS deployment's DynamoDB tables instead of the embedded store.
+    #[arg(long, global = true)]
+    pub dynamodb: bool,
+    /// DynamoDB endpoint override (overrides `dynamodb.endpoint`), e.g. a local emulator.
+    #[arg(long, global = true, env = "DYNAMODB_ENDPOINT", value_name = "URL")]
+    pub dynamodb_endpoint: Option<String>,
+    /// Table name prefix (overrides `dynamodb.table_prefix`).
+    #[arg(long, global = true, env = "STOCKFLOW_TABLE_PREFIX", value_name = "PREFIX")]
+    pub table_prefix: Option<String>,
+}
+
+impl StoreArgs {
+    /// The DynamoDB store these flags (and the config) name.
+    pub async fn dynamo(&self, settings: &Settings) -> stockflow_state::dynamodb::DynamoStore {
+        use stockflow_state::dynamodb::DynamoStore;
+        let endpoint = self.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
+        let prefix = self.table_prefix.clone().unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
+        DynamoStore::new(DynamoStore::client(endpoint.as_deref()).await, &prefix)
+    }
+}
+
+/// Runs `$body` with `$store` bound to the store `$args` names: the embedded one, or DynamoDB.
+macro_rules! with_store {
+    ($settings:expr, $args:expr, |$store:ident| $body:expr) => {
+        if $args.dynamodb {
+            let $store = $args.dynamo(&$settings).await;
+            $body
+        } else {
+            let $store = open_store(&$settings)?;
+            $body
+        }
+    };
+}
+
+/// Arguments of `stockflow group`.
+#[derive(Debug, clap::Args)]
+pub struct GroupArgs {
+    #[command(subcommand)]
+    action: GroupAction,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum GroupAction {
+    /// One line per shard: state (live, ended, free), owner, epoch, checkpoint, last commit's
+    /// age and the reader's lag then, parents and children.
+    Status,
+}
+
 /// Arguments of `stockflow outbox`.
 #[derive(Debug, clap::Args)]
 pub struct OutboxArgs {
     #[command(subcommand)]
     action: OutboxAction,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -154,6 +210,8 @@ pub struct VerifyArgs {
     /// Differences to print at most.
     #[arg(long, default_value_t = 20)]
     max_diff: usize,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 /// Arguments of `stockflow setup`.
@@ -294,12 +352,16 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
             println!("wrote {} events ({} bytes) to {}", stream.len(), stream.bytes(), args.out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::State(_) => dump_states(settings).await,
-        Command::Alerts(_) => dump_alerts(settings).await,
-        Command::Dlq(_) => dump_dead_letters(settings).await,
+        Command::State(args) => with_store!(settings, args.store, |store| dump_states(&store).await),
+        Command::Alerts(args) => with_store!(settings, args.store, |store| dump_alerts(&store).await),
+        Command::Dlq(args) => with_store!(settings, args.store, |store| dump_dead_letters(&store).await),
         Command::Verify(args) => verify(args, settings).await,
         Command::Setup(args) => setup(args, settings).await,
-        Command::Outbox(args) => outbox(args, settings).await,
+        Command::Outbox(args) => {
+            let store_args = args.store.clone();
+            with_store!(settings, store_args, |store| outbox(args, &settings, &store).await)
+        }
+        Command::Group(args) => group(args, settings).await,
     }
 }
 
@@ -601,27 +663,27 @@ pub fn write_ndjson<T: serde::Serialize>(out: impl Write, items: impl IntoIterat
     Ok(())
 }
 
-async fn dump_states(settings: Settings) -> anyhow::Result<ExitCode> {
-    let states = open_store(&settings)?.sku_states().await?;
+async fn dump_states<S: StateStore>(store: &S) -> anyhow::Result<ExitCode> {
+    let states = store.sku_states().await?;
     print_ndjson(states.iter().map(|(sku, s)| SkuSummary::of(sku, s)))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dump_alerts(settings: Settings) -> anyhow::Result<ExitCode> {
-    let outcome = Outcome::from_parts(&[], open_store(&settings)?.effects().await?, 0);
+async fn dump_alerts<S: StateStore>(store: &S) -> anyhow::Result<ExitCode> {
+    let outcome = Outcome::from_parts(&[], store.effects().await?, 0);
     print_ndjson(outcome.alerts)?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dump_dead_letters(settings: Settings) -> anyhow::Result<ExitCode> {
-    print_ndjson(open_store(&settings)?.dead_letters().await?)?;
+async fn dump_dead_letters<S: StateStore>(store: &S) -> anyhow::Result<ExitCode> {
+    print_ndjson(store.dead_letters().await?)?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn verify(args: VerifyArgs, settings: Settings) -> anyhow::Result<ExitCode> {
     let buf = read_lines(&args.events)?;
     let expected = straight_pass(Arc::clone(&settings.engine), lines(&buf));
-    let actual = Outcome::of_store(&open_store(&settings)?).await?;
+    let actual = with_store!(settings, args.store, |store| Outcome::of_store(&store).await?);
     let diff = expected.diff(&actual, args.max_diff);
     if diff.is_empty() {
         println!(
@@ -641,9 +703,12 @@ async fn verify(args: VerifyArgs, settings: Settings) -> anyhow::Result<ExitCode
     }
 }
 
-async fn outbox(args: OutboxArgs, settings: Settings) -> anyhow::Result<ExitCode> {
-    use stockflow_state::outbox::{OutboxStore, requeue_dead_letters};
-    let store = open_store(&settings)?;
+async fn outbox<S: stockflow_state::outbox::OutboxStore>(
+    args: OutboxArgs,
+    settings: &Settings,
+    store: &S,
+) -> anyhow::Result<ExitCode> {
+    use stockflow_state::outbox::requeue_dead_letters;
     match args.action {
         OutboxAction::Status => {
             let dead = store.connector_dead_letters(None).await?;
@@ -675,11 +740,71 @@ async fn outbox(args: OutboxArgs, settings: Settings) -> anyhow::Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         OutboxAction::Retry { connector } => {
-            let n = requeue_dead_letters(&store, connector.as_deref()).await?;
-            println!("{n} dead letters flagged for another delivery (sent by the next `stockflow run` or `consume`)");
+            let n = requeue_dead_letters(store, connector.as_deref()).await?;
+            println!(
+                "{n} dead letters flagged for another delivery (re-sent by the next `stockflow run` or `consume`; \
+                 in a consumer group, by the member that delivers the shard)"
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `stockflow group status`: the lease table, read consistently, one line per shard.
+async fn group(args: GroupArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    let GroupAction::Status = args.action;
+    let store = args.store.dynamo(&settings).await;
+    let rows = store.group_status().await.context("reading the lease table")?;
+    let now = stockflow_state::now_ms();
+    println!(
+        "{:<24} {:<6} {:<40} {:>17} {:<28} {:>10} {:>9}  lineage",
+        "shard", "state", "owner", "epoch", "checkpoint", "committed", "lag"
+    );
+    let mut owners = std::collections::BTreeSet::new();
+    for r in &rows {
+        let l = &r.lease;
+        let state = if l.ended {
+            "ended"
+        } else if l.owner.is_some() {
+            "live"
+        } else {
+            "free"
+        };
+        if !l.ended
+            && let Some(o) = &l.owner
+        {
+            owners.insert(o.clone());
+        }
+        let checkpoint = l.checkpoint.as_ref().map_or_else(|| "-".to_string(), ToString::to_string);
+        let checkpoint =
+            if checkpoint.len() > 28 { format!("…{}", &checkpoint[checkpoint.len() - 27..]) } else { checkpoint };
+        let committed =
+            r.committed_at_ms.map_or_else(|| "-".to_string(), |t| format!("{:.1}s ago", (now - t) as f64 / 1000.0));
+        let lag = r.lag_ms.map_or_else(|| "-".to_string(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+        let mut lineage = String::new();
+        if !l.parents.is_empty() {
+            lineage.push_str(&format!("parents {}", l.parents.join(",")));
+        }
+        if !l.children.is_empty() {
+            lineage.push_str(&format!(
+                "{}children {}",
+                if lineage.is_empty() { "" } else { "; " },
+                l.children.join(",")
+            ));
+        }
+        println!(
+            "{:<24} {:<6} {:<40} {:>17} {:<28} {:>10} {:>9}  {lineage}",
+            l.key,
+            state,
+            l.owner.as_deref().unwrap_or("-"),
+            l.epoch,
+            checkpoint,
+            committed,
+            lag
+        );
+    }
+    println!("{} shards, {} live members", rows.len(), owners.len());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn setup(args: SetupArgs, settings: Settings) -> anyhow::Result<ExitCode> {

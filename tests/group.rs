@@ -18,7 +18,7 @@ use stockflow_pipeline::{OutRecord, StreamProducer};
 use stockflow_state::dynamodb::DynamoStore;
 use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::lease::LeaseStore;
-use stockflow_state::reference::{Outcome, straight_pass};
+use stockflow_state::reference::{Outcome, straight_pass_full};
 use stockflow_state::{EngineConfig, StateStore};
 
 /// Quick polls so the scenarios run in seconds on the emulators; `[worker]` comes per scenario
@@ -159,11 +159,25 @@ struct Group {
     store: DynamoStore,
     events: Vec<(String, Vec<u8>)>,
     expected: Outcome,
+    /// Every effect of the straight pass, in order.
+    effects: Vec<stockflow_state::Effect>,
 }
 
 impl Group {
     /// `kinesis` goes into the `[kinesis]` section; `rest` follows it (other sections).
     async fn new(tag: &str, shards: i32, events: usize, kinesis: &str, rest: &str) -> Option<Group> {
+        Self::with_engine(tag, shards, events, kinesis, rest, EngineConfig::default()).await
+    }
+
+    /// Like [`Group::new`], for members whose `[engine]` section (in `rest`) is `engine`.
+    async fn with_engine(
+        tag: &str,
+        shards: i32,
+        events: usize,
+        kinesis: &str,
+        rest: &str,
+        engine: EngineConfig,
+    ) -> Option<Group> {
         let (client, stream) = emulator_stream(&format!("sf-{tag}-"), shards).await?;
         let store = emulator_store(&format!("sf-{tag}-")).await?;
         let dir = tempfile::tempdir().unwrap();
@@ -178,8 +192,8 @@ impl Group {
                     (if key.is_empty() { "no-sku".to_string() } else { key.into_owned() }, p.to_vec())
                 })
                 .collect();
-        let expected = straight_pass(Arc::new(EngineConfig::default()), events.iter().map(|(_, p)| p.as_slice()));
-        Some(Group { dir, client, stream, store, events, expected })
+        let (expected, effects) = straight_pass_full(Arc::new(engine), events.iter().map(|(_, p)| p.as_slice()));
+        Some(Group { dir, client, stream, store, events, expected, effects })
     }
 
     fn config(&self) -> PathBuf {
@@ -195,7 +209,10 @@ impl Group {
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_REGION", "us-east-1")
-            .env("STOCKFLOW_LOG", "info,stockflow_pipeline::worker=debug,stockflow_pipeline::group=debug")
+            .env(
+                "STOCKFLOW_LOG",
+                "info,stockflow_pipeline::worker=debug,stockflow_pipeline::group=debug,stockflow::alerts=off",
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -497,4 +514,213 @@ async fn split_and_merge_while_events_flow_lose_and_double_nothing() {
         }
     }
     stop_all(&mut members);
+}
+
+/// Connector settings for the delivery scenario: every HTTP connector at the local receivers,
+/// short timeouts and backoffs, attempts without limit (a fault never dead-letters).
+fn connectors(base: &str, shape: &str) -> String {
+    use base64::Engine as _;
+    let secret = base64::engine::general_purpose::STANDARD.encode(DELIVERY_KEY);
+    let accounting = match shape {
+        "quickbooks" => format!("url = \"{base}/qbo\"\nrealm_id = \"9130\"\n"),
+        _ => format!("url = \"{base}/xero\"\ntenant_id = \"tenant-1\"\nbase_currency = \"USD\"\n"),
+    };
+    format!(
+        "[engine]\ndefault_reorder_point = 3\n\
+         [connectors]\nlog = false\n\
+         [connectors.delivery]\nmax_batch = 40\nlinger_ms = 50\nmax_attempts = 100000\ntimeout_ms = 400\n\
+         backoff_base_ms = 5\nbackoff_cap_ms = 200\nbreaker_failures = 5\nbreaker_open_ms = 50\n\
+         breaker_max_open_ms = 300\npoll_ms = 50\n\
+         [connectors.alerts_webhook]\nurl = \"{base}/alerts\"\nsecret = {{ value = \"whsec_{secret}\" }}\n\
+         [connectors.manufacturer]\nurl = \"{base}/manufacturer\"\nstock_sync_interval_s = 1\n\
+         [connectors.accounting]\nshape = \"{shape}\"\n{accounting}"
+    )
+}
+
+const DELIVERY_KEY: &[u8] = b"group-delivery-test-signing-key!";
+
+/// Every delivery cursor's position (the `pos` attribute: `delivered` as a sortable string).
+async fn cursor_positions(store: &DynamoStore) -> Vec<(String, String)> {
+    let out = store.dynamodb().scan().table_name(&store.tables().delivery).consistent_read(true).send().await.unwrap();
+    out.items()
+        .iter()
+        .filter_map(|i| {
+            let key = format!("{}/{}", i["connector"].as_s().ok()?, i["key"].as_s().ok()?);
+            Some((key, i.get("pos")?.as_s().ok()?.clone()))
+        })
+        .collect()
+}
+
+/// Three members deliver to the local receivers (accounting in `shape`, the manufacturer, the
+/// signed alert webhook) under 20 % injected faults of every kind, while one member is killed
+/// with SIGKILL mid-delivery, a lease is stolen from another mid-delivery (a thief that never
+/// renews: the group takes it back after the failover), and a shard is split with effects in
+/// flight. Every effect must be accepted exactly once under one key, in per-SKU order across the
+/// split, with journal totals equal to the straight pass, no cursor moving back, no dead letter,
+/// and the manufacturer holding the final stock levels.
+async fn delivery_is_exactly_once_through_kill_steal_and_split(shape: &'static str, tag: &str) {
+    use stockflow_connectors::testing::{FaultPlan, Receivers, Routes, check_deliveries};
+    let _serial = SERIAL.lock().await;
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let receivers = Receivers::new(FaultPlan::chaos(20, Duration::from_millis(500), 17), Some(DELIVERY_KEY.to_vec()));
+    let (base, _) = receivers.start(stop_rx).await.unwrap();
+    let rest =
+        format!("{}[group]\nfailover_ms = 3000\ntake_interval_ms = 500\n{}", worker(700), connectors(&base, shape));
+    let engine = EngineConfig { default_reorder_point: 3, ..EngineConfig::default() };
+    let Some(g) = Group::with_engine(tag, 3, 3_000, "", &rest, engine).await else { return };
+    let routes = Routes { alerts: true, reorders: true, accounting: Some(shape) };
+    // Watch every cursor: none may ever move back.
+    let regressions = Arc::new(Mutex::new(Vec::<String>::new()));
+    let watcher = {
+        let (store, regressions) = (g.store.clone(), Arc::clone(&regressions));
+        tokio::spawn(async move {
+            let mut last: std::collections::HashMap<String, String> = Default::default();
+            loop {
+                for (key, pos) in cursor_positions(&store).await {
+                    if let Some(prev) = last.get(&key)
+                        && *prev > pos
+                    {
+                        regressions.lock().unwrap().push(format!("{key}: {prev} -> {pos}"));
+                    }
+                    last.insert(key, pos);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let mut members: Vec<Member> = ["a", "b", "c"].iter().map(|n| g.spawn(n)).collect();
+    let accepted = receivers.accepted();
+    g.put(0..1_000).await;
+    let wait_accepted = |n: u64| {
+        let mut accepted = accepted.clone();
+        async move {
+            let reached = tokio::time::timeout(Duration::from_secs(120), accepted.wait_for(|a| *a >= n)).await;
+            assert!(reached.is_ok(), "the receivers accepted {n} effects");
+        }
+    };
+    wait_accepted(60).await;
+    g.wait_until("every member to hold a lease", Duration::from_secs(30), || {
+        members.iter().all(|m| !m.holding().is_empty())
+    })
+    .await;
+
+    // 1. kill -9 of a member while effects are being delivered.
+    let victim = 0;
+    members[victim].signal("-KILL");
+    members[victim].wait();
+    let mut alive: Vec<Member> = members.drain(1..).collect();
+    g.put(1_000..2_000).await;
+    let now = *accepted.borrow();
+    wait_accepted(now + 40).await;
+
+    // 2. A forced steal while delivering: a lease of a live member moves to a thief that never
+    // renews; the member's lanes and worker are fenced at once, and after the failover the
+    // group takes the shard back and resumes its in-flight requests.
+    let stolen = g
+        .store
+        .leases()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| !l.ended && l.owner.as_deref().is_some_and(|o| o != "thief"))
+        .expect("a live lease");
+    g.store.take_lease(&stolen.key, "thief").await.unwrap();
+
+    // 3. Split a shard while effects are in flight, and send the rest.
+    let shards = g.client.list_shards().stream_name(&g.stream).send().await.unwrap();
+    let open: Vec<_> = shards
+        .shards()
+        .iter()
+        .filter(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
+        .collect();
+    let target = open[0];
+    let range = target.hash_key_range().unwrap();
+    let (lo, hi): (u128, u128) = (range.starting_hash_key().parse().unwrap(), range.ending_hash_key().parse().unwrap());
+    g.client
+        .split_shard()
+        .stream_name(&g.stream)
+        .shard_to_split(target.shard_id())
+        .new_starting_hash_key((lo + (hi - lo) / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_active(&g.client, &g.stream).await;
+    g.put(2_000..3_000).await;
+
+    g.wait_exact(&mut alive, Duration::from_secs(300)).await;
+    // Wait (on the receivers, polling) until everything expected was accepted.
+    let started = Instant::now();
+    loop {
+        assert_alive(&mut alive);
+        let problems = check_deliveries(&receivers.log(), &g.effects, routes, 20);
+        if problems.is_empty() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(240), "delivery incomplete:\n{}", problems.join("\n"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The stock-level sync settles on the final state (each SKU sent by its shard's owner).
+    let levels: std::collections::BTreeMap<String, (i64, i64)> =
+        g.expected.skus.iter().map(|s| (s.sku.clone(), (s.on_hand, s.reserved))).collect();
+    g.wait_until("the manufacturer to hold the final stock levels", Duration::from_secs(60), || {
+        receivers.log().stock_levels == levels
+    })
+    .await;
+    let outs = stop_all(&mut alive);
+    watcher.abort();
+    let log = receivers.log();
+    assert!(
+        log.faults > 30 && log.replays > 0,
+        "faults injected ({}) and re-sends answered by key ({})",
+        log.faults,
+        log.replays
+    );
+    let journals = g.effects.iter().filter(|e| matches!(e, stockflow_state::Effect::Journal(_))).count();
+    assert!(journals > 100 && log.order[shape].len() == journals, "{} of {journals} journals", log.order[shape].len());
+    assert_eq!(regressions.lock().unwrap().clone(), Vec::<String>::new(), "a delivery cursor moved back");
+    let leases = g.store.leases().await.unwrap();
+    assert!(leases.iter().any(|l| l.ended && l.children.len() == 2), "the split happened: {leases:?}");
+    let lost: usize = alive.iter().map(|m| m.lines().iter().filter(|l| l.text.contains("lease lost")).count()).sum();
+    assert!(lost >= 1, "the steal fenced its victim");
+    let dead = stockflow_connectors_dead_letters(&g);
+    assert_eq!(dead, "", "no connector dead letters");
+    let delivery_writes = calls(&outs, "delivery_writes");
+    let requests: u64 = log.requests;
+    eprintln!(
+        "delivery ({shape}): {} events, {} effects; {} requests to the receivers ({} faults, {} replays); \
+         delivery writes {delivery_writes} ({:.1} per 1,000 events), transactions {}, reads {}",
+        g.events.len(),
+        g.effects.len(),
+        requests,
+        log.faults,
+        log.replays,
+        delivery_writes as f64 * 1000.0 / g.events.len() as f64,
+        calls(&outs, "transactions"),
+        calls(&outs, "reads"),
+    );
+}
+
+/// `stockflow outbox dead-letters --dynamodb` over the group's tables.
+fn stockflow_connectors_dead_letters(g: &Group) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_stockflow"))
+        .args(["outbox", "dead-letters", "--dynamodb"])
+        .args(["--table-prefix", g.store.tables().leases.trim_end_matches("-leases")])
+        .env("DYNAMODB_ENDPOINT", std::env::var("DYNAMODB_ENDPOINT").unwrap_or("http://127.0.0.1:5001".into()))
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickbooks_delivery_is_exactly_once_through_kill_steal_and_split() {
+    delivery_is_exactly_once_through_kill_steal_and_split("quickbooks", "dqb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xero_delivery_is_exactly_once_through_kill_steal_and_split() {
+    delivery_is_exactly_once_through_kill_steal_and_split("xero", "dxr").await;
 }

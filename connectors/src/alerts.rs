@@ -40,7 +40,12 @@ fn parse_alerts(request: &Request) -> Result<Vec<Effect>, DeliveryError> {
         .map_err(|e| DeliveryError::Rejected(format!("not an alert batch: {e}")))
 }
 
-/// Writes alerts to the structured log (`tracing`).
+/// Writes alerts to the structured log (`tracing`), at INFO under their own target
+/// [`ALERT_LOG_TARGET`]: an oversell is business news, not a fault of stockflow, so it must not
+/// bury real warnings (route or silence it with `STOCKFLOW_LOG=…,stockflow::alerts=off`).
+/// The log target of alerts.
+pub const ALERT_LOG_TARGET: &str = "stockflow::alerts";
+
 #[derive(Debug)]
 pub struct LogSink {
     policy: DeliveryPolicy,
@@ -72,11 +77,13 @@ impl Connector for LogSink {
     async fn send(&self, request: &Request) -> Result<Delivered, DeliveryError> {
         for effect in parse_alerts(request)? {
             match &effect {
-                Effect::Oversell(a) => tracing::warn!(
+                Effect::Oversell(a) => tracing::info!(
+                    target: "stockflow::alerts",
                     alert_id = %a.alert_id, sku = %a.sku, order_id = ?a.order_id, shortfall = a.shortfall,
                     available_before = a.available_before, cause = ?a.cause, "oversell"
                 ),
                 Effect::LowStock(a) => tracing::info!(
+                    target: "stockflow::alerts",
                     alert_id = %a.alert_id, sku = %a.sku, available = a.available, reorder_point = a.reorder_point,
                     "low stock"
                 ),

@@ -66,7 +66,35 @@ pub(crate) fn lease_of(item: &Item) -> Option<Lease> {
     })
 }
 
+/// One row of `stockflow group status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRow {
+    /// The lease.
+    pub lease: Lease,
+    /// When its shard last committed (wall clock, ms).
+    pub committed_at_ms: Option<i64>,
+    /// How far its reader was behind the stream's tip at that commit (ms).
+    pub lag_ms: Option<u64>,
+}
+
 impl DynamoStore {
+    /// Every lease row with its last commit's time and lag, by shard (a consistent scan).
+    pub async fn group_status(&self) -> Result<Vec<GroupRow>, StoreError> {
+        let items = self.scan_all(&self.tables.leases).await?;
+        let mut rows: Vec<GroupRow> = items
+            .iter()
+            .filter_map(|item| {
+                Some(GroupRow {
+                    lease: lease_of(item)?,
+                    committed_at_ms: number(item, "committedAt").and_then(|n| i64::try_from(n).ok()),
+                    lag_ms: number(item, "lagMs"),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| a.lease.key.cmp(&b.lease.key));
+        Ok(rows)
+    }
+
     fn lease_update(&self, key: &str) -> UpdateItemFluentBuilder {
         self.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
         self.client.update_item().table_name(&self.tables.leases).key("leaseKey", s(key))

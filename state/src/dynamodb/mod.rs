@@ -14,6 +14,7 @@
 mod commit;
 mod delivery;
 mod leases;
+pub use leases::GroupRow;
 pub mod schema;
 pub mod testing;
 
