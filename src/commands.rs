@@ -457,7 +457,8 @@ async fn dashboard(
             stockflow_state::dynamodb::DynamoStore::client(endpoint.as_deref()).await,
             &prefix,
         ));
-        let d = crate::dashboard::Dashboard::start(store, telemetry, sizes, cfg, shutdown.clone());
+        let d = crate::dashboard::Dashboard::start(Arc::clone(&store), telemetry, sizes, cfg, shutdown.clone());
+        d.follow_group(store, std::time::Duration::from_secs(2));
         (d, None)
     } else {
         if !settings.state_path().exists() {

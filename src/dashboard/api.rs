@@ -46,6 +46,7 @@ pub fn router(dashboard: Dashboard, metrics: Option<PrometheusHandle>) -> Router
         .route("/api/series", get(series))
         .route("/api/outcome", get(outcome))
         .route("/api/stream", get(stream))
+        .route("/api/group", get(group))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(|State(s): State<AppState>| async move { crate::telemetry::render(s.metrics.as_ref()) }))
         .fallback(|| async { bad(StatusCode::NOT_FOUND, "no such page or API", None) })
@@ -306,6 +307,13 @@ async fn alerts(State(s): State<AppState>, q: QueryMap) -> Response {
         "kept": log.ring.len(),
     }))
     .into_response()
+}
+
+/// The consumer group (`dashboard --dynamodb`): every shard's state, owner, epoch, checkpoint,
+/// last commit and lag; `{"shards": null}` on the embedded backend.
+async fn group(State(s): State<AppState>) -> Response {
+    let shards = s.dashboard.group();
+    axum::Json(serde_json::json!({ "shards": shards.as_deref() })).into_response()
 }
 
 async fn series(State(s): State<AppState>) -> Response {

@@ -343,6 +343,27 @@ struct Inner {
     shutdown: watch::Receiver<bool>,
     snapshot_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     outcome: OutcomeReader,
+    /// The consumer group's lease table (`--dynamodb`): one row per shard, or `None` (embedded).
+    group: RwLock<Option<Arc<Vec<GroupShard>>>>,
+}
+
+/// One shard of the consumer group, as the group view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupShard {
+    /// Shard id.
+    pub shard: String,
+    /// `live` (owned), `free` (no owner) or `ended`.
+    pub state: &'static str,
+    /// The member holding it.
+    pub owner: Option<String>,
+    /// Its fencing epoch.
+    pub epoch: u64,
+    /// Last committed position.
+    pub checkpoint: Option<String>,
+    /// When it last committed (ms).
+    pub committed_at_ms: Option<i64>,
+    /// Its reader's lag at that commit (ms).
+    pub lag_ms: Option<u64>,
 }
 
 /// Reads the whole outcome of the store (every SKU summary, alert and the dead-letter count).
@@ -395,6 +416,7 @@ impl Dashboard {
                         })
                     })
                 },
+                group: RwLock::new(None),
             }),
         };
         if cfg.snapshot_thread {
@@ -415,6 +437,49 @@ impl Dashboard {
         tokio::spawn(dashboard.clone().alert_tail(store, shutdown.clone()));
         tokio::spawn(dashboard.clone().sampler(telemetry, shutdown));
         dashboard
+    }
+
+    /// Follows the consumer group's lease table every `every` (the `--dynamodb` dashboard):
+    /// who owns which shard, epochs, checkpoints, last commit and lag, for `/api/group`.
+    pub fn follow_group(&self, store: Arc<stockflow_state::dynamodb::DynamoStore>, every: Duration) {
+        let (me, mut stop) = (self.clone(), self.inner.shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                match store.group_status().await {
+                    Ok(rows) => {
+                        let shards = rows
+                            .into_iter()
+                            .map(|r| GroupShard {
+                                state: if r.lease.ended {
+                                    "ended"
+                                } else if r.lease.owner.is_some() {
+                                    "live"
+                                } else {
+                                    "free"
+                                },
+                                shard: r.lease.key,
+                                owner: r.lease.owner,
+                                epoch: r.lease.epoch,
+                                checkpoint: r.lease.checkpoint.map(|c| c.to_string()),
+                                committed_at_ms: r.committed_at_ms,
+                                lag_ms: r.lag_ms,
+                            })
+                            .collect();
+                        *me.inner.group.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(shards));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "dashboard: reading the lease table failed"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+    }
+
+    /// The group's shards as last read (`None` without a group).
+    pub fn group(&self) -> Option<Arc<Vec<GroupShard>>> {
+        self.inner.group.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Waits for the snapshot thread to end (after shutdown), so that it no longer holds the

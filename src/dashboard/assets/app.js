@@ -217,6 +217,25 @@
     es.onerror = () => { status.dataset.state = "down"; status.textContent = "reconnecting…"; };
   }
 
+  // ---- consumer group (dashboard --dynamodb) ----------------------------------------------------
+  async function loadGroup() {
+    let data;
+    try { data = await getJSON("/api/group"); } catch (e) { return; }
+    if (!data.shards) return;
+    $("group").hidden = false;
+    const owners = new Set(data.shards.filter((r) => r.state === "live").map((r) => r.owner));
+    $("group-summary").textContent = data.shards.length + " shards, " + owners.size + " members";
+    const now = Date.now();
+    $("group-body").replaceChildren(...data.shards.map((r) => el("tr", { "data-state": r.state },
+      el("td", {}, r.shard),
+      el("td", {}, r.state),
+      el("td", {}, r.owner || "–"),
+      el("td", { class: "num" }, String(r.epoch)),
+      el("td", { class: "mono" }, r.checkpoint || "–"),
+      el("td", { class: "num" }, r.committed_at_ms == null ? "–" : ((now - r.committed_at_ms) / 1000).toFixed(1) + " s ago"),
+      el("td", { class: "num" }, r.lag_ms == null ? "–" : (r.lag_ms / 1000).toFixed(1) + " s"))));
+  }
+
   async function start() {
     try {
       const s = await getJSON("/api/series");
@@ -229,6 +248,8 @@
     connect();
     await loadStock();
     setInterval(loadStock, 500);
+    loadGroup();
+    setInterval(loadGroup, 2000);
   }
   start();
 })();
