@@ -84,7 +84,7 @@ async fn write_cost_scales_with_dirty_skus_not_events() {
             assert!(per_k(items) <= 10.0, "{:.2} items per 1,000 events", per_k(items));
         }
 
-        // Restore: bulk (GSI query + BatchGetItem) vs one GetItem per SKU.
+        // Restore: bulk (listing query + BatchGetItem, consistent) vs one GetItem per SKU.
         let reads = s.reads.load(Ordering::Relaxed);
         let t = Instant::now();
         let stored = store.load_shard(SHARD).await.unwrap();
