@@ -6,13 +6,14 @@
 //! per-SKU order kept, journal totals equal to the straight pass's COGS and inventory, the
 //! manufacturer's stock levels equal to the final state, and no dead letters.
 
+mod support;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use stockflow::generate::{GenConfig, generate};
 use stockflow_connectors::testing::{FaultPlan, Log, Receivers, Routes, check_deliveries};
 use stockflow_state::EngineConfig;
@@ -21,23 +22,10 @@ use stockflow_state::reference::straight_pass_full;
 const KEY: &[u8] = b"connector-test-signing-key-32byt";
 
 fn config(base: &str, shape: &str) -> String {
-    let secret = base64::engine::general_purpose::STANDARD.encode(KEY);
-    let accounting = match shape {
-        "quickbooks" => format!("url = \"{base}/qbo\"\nrealm_id = \"9130\"\n"),
-        "xero" => format!("url = \"{base}/xero\"\ntenant_id = \"tenant-1\"\nbase_currency = \"USD\"\n"),
-        _ => format!("url = \"{base}/generic\"\n"),
-    };
     format!(
-        "shards = 2\n\
-         [engine]\ndefault_reorder_point = 3\n\
-         [worker]\ncommit_every_records = 500\ncommit_interval_ms = 20\n\
-         [connectors]\nlog = false\n\
-         [connectors.delivery]\nmax_batch = 40\nlinger_ms = 0\nmax_attempts = 100000\ntimeout_ms = 300\n\
-         backoff_base_ms = 5\nbackoff_cap_ms = 100\nbreaker_failures = 5\nbreaker_open_ms = 50\n\
-         breaker_max_open_ms = 200\npoll_ms = 10\n\
-         [connectors.alerts_webhook]\nurl = \"{base}/alerts\"\nsecret = {{ value = \"whsec_{secret}\" }}\n\
-         [connectors.manufacturer]\nurl = \"{base}/manufacturer\"\nstock_sync_interval_s = 1\n\
-         [connectors.accounting]\nshape = \"{shape}\"\n{accounting}"
+        "shards = 2\n[engine]\ndefault_reorder_point = 3\n\
+         [worker]\ncommit_every_records = 500\ncommit_interval_ms = 20\n{}",
+        support::connectors_config(base, shape, KEY, 10)
     )
 }
 

@@ -3,6 +3,8 @@
 //! with the stored state, alerts and dead letters equal to the straight pass over the events —
 //! nothing lost, nothing applied twice — whatever was killed, handed off or resharded meanwhile.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -201,22 +203,20 @@ impl Group {
     }
 
     fn spawn(&self, name: &str) -> Member {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stockflow"))
-            .args(["--config", self.config().to_str().unwrap(), "consume", "--stream", &self.stream])
-            .args(["--table-prefix", self.store.tables().leases.trim_end_matches("-leases")])
-            .env("KINESIS_ENDPOINT", stockflow_pipeline::kinesis::testing::endpoint())
-            .env("DYNAMODB_ENDPOINT", std::env::var("DYNAMODB_ENDPOINT").unwrap_or("http://127.0.0.1:5001".into()))
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env(
-                "STOCKFLOW_LOG",
-                "info,stockflow_pipeline::worker=debug,stockflow_pipeline::group=debug,stockflow::alerts=off",
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = support::emulator_env(
+            Command::new(env!("CARGO_BIN_EXE_stockflow"))
+                .args(["--config", self.config().to_str().unwrap(), "consume", "--stream", &self.stream])
+                .args(["--table-prefix", self.store.tables().leases.trim_end_matches("-leases")]),
+        )
+        .env("KINESIS_ENDPOINT", stockflow_pipeline::kinesis::testing::endpoint())
+        .env(
+            "STOCKFLOW_LOG",
+            "info,stockflow_pipeline::worker=debug,stockflow_pipeline::group=debug,stockflow::alerts=off",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let (sink, who) = (Arc::clone(&lines), name.to_string());
@@ -516,27 +516,6 @@ async fn split_and_merge_while_events_flow_lose_and_double_nothing() {
     stop_all(&mut members);
 }
 
-/// Connector settings for the delivery scenario: every HTTP connector at the local receivers,
-/// short timeouts and backoffs, attempts without limit (a fault never dead-letters).
-fn connectors(base: &str, shape: &str) -> String {
-    use base64::Engine as _;
-    let secret = base64::engine::general_purpose::STANDARD.encode(DELIVERY_KEY);
-    let accounting = match shape {
-        "quickbooks" => format!("url = \"{base}/qbo\"\nrealm_id = \"9130\"\n"),
-        _ => format!("url = \"{base}/xero\"\ntenant_id = \"tenant-1\"\nbase_currency = \"USD\"\n"),
-    };
-    format!(
-        "[engine]\ndefault_reorder_point = 3\n\
-         [connectors]\nlog = false\n\
-         [connectors.delivery]\nmax_batch = 40\nlinger_ms = 50\nmax_attempts = 100000\ntimeout_ms = 400\n\
-         backoff_base_ms = 5\nbackoff_cap_ms = 200\nbreaker_failures = 5\nbreaker_open_ms = 50\n\
-         breaker_max_open_ms = 300\npoll_ms = 50\n\
-         [connectors.alerts_webhook]\nurl = \"{base}/alerts\"\nsecret = {{ value = \"whsec_{secret}\" }}\n\
-         [connectors.manufacturer]\nurl = \"{base}/manufacturer\"\nstock_sync_interval_s = 1\n\
-         [connectors.accounting]\nshape = \"{shape}\"\n{accounting}"
-    )
-}
-
 const DELIVERY_KEY: &[u8] = b"group-delivery-test-signing-key!";
 
 /// Every delivery cursor's position (the `pos` attribute: `delivered` as a sortable string).
@@ -564,9 +543,13 @@ async fn delivery_is_exactly_once_through_kill_steal_and_split(shape: &'static s
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let receivers = Receivers::new(FaultPlan::chaos(20, Duration::from_millis(500), 17), Some(DELIVERY_KEY.to_vec()));
     let (base, _) = receivers.start(stop_rx).await.unwrap();
-    let rest =
-        format!("{}[group]\nfailover_ms = 3000\ntake_interval_ms = 500\n{}", worker(700), connectors(&base, shape));
+    let rest = format!(
+        "{}[group]\nfailover_ms = 3000\ntake_interval_ms = 500\n{}",
+        worker(700),
+        support::connectors_config(&base, shape, DELIVERY_KEY, 50)
+    );
     let engine = EngineConfig { default_reorder_point: 3, ..EngineConfig::default() };
+    let rest = format!("[engine]\ndefault_reorder_point = 3\n{rest}");
     let Some(g) = Group::with_engine(tag, 3, 3_000, "", &rest, engine).await else { return };
     let routes = Routes { alerts: true, reorders: true, accounting: Some(shape) };
     // Watch every cursor: none may ever move back.
@@ -702,15 +685,13 @@ async fn delivery_is_exactly_once_through_kill_steal_and_split(shape: &'static s
 
 /// `stockflow outbox dead-letters --dynamodb` over the group's tables.
 fn stockflow_connectors_dead_letters(g: &Group) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_stockflow"))
-        .args(["outbox", "dead-letters", "--dynamodb"])
-        .args(["--table-prefix", g.store.tables().leases.trim_end_matches("-leases")])
-        .env("DYNAMODB_ENDPOINT", std::env::var("DYNAMODB_ENDPOINT").unwrap_or("http://127.0.0.1:5001".into()))
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .output()
-        .unwrap();
+    let out = support::emulator_env(
+        Command::new(env!("CARGO_BIN_EXE_stockflow"))
+            .args(["outbox", "dead-letters", "--dynamodb"])
+            .args(["--table-prefix", g.store.tables().leases.trim_end_matches("-leases")]),
+    )
+    .output()
+    .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

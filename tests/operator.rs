@@ -16,16 +16,14 @@ use stockflow_state::{DeadLetter, EngineConfig, Position, ShardCommit, StateStor
 mod support;
 
 fn stockflow(prefix: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_stockflow"))
-        .args(args)
-        .args(["--dynamodb", "--table-prefix", prefix])
-        .env("DYNAMODB_ENDPOINT", std::env::var("DYNAMODB_ENDPOINT").unwrap_or("http://127.0.0.1:5001".into()))
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("STOCKFLOW_LOG", "warn")
-        .output()
-        .unwrap()
+    support::emulator_env(Command::new(env!("CARGO_BIN_EXE_stockflow")).args(args).args([
+        "--dynamodb",
+        "--table-prefix",
+        prefix,
+    ]))
+    .env("STOCKFLOW_LOG", "warn")
+    .output()
+    .unwrap()
 }
 
 fn ok(out: std::process::Output) -> String {
@@ -107,16 +105,18 @@ async fn operators_read_the_groups_tables_and_see_who_owns_what() {
     assert!(group.contains("3 shards, 1 live members"), "{group}");
 
     // The dashboard's group view.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stockflow"))
-        .args(["dashboard", "--dynamodb", "--table-prefix", &prefix, "--listen", "127.0.0.1:0"])
-        .env("DYNAMODB_ENDPOINT", std::env::var("DYNAMODB_ENDPOINT").unwrap_or("http://127.0.0.1:5001".into()))
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("STOCKFLOW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = support::emulator_env(Command::new(env!("CARGO_BIN_EXE_stockflow")).args([
+        "dashboard",
+        "--dynamodb",
+        "--table-prefix",
+        &prefix,
+        "--listen",
+        "127.0.0.1:0",
+    ]))
+    .env("STOCKFLOW_LOG", "warn")
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
     let addr = first.trim().trim_start_matches("stockflow: dashboard on http://").trim_end_matches('/').to_string();

@@ -80,6 +80,30 @@ async fn run_worker(
     worker.run(shutdown).await
 }
 
+/// Worker A in the background over `log` with `cfg`: returns its task, its shutdown and its
+/// lease epoch, once it committed at least once.
+async fn worker_a(
+    log: &EmbeddedLog,
+    store: &DynamoStore,
+    engine: Arc<EngineConfig>,
+    cfg: WorkerConfig,
+) -> (tokio::task::JoinHandle<Result<stockflow_pipeline::WorkerReport, WorkerError>>, watch::Sender<bool>, u64) {
+    let epoch = store.take_lease(SHARD, "worker-a").await.unwrap();
+    let progress = Arc::new(Progress::default());
+    let (stop, rx) = watch::channel(false);
+    let task = {
+        let (log, store, progress) = (log.clone(), store.clone(), Arc::clone(&progress));
+        tokio::spawn(async move {
+            let w = ShardWorker::start(&log, SHARD, Arc::new(store), engine, cfg, epoch, progress).await?;
+            w.run(rx).await
+        })
+    };
+    while progress.commits.load(Ordering::Relaxed) < 1 {
+        tokio::task::yield_now().await;
+    }
+    (task, stop, epoch)
+}
+
 async fn assert_equals_straight_pass(store: &DynamoStore, recs: &[(String, String)]) {
     let expected = straight_pass(Arc::new(EngineConfig::default()), recs.iter().map(|(_, p)| p.as_bytes()));
     let actual = Outcome::of_store(store).await.unwrap();
@@ -129,16 +153,7 @@ async fn a_zombie_is_refused_and_a_takeover_mid_stream_loses_nothing() {
     append(&log, first);
 
     // Worker A owns the shard and commits the first part of the stream.
-    let epoch_a = store.take_lease(SHARD, "worker-a").await.unwrap();
-    let progress = Arc::new(Progress::default());
-    let (_tx_a, rx_a) = watch::channel(false);
-    let a = {
-        let (log, store, progress) = (log.clone(), store.clone(), Arc::clone(&progress));
-        tokio::spawn(async move { run_worker(&log, &store, epoch_a, rx_a, progress).await })
-    };
-    while progress.commits.load(Ordering::Relaxed) < 1 {
-        tokio::task::yield_now().await;
-    }
+    let (a, _tx_a, epoch_a) = worker_a(&log, &store, Arc::new(EngineConfig::default()), worker_cfg()).await;
     let committed_by_a = store.load_shard(SHARD).await.unwrap().checkpoint;
     assert!(committed_by_a.is_some());
 
@@ -171,21 +186,8 @@ async fn a_takeover_right_after_an_interrupted_commit_of_new_skus_applies_nothin
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(dir.path(), 1).unwrap();
     append(&log, first);
-    let epoch_a = store.take_lease(SHARD, "worker-a").await.unwrap();
-    let progress = Arc::new(Progress::default());
-    let (_tx_a, rx_a) = watch::channel(false);
     let cfg = WorkerConfig { commit_every_records: 350, ..worker_cfg() };
-    let a = {
-        let (log, store, progress) = (log.clone(), store.clone(), Arc::clone(&progress));
-        tokio::spawn(async move {
-            let engine = Arc::new(EngineConfig::default());
-            let w = ShardWorker::start(&log, SHARD, Arc::new(store), engine, cfg, epoch_a, progress).await?;
-            w.run(rx_a).await
-        })
-    };
-    while progress.commits.load(Ordering::Relaxed) < 1 {
-        tokio::task::yield_now().await;
-    }
+    let (a, _tx_a, _) = worker_a(&log, &store, Arc::new(EngineConfig::default()), cfg).await;
     let first_checkpoint = store.load_shard(SHARD).await.unwrap().checkpoint;
     // The next commit dies after its first transaction (as a process killed between them).
     store.faults().fail_next_commit_after(1);
@@ -237,19 +239,7 @@ async fn a_quiet_shard_keeps_its_live_dedup_ids_past_their_ttl() {
     let log = EmbeddedLog::open(dir.path(), 1).unwrap();
     append(&log, &recs);
     let cfg = WorkerConfig { commit_interval: std::time::Duration::from_millis(100), ..worker_cfg() };
-    let epoch_a = store.take_lease(SHARD, "worker-a").await.unwrap();
-    let progress = Arc::new(Progress::default());
-    let (stop_a, rx_a) = watch::channel(false);
-    let a = {
-        let (log, store, progress, engine) = (log.clone(), store.clone(), Arc::clone(&progress), Arc::clone(&engine));
-        tokio::spawn(async move {
-            let w = ShardWorker::start(&log, SHARD, Arc::new(store), engine, cfg, epoch_a, progress).await?;
-            w.run(rx_a).await
-        })
-    };
-    while progress.commits.load(Ordering::Relaxed) < 1 {
-        tokio::task::yield_now().await;
-    }
+    let (a, stop_a, _) = worker_a(&log, &store, Arc::clone(&engine), cfg).await;
     // Quiet for 12 s while "TTL" deletes what expired.
     let client = store.dynamodb().clone();
     let table = store.tables().dedup.clone();

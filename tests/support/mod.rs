@@ -156,3 +156,37 @@ pub fn loadgen(dir: &Path, name: &str, args: &[&str]) -> std::path::PathBuf {
     assert!(out.status.success(), "{}", text(&out));
     out_dir
 }
+
+/// Points a `stockflow` command at the local emulators (moto, kinesis-local) with their static
+/// credentials: `DYNAMODB_ENDPOINT` (and `KINESIS_ENDPOINT`) from the environment or the defaults
+/// of `scripts/services.sh`.
+pub fn emulator_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("DYNAMODB_ENDPOINT", std::env::var("DYNAMODB_ENDPOINT").unwrap_or("http://127.0.0.1:5001".into()))
+        .env("KINESIS_ENDPOINT", std::env::var("KINESIS_ENDPOINT").unwrap_or("http://127.0.0.1:4568".into()))
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+}
+
+/// The `[connectors]` sections of a test that delivers to `connectors::testing::Receivers` at
+/// `base`: every HTTP connector on, accounting in `shape` (`generic`, `quickbooks`, `xero`),
+/// alert webhooks signed with `key`, short timeouts and backoffs, attempts without limit (a
+/// fault never dead-letters), stock levels synced every second, idle lanes polling every `poll_ms`.
+pub fn connectors_config(base: &str, shape: &str, key: &[u8], poll_ms: u64) -> String {
+    use base64::Engine as _;
+    let secret = base64::engine::general_purpose::STANDARD.encode(key);
+    let accounting = match shape {
+        "quickbooks" => format!("url = \"{base}/qbo\"\nrealm_id = \"9130\"\n"),
+        "xero" => format!("url = \"{base}/xero\"\ntenant_id = \"tenant-1\"\nbase_currency = \"USD\"\n"),
+        _ => format!("url = \"{base}/generic\"\n"),
+    };
+    format!(
+        "[connectors]\nlog = false\n\
+         [connectors.delivery]\nmax_batch = 40\nlinger_ms = 0\nmax_attempts = 100000\ntimeout_ms = 300\n\
+         backoff_base_ms = 5\nbackoff_cap_ms = 100\nbreaker_failures = 5\nbreaker_open_ms = 50\n\
+         breaker_max_open_ms = 200\npoll_ms = {poll_ms}\n\
+         [connectors.alerts_webhook]\nurl = \"{base}/alerts\"\nsecret = {{ value = \"whsec_{secret}\" }}\n\
+         [connectors.manufacturer]\nurl = \"{base}/manufacturer\"\nstock_sync_interval_s = 1\n\
+         [connectors.accounting]\nshape = \"{shape}\"\n{accounting}"
+    )
+}
