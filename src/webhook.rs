@@ -35,7 +35,26 @@ pub enum SignatureError {
     /// This `webhook-id` was already accepted.
     #[error("webhook-id was already received")]
     Replayed,
+    /// More `v1,` signatures than a sender rotating keys ever sends.
+    #[error("more than {MAX_SIGNATURES} signatures")]
+    TooManySignatures,
 }
+
+impl SignatureError {
+    /// The header to blame.
+    pub fn field(&self) -> &'static str {
+        match self {
+            SignatureError::Missing(h) => h,
+            SignatureError::BadTimestamp | SignatureError::Stale(_) => "webhook-timestamp",
+            SignatureError::Invalid | SignatureError::TooManySignatures => "webhook-signature",
+            SignatureError::Replayed => "webhook-id",
+        }
+    }
+}
+
+/// Most signatures a request may carry (a sender lists one per key it signs with: two while it
+/// rotates). A longer list is refused before any HMAC is computed.
+pub const MAX_SIGNATURES: usize = 8;
 
 /// Verifies Standard Webhooks signatures (see the module docs).
 pub struct Verifier {
@@ -44,6 +63,8 @@ pub struct Verifier {
     tolerance: Duration,
     /// Accepted ids and their timestamps, pruned once outside the tolerance.
     seen: Mutex<HashMap<String, i64>>,
+    /// HMACs computed so far (one per secret per request that reaches the check).
+    macs: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -61,7 +82,13 @@ impl Verifier {
             secrets: RwLock::new(keys),
             tolerance: Duration::from_secs(300),
             seen: Mutex::new(HashMap::new()),
+            macs: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// HMACs computed so far: at most one per secret per request, whatever it carries.
+    pub fn macs_computed(&self) -> u64 {
+        self.macs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Replaces the secrets (a rotation read from the secret store); the replay memory stays. On
@@ -94,19 +121,34 @@ impl Verifier {
         if ts.abs_diff(now) > tol {
             return Err(SignatureError::Stale(tol));
         }
-        let matched = signature.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|b64| {
-            let Ok(given) = STANDARD.decode(b64) else { return false };
+        let candidates: Vec<&str> = signature.split(' ').filter_map(|s| s.strip_prefix("v1,")).collect();
+        if candidates.len() > MAX_SIGNATURES {
+            return Err(SignatureError::TooManySignatures);
+        }
+        // One HMAC of the body per secret, then every candidate compared with each (constant
+        // time): the work does not grow with what the sender lists.
+        let expected: Vec<hmac::digest::CtOutput<Hmac<Sha256>>> = {
             let secrets = self.secrets.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            secrets.iter().any(|key| {
-                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
-                mac.update(id.as_bytes());
-                mac.update(b".");
-                mac.update(ts_text.trim().as_bytes());
-                mac.update(b".");
-                mac.update(body);
-                // Constant time; a wrong length (empty, truncated) fails.
-                mac.verify_slice(&given).is_ok()
-            })
+            secrets
+                .iter()
+                .map(|key| {
+                    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+                    mac.update(id.as_bytes());
+                    mac.update(b".");
+                    mac.update(ts_text.trim().as_bytes());
+                    mac.update(b".");
+                    mac.update(body);
+                    mac.finalize()
+                })
+                .collect()
+        };
+        self.macs.fetch_add(expected.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let matched = candidates.iter().any(|b64| {
+            let Ok(given) = STANDARD.decode(b64) else { return false };
+            // A wrong length (empty, truncated) fails.
+            let Ok(given) = <[u8; 32]>::try_from(given.as_slice()) else { return false };
+            let given = hmac::digest::CtOutput::<Hmac<Sha256>>::new(given.into());
+            expected.contains(&given) // `CtOutput` compares in constant time
         });
         if !matched {
             return Err(SignatureError::Invalid);
@@ -268,6 +310,24 @@ mod tests {
         );
         assert_eq!(v.verify(None, Some(&ts), Some(&sig2), body, now), Err(SignatureError::Missing("webhook-id")));
         assert_eq!(v.verify(Some("msg_2"), Some("soon"), Some(&sig2), body, now), Err(SignatureError::BadTimestamp));
+    }
+
+    #[test]
+    fn a_long_signature_list_costs_no_more_than_one_hmac_per_secret() {
+        let v = Verifier::new(&[OLD, NEW]).unwrap();
+        let body = vec![b'x'; 1 << 20];
+        let now = 1_700_000_000;
+        let good = Verifier::sign(&key(NEW), "msg_1", now, &body);
+        // 10,000 candidates with a 1 MiB body: refused before any HMAC.
+        let many = vec!["v1,AAAA"; 10_000].join(" ");
+        let ts = now.to_string();
+        assert_eq!(v.verify(Some("msg_1"), Some(&ts), Some(&many), &body, now), Err(SignatureError::TooManySignatures));
+        assert_eq!(v.macs_computed(), 0);
+        assert_eq!(SignatureError::TooManySignatures.field(), "webhook-signature");
+        // Eight candidates, the good one last: one HMAC per secret, not per candidate.
+        let eight = format!("{} {good}", ["v1,AAAA"; 7].join(" "));
+        assert_eq!(v.verify(Some("msg_1"), Some(&ts), Some(&eight), &body, now), Ok(()));
+        assert_eq!(v.macs_computed(), 2);
     }
 
     #[test]

@@ -146,18 +146,37 @@ fn body_refused(r: BytesRejection) -> Response {
     error(r.status(), r.body_text(), None, None)
 }
 
-/// After a POST: a signed request that was not accepted (other than for its signature) has its
-/// `webhook-id` forgotten, so the sender's retry of it is not refused as a replay.
-fn settle<P>(state: &IngestState<P>, headers: &HeaderMap, response: Response) -> Response {
-    let status = response.status();
-    if let Some(v) = &state.verifier
-        && !status.is_success()
-        && status != StatusCode::UNAUTHORIZED
-        && let Some(id) = headers.get("webhook-id").and_then(|v| v.to_str().ok())
-    {
-        v.forget(id);
+/// The `webhook-id` of a signed request that passed the signature check. Unless the request is
+/// taken (2xx), the id is forgotten — also when the client goes away mid-request (the handler is
+/// dropped, e.g. during backpressure) — so the sender's retry of it is not refused as a replay.
+/// (A request refused for its content forgets its id too: its replay is refused by its content
+/// again, and the sender's corrected retry under the same id is taken.) A refused signature never
+/// gets here: it cannot unlearn the id of an earlier genuine request.
+struct AcceptedId {
+    verifier: Option<Arc<Verifier>>,
+    id: String,
+}
+
+impl AcceptedId {
+    fn new(verifier: &Option<Arc<Verifier>>, headers: &HeaderMap) -> Self {
+        let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        AcceptedId { verifier: verifier.clone(), id }
     }
-    response
+
+    /// The request got `status`: keep the id if it was taken.
+    fn settle(mut self, status: StatusCode) {
+        if status.is_success() {
+            self.verifier = None;
+        }
+    }
+}
+
+impl Drop for AcceptedId {
+    fn drop(&mut self) {
+        if let Some(v) = &self.verifier {
+            v.forget(&self.id);
+        }
+    }
 }
 
 fn unix_now() -> i64 {
@@ -171,7 +190,7 @@ fn admit<P>(state: &IngestState<P>, headers: &HeaderMap, body: &[u8]) -> Result<
         let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         v.verify(h("webhook-id"), h("webhook-timestamp"), h("webhook-signature"), body, unix_now()).map_err(|e| {
             metrics::counter!("stockflow_ingest_rejected_total", "reason" => "signature").increment(1);
-            Box::new(error(StatusCode::UNAUTHORIZED, e.to_string(), None, None))
+            Box::new(error(StatusCode::UNAUTHORIZED, e.to_string(), None, Some(e.field())))
         })?;
     }
     content_kind(headers)
@@ -366,8 +385,8 @@ async fn post_manufacturer<P: StreamProducer>(
     handle(Route::Manufacturer, state, headers, body).await
 }
 
-/// Every POST: the body, the shared checks, the route's documents to records, the put; then a
-/// refused signed request's id is forgotten ([`settle`]).
+/// Every POST: the body, the shared checks, the route's documents to records, the put; a signed
+/// request that got no final answer has its id forgotten ([`AcceptedId`]).
 async fn handle<P: StreamProducer>(
     route: Route,
     State(state): State<Arc<IngestState<P>>>,
@@ -378,7 +397,13 @@ async fn handle<P: StreamProducer>(
         Ok(b) => b,
         Err(r) => return body_refused(r),
     };
-    let response = match admit(&state, &headers, &body).and_then(|ndjson| split_documents(&body, ndjson)) {
+    let kind = match admit(&state, &headers, &body) {
+        Ok(kind) => kind,
+        Err(r) => return *r,
+    };
+    // The signature passed (or none is required): from here the id is forgotten unless settled.
+    let accepted = AcceptedId::new(&state.verifier, &headers);
+    let response = match split_documents(&body, kind) {
         Err(r) => *r,
         Ok(docs) => match route {
             Route::Events => put_canonical(&*state.producer, &docs, state.max_future_ms).await,
@@ -392,7 +417,8 @@ async fn handle<P: StreamProducer>(
             }
         },
     };
-    settle(&state, &headers, response)
+    accepted.settle(response.status());
+    response
 }
 
 /// Canonical events: validated, then put as sent, keyed by SKU.
@@ -623,6 +649,60 @@ mod tests {
         let (s, _) = call_with(app, good, "application/json", &signed("m4", good)).await;
         assert_eq!(s, StatusCode::ACCEPTED);
         assert_eq!(records_on(&log).await, 2, "only the two accepted signed requests reached the stream");
+    }
+
+    /// A producer whose first put never finishes (a stream under backpressure); later puts go
+    /// through to the log.
+    struct StallOnce {
+        log: Arc<EmbeddedLog>,
+        stalled: std::sync::atomic::AtomicBool,
+    }
+
+    impl StreamProducer for StallOnce {
+        async fn put(&self, records: &[OutRecord<'_>]) -> Result<(), StreamError> {
+            if !self.stalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.log.put(records).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_mid_request_does_not_burn_its_webhook_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), 1).unwrap());
+        let producer = Arc::new(StallOnce { log: Arc::clone(&log), stalled: false.into() });
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let verifier = Arc::new(Verifier::new(&[secret]).unwrap());
+        let app = app(IngestState { verifier: Some(Arc::clone(&verifier)), ..IngestState::new(producer) });
+        let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &secret[6..]).unwrap();
+        let body = r#"{"id":"a","type":"stock_adjusted","sku":"S","ts":1795737600000,"delta":2}"#;
+        let now = unix_now();
+        let headers = vec![
+            ("webhook-id", "m1".to_string()),
+            ("webhook-timestamp", now.to_string()),
+            ("webhook-signature", Verifier::sign(&key, "m1", now, body.as_bytes())),
+        ];
+        // The first attempt stalls in the put; the client gives up (the request future is dropped).
+        let first = {
+            let (app, headers) = (app.clone(), headers.clone());
+            tokio::spawn(async move { call_with(app, body, "application/json", &headers).await })
+        };
+        while verifier.macs_computed() == 0 {
+            tokio::task::yield_now().await;
+        }
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        // The sender's retry with the same id and signature is taken, once.
+        let (s, b) = call_with(app.clone(), body, "application/json", &headers).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+        assert_eq!(records_on(&log).await, 1);
+        let (s, b) = call_with(app, body, "application/json", &headers).await;
+        assert_eq!(
+            (s, b["field"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("webhook-id")),
+            "a replay of a taken request"
+        );
     }
 
     #[test]
