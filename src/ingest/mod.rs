@@ -159,7 +159,11 @@ struct AcceptedId {
 
 impl AcceptedId {
     fn new(verifier: &Option<Arc<Verifier>>, headers: &HeaderMap) -> Self {
-        let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        // Unsigned ingest remembers nothing: no id to copy.
+        let id = match verifier {
+            Some(_) => headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
+            None => String::new(),
+        };
         AcceptedId { verifier: verifier.clone(), id }
     }
 
