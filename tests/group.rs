@@ -598,15 +598,19 @@ async fn delivery_is_exactly_once_through_kill_steal_and_split(shape: &'static s
 
     // 2. A forced steal while delivering: a lease of a live member moves to a thief that never
     // renews; the member's lanes and worker are fenced at once, and after the failover the
-    // group takes the shard back and resumes its in-flight requests.
-    let stolen = g
-        .store
-        .leases()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|l| !l.ended && l.owner.as_deref().is_some_and(|o| o != "thief"))
-        .expect("a live lease");
+    // group takes the shard back and resumes its in-flight requests. (Not a lease the killed
+    // member still holds until failover: stealing that one fences nobody.)
+    let live_ids: Vec<String> = alive.iter().map(Member::worker_id).collect();
+    let started = Instant::now();
+    let stolen = loop {
+        let leases = g.store.leases().await.unwrap();
+        if let Some(l) = leases.into_iter().find(|l| !l.ended && l.owner.as_ref().is_some_and(|o| live_ids.contains(o)))
+        {
+            break l;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no live member holds a lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     g.store.take_lease(&stolen.key, "thief").await.unwrap();
 
     // 3. Split a shard while effects are in flight, and send the rest.
