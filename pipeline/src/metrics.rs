@@ -166,3 +166,9 @@ pub fn put_batch(requests: usize, records: usize) {
 pub fn put_done(elapsed: Duration) {
     histogram!("stockflow_put_seconds").record(elapsed.as_secs_f64());
 }
+
+/// Closed log segments deleted by retention.
+pub fn log_trimmed(shard: &str, segments: u64, bytes: u64) {
+    counter!("stockflow_log_segments_deleted_total", "shard" => shard.to_string()).increment(segments);
+    counter!("stockflow_log_deleted_bytes_total", "shard" => shard.to_string()).increment(bytes);
+}
