@@ -56,8 +56,8 @@ pub enum Command {
     State(DumpArgs),
     /// Print alerts (oversell, low stock) as NDJSON, sorted by alert id.
     Alerts(DumpArgs),
-    /// Print the dead-letter store as NDJSON.
-    Dlq(DumpArgs),
+    /// The dead-letter store: `dump` it as NDJSON, or `remove` records an operator has dealt with.
+    Dlq(DlqArgs),
     /// Compare the stored state with a straight pass over an NDJSON file; exit 1 on mismatch.
     Verify(crate::commands::VerifyArgs),
     /// The connectors' delivery: status, dead letters, and `retry` to re-send dead letters.
@@ -99,6 +99,34 @@ pub struct DumpArgs {
 pub enum DumpAction {
     /// Write every record as one JSON line to stdout.
     Dump,
+}
+
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub action: DlqAction,
+    #[command(flatten)]
+    pub store: crate::commands::StoreArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Write every dead letter as one JSON line to stdout.
+    Dump,
+    /// Remove dead letters (they are kept until removed): one by `--shard` and `--position`, a
+    /// shard's by `--shard`, or `--all`. Run it while stockflow is stopped on the embedded store.
+    Remove {
+        /// The shard.
+        #[arg(long, required_unless_present = "all")]
+        shard: Option<String>,
+        /// The record's position: its `position.sequence` from `dlq dump` (`SEQUENCE/SUB` for a
+        /// sub-record of an aggregated Kinesis record).
+        #[arg(long, requires = "shard")]
+        position: Option<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with_all = ["shard", "position"])]
+        all: bool,
+    },
 }
 
 pub mod generate_args {

@@ -13,9 +13,9 @@ use anyhow::{Context, bail};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use stockflow_pipeline::{EmbeddedLog, OutRecord, Progress, WorkerReport, run_all_shards};
-use stockflow_state::StateStore;
 use stockflow_state::embedded::RedbStore;
 use stockflow_state::reference::{Outcome, SkuSummary, straight_pass};
+use stockflow_state::{StateStore, StoreError};
 use tokio::sync::watch;
 
 use stockflow_connectors::DrainControl;
@@ -199,6 +199,19 @@ enum OutboxAction {
         #[arg(long)]
         connector: Option<String>,
     },
+    /// Remove connector dead letters for good (dealt with by hand): one by `--key`, a connector's,
+    /// or `--all`.
+    Drop {
+        /// Only this connector.
+        #[arg(long, required_unless_present = "all")]
+        connector: Option<String>,
+        /// Only the request with this idempotency key.
+        #[arg(long, requires = "connector")]
+        key: Option<String>,
+        /// Every connector dead letter.
+        #[arg(long, conflicts_with_all = ["connector", "key"])]
+        all: bool,
+    },
 }
 
 /// Arguments of `stockflow verify`.
@@ -239,7 +252,8 @@ impl Embedded {
     /// Opens (creating if needed) the log and store in the settings' data directory.
     pub fn open(settings: &Settings, fsync: bool) -> anyhow::Result<Self> {
         let lock = lock_data_dir(&settings.data_dir)?;
-        let log = EmbeddedLog::open_with(settings.log_dir(), settings.shards, fsync)
+        let options = stockflow_pipeline::log::LogOptions { fsync, segment_bytes: settings.retention.segment_bytes };
+        let log = EmbeddedLog::open_with_options(settings.log_dir(), settings.shards, options)
             .with_context(|| format!("opening the log in {}", settings.log_dir().display()))?;
         let store = RedbStore::open(settings.state_path())
             .with_context(|| format!("opening the state store {}", settings.state_path().display()))?;
@@ -253,7 +267,15 @@ impl Embedded {
         shutdown: watch::Receiver<bool>,
         progress: Arc<Progress>,
     ) -> anyhow::Result<Vec<WorkerReport>> {
-        Ok(run_all_shards(
+        let (stop_sweeps, sweeps_stopped) = watch::channel(false);
+        let sweeper = crate::retention::spawn_embedded(
+            self.log.clone(),
+            Arc::clone(&self.store),
+            settings.connectors.names(),
+            settings.retention,
+            sweeps_stopped,
+        );
+        let reports = run_all_shards(
             &self.log,
             Arc::clone(&self.store),
             Arc::clone(&settings.engine),
@@ -261,7 +283,16 @@ impl Embedded {
             shutdown,
             progress,
         )
-        .await?)
+        .await;
+        let _ = stop_sweeps.send(true);
+        let _ = sweeper.await;
+        Ok(reports?)
+    }
+
+    /// One retention sweep now (after the drains delivered what they could).
+    pub async fn sweep(&self, settings: &Settings) -> anyhow::Result<crate::retention::Swept> {
+        crate::retention::sweep_embedded(&self.log, &*self.store, &settings.connectors.names(), &settings.retention)
+            .await
     }
 }
 
@@ -354,7 +385,10 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         }
         Command::State(args) => with_store!(settings, args.store, |store| dump_states(&store).await),
         Command::Alerts(args) => with_store!(settings, args.store, |store| dump_alerts(&store).await),
-        Command::Dlq(args) => with_store!(settings, args.store, |store| dump_dead_letters(&store).await),
+        Command::Dlq(args) => {
+            let action = args.action;
+            with_store!(settings, args.store, |store| dead_letters(action, &store).await)
+        }
         Command::Verify(args) => verify(args, settings).await,
         Command::Setup(args) => setup(args, settings).await,
         Command::Outbox(args) => {
@@ -406,6 +440,7 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     let reports = backend.consume(&settings, shutdown, progress).await?;
     server.await.context("ingest server task")??;
     let (delivered, _) = drains.join().await?;
+    backend.sweep(&settings).await?;
     dashboard.close().await;
     for d in &delivered {
         tracing::info!(
@@ -570,6 +605,7 @@ async fn consume_and_deliver(
         let _ = finish_tx.send(true);
     }
     let (delivered, sync) = drains.join().await?;
+    backend.sweep(settings).await?;
     print_deliveries(&delivered);
     if let Some(s) = sync {
         println!("stock levels: {} SKUs sent to the manufacturer in {} requests", s.levels, s.batches);
@@ -623,15 +659,10 @@ async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<ExitCode
         bail!("--dir, --profile, --speedup and --rate drive a --target (embedded, local, http://…, kinesis:…)");
     }
     let file = args.file.context("--file is required")?;
-    let buf = read_lines(&file)?;
     let backend = Embedded::open(&settings, true)?;
-    let records: Vec<(Cow<'_, str>, &[u8])> = lines(&buf).map(|l| (partition_key(l), l)).collect();
     let started = std::time::Instant::now();
-    for chunk in records.chunks(args.batch.unwrap_or(10_000) as usize) {
-        let out: Vec<OutRecord<'_>> = chunk.iter().map(|(k, p)| OutRecord { key: k, payload: p }).collect();
-        backend.log.append(&out)?;
-    }
-    println!("appended {} records from {} in {:.2?}", records.len(), file.display(), started.elapsed());
+    let appended = append_file(&backend.log, &file, args.batch.unwrap_or(10_000).max(1) as usize)?;
+    println!("appended {appended} records from {} in {:.2?}", file.display(), started.elapsed());
     if args.no_consume {
         return Ok(ExitCode::SUCCESS);
     }
@@ -639,6 +670,53 @@ async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<ExitCode
     let reports = consume_and_deliver(&backend, &settings, true, Arc::new(Progress::default())).await?;
     print_reports(&reports);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Streams an NDJSON file into the log, `batch` lines per append: memory stays at one batch
+/// whatever the file's size. Returns the records appended.
+fn append_file(log: &EmbeddedLog, file: &Path, batch: usize) -> anyhow::Result<u64> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::with_capacity(
+        1 << 20,
+        File::open(file).with_context(|| format!("reading {}", file.display()))?,
+    );
+    let mut chunk: Vec<u8> = Vec::with_capacity(batch * 256);
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::with_capacity(batch);
+    let mut appended = 0u64;
+    let flush = |chunk: &mut Vec<u8>, ranges: &mut Vec<std::ops::Range<usize>>| -> anyhow::Result<u64> {
+        let keys: Vec<Cow<'_, str>> = ranges.iter().map(|r| partition_key(&chunk[r.clone()])).collect();
+        let out: Vec<OutRecord<'_>> =
+            ranges.iter().zip(&keys).map(|(r, k)| OutRecord { key: k, payload: &chunk[r.clone()] }).collect();
+        log.append(&out)?;
+        let n = out.len() as u64;
+        drop(out);
+        drop(keys);
+        chunk.clear();
+        ranges.clear();
+        Ok(n)
+    };
+    loop {
+        let start = chunk.len();
+        let n = reader.read_until(b'\n', &mut chunk).with_context(|| format!("reading {}", file.display()))?;
+        if n == 0 {
+            break;
+        }
+        let line = &chunk[start..];
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.trim_ascii().is_empty() {
+            chunk.truncate(start);
+            continue;
+        }
+        ranges.push(start..start + line.len());
+        if ranges.len() >= batch {
+            appended += flush(&mut chunk, &mut ranges)?;
+        }
+    }
+    if !ranges.is_empty() {
+        appended += flush(&mut chunk, &mut ranges)?;
+    }
+    Ok(appended)
 }
 
 fn open_store(settings: &Settings) -> anyhow::Result<RedbStore> {
@@ -670,14 +748,49 @@ async fn dump_states<S: StateStore>(store: &S) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dump_alerts<S: StateStore>(store: &S) -> anyhow::Result<ExitCode> {
-    let outcome = Outcome::from_parts(&[], store.effects().await?, 0);
-    print_ndjson(outcome.alerts)?;
+async fn dump_alerts<S: StateStore + stockflow_state::OutboxStore>(store: &S) -> anyhow::Result<ExitCode> {
+    // Streamed page by page, per shard in commit order: memory stays at one page.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    stockflow_state::outbox::for_each_effect(store, |_, entry| {
+        if entry.effect.is_alert() {
+            serde_json::to_writer(&mut out, &entry.effect).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            out.write_all(b"\n").map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
+    })
+    .await?;
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dump_dead_letters<S: StateStore>(store: &S) -> anyhow::Result<ExitCode> {
-    print_ndjson(store.dead_letters().await?)?;
+async fn dead_letters<S: StateStore>(action: crate::cli::DlqAction, store: &S) -> anyhow::Result<ExitCode> {
+    use crate::cli::DlqAction;
+    match action {
+        DlqAction::Dump => print_ndjson(store.dead_letters().await?)?,
+        DlqAction::Remove { shard, position, all } => {
+            let position = match position {
+                // As the log prints it: `SEQUENCE` or `SEQUENCE/SUB`.
+                Some(p) => {
+                    let (sequence, sub) = p.split_once('/').unwrap_or((p.as_str(), "0"));
+                    match (sequence.bytes().all(|b| b.is_ascii_digit()) && !sequence.is_empty(), sub.parse::<u64>()) {
+                        (true, Ok(sub)) => Some(stockflow_state::Position { sequence: sequence.to_string(), sub }),
+                        _ => bail!("--position {p:?}: expected SEQUENCE or SEQUENCE/SUB (digits)"),
+                    }
+                }
+                None => None,
+            };
+            let n = store
+                .remove_dead_letters(&|d| {
+                    all || (shard.as_deref() == Some(d.shard.as_str())
+                        && position.as_ref().is_none_or(|p| *p == d.position))
+                })
+                .await?;
+            println!("{n} dead letters removed");
+            if n == 0 && !all {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -716,7 +829,15 @@ async fn outbox<S: stockflow_state::outbox::OutboxStore>(
             for name in settings.connectors.names() {
                 for shard in store.outbox_shards().await? {
                     let cursor = store.cursor(name, &shard).await?;
-                    let behind = store.read_outbox(&shard, cursor.delivered.as_ref(), usize::MAX).await?.len();
+                    // Counted page by page: a connector far behind must not load its backlog.
+                    let mut behind = 0usize;
+                    let mut after = cursor.delivered.clone();
+                    loop {
+                        let page = store.read_outbox(&shard, after.as_ref(), stockflow_state::outbox::PAGE).await?;
+                        let Some(last) = page.last() else { break };
+                        after = Some(last.pos.clone());
+                        behind += page.len();
+                    }
                     let flight = cursor.in_flight.as_ref().map_or_else(
                         || "-".to_string(),
                         |f| {
@@ -739,6 +860,17 @@ async fn outbox<S: stockflow_state::outbox::OutboxStore>(
         OutboxAction::DeadLetters { connector } => {
             print_ndjson(store.connector_dead_letters(connector.as_deref()).await?)?;
             Ok(ExitCode::SUCCESS)
+        }
+        OutboxAction::Drop { connector, key, all } => {
+            let mut n = 0;
+            for d in store.connector_dead_letters(connector.as_deref()).await? {
+                if all || key.as_deref().is_none_or(|k| k == d.request.key) {
+                    store.remove_dead_letter(&d.connector, &d.shard, &d.request.key, None).await?;
+                    n += 1;
+                }
+            }
+            println!("{n} connector dead letters removed");
+            Ok(if n == 0 && !all { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         OutboxAction::Retry { connector } => {
             let n = requeue_dead_letters(store, connector.as_deref()).await?;

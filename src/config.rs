@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub connectors: crate::connectors::ConnectorsSection,
     /// The live dashboard of `run`, `demo` and `dashboard`.
     pub dashboard: DashboardSection,
+    /// How long consumed log segments and delivered effects are kept.
+    pub retention: crate::retention::RetentionSection,
 }
 
 /// `[dashboard]`: where the live dashboard listens and how fresh it keeps the stock table.
@@ -176,6 +178,7 @@ impl Default for FileConfig {
             group: GroupSection::default(),
             connectors: crate::connectors::ConnectorsSection::default(),
             dashboard: DashboardSection::default(),
+            retention: crate::retention::RetentionSection::default(),
         }
     }
 }
@@ -301,6 +304,8 @@ pub struct Settings {
     pub connectors: crate::connectors::ConnectorsSection,
     /// The live dashboard.
     pub dashboard: DashboardSection,
+    /// Retention (validated).
+    pub retention: crate::retention::Retention,
 }
 
 impl FileConfig {
@@ -360,7 +365,9 @@ impl FileConfig {
         in_range("dashboard.refresh_ms", dash.refresh_ms, 100, 60_000)?;
         in_range("dashboard.alert_poll_ms", dash.alert_poll_ms, 50, 60_000)?;
         in_range("dashboard.alert_capacity", dash.alert_capacity as u64, 100, 1_000_000)?;
+        let retention = self.retention.validate()?;
         Ok(Settings {
+            retention,
             dashboard: self.dashboard,
             connectors: self.connectors,
             ingest_batch: BatchConfig {

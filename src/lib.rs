@@ -32,6 +32,7 @@ pub mod lifecycles;
 pub mod load;
 pub mod loadgen;
 pub mod replay;
+pub mod retention;
 pub mod server;
 pub mod telemetry;
 pub mod webhook;

@@ -167,7 +167,7 @@ impl HttpClient {
         HttpClient { client, timeout }
     }
 
-    /// Sends a request and reads the answer whole, within the timeout. Network failures and
+    /// Sends a request and reads the answer (at most [`MAX_RESPONSE_BYTES`]), within the timeout. Network failures and
     /// the timeout are [`DeliveryError::Transient`].
     pub async fn send(
         &self,
@@ -188,7 +188,13 @@ impl HttpClient {
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| DeliveryError::transient(error_chain(&e)))?;
             let (parts, body) = resp.into_parts();
-            let body = body.collect().await.map_err(|e| DeliveryError::transient(error_chain(&e)))?.to_bytes();
+            // A receiver's answer is read up to MAX_RESPONSE_BYTES: a huge or endless body must
+            // not fill memory (it is a failed exchange, retried like a network failure).
+            let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| DeliveryError::transient(format!("reading the answer of {url}: {e}")))?
+                .to_bytes();
             Ok(HttpResponse { status: parts.status, headers: parts.headers, body })
         };
         match tokio::time::timeout(self.timeout, exchange).await {
@@ -197,6 +203,10 @@ impl HttpClient {
         }
     }
 }
+
+/// Largest answer body read from a receiver (QuickBooks' batch answers are the largest legitimate
+/// ones, well under this).
+pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -305,6 +315,32 @@ mod tests {
         assert!(
             matches!(classify(resp(400, &[], "{\"error\":\"x\"}"), d), Err(DeliveryError::Rejected(m)) if m.contains("\"x\""))
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_cap_is_a_transient_failure_not_memory() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = sock.read(&mut req).await.unwrap();
+            // Declares 64 MiB and keeps sending: the client must stop at the cap.
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 64 << 20);
+            sock.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b'x'; 1 << 16];
+            for _ in 0..1024 {
+                if sock.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let client = HttpClient::new(Duration::from_secs(30));
+        let err =
+            client.send(Method::POST, &format!("http://{addr}/"), &[], Bytes::from_static(b"{}")).await.unwrap_err();
+        assert!(matches!(err, DeliveryError::Transient { .. }), "{err:?}");
+        assert!(err.to_string().contains("length limit"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | `shard_meta` | `shard` | postcard `ShardMeta` (checkpoint, max ts, sequence counters) |
 //! | `delivery` | `(connector, shard)` | JSON [`Cursor`]: what the connector delivered, its in-flight request |
 //! | `connector_dlq` | `(connector, shard, key)` | JSON [`ConnectorDeadLetter`] |
+//! | `outbox_written` | `(shard, row)` | Unix ms when the commit whose first outbox row this is was written (retention) |
 //!
 //! A commit is one redb write transaction with `Durability::Immediate`: states, effects, dead
 //! letters, dedup entries and the checkpoint become durable together or not at all.
@@ -35,6 +36,7 @@ const DEDUP: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dedup")
 const SHARD_META: TableDefinition<&str, &[u8]> = TableDefinition::new("shard_meta");
 const DELIVERY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("delivery");
 const CONNECTOR_DLQ: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("connector_dlq");
+const OUTBOX_WRITTEN: TableDefinition<(&str, u64), i64> = TableDefinition::new("outbox_written");
 
 /// Most effects in one outbox row.
 const OUTBOX_ROW_EFFECTS: usize = 256;
@@ -79,6 +81,7 @@ impl RedbStore {
         txn.open_table(SHARD_META).map_err(unavailable)?;
         txn.open_table(DELIVERY).map_err(unavailable)?;
         txn.open_table(CONNECTOR_DLQ).map_err(unavailable)?;
+        txn.open_table(OUTBOX_WRITTEN).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(RedbStore { db: Arc::new(db) })
     }
@@ -149,6 +152,10 @@ impl RedbStore {
                 // each, and whole-commit rows (tens of thousands) made every connector read scan
                 // megabytes to find its place.
                 let mut outbox = txn.open_table(OUTBOX).map_err(unavailable)?;
+                txn.open_table(OUTBOX_WRITTEN)
+                    .map_err(unavailable)?
+                    .insert((c.shard.as_str(), meta.next_effect), crate::now_ms())
+                    .map_err(unavailable)?;
                 let mut ndjson = Vec::with_capacity(OUTBOX_ROW_EFFECTS * 160);
                 for chunk in c.effects.chunks(OUTBOX_ROW_EFFECTS) {
                     ndjson.clear();
@@ -249,6 +256,37 @@ impl StateStore for RedbStore {
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         self.blocking(|db| Self::scan_json(db, DEAD_LETTERS)).await
+    }
+
+    async fn remove_dead_letters(&self, select: &(dyn Fn(&DeadLetter) -> bool + Sync)) -> Result<u64, StoreError> {
+        // Pick the keys on this task (the predicate is borrowed), delete them in one transaction.
+        let all: Vec<((String, u64), DeadLetter)> = self
+            .blocking(|db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let t = txn.open_table(DEAD_LETTERS).map_err(unavailable)?;
+                let mut out = Vec::new();
+                for row in t.iter().map_err(unavailable)? {
+                    let (k, v) = row.map_err(unavailable)?;
+                    let (shard, seq) = k.value();
+                    out.push(((shard.to_string(), seq), serde_json::from_slice(v.value()).map_err(corrupt)?));
+                }
+                Ok(out)
+            })
+            .await?;
+        let keys: Vec<(String, u64)> = all.into_iter().filter(|(_, d)| select(d)).map(|(k, _)| k).collect();
+        let n = keys.len() as u64;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = txn.open_table(DEAD_LETTERS).map_err(unavailable)?;
+                for (shard, seq) in &keys {
+                    t.remove((shard.as_str(), *seq)).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await?;
+        Ok(n)
     }
 
     async fn shard_sku_states(&self, shard: &str) -> Result<Vec<(String, SkuState)>, StoreError> {
@@ -419,6 +457,61 @@ impl OutboxStore for RedbStore {
                 .insert((key.0.as_str(), key.1.as_str(), key.2.as_str()), json.as_slice())
                 .map_err(unavailable)?;
             txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn prune_delivered(
+        &self,
+        shard: &str,
+        through: &crate::outbox::Delivered,
+        written_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        use crate::outbox::Delivered;
+        let limit = match through {
+            Delivered::Nothing => return Ok(0),
+            Delivered::All => None,
+            Delivered::Before(pos) => Some(
+                pos.row.parse::<u64>().map_err(|_| corrupt(format!("outbox position {} is not embedded", pos.row)))?,
+            ),
+        };
+        let shard = shard.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let removed;
+            {
+                let meta: ShardMeta =
+                    match txn.open_table(SHARD_META).map_err(unavailable)?.get(shard.as_str()).map_err(unavailable)? {
+                        Some(v) => postcard::from_bytes(v.value()).map_err(corrupt)?,
+                        None => return Ok(0),
+                    };
+                let mut bound = limit.unwrap_or(meta.next_effect).min(meta.next_effect);
+                let mut written = txn.open_table(OUTBOX_WRITTEN).map_err(unavailable)?;
+                // Commits are written in time order: the first too young one bounds the sweep. Rows
+                // with no time before them (written by an older version) count as old.
+                for row in written.range((shard.as_str(), 0)..(shard.as_str(), bound)).map_err(unavailable)? {
+                    let (k, at) = row.map_err(unavailable)?;
+                    if at.value() > written_before_ms {
+                        bound = k.value().1;
+                        break;
+                    }
+                }
+                if bound == 0 {
+                    return Ok(0);
+                }
+                let mut n = 0u64;
+                txn.open_table(OUTBOX)
+                    .map_err(unavailable)?
+                    .retain_in((shard.as_str(), 0)..(shard.as_str(), bound), |_, _| {
+                        n += 1;
+                        false
+                    })
+                    .map_err(unavailable)?;
+                written.retain_in((shard.as_str(), 0)..(shard.as_str(), bound), |_, _| false).map_err(unavailable)?;
+                removed = n;
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(removed)
         })
         .await
     }

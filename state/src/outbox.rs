@@ -172,6 +172,70 @@ pub trait OutboxStore: Send + Sync + 'static {
         key: &str,
         fence: Option<&Fence>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Retention of delivered effects: removes (embedded) or sets to expire (DynamoDB TTL) the
+    /// outbox rows of `shard` before `through` (rows wholly delivered by every connector, see
+    /// [`delivered_by_all`]) that were written at or before `written_before_ms` (Unix ms). Rows
+    /// are taken oldest first and the first one too young stops the sweep. Returns how many rows
+    /// were removed or marked.
+    fn prune_delivered(
+        &self,
+        shard: &str,
+        through: &Delivered,
+        written_before_ms: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Effects read per page by [`for_each_effect`].
+pub const PAGE: usize = 1_000;
+
+/// Calls `f` with every effect retention has kept, shard by shard in outbox order, one page of
+/// [`PAGE`] effects in memory at a time (never the whole outbox).
+pub async fn for_each_effect<S: OutboxStore>(
+    store: &S,
+    mut f: impl FnMut(&str, OutboxEntry) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    for shard in store.outbox_shards().await? {
+        let mut after: Option<OutboxPos> = None;
+        loop {
+            let page = store.read_outbox(&shard, after.as_ref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.pos.clone());
+            for entry in page {
+                f(&shard, entry)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How far every connector delivered one shard's outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// No connector reads the outbox: every row counts as delivered.
+    All,
+    /// Every connector delivered at least up to this position: rows before its row are done.
+    Before(OutboxPos),
+    /// Some connector delivered nothing yet.
+    Nothing,
+}
+
+/// The least progress of `connectors` through `shard`'s outbox (their cursors' `delivered`).
+pub async fn delivered_by_all<S: OutboxStore>(
+    store: &S,
+    shard: &str,
+    connectors: &[&str],
+) -> Result<Delivered, StoreError> {
+    let mut least: Option<OutboxPos> = None;
+    for connector in connectors {
+        let Some(pos) = store.cursor(connector, shard).await?.delivered else {
+            return Ok(Delivered::Nothing);
+        };
+        if least.as_ref().is_none_or(|l| pos < *l) {
+            least = Some(pos);
+        }
+    }
+    Ok(least.map_or(Delivered::All, Delivered::Before))
 }
 
 /// Flags the dead letters of `connector` (or all) for another delivery; returns how many.

@@ -72,11 +72,21 @@ impl Outcome {
     }
 
     /// The outcome a store holds: every SKU state, alert and dead letter.
-    pub async fn of_store<S: crate::store::StateStore>(store: &S) -> Result<Self, crate::store::StoreError> {
+    pub async fn of_store<S: crate::store::StateStore + crate::outbox::OutboxStore>(
+        store: &S,
+    ) -> Result<Self, crate::store::StoreError> {
         let states = store.sku_states().await?;
-        let effects = store.effects().await?;
+        // Page through the outbox keeping only the alerts (journals and reorders can be millions).
+        let mut alerts = Vec::new();
+        crate::outbox::for_each_effect(store, |_, entry| {
+            if entry.effect.is_alert() {
+                alerts.push(entry.effect);
+            }
+            Ok(())
+        })
+        .await?;
         let dead_letters = store.dead_letters().await?.len();
-        Ok(Outcome::from_parts(&states, effects, dead_letters))
+        Ok(Outcome::from_parts(&states, alerts, dead_letters))
     }
 
     /// Human-readable differences, at most `limit` lines (empty when equal).

@@ -210,6 +210,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// Every dead letter, by shard and position.
     fn dead_letters(&self) -> impl Future<Output = Result<Vec<DeadLetter>, StoreError>> + Send;
 
+    /// Removes the record dead letters that `select` picks (an operator's decision: they are
+    /// kept until then); returns how many.
+    fn remove_dead_letters(
+        &self,
+        select: &(dyn Fn(&DeadLetter) -> bool + Sync),
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Every shard's checkpoint.
     fn checkpoints(&self) -> impl Future<Output = Result<Vec<(String, Position)>, StoreError>> + Send;
 

@@ -9,7 +9,8 @@ use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::embedded::RedbStore;
 use stockflow_state::engine::DedupDelta;
 use stockflow_state::outbox::{
-    ConnectorDeadLetter, Cursor, InFlight, OutboxPos, OutboxStore, Request, requeue_dead_letters,
+    ConnectorDeadLetter, Cursor, Delivered, InFlight, OutboxPos, OutboxStore, Request, delivered_by_all,
+    requeue_dead_letters,
 };
 use stockflow_state::reference::Outcome;
 use stockflow_state::{
@@ -56,7 +57,7 @@ fn per_sku(effects: Vec<stockflow_state::Effect>) -> std::collections::BTreeMap<
 }
 
 /// The suite: what every `StateStore` must do.
-async fn conformance<S: StateStore>(store: &S, shard: &str, epoch: u64) {
+async fn conformance<S: StateStore + OutboxStore>(store: &S, shard: &str, epoch: u64) {
     let cfg = Arc::new(EngineConfig::default());
     // A shard never committed is empty.
     let fresh = store.load_shard(shard).await.unwrap();
@@ -124,6 +125,11 @@ async fn conformance<S: StateStore>(store: &S, shard: &str, epoch: u64) {
     store.commit(Arc::new(c)).await.unwrap();
     let after = store.load_shard(shard).await.unwrap().snapshot.dedup;
     assert_eq!(after.len(), live.len() + 1);
+
+    // Dead letters stay until an operator removes them; the predicate picks which.
+    assert_eq!(store.remove_dead_letters(&|d| d.position == Position::offset(8)).await.unwrap(), 0);
+    assert_eq!(store.remove_dead_letters(&|d| d.position == Position::offset(7)).await.unwrap(), 1);
+    assert_eq!(store.dead_letters().await.unwrap(), vec![]);
 }
 
 /// The outbox as connectors read it: pages after a position add up to the shard's outbox in
@@ -190,6 +196,27 @@ async fn outbox_conformance<S: StateStore + OutboxStore>(store: &S, shard: &str)
     assert!(listed.len() == 1 && listed[0].requeued);
     store.remove_dead_letter("accounting", shard, &dead.request.key, None).await.unwrap();
     assert_eq!(store.connector_dead_letters(None).await.unwrap(), vec![]);
+
+    // Retention of delivered rows: only rows every connector delivered, only when old enough.
+    let last = all.last().unwrap().pos.clone();
+    store
+        .save_cursor("accounting", shard, &Cursor { delivered: Some(last.clone()), in_flight: None }, None, None)
+        .await
+        .unwrap();
+    let two = delivered_by_all(store, shard, &["accounting", "alerts-webhook"]).await.unwrap();
+    assert_eq!(two, Delivered::Nothing, "the alert webhook delivered nothing");
+    assert_eq!(store.prune_delivered(shard, &two, stockflow_state::now_ms()).await.unwrap(), 0);
+    let one = delivered_by_all(store, shard, &["accounting"]).await.unwrap();
+    assert_eq!(one, Delivered::Before(last.clone()));
+    let hour_ago = stockflow_state::now_ms() - 3_600_000;
+    assert_eq!(store.prune_delivered(shard, &one, hour_ago).await.unwrap(), 0, "written just now: too young");
+    let pruned = store.prune_delivered(shard, &one, stockflow_state::now_ms() + 1).await.unwrap();
+    assert!(pruned > 0, "rows before the cursor's row are delivered and old enough");
+    assert_eq!(store.prune_delivered(shard, &one, stockflow_state::now_ms() + 1).await.unwrap(), 0, "done once");
+    // Whatever is at or after the cursor's row is still read.
+    let kept = store.read_outbox(shard, None, usize::MAX).await.unwrap();
+    let wanted: Vec<_> = all.iter().filter(|e| e.pos.row >= last.row).cloned().collect();
+    assert!(wanted.iter().all(|w| kept.contains(w)), "rows not yet prunable are kept");
 }
 
 const T0: i64 = 1_795_737_600_000;

@@ -95,6 +95,8 @@ impl<'a> Parts<'a> {
                 ("shard".to_string(), s(&self.commit.shard)),
                 ("seq".to_string(), s(seq)),
                 ("data".to_string(), b(chunk.to_vec())),
+                // When it was written: retention of delivered rows counts from here.
+                ("at".to_string(), n(crate::now_ms())),
             ]);
             self.items.push(put(&self.store.tables.outbox, item)?);
         }

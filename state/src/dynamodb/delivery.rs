@@ -271,6 +271,85 @@ impl OutboxStore for DynamoStore {
         }
     }
 
+    async fn prune_delivered(
+        &self,
+        shard: &str,
+        through: &crate::outbox::Delivered,
+        written_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        use crate::outbox::Delivered;
+        let before = match through {
+            Delivered::Nothing => return Ok(0),
+            Delivered::All => None,
+            Delivered::Before(pos) => Some(pos.row.clone()),
+        };
+        let after = self.pruned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(shard).cloned();
+        let mut start: Option<Item> = None;
+        let mut marked = 0u64;
+        let expires = AttributeValue::N((crate::now_ms() / 1000).to_string());
+        loop {
+            // Items of rows before `before` (a row's items are `{row}#…`, after the row itself).
+            let cond = match (&after, &before) {
+                (Some(_), Some(_)) => "#s = :s AND #q BETWEEN :a AND :b",
+                (Some(_), None) => "#s = :s AND #q > :a",
+                (None, Some(_)) => "#s = :s AND #q < :b",
+                (None, None) => "#s = :s",
+            };
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.tables.outbox)
+                .key_condition_expression(cond)
+                .projection_expression("#q, #at, expires_at")
+                .expression_attribute_names("#s", "shard")
+                .expression_attribute_names("#q", "seq")
+                .expression_attribute_names("#at", "at")
+                .expression_attribute_values(":s", s(shard))
+                .set_exclusive_start_key(start.take())
+                .limit(100);
+            if let Some(a) = &after {
+                q = q.expression_attribute_values(":a", s(a));
+            }
+            if let Some(b) = &before {
+                q = q.expression_attribute_values(":b", s(b));
+            }
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            let page = q.send().await.map_err(sdk_error)?;
+            for item in page.items() {
+                let seq = text(item, "seq");
+                if after.as_deref() == Some(seq.as_str()) {
+                    continue;
+                }
+                // Items written before `at` was recorded count as old.
+                let at = item.get("at").and_then(|v| v.as_n().ok()).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                if at > written_before_ms {
+                    return Ok(marked);
+                }
+                if !item.contains_key("expires_at") {
+                    self.stats.delivery_writes.fetch_add(1, Ordering::Relaxed);
+                    self.client
+                        .update_item()
+                        .table_name(&self.tables.outbox)
+                        .key("shard", s(shard))
+                        .key("seq", s(&seq))
+                        .update_expression("SET expires_at = :t")
+                        .condition_expression("attribute_exists(#q)")
+                        .expression_attribute_names("#q", "seq")
+                        .expression_attribute_values(":t", expires.clone())
+                        .send()
+                        .await
+                        .map_err(sdk_error)?;
+                    marked += 1;
+                }
+                self.pruned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(shard.to_string(), seq);
+            }
+            match page.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(marked),
+            }
+        }
+    }
+
     async fn remove_dead_letter(
         &self,
         connector: &str,

@@ -114,6 +114,8 @@ pub struct DynamoStore {
     /// TTL of dedup chunks past their write, ms (horizon + margin; workers rewrite live ids
     /// before it passes).
     dedup_ttl_ms: u64,
+    /// Per shard, the last outbox item this process set to expire (retention resumes after it).
+    pruned: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 /// Loading strategy of a shard's SKUs.
@@ -136,6 +138,7 @@ impl DynamoStore {
             dedup_horizon_ms: crate::engine::DEFAULT_DEDUP_HORIZON_MS,
             dedup_margin_ms: DEFAULT_DEDUP_TTL_MARGIN_MS,
             dedup_ttl_ms: 0,
+            pruned: Arc::default(),
         }
         .with_ttl()
     }
@@ -567,6 +570,22 @@ impl StateStore for DynamoStore {
         }
         out.sort_by(|a: &DeadLetter, b| (&a.shard, &a.position).cmp(&(&b.shard, &b.position)));
         Ok(out)
+    }
+
+    async fn remove_dead_letters(&self, select: &(dyn Fn(&DeadLetter) -> bool + Sync)) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for d in self.dead_letters().await?.into_iter().filter(|d| select(d)) {
+            self.client
+                .delete_item()
+                .table_name(&self.tables.dead_letters)
+                .key("shard", AttributeValue::S(d.shard.clone()))
+                .key("pos", AttributeValue::S(position_key(&d.position)))
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     async fn shard_sku_states(&self, shard: &str) -> Result<Vec<(String, SkuState)>, StoreError> {

@@ -16,7 +16,8 @@ use super::sdk_error;
 pub struct TableNames {
     /// Per-SKU state: `sku` (S) + `part` (N).
     pub sku_state: String,
-    /// Effects: `shard` (S) + `seq` (S), one NDJSON blob per commit part.
+    /// Effects: `shard` (S) + `seq` (S), one NDJSON blob per commit part, written at `at`; TTL on
+    /// `expires_at`, set by retention once every connector delivered it.
     pub outbox: String,
     /// Dead letters: `shard` (S) + `pos` (S).
     pub dead_letters: String,
@@ -92,7 +93,7 @@ pub enum TableOutcome {
     Valid(String),
 }
 
-/// Creates the tables that do not exist (PAY_PER_REQUEST), enables TTL on the dedup table, and
+/// Creates the tables that do not exist (PAY_PER_REQUEST), enables TTL on the dedup and outbox tables, and
 /// checks the key schema of those that do. Safe to run any number of times.
 pub async fn setup(client: &Client, names: &TableNames) -> Result<Vec<TableOutcome>, StoreError> {
     let scalar = |t: &str| if t == "N" { ScalarAttributeType::N } else { ScalarAttributeType::S };
@@ -135,18 +136,25 @@ pub async fn setup(client: &Client, names: &TableNames) -> Result<Vec<TableOutco
     for table in names.all() {
         wait_active(client, table).await?;
     }
-    let ttl = client
-        .update_time_to_live()
-        .table_name(&names.dedup)
-        .time_to_live_specification(
-            TimeToLiveSpecification::builder().enabled(true).attribute_name("expires_at").build().map_err(sdk_error)?,
-        )
-        .send()
-        .await;
-    if let Err(e) = ttl {
-        // Enabling TTL twice is refused with "TimeToLive is already enabled": that is success.
-        if !format!("{:?}", e.as_service_error()).contains("already enabled") {
-            return Err(sdk_error(e));
+    // Dedup chunks expire past the horizon; delivered outbox rows once retention marks them.
+    for table in [&names.dedup, &names.outbox] {
+        let ttl = client
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .enabled(true)
+                    .attribute_name("expires_at")
+                    .build()
+                    .map_err(sdk_error)?,
+            )
+            .send()
+            .await;
+        if let Err(e) = ttl {
+            // Enabling TTL twice is refused with "TimeToLive is already enabled": that is success.
+            if !format!("{:?}", e.as_service_error()).contains("already enabled") {
+                return Err(sdk_error(e));
+            }
         }
     }
     Ok(out)
