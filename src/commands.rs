@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// Address of the live dashboard (overrides `dashboard.listen`).
     #[arg(long, env = "STOCKFLOW_DASHBOARD_LISTEN", value_name = "ADDR")]
     dashboard_listen: Option<SocketAddr>,
+    /// Serve ingest without webhook secrets on a non-loopback address (refused otherwise:
+    /// anyone who reaches the port could write stock).
+    #[arg(long)]
+    allow_unsigned: bool,
 }
 
 /// Arguments of `stockflow dashboard`.
@@ -99,6 +103,28 @@ pub struct ServeArgs {
     /// Kinesis endpoint override (overrides `kinesis.endpoint`), e.g. a local emulator.
     #[arg(long, env = "KINESIS_ENDPOINT", value_name = "URL")]
     kinesis_endpoint: Option<String>,
+    /// Serve without webhook secrets on a non-loopback address (refused otherwise).
+    #[arg(long)]
+    allow_unsigned: bool,
+}
+
+/// Refuses to serve unsigned ingest on a non-loopback address unless asked to; returns the
+/// word for the banner.
+fn signing_mode(verifier: bool, listen: SocketAddr, allow_unsigned: bool) -> anyhow::Result<&'static str> {
+    if verifier {
+        return Ok("signed");
+    }
+    if !listen.ip().is_loopback() && !allow_unsigned {
+        bail!(
+            "refusing to serve unsigned ingest on {listen}: anyone who reaches it could write stock. \
+             Configure webhook secrets (STOCKFLOW_WEBHOOK_SECRETS or STOCKFLOW_WEBHOOK_SECRET_ID), \
+             listen on 127.0.0.1, or pass --allow-unsigned"
+        );
+    }
+    if !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "serving UNSIGNED ingest on a non-loopback address (--allow-unsigned)");
+    }
+    Ok("unsigned")
 }
 
 /// Arguments of `stockflow replay`.
@@ -401,6 +427,8 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
 
 async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {
     let listen = args.listen.unwrap_or(settings.listen);
+    let verifier = crate::webhook::load(std::time::Duration::from_secs(300)).await?;
+    let signed = signing_mode(verifier.is_some(), listen, args.allow_unsigned)?;
     let backend = Embedded::open(&settings, true)?;
     let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(listen)
@@ -418,15 +446,15 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
     )
     .await?;
     println!(
-        "stockflow: ingest on http://{}/v1/events, metrics on /metrics, dashboard on http://{dashboard_at}/",
+        "stockflow: ingest ({signed}) on http://{}/v1/events, metrics on /metrics, dashboard on http://{dashboard_at}/",
         listener.local_addr()?
     );
-    let verifier = crate::webhook::load(std::time::Duration::from_secs(300)).await?;
     let app = crate::ingest::app(crate::ingest::IngestState {
         metrics,
         verifier,
         ..ingest_state(&settings, backend.log.clone())
     });
+    let app = crate::server::guarded(app, listener.local_addr()?, settings.ingest_limits);
     let mut server_stop = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -526,7 +554,8 @@ async fn ingest_serve(
         .with_context(|| format!("binding the ingest server to {listen}"))?;
     let mut stop = shutdown_signal();
     let graceful = async move { crate::server::stopped(&mut stop).await };
-    let signed = if verifier.is_some() { "signed" } else { "unsigned" };
+    let signed = signing_mode(verifier.is_some(), listen, args.allow_unsigned)?;
+    let bound = listener.local_addr()?;
     if let Some(stream) = args.stream.or_else(|| settings.kinesis.stream.clone()) {
         let endpoint = args.kinesis_endpoint.or_else(|| settings.kinesis.endpoint.clone());
         let client = stockflow_pipeline::kinesis::client(endpoint.as_deref(), false).await;
@@ -537,6 +566,7 @@ async fn ingest_serve(
         );
         let app =
             crate::ingest::app(crate::ingest::IngestState { metrics, verifier, ..ingest_state(&settings, producer) });
+        let app = crate::server::guarded(app, bound, settings.ingest_limits);
         axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
     } else {
         let backend = Embedded::open(&settings, true)?;
@@ -550,6 +580,7 @@ async fn ingest_serve(
             verifier,
             ..ingest_state(&settings, backend.log.clone())
         });
+        let app = crate::server::guarded(app, bound, settings.ingest_limits);
         axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
     }
     Ok(ExitCode::SUCCESS)

@@ -256,6 +256,10 @@ pub struct IngestSection {
     /// An event whose `ts` is more than this many ms ahead of the ingest's clock is refused with
     /// 400 naming `ts` (default one hour; 1,000 to 604,800,000).
     pub max_future_ms: u64,
+    /// Requests served at once; more are answered 503 with `Retry-After` (1 to 100,000).
+    pub max_concurrent_requests: usize,
+    /// Time a client has to send its whole body, ms; slower ones are answered 408 (100 to 600,000).
+    pub body_timeout_ms: u64,
 }
 
 impl Default for IngestSection {
@@ -264,6 +268,8 @@ impl Default for IngestSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             linger_ms: 0,
             max_in_flight: 2,
+            max_concurrent_requests: 256,
+            body_timeout_ms: 10_000,
             marketplace_id: None,
             max_future_ms: crate::ingest::DEFAULT_MAX_FUTURE_MS as u64,
         }
@@ -300,6 +306,8 @@ pub struct Settings {
     pub amazon: crate::ingest::AmazonConfig,
     /// `ingest.max_future_ms`.
     pub ingest_max_future_ms: i64,
+    /// What the ingest server admits (`ingest.max_concurrent_requests`, `ingest.body_timeout_ms`).
+    pub ingest_limits: crate::server::Limits,
     /// Connectors (validated; credentials are read when they start).
     pub connectors: crate::connectors::ConnectorsSection,
     /// The live dashboard.
@@ -360,6 +368,8 @@ impl FileConfig {
         in_range("ingest.linger_ms", i.linger_ms, 0, 1_000)?;
         in_range("ingest.max_in_flight", i.max_in_flight as u64, 1, 64)?;
         in_range("ingest.max_future_ms", i.max_future_ms, 1_000, 604_800_000)?;
+        in_range("ingest.max_concurrent_requests", i.max_concurrent_requests as u64, 1, 100_000)?;
+        in_range("ingest.body_timeout_ms", i.body_timeout_ms, 100, 600_000)?;
         self.connectors.validate()?;
         let dash = &self.dashboard;
         in_range("dashboard.refresh_ms", dash.refresh_ms, 100, 60_000)?;
@@ -377,6 +387,11 @@ impl FileConfig {
             },
             amazon: crate::ingest::AmazonConfig { marketplace_id: i.marketplace_id.clone() },
             ingest_max_future_ms: i.max_future_ms as i64,
+            ingest_limits: crate::server::Limits {
+                max_concurrent: i.max_concurrent_requests,
+                body_timeout: Duration::from_millis(i.body_timeout_ms),
+                max_body_bytes: crate::ingest::MAX_REQUEST_BYTES,
+            },
             kinesis: k,
             group,
             data_dir: self.data_dir,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
-use stockflow::ingest::{AmazonConfig, IngestState, app_shared, lambda};
+use stockflow::ingest::{AmazonConfig, IngestState, lambda, public_app};
 use stockflow_pipeline::kinesis::{KinesisProducer, client};
 
 #[global_allocator]
@@ -34,7 +34,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(stockflow::ingest::DEFAULT_MAX_FUTURE_MS),
     });
-    let router = app_shared(Arc::clone(&state));
+    let router = public_app(Arc::clone(&state));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
         let (router, state) = (router.clone(), Arc::clone(&state));
         async move { lambda::invoke(&router, &state, event).await }

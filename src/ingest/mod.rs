@@ -131,14 +131,24 @@ pub fn app<P: StreamProducer>(state: IngestState<P>) -> Router {
 
 /// The ingest router over state the caller shares too (the Lambda's SQS and EventBridge paths).
 pub fn app_shared<P: StreamProducer>(state: Arc<IngestState<P>>) -> Router {
+    routes::<P>()
+        .route("/metrics", get(render_metrics::<P>))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(state)
+}
+
+/// What the Lambda serves behind the public API: the ingest routes and `/healthz` only (each
+/// Lambda instance's registry is its own, and metrics are no business of the public).
+pub fn public_app<P: StreamProducer>(state: Arc<IngestState<P>>) -> Router {
+    routes::<P>().layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES)).with_state(state)
+}
+
+fn routes<P: StreamProducer>() -> Router<Arc<IngestState<P>>> {
     Router::new()
         .route("/v1/events", post(post_events::<P>))
         .route("/v1/amazon/notifications", post(post_amazon::<P>))
         .route("/v1/manufacturer/events", post(post_manufacturer::<P>))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(render_metrics::<P>))
-        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-        .with_state(state)
 }
 
 /// A body axum refused before the handler (over 10 MiB, unreadable), as a JSON error.
