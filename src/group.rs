@@ -95,8 +95,16 @@ pub async fn consume(
         stockflow_connectors::DrainControl::new(shutdown.clone(), finish),
         stockflow_connectors::drain::Lanes::Assigned(coordinator.assignment()),
     );
+    let sweeps = crate::retention::spawn_group(
+        Arc::clone(&store),
+        coordinator.assignment(),
+        settings.connectors.names(),
+        settings.retention,
+        shutdown.clone(),
+    );
     let report = coordinator.run(shutdown).await?;
     let (delivered, _) = drains.join().await?;
+    let _ = sweeps.await;
     for d in delivered.iter().filter(|d| d.sent > 0) {
         println!("delivered: {} {} effects in {} requests", d.connector, d.effects, d.sent);
     }

@@ -160,10 +160,34 @@ pub async fn sweep_embedded<S: StateStore + OutboxStore>(
     Ok(swept)
 }
 
-/// Sweeps the embedded backend every `retention.sweep_every` until `shutdown`.
+/// Sweeps the embedded backend at once and then every `retention.sweep_every` until `shutdown`.
 pub fn spawn_embedded<S: StateStore + OutboxStore>(
     log: EmbeddedLog,
     store: std::sync::Arc<S>,
+    connectors: Vec<&'static str>,
+    retention: Retention,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // The first sweep at once: a restart removes what the previous process left consumed.
+        loop {
+            if let Err(e) = sweep_embedded(&log, &*store, &connectors, &retention).await {
+                tracing::warn!(error = %format!("{e:#}"), "retention sweep failed; retrying at the next");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(retention.sweep_every) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    })
+}
+
+/// A consumer-group member's sweeps: the outboxes of the lanes its coordinator assigns it (its
+/// shards and the ended ancestors it delivers), every `retention.sweep_every`, until `shutdown`.
+/// The stream (Kinesis) keeps its own retention.
+pub fn spawn_group<S: OutboxStore>(
+    store: std::sync::Arc<S>,
+    assignment: watch::Receiver<std::sync::Arc<stockflow_state::lease::Assignment>>,
     connectors: Vec<&'static str>,
     retention: Retention,
     mut shutdown: watch::Receiver<bool>,
@@ -174,8 +198,9 @@ pub fn spawn_embedded<S: StateStore + OutboxStore>(
                 _ = tokio::time::sleep(retention.sweep_every) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            if let Err(e) = sweep_embedded(&log, &*store, &connectors, &retention).await {
-                tracing::warn!(error = %format!("{e:#}"), "retention sweep failed; retrying at the next");
+            let shards: Vec<String> = assignment.borrow().lanes.keys().cloned().collect();
+            if let Err(e) = sweep_outbox(&*store, &shards, &connectors, &retention).await {
+                tracing::warn!(error = %e, "retention sweep failed; retrying at the next");
             }
         }
     })

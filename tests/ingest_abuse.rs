@@ -234,8 +234,17 @@ fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut banner = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
+    let pid = child.id();
+    let mut child = Reap(child);
     let addr = banner.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
     // Batches of 100 events (~16 KB) until the disk is full.
     let mut accepted: Vec<String> = Vec::new();
@@ -261,8 +270,8 @@ fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
             other => panic!("batch {batch}: HTTP {other}"),
         }
     }
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = child.0.wait();
     assert!(refused >= 3, "the limit was reached ({} events accepted)", accepted.len());
     assert!(accepted.len() >= 1_000, "{} events accepted before the disk was full", accepted.len());
     // Without the limit: everything acknowledged is there, nothing else.
