@@ -700,6 +700,9 @@ async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<ExitCode
     backend.log.seal();
     let reports = consume_and_deliver(&backend, &settings, true, Arc::new(Progress::default())).await?;
     print_reports(&reports);
+    // Opening the store again gives back what retention freed (compacted when mostly free).
+    drop(backend);
+    drop(Embedded::open(&settings, true)?);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -72,7 +72,8 @@ impl RedbStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let db = Database::create(path).map_err(unavailable)?;
+        let mut db = Database::create(path).map_err(unavailable)?;
+        Self::compact_if_sparse(&mut db, path)?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(SKU_STATE).map_err(unavailable)?;
         txn.open_table(OUTBOX).map_err(unavailable)?;
@@ -84,6 +85,36 @@ impl RedbStore {
         txn.open_table(OUTBOX_WRITTEN).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(RedbStore { db: Arc::new(db) })
+    }
+
+    /// Retention frees pages inside the file, which redb reuses but does not give back. When more
+    /// than half of a file of at least 32 MiB is free, compact it at open (before anything else
+    /// holds the database): the work is proportional to the live data, like the restore that
+    /// follows, and the file shrinks to about the state.
+    fn compact_if_sparse(db: &mut Database, path: &Path) -> Result<(), StoreError> {
+        let file_len = std::fs::metadata(path).map_err(unavailable)?.len();
+        if file_len < 32 << 20 {
+            return Ok(());
+        }
+        let stats = {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let stats = txn.stats().map_err(unavailable)?;
+            txn.abort().map_err(unavailable)?;
+            stats
+        };
+        let used = stats.allocated_pages() * stats.page_size() as u64;
+        if used.saturating_mul(2) > file_len {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        for _ in 0..8 {
+            if !db.compact().map_err(unavailable)? {
+                break;
+            }
+        }
+        let after = std::fs::metadata(path).map_err(unavailable)?.len();
+        tracing::info!(before = file_len, after, elapsed = ?t0.elapsed(), "compacted the state store (space freed by retention)");
+        Ok(())
     }
 
     async fn blocking<T: Send + 'static>(
