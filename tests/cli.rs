@@ -70,6 +70,20 @@ fn replay_verify_and_dumps_agree_with_the_straight_pass() {
     let out = stockflow(&data, &["verify", "--events", other.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("sku MUG-BLUE-12OZ"), "{}", stdout(&out));
+
+    // Dead letters stay until an operator removes them: one by position, then the rest.
+    let first: serde_json::Value = serde_json::from_str(dlq.lines().next().unwrap()).unwrap();
+    let (shard, pos) = (first["shard"].as_str().unwrap(), first["position"]["sequence"].as_str().unwrap());
+    let removed = stockflow(&data, &["dlq", "remove", "--shard", shard, "--position", pos]);
+    assert_eq!(stdout(&removed).trim(), "1 dead letters removed");
+    let again = stockflow(&data, &["dlq", "remove", "--shard", shard, "--position", pos]);
+    assert_eq!(again.status.code(), Some(1), "nothing matched: exit 1");
+    let bad = stockflow(&data, &["dlq", "remove", "--shard", shard, "--position", "12x"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--position"));
+    assert_eq!(stdout(&stockflow(&data, &["dlq", "dump"])).lines().count(), 1);
+    assert_eq!(stdout(&stockflow(&data, &["dlq", "remove", "--all"])).trim(), "1 dead letters removed");
+    assert_eq!(stdout(&stockflow(&data, &["dlq", "dump"])), "");
+    assert_eq!(stdout(&stockflow(&data, &["outbox", "drop", "--all"])).trim(), "0 connector dead letters removed");
 }
 
 #[test]

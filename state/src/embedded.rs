@@ -12,6 +12,7 @@
 //! | `delivery` | `(connector, shard)` | JSON [`Cursor`]: what the connector delivered, its in-flight request |
 //! | `connector_dlq` | `(connector, shard, key)` | JSON [`ConnectorDeadLetter`] |
 //! | `outbox_written` | `(shard, row)` | Unix ms when the commit whose first outbox row this is was written (retention) |
+//! | `store_meta` | name | `freed_bytes`: outbox bytes retention removed since the last compaction |
 //!
 //! A commit is one redb write transaction with `Durability::Immediate`: states, effects, dead
 //! letters, dedup entries and the checkpoint become durable together or not at all.
@@ -37,6 +38,8 @@ const SHARD_META: TableDefinition<&str, &[u8]> = TableDefinition::new("shard_met
 const DELIVERY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("delivery");
 const CONNECTOR_DLQ: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("connector_dlq");
 const OUTBOX_WRITTEN: TableDefinition<(&str, u64), i64> = TableDefinition::new("outbox_written");
+/// Store-wide counters: `freed_bytes` (outbox bytes removed by retention since the last compaction).
+const STORE_META: TableDefinition<&str, u64> = TableDefinition::new("store_meta");
 
 /// Most effects in one outbox row.
 const OUTBOX_ROW_EFFECTS: usize = 256;
@@ -83,27 +86,30 @@ impl RedbStore {
         txn.open_table(DELIVERY).map_err(unavailable)?;
         txn.open_table(CONNECTOR_DLQ).map_err(unavailable)?;
         txn.open_table(OUTBOX_WRITTEN).map_err(unavailable)?;
+        txn.open_table(STORE_META).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(RedbStore { db: Arc::new(db) })
     }
 
-    /// Retention frees pages inside the file, which redb reuses but does not give back. When more
-    /// than half of a file of at least 32 MiB is free, compact it at open (before anything else
-    /// holds the database): the work is proportional to the live data, like the restore that
-    /// follows, and the file shrinks to about the state.
+    /// Retention frees pages inside the file, which redb reuses but does not give back. When the
+    /// bytes retention removed since the last compaction are at least a quarter of a file of 32 MiB or
+    /// more, compact it at open (before anything else holds the database): the work is about the
+    /// live data, like the restore that follows, and the file shrinks to about the state. (The
+    /// count is kept by the store: measuring free space would walk every page at every open.)
     fn compact_if_sparse(db: &mut Database, path: &Path) -> Result<(), StoreError> {
         let file_len = std::fs::metadata(path).map_err(unavailable)?.len();
         if file_len < 32 << 20 {
             return Ok(());
         }
-        let stats = {
-            let txn = db.begin_write().map_err(unavailable)?;
-            let stats = txn.stats().map_err(unavailable)?;
-            txn.abort().map_err(unavailable)?;
-            stats
+        let freed = {
+            let txn = db.begin_read().map_err(unavailable)?;
+            match txn.open_table(STORE_META) {
+                Ok(t) => t.get("freed_bytes").map_err(unavailable)?.map_or(0, |v| v.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                Err(e) => return Err(unavailable(e)),
+            }
         };
-        let used = stats.allocated_pages() * stats.page_size() as u64;
-        if used.saturating_mul(2) > file_len {
+        if freed.saturating_mul(4) < file_len {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
@@ -112,6 +118,9 @@ impl RedbStore {
                 break;
             }
         }
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(STORE_META).map_err(unavailable)?.insert("freed_bytes", 0).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
         let after = std::fs::metadata(path).map_err(unavailable)?.len();
         tracing::info!(before = file_len, after, elapsed = ?t0.elapsed(), "compacted the state store (space freed by retention)");
         Ok(())
@@ -530,15 +539,19 @@ impl OutboxStore for RedbStore {
                 if bound == 0 {
                     return Ok(0);
                 }
-                let mut n = 0u64;
+                let (mut n, mut bytes) = (0u64, 0u64);
                 txn.open_table(OUTBOX)
                     .map_err(unavailable)?
-                    .retain_in((shard.as_str(), 0)..(shard.as_str(), bound), |_, _| {
+                    .retain_in((shard.as_str(), 0)..(shard.as_str(), bound), |_, v| {
                         n += 1;
+                        bytes += v.len() as u64;
                         false
                     })
                     .map_err(unavailable)?;
                 written.retain_in((shard.as_str(), 0)..(shard.as_str(), bound), |_, _| false).map_err(unavailable)?;
+                let mut meta = txn.open_table(STORE_META).map_err(unavailable)?;
+                let freed = meta.get("freed_bytes").map_err(unavailable)?.map_or(0, |v| v.value());
+                meta.insert("freed_bytes", freed + bytes).map_err(unavailable)?;
                 removed = n;
             }
             txn.commit().map_err(unavailable)?;
