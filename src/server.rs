@@ -75,7 +75,10 @@ fn refuse(status: axum::http::StatusCode, field: &str, message: String) -> axum:
 
 /// True when `host` (a `Host` header value) names this machine's loopback interface.
 pub fn is_loopback_host(host: &str) -> bool {
-    // `[::1]:8080`, `127.0.0.1:8080`, `localhost`, … — the port does not matter.
+    // `[::1]:8080`, `127.0.0.1:8080`, `localhost`, `::1`, … — the port does not matter.
+    if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+        return true;
+    }
     let name = match host.strip_prefix('[') {
         Some(rest) => rest.split(']').next().unwrap_or(""),
         None => {
