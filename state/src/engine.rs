@@ -236,9 +236,16 @@ impl ShardEngine {
         }
         let by_id: HashMap<u64, u32> =
             engine.skus.iter().enumerate().map(|(i, s)| (sku_id(&s.name), i as u32)).collect();
-        let entries = snapshot.dedup.len();
+        let stored = snapshot.dedup.len();
         engine.dedup.restore(snapshot.dedup.into_iter().filter_map(|e| by_id.get(&e.sku).map(|&o| (e.key, e.ts, o))));
-        engine.dedup_base_bytes = entries * ENTRY_BYTES;
+        // What is stored but no longer live (past the horizon) counts as already appended: a
+        // process restarted often (a crash loop, daily deploys) must still compact, or the stored
+        // chunks would grow with every id ever seen.
+        let skus = &engine.skus;
+        engine.dedup.prune(|ordinal| skus.get(ordinal as usize).and_then(|s| s.state.max_ts));
+        let live = engine.dedup.len();
+        engine.dedup_base_bytes = live * ENTRY_BYTES;
+        engine.dedup_appended_bytes = stored.saturating_sub(live) * ENTRY_BYTES;
         engine
     }
 
@@ -591,6 +598,39 @@ mod tests {
         // A child adopting SKUs lists them all under itself.
         let mut child = ShardEngine::adopt(Arc::clone(e.config()), e.snapshot());
         assert_eq!(child.take_delta().unwrap().new_skus, ["A", "B", "C"]);
+    }
+
+    #[test]
+    fn stored_dedup_ids_stay_bounded_when_every_commit_is_followed_by_a_restart() {
+        // A crash loop or daily deploys: restore, a batch of events, one commit, again. What is
+        // stored must stay about the live set, not every id ever seen.
+        let cfg = Arc::new(EngineConfig { dedup_horizon_ms: 60_000, ..EngineConfig::default() });
+        let mut stored: Vec<crate::dedup::DedupEntry> = Vec::new();
+        let mut skus = Vec::new();
+        let mut max_ts = None;
+        let per_round = 40_000;
+        for round in 0..12i64 {
+            let snapshot = ShardSnapshot { max_ts, skus: skus.clone(), dedup: stored.clone() };
+            let mut e = ShardEngine::restore(Arc::clone(&cfg), snapshot);
+            for i in 0..per_round {
+                let ts = T0 + round * 600_000 + i;
+                let json = format!(r#"{{"id":"r{round}-{i}","type":"stock_adjusted","sku":"S","ts":{ts},"delta":1}}"#);
+                assert_eq!(e.apply(&decode(json.as_bytes()).unwrap()), Applied::Applied);
+            }
+            match e.take_delta().unwrap().dedup {
+                DedupDelta::Append(bytes) => stored.extend(crate::dedup::DedupEntry::decode_all(&bytes).unwrap()),
+                DedupDelta::Replace(bytes) => stored = crate::dedup::DedupEntry::decode_all(&bytes).unwrap(),
+            }
+            let snap = e.snapshot();
+            (skus, max_ts) = (snap.skus, snap.max_ts);
+        }
+        let floor = DEDUP_COMPACT_FLOOR_BYTES / ENTRY_BYTES;
+        assert!(
+            stored.len() <= floor + 2 * per_round as usize,
+            "{} ids stored after 12 restarts of {per_round} (live at most {per_round})",
+            stored.len()
+        );
+        assert_eq!(skus[0].1.on_hand, 12 * per_round, "nothing was lost to the compactions");
     }
 
     #[test]
