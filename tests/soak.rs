@@ -5,7 +5,8 @@
 //! `target/soak`) and must plateau; the final state must equal the independent model exactly.
 //!
 //! The short form runs in CI (`cargo test --test soak`). The long form — the same test with
-//! `STOCKFLOW_SOAK_RATE=1 STOCKFLOW_SOAK_CYCLES=40` — is how docs/BENCHMARKS.md's figures were made.
+//! `STOCKFLOW_SOAK_RATE=0.5 STOCKFLOW_SOAK_CYCLES=30` (855 k events) — is how docs/BENCHMARKS.md's
+//! figures and `docs/soak-week.svg` were made.
 
 mod support;
 
@@ -290,7 +291,7 @@ fn a_week_with_kill_9_restarts_and_short_retention_plateaus_and_stays_exact() {
     // Plateaus: the last third of the run grows no further than the middle third allows.
     let mb = |s: &Sample| s.disk_bytes as f64 / 1e6;
     let (mid, last) = (third_max(&samples, 1, mb), third_max(&samples, 2, mb));
-    assert!(last <= mid * 1.5 + 4.0, "disk keeps growing: {mid:.1} MB in the middle third, {last:.1} MB at the end");
+    assert!(last <= mid * 1.25 + 2.0, "disk keeps growing: {mid:.1} MB in the middle third, {last:.1} MB at the end");
     let rss = |s: &Sample| s.rss_bytes as f64 / 1e6;
     let (mid, last) = (third_max(&samples, 1, rss), third_max(&samples, 2, rss));
     assert!(last <= mid * 1.5 + 30.0, "RSS keeps growing: {mid:.1} MB then {last:.1} MB");
