@@ -160,25 +160,18 @@ pub async fn sweep_embedded<S: StateStore + OutboxStore>(
     Ok(swept)
 }
 
-/// Sweeps the embedded backend at once and then every `retention.sweep_every` until `shutdown`.
+/// Sweeps the embedded backend at once and then every `retention.sweep_every` until `shutdown`
+/// (the first sweep at once: a restart removes what the previous process left consumed).
 pub fn spawn_embedded<S: StateStore + OutboxStore>(
     log: EmbeddedLog,
     store: std::sync::Arc<S>,
     connectors: Vec<&'static str>,
     retention: Retention,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        // The first sweep at once: a restart removes what the previous process left consumed.
-        loop {
-            if let Err(e) = sweep_embedded(&log, &*store, &connectors, &retention).await {
-                tracing::warn!(error = %format!("{e:#}"), "retention sweep failed; retrying at the next");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(retention.sweep_every) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
-            }
-        }
+    repeat(retention.sweep_every, true, shutdown, move || {
+        let (log, store, connectors) = (log.clone(), std::sync::Arc::clone(&store), connectors.clone());
+        async move { sweep_embedded(&log, &*store, &connectors, &retention).await.map(|_| ()) }
     })
 }
 
@@ -190,17 +183,39 @@ pub fn spawn_group<S: OutboxStore>(
     assignment: watch::Receiver<std::sync::Arc<stockflow_state::lease::Assignment>>,
     connectors: Vec<&'static str>,
     retention: Retention,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    repeat(retention.sweep_every, false, shutdown, move || {
+        let shards: Vec<String> = assignment.borrow().lanes.keys().cloned().collect();
+        let (store, connectors) = (std::sync::Arc::clone(&store), connectors.clone());
+        async move { Ok(sweep_outbox(&*store, &shards, &connectors, &retention).await.map(|_| ())?) }
+    })
+}
+
+/// Runs `sweep` every `every` (first at once when `now`) until `shutdown`; a failed sweep is
+/// logged and retried at the next.
+fn repeat<F, Fut>(
+    every: Duration,
+    now: bool,
+    mut shutdown: watch::Receiver<bool>,
+    mut sweep: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     tokio::spawn(async move {
+        let mut wait = !now;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(retention.sweep_every) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+            if wait {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
             }
-            let shards: Vec<String> = assignment.borrow().lanes.keys().cloned().collect();
-            if let Err(e) = sweep_outbox(&*store, &shards, &connectors, &retention).await {
-                tracing::warn!(error = %e, "retention sweep failed; retrying at the next");
+            wait = true;
+            if let Err(e) = sweep().await {
+                tracing::warn!(error = %format!("{e:#}"), "retention sweep failed; retrying at the next");
             }
         }
     })

@@ -543,8 +543,11 @@ async fn delivery_is_exactly_once_through_kill_steal_and_split(shape: &'static s
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let receivers = Receivers::new(FaultPlan::chaos(20, Duration::from_millis(500), 17), Some(DELIVERY_KEY.to_vec()));
     let (base, _) = receivers.start(stop_rx).await.unwrap();
+    // Retention at "0s": delivered outbox items are set to expire while delivery goes on, and
+    // delivery must stay exactly once.
     let rest = format!(
-        "{}[group]\nfailover_ms = 3000\ntake_interval_ms = 500\n{}",
+        "{}[group]\nfailover_ms = 3000\ntake_interval_ms = 500\n\
+         [retention]\ndelivered = \"0s\"\nsweep_every = \"300ms\"\n{}",
         worker(700),
         support::connectors_config(&base, shape, DELIVERY_KEY, 50)
     );
@@ -667,6 +670,18 @@ async fn delivery_is_exactly_once_through_kill_steal_and_split(shape: &'static s
     assert_eq!(regressions.lock().unwrap().clone(), Vec::<String>::new(), "a delivery cursor moved back");
     let leases = g.store.leases().await.unwrap();
     assert!(leases.iter().any(|l| l.ended && l.children.len() == 2), "the split happened: {leases:?}");
+    // The members' sweeps marked delivered outbox items for DynamoDB's TTL.
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5001".into());
+    let raw = stockflow_state::dynamodb::DynamoStore::emulator_client(&endpoint).await;
+    let marked = raw
+        .scan()
+        .table_name(&g.store.tables().outbox)
+        .filter_expression("attribute_exists(expires_at)")
+        .send()
+        .await
+        .unwrap()
+        .count();
+    assert!(marked > 0, "retention set delivered outbox items to expire");
     let lost: usize = alive.iter().map(|m| m.lines().iter().filter(|l| l.text.contains("lease lost")).count()).sum();
     assert!(lost >= 1, "the steal fenced its victim");
     let dead = stockflow_connectors_dead_letters(&g);
