@@ -218,8 +218,12 @@ pub struct AccountingSection {
     pub minor_version: u32,
     /// Xero tenant id.
     pub tenant_id: Option<String>,
-    /// Xero organisation base currency.
+    /// The books' currency: Xero's organisation base currency, QuickBooks' home currency.
+    /// Journals in another currency are dead-lettered with the reason (Xero always; QuickBooks
+    /// unless `multi_currency`).
     pub base_currency: String,
+    /// QuickBooks: the company has multicurrency on (journals carry their `CurrencyRef`).
+    pub multi_currency: bool,
     /// OAuth 2 access token (refreshed outside stockflow; from Secrets Manager or a file it is
     /// re-read every 5 minutes).
     pub token: CredentialSource,
@@ -240,6 +244,7 @@ impl Default for AccountingSection {
             minor_version: 75,
             tenant_id: None,
             base_currency: "USD".into(),
+            multi_currency: false,
             token: CredentialSource::default(),
             cogs_account: "5000".into(),
             inventory_account: "1300".into(),
@@ -446,6 +451,8 @@ impl Connectors {
                         base: url.clone(),
                         realm_id: a.realm_id.clone().unwrap_or_default(),
                         minor_version: a.minor_version,
+                        home_currency: Currency::parse(&a.base_currency).unwrap_or(Currency::USD),
+                        multi_currency: a.multi_currency,
                     },
                     "xero" => Shape::Xero {
                         base: url.clone(),

@@ -43,6 +43,12 @@ pub enum Shape {
         realm_id: String,
         /// `minorversion` (75: older ones lost support in 2025).
         minor_version: u32,
+        /// The company's home currency: without multicurrency, QuickBooks books every journal in
+        /// it, so a journal in another currency is refused (dead-lettered with the reason).
+        home_currency: Currency,
+        /// The company has multicurrency on: journals in other currencies go with their
+        /// `CurrencyRef` (QuickBooks converts at its rate of the day).
+        multi_currency: bool,
     },
     /// Xero.
     Xero {
@@ -367,7 +373,7 @@ impl Accounting {
     fn url(&self, request: &Request) -> (Method, String) {
         match &self.shape {
             Shape::Generic { url } => (Method::POST, format!("{}/v1/journals", url.trim_end_matches('/'))),
-            Shape::QuickBooks { base, realm_id, minor_version } => {
+            Shape::QuickBooks { base, realm_id, minor_version, .. } => {
                 let op = if request.items.len() > 1 { "batch" } else { "journalentry" };
                 let base = base.trim_end_matches('/');
                 let url =
@@ -457,6 +463,15 @@ impl Connector for Accounting {
             {
                 return Err(DeliveryError::Rejected(format!(
                     "{}: Xero manual journals post in the base currency {base_currency}, not {}",
+                    j.entry_id, j.currency
+                )));
+            }
+            if let Shape::QuickBooks { home_currency, multi_currency: false, .. } = &self.shape
+                && j.currency != *home_currency
+            {
+                return Err(DeliveryError::Rejected(format!(
+                    "{}: the QuickBooks company books in its home currency {home_currency}, not {} \
+                     (turn on multicurrency in QuickBooks and set connectors.accounting.multi_currency)",
                     j.entry_id, j.currency
                 )));
             }
@@ -550,6 +565,32 @@ mod tests {
         Accounts { cogs: "5000".into(), inventory: "1300".into(), clearing: "2100".into() }
     }
 
+    fn qbo_shape(multi_currency: bool) -> Shape {
+        Shape::QuickBooks {
+            base: "http://q".into(),
+            realm_id: "123".into(),
+            minor_version: 75,
+            home_currency: Currency::USD,
+            multi_currency,
+        }
+    }
+
+    #[tokio::test]
+    async fn quickbooks_refuses_a_foreign_currency_unless_the_company_is_multicurrency() {
+        let eur = journal(JournalKind::Cogs, Decimal::new(1234, 2), Currency::parse("EUR").unwrap());
+        let home = Accounting::new(qbo_shape(false), accounts(), Secret::new("t"), DeliveryPolicy::default());
+        let err = home.render(&[&Effect::Journal(eur.clone())]).await.unwrap_err();
+        assert!(
+            matches!(&err, DeliveryError::Rejected(r) if r.contains("home currency USD, not EUR") && r.contains("multi_currency")),
+            "{err:?}"
+        );
+        let usd = journal(JournalKind::Cogs, Decimal::new(1234, 2), Currency::USD);
+        assert!(home.render(&[&Effect::Journal(usd)]).await.is_ok());
+        let multi = Accounting::new(qbo_shape(true), accounts(), Secret::new("t"), DeliveryPolicy::default());
+        let req = multi.render(&[&Effect::Journal(eur)]).await.unwrap();
+        assert!(req.body.contains(r#""CurrencyRef":{"value":"EUR"}"#), "{}", req.body);
+    }
+
     fn journal(kind: JournalKind, amount: Decimal, currency: Currency) -> JournalLine {
         JournalLine {
             entry_id: "cogs:e1".into(),
@@ -613,7 +654,7 @@ mod tests {
         assert_eq!(req.items, ["cogs:e1", "inventory:e2"]);
 
         let qbo = Accounting::new(
-            Shape::QuickBooks { base: "http://q".into(), realm_id: "123".into(), minor_version: 75 },
+            qbo_shape(false),
             accounts(),
             Secret::new("t"),
             DeliveryPolicy { max_batch: 500, ..policy() },
