@@ -23,6 +23,7 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::book::{BookStore, BookWrite, CursorWrite, Expect};
 use crate::dedup::DedupEntry;
 use crate::effects::Effect;
 use crate::engine::{DedupDelta, ShardSnapshot};
@@ -40,6 +41,8 @@ const CONNECTOR_DLQ: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinitio
 const OUTBOX_WRITTEN: TableDefinition<(&str, u64), i64> = TableDefinition::new("outbox_written");
 /// Store-wide counters: `freed_bytes` (outbox bytes removed by retention since the last compaction).
 const STORE_META: TableDefinition<&str, u64> = TableDefinition::new("store_meta");
+/// The connectors' book: `(connector, key) → JSON` (see [`crate::book`]).
+const BOOK: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("book");
 
 /// Most effects in one outbox row.
 const OUTBOX_ROW_EFFECTS: usize = 256;
@@ -87,6 +90,7 @@ impl RedbStore {
         txn.open_table(CONNECTOR_DLQ).map_err(unavailable)?;
         txn.open_table(OUTBOX_WRITTEN).map_err(unavailable)?;
         txn.open_table(STORE_META).map_err(unavailable)?;
+        txn.open_table(BOOK).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
         Ok(RedbStore { db: Arc::new(db) })
     }
@@ -574,6 +578,121 @@ impl OutboxStore for RedbStore {
                 .map_err(unavailable)?
                 .remove((key.0.as_str(), key.1.as_str(), key.2.as_str()))
                 .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+}
+
+impl BookStore for RedbStore {
+    async fn committed_max_ts(&self, shard: &str) -> Result<Option<i64>, StoreError> {
+        let shard = shard.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(SHARD_META).map_err(unavailable)?;
+            match t.get(shard.as_str()).map_err(unavailable)? {
+                Some(v) => Ok(postcard::from_bytes::<ShardMeta>(v.value()).map_err(corrupt)?.max_ts),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn book_get(&self, connector: &str, key: &str) -> Result<Option<String>, StoreError> {
+        let (connector, key) = (connector.to_string(), key.to_string());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(BOOK).map_err(unavailable)?;
+            let v = t.get((connector.as_str(), key.as_str())).map_err(unavailable)?;
+            v.map(|v| String::from_utf8(v.value().to_vec()).map_err(corrupt)).transpose()
+        })
+        .await
+    }
+
+    async fn book_range(
+        &self,
+        connector: &str,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let (connector, prefix, after) = (connector.to_string(), prefix.to_string(), after.map(str::to_string));
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(BOOK).map_err(unavailable)?;
+            let from = after.as_deref().filter(|a| *a >= prefix.as_str()).unwrap_or(prefix.as_str());
+            let mut out = Vec::new();
+            for row in t.range((connector.as_str(), from)..).map_err(unavailable)? {
+                let (k, v) = row.map_err(unavailable)?;
+                let (c, key) = k.value();
+                if c != connector || !key.starts_with(prefix.as_str()) || out.len() >= max {
+                    break;
+                }
+                if after.as_deref().is_some_and(|a| key <= a) {
+                    continue;
+                }
+                out.push((key.to_string(), String::from_utf8(v.value().to_vec()).map_err(corrupt)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn book_write(
+        &self,
+        connector: &str,
+        writes: &[BookWrite],
+        cursor: Option<CursorWrite<'_>>,
+        _fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
+        // One process owns the embedded store: no lease to check (as in `save_cursor`).
+        let connector = connector.to_string();
+        let writes = writes.to_vec();
+        let cursor = cursor
+            .map(|c| {
+                Ok::<_, StoreError>((
+                    c.shard.to_string(),
+                    c.cursor.delivered.clone(),
+                    serde_json::to_vec(c.cursor).map_err(corrupt)?,
+                ))
+            })
+            .transpose()?;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = txn.open_table(BOOK).map_err(unavailable)?;
+                for w in &writes {
+                    let stored =
+                        t.get((connector.as_str(), w.key.as_str())).map_err(unavailable)?.map(|v| v.value().to_vec());
+                    let ok = match &w.expect {
+                        Expect::Any => true,
+                        Expect::Absent => stored.is_none(),
+                        Expect::Equals(old) => stored.as_deref() == Some(old.as_bytes()),
+                    };
+                    if !ok {
+                        // Dropping the transaction aborts it: nothing of this write lands.
+                        return Err(StoreError::Conflict { key: w.key.clone() });
+                    }
+                    match &w.value {
+                        Some(v) => {
+                            t.insert((connector.as_str(), w.key.as_str()), v.as_bytes()).map_err(unavailable)?;
+                        }
+                        None => {
+                            t.remove((connector.as_str(), w.key.as_str())).map_err(unavailable)?;
+                        }
+                    }
+                }
+                if let Some((shard, delivered, json)) = &cursor {
+                    let mut d = txn.open_table(DELIVERY).map_err(unavailable)?;
+                    let stored = d.get((connector.as_str(), shard.as_str())).map_err(unavailable)?;
+                    let stored: Option<Cursor> =
+                        stored.map(|v| serde_json::from_slice(v.value())).transpose().map_err(corrupt)?;
+                    if stored.is_some_and(|c| c.delivered > *delivered) {
+                        return Err(StoreError::CursorRegression { connector, shard: shard.clone() });
+                    }
+                    d.insert((connector.as_str(), shard.as_str()), json.as_slice()).map_err(unavailable)?;
+                }
+            }
             txn.commit().map_err(unavailable)
         })
         .await

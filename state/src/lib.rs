@@ -16,6 +16,7 @@
 //! - [`dynamodb`]: `DynamoStore`, the store of the AWS deployment: fenced, split commits.
 //! - [`reference`]: the straight pass that every backend must agree with.
 
+pub mod book;
 pub mod dedup;
 pub mod dynamodb;
 pub mod effects;

@@ -184,6 +184,13 @@ pub enum StoreError {
     /// Stored bytes could not be decoded: the store needs attention.
     #[error("state store corrupt: {0}")]
     Corrupt(String),
+    /// A conditional book write found its key in another state (another writer got there
+    /// first): read again and decide again.
+    #[error("book key {key}: changed by another writer")]
+    Conflict {
+        /// The key.
+        key: String,
+    },
 }
 
 impl StoreError {

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use stockflow_state::book::BookStore;
 use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::embedded::RedbStore;
 use stockflow_state::engine::DedupDelta;
@@ -457,4 +458,117 @@ async fn dynamodb_delivery_writes_are_fenced_by_the_lease() {
     store.remove_dead_letter("accounting", shard, "sf-k", Some(&new_fence)).await.unwrap();
     assert_eq!(store.cursor("accounting", shard).await.unwrap(), delivered);
     assert!(store.connector_dead_letters(None).await.unwrap().is_empty());
+}
+
+/// The connectors' book: ordered prefix reads, create / compare-and-set / delete, and a write
+/// that fails an expectation (or moves a cursor back) lands nothing at all.
+async fn book_conformance<S: BookStore>(store: &S, shard: &str) {
+    use stockflow_state::book::{BookWrite, CursorWrite, book_all};
+    let c = "accounting";
+    assert_eq!(store.book_get(c, "frag#2026-11-27#a").await.unwrap(), None);
+    let writes: Vec<BookWrite> =
+        (0..12).map(|i| BookWrite::create(format!("frag#2026-11-27#{i:03}"), format!("{{\"n\":{i}}}"))).collect();
+    store.book_write(c, &writes, None, None).await.unwrap();
+    store
+        .book_write(c, &[BookWrite::put("frag#2026-11-28#000", "{}"), BookWrite::put("frag", "x")], None, None)
+        .await
+        .unwrap();
+    // Another connector's book is apart.
+    store.book_write("other", &[BookWrite::put("frag#2026-11-27#999", "{}")], None, None).await.unwrap();
+    let day = book_all(store, c, "frag#2026-11-27#").await.unwrap();
+    assert_eq!(day.len(), 12);
+    assert!(day.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
+    assert_eq!(day[3], ("frag#2026-11-27#003".to_string(), "{\"n\":3}".to_string()));
+    let page = store.book_range(c, "frag#2026-11-27#", Some("frag#2026-11-27#004"), 3).await.unwrap();
+    assert_eq!(
+        page.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["frag#2026-11-27#005", "frag#2026-11-27#006", "frag#2026-11-27#007"]
+    );
+    assert_eq!(book_all(store, c, "frag#").await.unwrap().len(), 13);
+
+    // A failed expectation writes nothing, not even the cursor or the other keys.
+    let cursor = Cursor { delivered: Some(OutboxPos { row: "00000000000000000009".into(), line: 0 }), in_flight: None };
+    let before = store.cursor(c, shard).await.unwrap();
+    let err = store
+        .book_write(
+            c,
+            &[BookWrite::put("mark#x", "1"), BookWrite::create("frag#2026-11-27#001", "dup")],
+            Some(CursorWrite { shard, cursor: &cursor }),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, StoreError::Conflict { key } if key == "frag#2026-11-27#001"), "{err}");
+    assert_eq!(store.book_get(c, "mark#x").await.unwrap(), None);
+    assert_eq!(store.cursor(c, shard).await.unwrap(), before);
+    // Compare-and-set and conditional delete.
+    store
+        .book_write(c, &[BookWrite::swap("frag#2026-11-27#001", "{\"n\":1}", Some("one".into()))], None, None)
+        .await
+        .unwrap();
+    let stale = store.book_write(c, &[BookWrite::swap("frag#2026-11-27#001", "{\"n\":1}", None)], None, None).await;
+    assert!(matches!(stale, Err(StoreError::Conflict { .. })));
+    store.book_write(c, &[BookWrite::swap("frag#2026-11-27#001", "one", None)], None, None).await.unwrap();
+    assert_eq!(store.book_get(c, "frag#2026-11-27#001").await.unwrap(), None);
+    // With the cursor, together; a cursor that moves back refuses the whole write.
+    store
+        .book_write(c, &[BookWrite::put("mark#x", "2")], Some(CursorWrite { shard, cursor: &cursor }), None)
+        .await
+        .unwrap();
+    assert_eq!(store.cursor(c, shard).await.unwrap(), cursor);
+    let back = Cursor { delivered: Some(OutboxPos { row: "00000000000000000001".into(), line: 0 }), in_flight: None };
+    let err = store
+        .book_write(c, &[BookWrite::put("mark#x", "3")], Some(CursorWrite { shard, cursor: &back }), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::CursorRegression { .. }), "{err}");
+    assert_eq!(store.book_get(c, "mark#x").await.unwrap().as_deref(), Some("2"));
+}
+
+#[tokio::test]
+async fn embedded_book_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    book_conformance(&store, "shard-0000").await;
+    assert_eq!(store.committed_max_ts("shard-0000").await.unwrap(), None);
+    let mut engine = ShardEngine::new(Arc::new(EngineConfig::default()));
+    for line in events(0, 5) {
+        engine.apply(&decode(line.as_bytes()).unwrap());
+    }
+    store.commit(commit_of(&mut engine, "shard-0000", 0, 5, Vec::new())).await.unwrap();
+    assert_eq!(store.committed_max_ts("shard-0000").await.unwrap(), Some(1_795_737_600_004));
+}
+
+#[tokio::test]
+async fn dynamodb_book_conforms_and_is_fenced() {
+    use stockflow_state::book::{BookWrite, CursorWrite};
+    use stockflow_state::lease::{LeaseStore, NewLease};
+    use stockflow_state::outbox::Fence;
+    let Some(store) = emulator_store("book").await else { return };
+    let shard = "shardId-000000000004";
+    assert!(store.create_lease(&NewLease { key: shard.into(), parents: vec![], hash_range: None }).await.unwrap());
+    let mine = store.take_lease(shard, "worker-a").await.unwrap();
+    book_conformance(&store, shard).await;
+    let mut engine = ShardEngine::new(Arc::new(EngineConfig::default()));
+    for line in events(0, 5) {
+        engine.apply(&decode(line.as_bytes()).unwrap());
+    }
+    store.commit(commit_of(&mut engine, shard, mine, 5, Vec::new())).await.unwrap();
+    assert_eq!(store.committed_max_ts(shard).await.unwrap(), Some(1_795_737_600_004));
+    let fence = Fence { lease: shard.into(), epoch: mine };
+    let cursor =
+        Cursor { delivered: Some(OutboxPos { row: "00000000000000000010#0000".into(), line: 0 }), in_flight: None };
+    store
+        .book_write(
+            "accounting",
+            &[BookWrite::put("mark#s", "a")],
+            Some(CursorWrite { shard, cursor: &cursor }),
+            Some(&fence),
+        )
+        .await
+        .unwrap();
+    store.take_lease(shard, "worker-b").await.unwrap();
+    let err = store.book_write("accounting", &[BookWrite::put("mark#s", "b")], None, Some(&fence)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    assert_eq!(store.book_get("accounting", "mark#s").await.unwrap().as_deref(), Some("a"));
 }

@@ -35,12 +35,30 @@ fn dead_key(shard: &str, key: &str) -> String {
 }
 
 impl DynamoStore {
-    fn delivery_item(&self, connector: &str, key: String, json: String) -> Item {
+    pub(super) fn delivery_item(&self, connector: &str, key: String, json: String) -> Item {
         HashMap::from([
             ("connector".to_string(), s(connector)),
             ("key".to_string(), s(key)),
             ("data".to_string(), s(json)),
         ])
+    }
+
+    /// The conditional put of a cursor (never backwards).
+    pub(super) fn cursor_put(
+        &self,
+        connector: &str,
+        shard: &str,
+        cursor: &Cursor,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let json = serde_json::to_string(cursor).map_err(corrupt)?;
+        let mut item = self.delivery_item(connector, format!("cursor#{shard}"), json);
+        if let Some(p) = &cursor.delivered {
+            item.insert("pos".into(), s(p.sort_key()));
+        }
+        let put = cursor_condition(Put::builder().table_name(&self.tables.delivery).set_item(Some(item)), cursor)
+            .build()
+            .map_err(sdk_error)?;
+        Ok(TransactWriteItem::builder().put(put).build())
     }
 
     /// The item of a connector dead letter.
@@ -66,7 +84,7 @@ impl DynamoStore {
     }
 
     /// The `ConditionCheck` of a fence: its lease row still has its epoch.
-    fn fence_check(&self, fence: &Fence) -> Result<TransactWriteItem, StoreError> {
+    pub(super) fn fence_check(&self, fence: &Fence) -> Result<TransactWriteItem, StoreError> {
         let check = ConditionCheck::builder()
             .table_name(&self.tables.leases)
             .key("leaseKey", s(&fence.lease))
@@ -82,13 +100,26 @@ impl DynamoStore {
     }
 
     /// Writes `items` in one transaction, the fence's check first. A failed condition is
-    /// `Fenced` (the lease moved) or, for the item at `cursor_at`, `CursorRegression`.
-    async fn fenced_write(
+    /// `Fenced` (the lease moved), for the item at `cursor_at` `CursorRegression`, and for an item
+    /// named in `book_keys` (by its index in `items`) `Conflict`.
+    pub(super) async fn fenced_write(
         &self,
         fence: Option<&Fence>,
         items: Vec<TransactWriteItem>,
         cursor_at: Option<usize>,
         what: (&str, &str),
+    ) -> Result<(), StoreError> {
+        self.fenced_book_write(fence, items, cursor_at, what, &[]).await
+    }
+
+    /// [`Self::fenced_write`] with the book keys of the items (`(index, key)`).
+    pub(super) async fn fenced_book_write(
+        &self,
+        fence: Option<&Fence>,
+        items: Vec<TransactWriteItem>,
+        cursor_at: Option<usize>,
+        what: (&str, &str),
+        book_keys: &[(usize, String)],
     ) -> Result<(), StoreError> {
         let mut all = Vec::with_capacity(items.len() + 1);
         if let Some(f) = fence {
@@ -114,6 +145,9 @@ impl DynamoStore {
                 if cursor_at.is_some_and(|i| reasons.get(i + offset) == Some(&true)) {
                     return Err(StoreError::CursorRegression { connector: what.0.into(), shard: what.1.into() });
                 }
+                if let Some((_, key)) = book_keys.iter().find(|(i, _)| reasons.get(i + offset) == Some(&true)) {
+                    return Err(StoreError::Conflict { key: key.clone() });
+                }
                 Err(sdk_error(e))
             }
         }
@@ -121,7 +155,7 @@ impl DynamoStore {
 }
 
 /// A cursor's item condition: `delivered` never moves back (`pos` is its sortable form).
-fn cursor_condition(put: PutBuilder, cursor: &Cursor) -> PutBuilder {
+pub(super) fn cursor_condition(put: PutBuilder, cursor: &Cursor) -> PutBuilder {
     match &cursor.delivered {
         Some(p) => put
             .condition_expression("attribute_not_exists(#p) OR #p <= :p")
@@ -219,15 +253,7 @@ impl OutboxStore for DynamoStore {
         dead: Option<&ConnectorDeadLetter>,
         fence: Option<&Fence>,
     ) -> Result<(), StoreError> {
-        let json = serde_json::to_string(cursor).map_err(corrupt)?;
-        let mut item = self.delivery_item(connector, format!("cursor#{shard}"), json);
-        if let Some(p) = &cursor.delivered {
-            item.insert("pos".into(), s(p.sort_key()));
-        }
-        let put = cursor_condition(Put::builder().table_name(&self.tables.delivery).set_item(Some(item)), cursor)
-            .build()
-            .map_err(sdk_error)?;
-        let mut items = vec![TransactWriteItem::builder().put(put).build()];
+        let mut items = vec![self.cursor_put(connector, shard, cursor)?];
         if let Some(d) = dead {
             // The dead letter and the cursor past it, together.
             items.push(TransactWriteItem::builder().put(self.put_item(self.dead_letter_item(d)?)?).build());

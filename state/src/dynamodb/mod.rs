@@ -11,6 +11,7 @@
 //! it reflects, so after a crash between parts a replay skips what is already in it; the
 //! checkpoint is written last, conditioned on the epoch and on moving forward.
 
+mod book;
 mod commit;
 mod delivery;
 mod leases;
