@@ -62,6 +62,9 @@ pub enum Command {
     Verify(crate::commands::VerifyArgs),
     /// The connectors' delivery: status, dead letters, and `retry` to re-send dead letters.
     Outbox(crate::commands::OutboxArgs),
+    /// The accounting connector's summary journals: `list` them per period, `show` the per-SKU
+    /// detail behind a period as CSV or JSON, `retry` refused ones.
+    Journals(crate::journals::JournalsArgs),
     /// Create (or validate) the DynamoDB tables of the AWS deployment; safe to run repeatedly.
     Setup(crate::commands::SetupArgs),
     /// The consumer group of the AWS deployment: `group status` prints every shard's owner,

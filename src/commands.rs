@@ -422,6 +422,10 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
             with_store!(settings, store_args, |store| outbox(args, &settings, &store).await)
         }
         Command::Group(args) => group(args, settings).await,
+        Command::Journals(args) => {
+            let store_args = args.store.clone();
+            with_store!(settings, store_args, |store| crate::journals::run(args, &store).await)
+        }
     }
 }
 
@@ -461,7 +465,7 @@ async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle
             .with_graceful_shutdown(async move { crate::server::stopped(&mut server_stop).await })
             .await
     });
-    let connectors = Connectors::build(&settings.connectors).await?;
+    let connectors = Connectors::build(&settings.connectors, settings.engine.windows.allowed_lateness_ms()).await?;
     let (_finish, finish) = watch::channel(false);
     let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown.clone(), finish));
     tracing::info!(connectors = %connectors.names().join(", "), "delivering effects");
@@ -627,7 +631,7 @@ async fn consume_and_deliver(
     finish: bool,
     progress: Arc<Progress>,
 ) -> anyhow::Result<Vec<WorkerReport>> {
-    let connectors = Connectors::build(&settings.connectors).await?;
+    let connectors = Connectors::build(&settings.connectors, settings.engine.windows.allowed_lateness_ms()).await?;
     let shutdown = shutdown_signal();
     let (finish_tx, finish_rx) = watch::channel(false);
     let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown.clone(), finish_rx));

@@ -10,11 +10,12 @@ use serde::Deserialize;
 use stockflow_connectors::accounting::{Accounting, Accounts, Shape};
 use stockflow_connectors::alerts::{AlertFeed, AlertWebhook, LogSink};
 use stockflow_connectors::drain::{Drain, DrainConfig, DrainControl, DrainStats, Lanes};
+use stockflow_connectors::journals::{PeriodLen, SummaryPolicy};
 use stockflow_connectors::manufacturer::{Manufacturer, SyncReport, sync_stock_levels};
 use stockflow_connectors::policy::{BackoffConfig, BreakerConfig, DeliveryPolicy};
 use stockflow_connectors::{Connector, Secret};
+use stockflow_state::book::BookStore;
 use stockflow_state::money::Currency;
-use stockflow_state::outbox::OutboxStore;
 use stockflow_state::{StateStore, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -233,6 +234,30 @@ pub struct AccountingSection {
     pub inventory_account: String,
     /// Received-not-invoiced clearing account.
     pub clearing_account: String,
+    /// `summary` (one journal per period and currency, the default) or `per_effect` (one per
+    /// shipment or receipt).
+    pub posting: String,
+    /// Summary period: `1d` (default) or `1h`.
+    pub period: String,
+    /// The seller's time zone (IANA name) where summary periods begin and end.
+    pub time_zone: String,
+}
+
+impl AccountingSection {
+    /// The summary policy (`None` for per-effect posting); `lateness_ms` is the engine's.
+    pub fn summary(&self, lateness_ms: i64) -> anyhow::Result<Option<SummaryPolicy>> {
+        match self.posting.as_str() {
+            "per_effect" => Ok(None),
+            "summary" => {
+                let period =
+                    PeriodLen::parse(&self.period).map_err(|e| anyhow::anyhow!("connectors.accounting.period: {e}"))?;
+                let policy = SummaryPolicy::new(period, &self.time_zone, lateness_ms)
+                    .map_err(|e| anyhow::anyhow!("connectors.accounting.time_zone: {e}"))?;
+                Ok(Some(policy))
+            }
+            other => bail!("connectors.accounting.posting = {other:?}: must be \"summary\" or \"per_effect\""),
+        }
+    }
 }
 
 impl Default for AccountingSection {
@@ -249,6 +274,9 @@ impl Default for AccountingSection {
             cogs_account: "5000".into(),
             inventory_account: "1300".into(),
             clearing_account: "2100".into(),
+            posting: "summary".into(),
+            period: "1d".into(),
+            time_zone: "UTC".into(),
         }
     }
 }
@@ -336,6 +364,7 @@ impl ConnectorsSection {
             }
             other => bail!("connectors.accounting.shape = {other:?}: must be \"generic\", \"quickbooks\" or \"xero\""),
         }
+        a.summary(0)?;
         Ok(())
     }
 }
@@ -417,7 +446,7 @@ impl Running {
 
 impl Connectors {
     /// Builds the configured connectors, reading their credentials.
-    pub async fn build(cfg: &ConnectorsSection) -> anyhow::Result<Self> {
+    pub async fn build(cfg: &ConnectorsSection, lateness_ms: i64) -> anyhow::Result<Self> {
         cfg.validate()?;
         let policy = cfg.delivery.policy()?;
         let webhook = match &cfg.alerts_webhook.url {
@@ -467,7 +496,11 @@ impl Connectors {
                     clearing: a.clearing_account.clone(),
                 };
                 let token = a.token.load_and_refresh("connectors.accounting.token", REFRESH).await?;
-                Some(Arc::new(Accounting::new(shape, accounts, token, policy.clone())))
+                let mut c = Accounting::new(shape, accounts, token, policy.clone());
+                if let Some(summary) = a.summary(lateness_ms)? {
+                    c = c.with_summary(summary);
+                }
+                Some(Arc::new(c))
             }
             None => None,
         };
@@ -497,15 +530,15 @@ impl Connectors {
     }
 
     /// Starts a drain per connector (and the stock-level sync) over `store`, every shard.
-    pub fn spawn<S: OutboxStore + StateStore>(&self, store: Arc<S>, ctl: DrainControl) -> Running {
+    pub fn spawn<S: BookStore + StateStore>(&self, store: Arc<S>, ctl: DrainControl) -> Running {
         self.spawn_lanes(store, ctl, Lanes::All)
     }
 
     /// Starts a drain per connector over `lanes` (a consumer-group member delivers what its
     /// coordinator assigns it, fenced by its leases; the stock-level sync sends its shards' SKUs).
-    pub fn spawn_lanes<S: OutboxStore + StateStore>(&self, store: Arc<S>, ctl: DrainControl, lanes: Lanes) -> Running {
+    pub fn spawn_lanes<S: BookStore + StateStore>(&self, store: Arc<S>, ctl: DrainControl, lanes: Lanes) -> Running {
         let mut tasks = JoinSet::new();
-        fn start<S: OutboxStore, C: Connector>(
+        fn start<S: BookStore, C: Connector>(
             tasks: &mut JoinSet<Result<Option<DrainSummary>, StoreError>>,
             store: &Arc<S>,
             c: &Arc<C>,

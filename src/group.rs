@@ -88,7 +88,9 @@ pub async fn consume(
     println!("stockflow: worker {} joined the group on stream {}", settings.group.worker_id, targets.stream);
     // Each member delivers the outboxes its coordinator assigns it: the shards it leases and the
     // ended ancestors it is designated for, every write fenced by one of its leases.
-    let connectors = crate::connectors::Connectors::build(&settings.connectors).await?;
+    let connectors =
+        crate::connectors::Connectors::build(&settings.connectors, settings.engine.windows.allowed_lateness_ms())
+            .await?;
     let (_finish, finish) = tokio::sync::watch::channel(false);
     let drains = connectors.spawn_lanes(
         Arc::clone(&store),

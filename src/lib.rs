@@ -28,6 +28,7 @@ pub mod demo;
 pub mod generate;
 pub mod group;
 pub mod ingest;
+pub mod journals;
 pub mod lifecycles;
 pub mod load;
 pub mod loadgen;

@@ -24,8 +24,9 @@ use stockflow_state::money::Currency;
 use stockflow_state::outbox::Request;
 
 use crate::connector::{Connector, Delivered, DeliveryError, HttpClient, Secret, classify, excerpt, request_key};
+use crate::journals::{PostingKind, SummaryJournal, SummaryPolicy};
 use crate::manufacturer::BatchAnswer;
-use crate::policy::{DeliveryPolicy, RateLimit};
+use crate::policy::{DailyBudget, DeliveryPolicy, RateLimit};
 
 /// Which API the journals go to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,16 +72,27 @@ impl Shape {
         }
     }
 
-    /// The documented limits of the target, applied to `policy`: QuickBooks batches at most 10
-    /// entries (plan for 10), 500 requests/min and 10/s per realm, 10 concurrent; Xero 60/min
-    /// and 5 concurrent per tenant, ~50 journals per request. Stricter settings are kept.
+    /// The target's documented limits (docs/connectors.md, "Vendor limits", with sources).
+    pub fn limits(&self) -> Option<VendorLimits> {
+        match self {
+            Shape::Generic { .. } => None,
+            Shape::QuickBooks { .. } => Some(VendorLimits::QUICKBOOKS),
+            Shape::Xero { .. } => Some(VendorLimits::XERO),
+        }
+    }
+
+    /// Requests a day the target allows (Xero: 5,000 per tenant).
+    pub fn daily_limit(&self) -> Option<u32> {
+        self.limits().and_then(|l| l.per_day)
+    }
+
+    /// The documented limits of the target, applied to `policy` (stricter settings are kept):
+    /// items per request, requests per minute, requests at once and body size.
     pub fn clamp(&self, mut policy: DeliveryPolicy) -> DeliveryPolicy {
-        let (batch, rate, concurrency) = match self {
-            Shape::Generic { .. } => return policy,
-            Shape::QuickBooks { .. } => (10, RateLimit::QUICKBOOKS, 10),
-            Shape::Xero { .. } => (50, RateLimit::XERO, 5),
-        };
+        let Some(limits) = self.limits() else { return policy };
+        let (batch, rate, concurrency) = (limits.items_per_request, limits.rate, limits.concurrent);
         policy.max_batch = policy.max_batch.clamp(1, batch);
+        policy.max_bytes = policy.max_bytes.min(limits.max_body_bytes);
         policy.concurrency = policy.concurrency.clamp(1, concurrency);
         policy.rate = Some(match policy.rate {
             Some(r) if r.capacity <= rate.capacity && r.every >= rate.every => r,
@@ -88,6 +100,42 @@ impl Shape {
         });
         policy
     }
+}
+
+/// A vendor's published limits, as data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VendorLimits {
+    /// Journals in one request (QuickBooks: batch operations; Xero: journals per PUT).
+    pub items_per_request: usize,
+    /// The request rate the drain keeps to.
+    pub rate: RateLimit,
+    /// Requests at once.
+    pub concurrent: usize,
+    /// Requests per day, if limited.
+    pub per_day: Option<u32>,
+    /// Largest body.
+    pub max_body_bytes: usize,
+}
+
+impl VendorLimits {
+    /// QuickBooks Online: batch requests ≤ 40/minute per company with ≤ 30 operations each;
+    /// 500 requests/minute and 10 concurrent per realm. Every request is paced as a batch.
+    pub const QUICKBOOKS: VendorLimits = VendorLimits {
+        items_per_request: 30,
+        rate: RateLimit::QUICKBOOKS_BATCH,
+        concurrent: 10,
+        per_day: None,
+        max_body_bytes: 256 << 10,
+    };
+    /// Xero: 60 calls/minute, 5 concurrent and 5,000/day per tenant; ≤ 50 journals per request
+    /// and 3.5 MB per body (the in-flight copy in the store keeps bodies ≤ 256 KiB anyway).
+    pub const XERO: VendorLimits = VendorLimits {
+        items_per_request: 50,
+        rate: RateLimit::XERO,
+        concurrent: 5,
+        per_day: Some(5_000),
+        max_body_bytes: 3_500_000,
+    };
 }
 
 /// The ledger accounts journals are booked to (codes or ids, as the target names them).
@@ -356,13 +404,28 @@ pub struct Accounting {
     token: Secret,
     http: HttpClient,
     policy: DeliveryPolicy,
+    summary: Option<SummaryPolicy>,
+    budget: Option<DailyBudget>,
 }
 
 impl Accounting {
-    /// A connector of `shape` booking to `accounts`; `policy` is clamped to the target's limits.
+    /// A connector of `shape` booking to `accounts`, one journal per effect (`per_effect`
+    /// posting); `policy` is clamped to the target's limits.
     pub fn new(shape: Shape, accounts: Accounts, token: Secret, policy: DeliveryPolicy) -> Self {
         let policy = shape.clamp(policy);
-        Accounting { http: HttpClient::new(policy.timeout), shape, accounts, token, policy }
+        let budget = shape.daily_limit().map(DailyBudget::new);
+        Accounting { http: HttpClient::new(policy.timeout), shape, accounts, token, policy, summary: None, budget }
+    }
+
+    /// Posts summaries per period ([`crate::journals`]) instead of a journal per effect.
+    pub fn with_summary(mut self, summary: SummaryPolicy) -> Self {
+        self.summary = Some(summary);
+        self
+    }
+
+    /// The daily request budget, for targets that have one (Xero).
+    pub fn budget(&self) -> Option<&DailyBudget> {
+        self.budget.as_ref()
     }
 
     /// The shape.
@@ -403,85 +466,11 @@ impl Accounting {
         h
     }
 
-    /// Items refused inside a 200 answer.
-    fn rejected_items(&self, request: &Request, body: &[u8]) -> Vec<(String, String)> {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return Vec::new() };
+    /// The body of `entries` in the target's shape.
+    fn body(&self, key: &str, entries: &[Entry]) -> Result<String, DeliveryError> {
         match &self.shape {
-            Shape::Generic { .. } => serde_json::from_value::<BatchAnswer>(v)
-                .map(|a| a.rejected.into_iter().map(|r| (r.id, r.reason)).collect())
-                .unwrap_or_default(),
-            Shape::QuickBooks { .. } => {
-                let items = v.get("BatchItemResponse").and_then(|x| x.as_array()).cloned().unwrap_or_default();
-                items
-                    .iter()
-                    .filter(|i| i.get("Fault").is_some())
-                    .filter_map(|i| {
-                        let b = i.get("bId")?.as_str()?.strip_prefix('b')?.parse::<usize>().ok()?;
-                        Some((request.items.get(b)?.clone(), i["Fault"].to_string()))
-                    })
-                    .collect()
-            }
-            Shape::Xero { .. } => {
-                let journals = v.get("ManualJournals").and_then(|x| x.as_array()).cloned().unwrap_or_default();
-                journals
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, j)| j.get("StatusAttributeString").and_then(|s| s.as_str()) == Some("ERROR"))
-                    .filter_map(|(i, j)| {
-                        Some((
-                            request.items.get(i)?.clone(),
-                            j.get("ValidationErrors").map_or_else(String::new, |e| e.to_string()),
-                        ))
-                    })
-                    .collect()
-            }
-        }
-    }
-}
-
-impl Connector for Accounting {
-    fn name(&self) -> &'static str {
-        "accounting"
-    }
-
-    fn accepts(&self, effect: &Effect) -> bool {
-        matches!(effect, Effect::Journal(_))
-    }
-
-    fn policy(&self) -> &DeliveryPolicy {
-        &self.policy
-    }
-
-    async fn render(&self, batch: &[&Effect]) -> Result<Request, DeliveryError> {
-        let mut entries = Vec::with_capacity(batch.len());
-        for effect in batch {
-            let Effect::Journal(j) = effect else {
-                return Err(DeliveryError::Rejected(format!("{} is not a journal line", effect.id())));
-            };
-            if let Shape::Xero { base_currency, .. } = &self.shape
-                && j.currency != *base_currency
-            {
-                return Err(DeliveryError::Rejected(format!(
-                    "{}: Xero manual journals post in the base currency {base_currency}, not {}",
-                    j.entry_id, j.currency
-                )));
-            }
-            if let Shape::QuickBooks { home_currency, multi_currency: false, .. } = &self.shape
-                && j.currency != *home_currency
-            {
-                return Err(DeliveryError::Rejected(format!(
-                    "{}: the QuickBooks company books in its home currency {home_currency}, not {} \
-                     (turn on multicurrency in QuickBooks and set connectors.accounting.multi_currency)",
-                    j.entry_id, j.currency
-                )));
-            }
-            entries.push(entry(j, &self.accounts).map_err(DeliveryError::Rejected)?);
-        }
-        let ids: Vec<&str> = batch.iter().map(|e| e.id()).collect();
-        let key = request_key(self.name(), &ids);
-        let body = match &self.shape {
             Shape::Generic { .. } => serde_json::to_string(&GenericBatch {
-                batch_id: key.clone(),
+                batch_id: key.to_string(),
                 entries: entries
                     .iter()
                     .map(|e| GenericEntry {
@@ -537,14 +526,157 @@ impl Connector for Accounting {
                     .collect(),
             }),
         }
-        .map_err(|e| DeliveryError::Rejected(e.to_string()))?;
+        .map_err(|e| DeliveryError::Rejected(e.to_string()))
+    }
+
+    /// A journal in `currency` can be booked: Xero's base currency; QuickBooks' home currency
+    /// unless the company is multicurrency.
+    fn check_currency(&self, id: &str, currency: Currency) -> Result<(), DeliveryError> {
+        if let Shape::Xero { base_currency, .. } = &self.shape
+            && currency != *base_currency
+        {
+            return Err(DeliveryError::Rejected(format!(
+                "{id}: Xero manual journals post in the base currency {base_currency}, not {currency}"
+            )));
+        }
+        if let Shape::QuickBooks { home_currency, multi_currency: false, .. } = &self.shape
+            && currency != *home_currency
+        {
+            return Err(DeliveryError::Rejected(format!(
+                "{id}: the QuickBooks company books in its home currency {home_currency}, not {currency} \
+                 (turn on multicurrency in QuickBooks and set connectors.accounting.multi_currency)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Items refused inside a 200 answer.
+    fn rejected_items(&self, request: &Request, body: &[u8]) -> Vec<(String, String)> {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return Vec::new() };
+        match &self.shape {
+            Shape::Generic { .. } => serde_json::from_value::<BatchAnswer>(v)
+                .map(|a| a.rejected.into_iter().map(|r| (r.id, r.reason)).collect())
+                .unwrap_or_default(),
+            Shape::QuickBooks { .. } => {
+                let items = v.get("BatchItemResponse").and_then(|x| x.as_array()).cloned().unwrap_or_default();
+                items
+                    .iter()
+                    .filter(|i| i.get("Fault").is_some())
+                    .filter_map(|i| {
+                        let b = i.get("bId")?.as_str()?.strip_prefix('b')?.parse::<usize>().ok()?;
+                        Some((request.items.get(b)?.clone(), i["Fault"].to_string()))
+                    })
+                    .collect()
+            }
+            Shape::Xero { .. } => {
+                let journals = v.get("ManualJournals").and_then(|x| x.as_array()).cloned().unwrap_or_default();
+                journals
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, j)| j.get("StatusAttributeString").and_then(|s| s.as_str()) == Some("ERROR"))
+                    .filter_map(|(i, j)| {
+                        Some((
+                            request.items.get(i)?.clone(),
+                            j.get("ValidationErrors").map_or_else(String::new, |e| e.to_string()),
+                        ))
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+impl Connector for Accounting {
+    fn name(&self) -> &'static str {
+        "accounting"
+    }
+
+    fn accepts(&self, effect: &Effect) -> bool {
+        matches!(effect, Effect::Journal(_))
+    }
+
+    fn policy(&self) -> &DeliveryPolicy {
+        &self.policy
+    }
+
+    fn summary(&self) -> Option<&SummaryPolicy> {
+        self.summary.as_ref()
+    }
+
+    fn render_summary(&self, j: &SummaryJournal) -> Result<Request, DeliveryError> {
+        let currency = Currency::parse(&j.currency)
+            .ok_or_else(|| DeliveryError::Rejected(format!("{}: {} is not an ISO 4217 currency", j.id, j.currency)))?;
+        self.check_currency(&j.id, currency)?;
+        let a = &self.accounts;
+        let mut lines = Vec::with_capacity(4);
+        let line = |account: &String, side, amount| EntryLine { account: account.clone(), side, amount };
+        if !j.cogs.is_zero() {
+            lines.push(line(&a.cogs, Side::Debit, j.cogs));
+        }
+        // Inventory moves by what was received less what was sold: one line, on its side.
+        let net = j.received - j.cogs;
+        if net.is_sign_positive() && !net.is_zero() {
+            lines.push(line(&a.inventory, Side::Debit, net));
+        } else if !net.is_zero() {
+            lines.push(line(&a.inventory, Side::Credit, -net));
+        }
+        if !j.received.is_zero() {
+            lines.push(line(&a.clearing, Side::Credit, j.received));
+        }
+        let what = match j.kind {
+            PostingKind::Summary => "summary".to_string(),
+            PostingKind::Adjustment => format!("adjustment {}", j.id.rsplit(':').next().unwrap_or("")),
+        };
+        let e = Entry {
+            id: j.id.clone(),
+            date: j.date.clone(),
+            currency,
+            // The journal id last: receivers and people find it there, as in per-effect memos.
+            memo: format!(
+                "stockflow {what} {} ({}): COGS {} {}, received {} {}, {} journal lines {}",
+                j.period, j.time_zone, j.cogs, j.currency, j.received, j.currency, j.effects, j.id
+            ),
+            lines,
+        };
+        check_balanced(&e).map_err(DeliveryError::Rejected)?;
+        let key = request_key(self.name(), &[j.id.as_str()]);
+        let body = self.body(&key, std::slice::from_ref(&e))?;
+        Ok(Request { key, body, items: vec![j.id.clone()] })
+    }
+
+    async fn render(&self, batch: &[&Effect]) -> Result<Request, DeliveryError> {
+        let mut entries = Vec::with_capacity(batch.len());
+        for effect in batch {
+            let Effect::Journal(j) = effect else {
+                return Err(DeliveryError::Rejected(format!("{} is not a journal line", effect.id())));
+            };
+            self.check_currency(&j.entry_id, j.currency)?;
+            entries.push(entry(j, &self.accounts).map_err(DeliveryError::Rejected)?);
+        }
+        let ids: Vec<&str> = batch.iter().map(|e| e.id()).collect();
+        let key = request_key(self.name(), &ids);
+        let body = self.body(&key, &entries)?;
         Ok(Request { key, body, items: ids.into_iter().map(str::to_string).collect() })
     }
 
     async fn send(&self, request: &Request) -> Result<Delivered, DeliveryError> {
         let (method, url) = self.url(request);
+        if let Some(budget) = &self.budget {
+            // Out of the day's calls: wait for the window rather than be refused (and say so).
+            if let Err(wait) = budget.take() {
+                return Err(DeliveryError::Throttled {
+                    reason: format!("daily budget of {} requests spent", budget.limit()),
+                    retry_after: Some(wait),
+                });
+            }
+        }
         let body = Bytes::from(request.body.clone().into_bytes());
-        let resp = self.http.send(method, &url, &self.headers(request), body).await?;
+        let resp = self.http.send(method, &url, &self.headers(request), body).await;
+        if let (Some(budget), Ok(r)) = (&self.budget, &resp) {
+            let remaining = r.headers.get("x-daylimit-remaining").and_then(|v| v.to_str().ok()?.trim().parse().ok());
+            budget.observe(remaining, self.shape.label());
+        }
+        let resp = resp?;
         // QuickBooks and Xero both say: after a 429, wait a minute unless told otherwise.
         let resp = classify(resp, Duration::from_secs(60))?;
         let rejected = self.rejected_items(request, &resp.body);
@@ -589,6 +721,45 @@ mod tests {
         let multi = Accounting::new(qbo_shape(true), accounts(), Secret::new("t"), DeliveryPolicy::default());
         let req = multi.render(&[&Effect::Journal(eur)]).await.unwrap();
         assert!(req.body.contains(r#""CurrencyRef":{"value":"EUR"}"#), "{}", req.body);
+    }
+
+    #[test]
+    fn summaries_book_one_line_per_account_and_keep_the_currency_guard() {
+        let j = |cogs: i64, received: i64, currency: &str| SummaryJournal {
+            id: format!("journal:2026-11-27:{currency}:0"),
+            period: "2026-11-27".into(),
+            kind: PostingKind::Summary,
+            date: "2026-11-27".into(),
+            time_zone: "UTC".into(),
+            currency: currency.into(),
+            cogs: Decimal::new(cogs, 2),
+            received: Decimal::new(received, 2),
+            effects: 3,
+        };
+        let xero = Accounting::new(
+            Shape::Xero { base: "http://x".into(), tenant_id: "t".into(), base_currency: Currency::USD },
+            accounts(),
+            Secret::new("t"),
+            DeliveryPolicy::default(),
+        );
+        let r = xero.render_summary(&j(1_000, 2_500, "USD")).unwrap();
+        // COGS 10.00 debit; inventory +15.00 (received 25.00 − sold 10.00); clearing 25.00 credit.
+        assert!(r.body.contains(r#"{"LineAmount":10,"AccountCode":"5000""#), "{}", r.body);
+        assert!(r.body.contains(r#"{"LineAmount":15,"AccountCode":"1300""#), "{}", r.body);
+        assert!(r.body.contains(r#"{"LineAmount":-25,"AccountCode":"2100""#), "{}", r.body);
+        assert_eq!(r.items, ["journal:2026-11-27:USD:0"]);
+        assert_eq!(r.key, xero.render_summary(&j(1_000, 2_500, "USD")).unwrap().key, "the key is the period's");
+        // More sold than received: inventory is credited.
+        let sold = xero.render_summary(&j(4_000, 0, "USD")).unwrap();
+        assert!(sold.body.contains(r#"{"LineAmount":-40,"AccountCode":"1300""#), "{}", sold.body);
+        assert!(!sold.body.contains("2100"), "no zero line");
+        assert!(
+            matches!(xero.render_summary(&j(1, 0, "EUR")), Err(DeliveryError::Rejected(m)) if m.contains("base currency"))
+        );
+        let qbo = Accounting::new(qbo_shape(false), accounts(), Secret::new("t"), DeliveryPolicy::default());
+        let r = qbo.render_summary(&j(1_000, 2_500, "USD")).unwrap();
+        assert!(qbo.url(&r).1.contains("/journalentry?"), "one entry, not a batch");
+        assert!(r.body.contains(r#""DocNumber":"SF"#));
     }
 
     fn journal(kind: JournalKind, amount: Decimal, currency: Currency) -> JournalLine {
@@ -659,8 +830,8 @@ mod tests {
             Secret::new("t"),
             DeliveryPolicy { max_batch: 500, ..policy() },
         );
-        assert_eq!(qbo.policy().max_batch, 10, "QuickBooks batches are clamped to 10");
-        assert_eq!(qbo.policy().rate, Some(RateLimit::QUICKBOOKS));
+        assert_eq!(qbo.policy().max_batch, 30, "QuickBooks batches are clamped to 30 operations");
+        assert_eq!(qbo.policy().rate, Some(RateLimit::QUICKBOOKS_BATCH), "40 batch requests a minute");
         let single = qbo.render(&[&j]).await.unwrap();
         assert!(single.body.contains(r#""Amount":12.34,"#), "{}", single.body);
         assert!(single.body.contains(r#""PostingType":"Debit","AccountRef":{"value":"5000"}"#));

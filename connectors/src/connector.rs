@@ -76,6 +76,17 @@ pub trait Connector: Send + Sync + 'static {
 
     /// Sends a rendered request. Must be safe to repeat: the key makes it idempotent.
     fn send(&self, request: &Request) -> impl Future<Output = Result<Delivered, DeliveryError>> + Send;
+
+    /// `Some` when the connector books summaries per period instead of sending each effect
+    /// ([`crate::journals`]): its drain lanes fold, and one poster sends the summaries.
+    fn summary(&self) -> Option<&crate::journals::SummaryPolicy> {
+        None
+    }
+
+    /// Renders a summary journal into one request (only for connectors with a [`Self::summary`]).
+    fn render_summary(&self, journal: &crate::journals::SummaryJournal) -> Result<Request, DeliveryError> {
+        Err(DeliveryError::Rejected(format!("{} does not post summaries ({})", self.name(), journal.id)))
+    }
 }
 
 /// The idempotency key of a batch: `sf` + 32 hex digits of xxh3-128 over the connector name

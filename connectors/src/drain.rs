@@ -28,17 +28,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use stockflow_state::book::BookStore;
 use stockflow_state::lease::{Assignment, LaneGrant};
-use stockflow_state::outbox::{
-    ConnectorDeadLetter, Cursor, Fence, InFlight, OutboxEntry, OutboxPos, OutboxStore, Request,
-};
+use stockflow_state::outbox::{ConnectorDeadLetter, Cursor, Fence, InFlight, OutboxEntry, OutboxPos, Request};
 use stockflow_state::{Effect, StoreError};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::connector::{Connector, Delivered, DeliveryError, request_key};
+
+mod summary;
 use crate::policy::{Backoff, CircuitBreaker, CircuitState, Sleeper, TokenBucket, TokioSleeper};
+pub use summary::retry_dead_postings;
 
 /// The longest a receiver's `Retry-After` pauses a connector.
 pub const MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
@@ -123,8 +125,12 @@ impl Lanes {
         }
     }
 
-    /// True while `shard` is still granted under `fence`.
+    /// True while `shard` is still granted under `fence` (the summary poster's pseudo-lane is
+    /// entitled by its claim in the book, not by a lease).
     fn holds(&self, shard: &str, fence: Option<&Fence>) -> bool {
+        if shard == summary::POSTER {
+            return true;
+        }
         match self {
             Lanes::All => true,
             Lanes::Assigned(rx) => rx.borrow().lanes.get(shard).is_some_and(|g| Some(&g.fence) == fence),
@@ -204,7 +210,7 @@ enum Outcome {
 
 use stockflow_state::now_ms;
 
-impl<S: OutboxStore, C: Connector> Drain<S, C> {
+impl<S: BookStore, C: Connector> Drain<S, C> {
     /// A drain of `connector` over `store`.
     pub fn new(store: Arc<S>, connector: Arc<C>, cfg: DrainConfig) -> Self {
         let policy = connector.policy().clone();
@@ -312,6 +318,14 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
             metrics::counter!(metric, "connector" => self.name()).increment(0);
         }
         self.publish_circuit();
+        // Summary posting: one poster beside the folding lanes.
+        let poster = self.connector.summary().is_some().then(|| {
+            let (me, ctl) = (Arc::clone(&self), ctl.clone());
+            tokio::spawn(async move {
+                let Some(policy) = me.connector.summary() else { return Ok(()) };
+                me.poster(policy, &ctl).await
+            })
+        });
         loop {
             if ctl.stopping() {
                 break;
@@ -412,6 +426,16 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                 }
             }
         }
+        if let Some(poster) = poster {
+            poster.await.map_err(|e| StoreError::Unavailable(format!("journal poster: {e}")))??;
+            // Finishing: every lane folded everything, so post what the closed periods owe.
+            if let Some(policy) = self.connector.summary()
+                && ctl.finishing()
+                && !ctl.stopping()
+            {
+                self.post_closed(policy, &ctl).await?;
+            }
+        }
         Ok(())
     }
 
@@ -449,6 +473,9 @@ impl<S: OutboxStore, C: Connector> Drain<S, C> {
                     return Ok(LaneEnd::Stopped);
                 }
             }
+        }
+        if let Some(summary) = self.connector.summary() {
+            return self.fold_lane(shard, grant, ctl, summary).await;
         }
         let policy = self.connector.policy().clone();
         let mut backoff = Backoff::new(policy.backoff, xxhash_rust::xxh3::xxh3_64(shard.as_bytes()));

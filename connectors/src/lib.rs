@@ -13,6 +13,7 @@
 //! - [`alerts`]: log, live feed and signed webhook alert sinks.
 //! - [`manufacturer`]: reorders and stock-level sync, with a TTL cache ([`cache`]).
 //! - [`accounting`]: balanced journals in the generic, QuickBooks Online and Xero shapes.
+//! - [`journals`]: summary posting — journals per period and currency, their per-SKU detail.
 //! - [`testing`]: local receivers of every shape that inject faults (tests and `stockflow demo`).
 
 pub mod accounting;
@@ -20,6 +21,7 @@ pub mod alerts;
 pub mod cache;
 pub mod connector;
 pub mod drain;
+pub mod journals;
 pub mod manufacturer;
 pub mod policy;
 pub mod testing;

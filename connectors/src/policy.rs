@@ -254,6 +254,77 @@ impl RateLimit {
     /// QuickBooks Online: 500 per minute and 10 per second per realm → burst 2, 8 a second
     /// (≤ 10 in any second, ≤ 482 in any minute).
     pub const QUICKBOOKS: RateLimit = RateLimit { capacity: 2, every: Duration::from_millis(125) };
+    /// QuickBooks Online batch requests: 40 per minute per company → burst 4, then one every
+    /// 1.667 s (≤ 39.99 in any minute).
+    pub const QUICKBOOKS_BATCH: RateLimit = RateLimit { capacity: 4, every: Duration::from_millis(1667) };
+}
+
+/// A vendor's daily request budget (Xero: 5,000 calls per tenant in a rolling day), counted
+/// locally and corrected by the vendor's own count (`X-DayLimit-Remaining`). It is exported as
+/// `stockflow_connector_daily_budget_remaining`; below 10 % it warns, and when spent the drain
+/// waits for the window instead of being refused.
+#[derive(Debug)]
+pub struct DailyBudget {
+    limit: u32,
+    calls: Mutex<std::collections::VecDeque<Instant>>,
+    /// The vendor's last word: (remaining, when).
+    reported: Mutex<Option<(u32, Instant)>>,
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+impl DailyBudget {
+    /// A budget of `limit` requests in any 24 hours.
+    pub fn new(limit: u32) -> Self {
+        DailyBudget { limit, calls: Mutex::new(Default::default()), reported: Mutex::new(None) }
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Requests left now (the smaller of the local count and the vendor's last report, less
+    /// what was sent since).
+    pub fn remaining(&self) -> u32 {
+        let now = Instant::now();
+        let mut calls = self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while calls.front().is_some_and(|t| now.duration_since(*t) >= DAY) {
+            calls.pop_front();
+        }
+        let local = self.limit.saturating_sub(u32::try_from(calls.len()).unwrap_or(u32::MAX));
+        let reported = *self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match reported {
+            Some((r, at)) if now.duration_since(at) < DAY => {
+                let since = calls.iter().filter(|t| **t > at).count();
+                local.min(r.saturating_sub(u32::try_from(since).unwrap_or(u32::MAX)))
+            }
+            _ => local,
+        }
+    }
+
+    /// Takes one request from the budget, or says how long until one is free.
+    pub fn take(&self) -> Result<(), Duration> {
+        if self.remaining() == 0 {
+            let calls = self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let oldest = calls.front().copied().unwrap_or_else(Instant::now);
+            return Err(DAY.saturating_sub(oldest.elapsed()).max(Duration::from_secs(60)));
+        }
+        self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push_back(Instant::now());
+        Ok(())
+    }
+
+    /// Records the vendor's count after an answer, and publishes what is left.
+    pub fn observe(&self, remaining: Option<u32>, connector: &'static str) {
+        if let Some(r) = remaining {
+            *self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((r, Instant::now()));
+        }
+        let left = self.remaining();
+        metrics::gauge!("stockflow_connector_daily_budget_remaining", "connector" => connector).set(f64::from(left));
+        if u64::from(left) * 10 < u64::from(self.limit) {
+            tracing::warn!(connector, left, limit = self.limit, "daily request budget nearly spent");
+        }
+    }
 }
 
 /// The bucket itself, on `tokio::time`, kept as a GCRA "theoretical arrival time" (integer
@@ -335,6 +406,25 @@ fn parse_imf_fixdate(s: &str) -> Option<std::time::SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daily_budget_counts_calls_and_believes_the_vendor() {
+        let b = DailyBudget::new(3);
+        assert_eq!(b.remaining(), 3);
+        b.take().unwrap();
+        b.take().unwrap();
+        assert_eq!(b.remaining(), 1);
+        b.take().unwrap();
+        assert!(b.take().is_err_and(|wait| wait >= Duration::from_secs(60)), "spent: wait for the window");
+        // The vendor's count wins when it is lower (other processes share the tenant).
+        let shared = DailyBudget::new(5_000);
+        shared.observe(Some(2), "xero");
+        assert_eq!(shared.remaining(), 2);
+        shared.take().unwrap();
+        assert_eq!(shared.remaining(), 1);
+        shared.take().unwrap();
+        assert!(shared.take().is_err());
+    }
 
     #[test]
     fn backoff_is_full_jitter_under_a_capped_ceiling() {

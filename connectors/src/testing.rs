@@ -128,6 +128,10 @@ pub struct Log {
     pub reorder_quantities: HashMap<String, u64>,
     /// Effective acceptances (sum of `items`).
     pub accepted: u64,
+    /// Summary journals (`journal:{period}:{currency}:{n}`): account → debit − credit.
+    pub summaries: BTreeMap<String, BTreeMap<String, Decimal>>,
+    /// Requests refused 429 because they broke the vendor's published limit (must stay 0).
+    pub limit_refusals: u64,
     /// Per key: the body's hash and the answer given.
     answers: HashMap<String, (u128, StatusCode, Bytes)>,
 }
@@ -145,6 +149,9 @@ impl Log {
 /// The receivers' shared state.
 #[derive(Debug)]
 pub struct Receivers {
+    /// Sliding one-minute windows per vendor limit, and Xero's calls against its daily budget.
+    limits: Mutex<(HashMap<&'static str, std::collections::VecDeque<std::time::Instant>>, u32)>,
+    xero_day_limit: std::sync::atomic::AtomicU32,
     faults: Mutex<FaultPlan>,
     log: Mutex<Log>,
     accepted: watch::Sender<u64>,
@@ -158,6 +165,8 @@ impl Receivers {
     /// Receivers with a fault plan; alert webhooks must be signed with `webhook_secret` (raw key).
     pub fn new(faults: FaultPlan, webhook_secret: Option<Vec<u8>>) -> Arc<Self> {
         Arc::new(Receivers {
+            limits: Mutex::new((HashMap::new(), 0)),
+            xero_day_limit: std::sync::atomic::AtomicU32::new(5_000),
             faults: Mutex::new(faults),
             log: Mutex::new(Log::default()),
             accepted: watch::channel(0).0,
@@ -169,6 +178,42 @@ impl Receivers {
     /// Replaces the fault plan.
     pub fn set_faults(&self, plan: FaultPlan) {
         *self.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = plan;
+    }
+
+    /// Sets Xero's daily budget (5,000 by default) to test the budget in minutes.
+    pub fn set_xero_day_limit(&self, n: u32) {
+        self.xero_day_limit.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts one call against `limit` calls in any minute (`route` names the limit); false (and
+    /// a refusal logged) when it is over.
+    fn within(&self, route: &'static str, limit: usize) -> bool {
+        let now = std::time::Instant::now();
+        let mut l = self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let w = l.0.entry(route).or_default();
+        while w.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+            w.pop_front();
+        }
+        if w.len() >= limit {
+            drop(l);
+            self.lock().limit_refusals += 1;
+            return false;
+        }
+        w.push_back(now);
+        true
+    }
+
+    /// Counts one Xero call against the day; `None` when the budget is spent, else what is left.
+    fn xero_day(&self) -> Option<u32> {
+        let limit = self.xero_day_limit.load(std::sync::atomic::Ordering::Relaxed);
+        let mut l = self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if l.1 >= limit {
+            drop(l);
+            self.lock().limit_refusals += 1;
+            return None;
+        }
+        l.1 += 1;
+        Some(limit - l.1)
     }
 
     /// A copy of the log.
@@ -302,6 +347,26 @@ fn fault_of(headers: &axum::http::Extensions) -> Option<Fault> {
 
 fn refuse(field: &str, message: &str) -> Response {
     (StatusCode::BAD_REQUEST, axum::Json(json!({"error": message, "field": field}))).into_response()
+}
+
+fn record_summary(log: &mut Log, id: &str, lines: impl Iterator<Item = (String, Decimal)>) {
+    let journal = log.summaries.entry(id.to_string()).or_default();
+    for (account, amount) in lines {
+        *journal.entry(account).or_default() += amount;
+    }
+}
+
+fn qbo_lines(e: &Value) -> Vec<(String, Decimal)> {
+    let lines = e["Line"].as_array().cloned().unwrap_or_default();
+    lines
+        .iter()
+        .filter_map(|l| {
+            let amount: Decimal = l["Amount"].to_string().parse().ok()?;
+            let d = &l["JournalEntryLineDetail"];
+            let account = d["AccountRef"]["value"].as_str()?.to_string();
+            Some((account, if d["PostingType"] == "Credit" { -amount } else { amount }))
+        })
+        .collect()
 }
 
 fn accept_item(log: &mut Log, route: &'static str, id: &str) {
@@ -469,6 +534,13 @@ async fn generic_journals(State(s): State<Shared>, req: axum::extract::Request) 
             }
         }
         for e in &batch.entries {
+            if e.id.starts_with("journal:") {
+                let lines = e
+                    .lines
+                    .iter()
+                    .map(|l| (l.account.clone(), l.debit.unwrap_or_default() - l.credit.unwrap_or_default()));
+                record_summary(log, &e.id, lines);
+            }
             accept_item(log, "generic", &e.id);
             let debit: Decimal = e.lines.iter().filter_map(|l| l.debit).sum();
             *log.journal_totals.entry(("generic", kind_of(&e.id), e.currency.clone())).or_default() += debit;
@@ -522,6 +594,11 @@ async fn qbo(
         return refuse("minorversion", "required");
     }
     let Ok(body) = axum::body::to_bytes(req.into_body(), 10 << 20).await else { return refuse("body", "unreadable") };
+    // Intuit's limits: 500 requests a minute per realm, and 40 batch requests a minute.
+    if !s.within("quickbooks", 500) || (batch && !s.within("quickbooks-batch", 40)) {
+        let throttled = "<IntuitResponse><Fault><Error><Message>message=ThrottleExceeded; errorCode=003001</Message></Error></Fault></IntuitResponse>";
+        return (StatusCode::TOO_MANY_REQUESTS, throttled).into_response();
+    }
     s.keyed(fault, &key, &body, |log| {
         let Ok(v) = serde_json::from_slice::<Value>(&body) else {
             return (StatusCode::BAD_REQUEST, json!({"Fault": {"type": "ValidationFault"}}));
@@ -531,6 +608,9 @@ async fn qbo(
         if !batch {
             return match qbo_entry_ok(&v) {
                 Ok((id, currency, amount)) => {
+                    if id.starts_with("journal:") {
+                        record_summary(log, &id, qbo_lines(&v).into_iter());
+                    }
                     accept_item(log, "quickbooks", &id);
                     *log.journal_totals.entry(("quickbooks", kind_of(&id), currency)).or_default() += amount;
                     *log.accepted_requests.entry("quickbooks").or_default() += 1;
@@ -573,31 +653,50 @@ async fn xero(State(s): State<Shared>, req: axum::extract::Request) -> Response 
         return refuse("Idempotency-Key", "longer than 128 characters");
     }
     let Ok(body) = axum::body::to_bytes(req.into_body(), 10 << 20).await else { return refuse("body", "unreadable") };
-    s.keyed(fault, &key, &body, |log| {
-        let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-            return (StatusCode::BAD_REQUEST, json!({"Type": "ValidationException"}));
-        };
-        let journals = v["ManualJournals"].as_array().cloned().unwrap_or_default();
-        let mut out = Vec::new();
-        for j in &journals {
-            let lines = j["JournalLines"].as_array().cloned().unwrap_or_default();
-            let amounts: Vec<Decimal> = lines.iter().filter_map(|l| l["LineAmount"].to_string().parse().ok()).collect();
-            let sum: Decimal = amounts.iter().sum();
-            let id = id_in(j["Narration"].as_str().unwrap_or_default());
-            if lines.len() < 2 || amounts.len() != lines.len() || !sum.is_zero() || j["Status"] != "POSTED" {
-                out.push(json!({"Narration": j["Narration"], "StatusAttributeString": "ERROR",
+    // Xero's limits: 60 calls a minute and 5,000 a day per tenant, with the count in headers.
+    if !s.within("xero", 60) {
+        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "60"), ("x-rate-limit-problem", "minute")], "")
+            .into_response();
+    }
+    let Some(left) = s.xero_day() else {
+        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "3600"), ("x-rate-limit-problem", "day")], "")
+            .into_response();
+    };
+    let mut answer = s
+        .keyed(fault, &key, &body, |log| {
+            let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+                return (StatusCode::BAD_REQUEST, json!({"Type": "ValidationException"}));
+            };
+            let journals = v["ManualJournals"].as_array().cloned().unwrap_or_default();
+            let mut out = Vec::new();
+            for j in &journals {
+                let lines = j["JournalLines"].as_array().cloned().unwrap_or_default();
+                let amounts: Vec<Decimal> =
+                    lines.iter().filter_map(|l| l["LineAmount"].to_string().parse().ok()).collect();
+                let sum: Decimal = amounts.iter().sum();
+                let id = id_in(j["Narration"].as_str().unwrap_or_default());
+                if lines.len() < 2 || amounts.len() != lines.len() || !sum.is_zero() || j["Status"] != "POSTED" {
+                    out.push(json!({"Narration": j["Narration"], "StatusAttributeString": "ERROR",
                     "ValidationErrors": [{"Message": "The total debits must equal total credits"}]}));
-                continue;
+                    continue;
+                }
+                if id.starts_with("journal:") {
+                    let accounts = lines.iter().map(|l| l["AccountCode"].as_str().unwrap_or_default().to_string());
+                    record_summary(log, &id, accounts.zip(amounts.iter().copied()));
+                }
+                accept_item(log, "xero", &id);
+                let debit: Decimal = amounts.iter().filter(|a| a.is_sign_positive()).sum();
+                *log.journal_totals.entry(("xero", kind_of(&id), "BASE".into())).or_default() += debit;
+                out.push(json!({"Narration": j["Narration"], "StatusAttributeString": "OK", "ManualJournalID": id}));
             }
-            accept_item(log, "xero", &id);
-            let debit: Decimal = amounts.iter().filter(|a| a.is_sign_positive()).sum();
-            *log.journal_totals.entry(("xero", kind_of(&id), "BASE".into())).or_default() += debit;
-            out.push(json!({"Narration": j["Narration"], "StatusAttributeString": "OK", "ManualJournalID": id}));
-        }
-        *log.accepted_requests.entry("xero").or_default() += 1;
-        (StatusCode::OK, json!({"Status": "OK", "ManualJournals": out}))
-    })
-    .await
+            *log.accepted_requests.entry("xero").or_default() += 1;
+            (StatusCode::OK, json!({"Status": "OK", "ManualJournals": out}))
+        })
+        .await;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&left.to_string()) {
+        answer.headers_mut().insert("x-daylimit-remaining", v);
+    }
+    answer
 }
 
 /// Which receiver route a connector's effects land on.
@@ -683,4 +782,90 @@ pub fn check_deliveries(log: &Log, expected: &[stockflow_state::Effect], routes:
     }
     problems.truncate(limit);
     problems
+}
+
+/// What a summary-mode check found.
+#[derive(Debug, Default)]
+pub struct SummaryCheck {
+    /// Disagreements (empty when the books are exact).
+    pub problems: Vec<String>,
+    /// Periods (and currencies) with journals.
+    pub posted_periods: usize,
+    /// Periods with journal effects but no journal yet (not closed).
+    pub open_periods: usize,
+}
+
+/// Checks summary journals against the straight pass's journal effects: every posting sent and
+/// accepted exactly once with the amounts it recorded (COGS debited, clearing credited, inventory
+/// the difference), and per period and currency the postings' totals equal the sum of the
+/// straight pass's journal lines of that period, to the cent. A period without a posting must be
+/// one that is not closed yet (it is counted, not compared).
+pub fn check_summaries(
+    log: &Log,
+    postings: &[crate::journals::Posting],
+    expected: &[stockflow_state::Effect],
+    policy: &crate::journals::SummaryPolicy,
+    accounts: &crate::accounting::Accounts,
+) -> SummaryCheck {
+    use stockflow_state::Effect;
+    use stockflow_state::effects::JournalKind;
+    let mut out = SummaryCheck::default();
+    let mut want: BTreeMap<(String, String), (Decimal, Decimal)> = BTreeMap::new();
+    for e in expected {
+        if let Effect::Journal(j) = e {
+            let t = want.entry((policy.span(j.ts).label, j.currency.as_str().to_string())).or_default();
+            match j.kind {
+                JournalKind::Cogs => t.0 += j.amount,
+                JournalKind::InventoryReceipt => t.1 += j.amount,
+            }
+        }
+    }
+    let mut got: BTreeMap<(String, String), (Decimal, Decimal)> = BTreeMap::new();
+    for p in postings {
+        let t = got.entry((p.period.clone(), p.currency.clone())).or_default();
+        t.0 += p.cogs;
+        t.1 += p.received;
+        let id = p.journal_id();
+        match p.state {
+            crate::journals::PostingState::Sent => {
+                let Some(lines) = log.summaries.get(&id) else {
+                    out.problems.push(format!("{id}: sent but not accepted by the receiver"));
+                    continue;
+                };
+                let at = |a: &String| lines.get(a).copied().unwrap_or_default();
+                if at(&accounts.cogs) != p.cogs || -at(&accounts.clearing) != p.received {
+                    out.problems.push(format!(
+                        "{id}: the receiver booked COGS {} / received {}, the posting says {} / {}",
+                        at(&accounts.cogs),
+                        -at(&accounts.clearing),
+                        p.cogs,
+                        p.received
+                    ));
+                }
+                if at(&accounts.inventory) != p.received - p.cogs {
+                    out.problems.push(format!("{id}: inventory moved by {}", at(&accounts.inventory)));
+                }
+            }
+            crate::journals::PostingState::Empty => {}
+            ref s => out.problems.push(format!("{id}: {s:?} ({:?})", p.error)),
+        }
+    }
+    for (id, n) in log.duplicates() {
+        out.problems.push(format!("{id} accepted under {n} keys"));
+    }
+    for (k, w) in &want {
+        match got.get(k) {
+            Some(g) if g == w => out.posted_periods += 1,
+            Some(g) => out.problems.push(format!(
+                "period {} {}: journals book COGS {} / received {}, the straight pass {} / {}",
+                k.0, k.1, g.0, g.1, w.0, w.1
+            )),
+            None => out.open_periods += 1,
+        }
+    }
+    for k in got.keys().filter(|k| !want.contains_key(*k)) {
+        out.problems.push(format!("period {} {}: journals without journal lines", k.0, k.1));
+    }
+    out.problems.truncate(20);
+    out
 }

@@ -72,7 +72,7 @@ pub struct ReorderRequest {
 }
 
 /// What a journal line books.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JournalKind {
     /// Cost of goods sold on shipment: `q × avg_cost`.

@@ -187,6 +187,6 @@ pub fn connectors_config(base: &str, shape: &str, key: &[u8], poll_ms: u64) -> S
          breaker_max_open_ms = 200\npoll_ms = {poll_ms}\n\
          [connectors.alerts_webhook]\nurl = \"{base}/alerts\"\nsecret = {{ value = \"whsec_{secret}\" }}\n\
          [connectors.manufacturer]\nurl = \"{base}/manufacturer\"\nstock_sync_interval_s = 1\n\
-         [connectors.accounting]\nshape = \"{shape}\"\n{accounting}"
+         [connectors.accounting]\nshape = \"{shape}\"\nposting = \"per_effect\"\n{accounting}"
     )
 }
