@@ -74,6 +74,10 @@ pub struct DemoArgs {
     /// Exit right after verifying (the default when stdout is not a terminal).
     #[arg(long)]
     no_hold: bool,
+    /// Book one journal per shipment and receipt (`posting = "per_effect"`) instead of hourly
+    /// summaries, to compare the two.
+    #[arg(long)]
+    per_effect: bool,
 }
 
 /// Runs the demo; exit code 1 when the stored state differs from the straight pass.
@@ -153,7 +157,7 @@ pub async fn run(
         Some(DEMO_WEBHOOK_KEY.to_vec()),
     );
     let (base, _) = receivers.start(receivers_stop).await.context("starting the local receivers")?;
-    let (connectors, routes) = demo_connectors(&base).await?;
+    let (connectors, routes) = demo_connectors(&base, args.per_effect).await?;
     println!("connectors: {} (local receivers on {base}, {}% faults)", connectors.names().join(", "), args.faults);
     let (finish_tx, finish_rx) = tokio::sync::watch::channel(false);
     let drains = connectors.spawn(Arc::clone(&backend.store), DrainControl::new(shutdown_signal(), finish_rx));
@@ -301,12 +305,21 @@ pub async fn run(
         postings.len(),
         route("generic")
     );
+    if args.per_effect {
+        println!(
+            "per-effect posting: {} journals in {} API calls",
+            log.order.get("generic").map_or(0, Vec::len),
+            route("generic")
+        );
+    }
     crate::journals::print_postings(&mut std::io::stdout().lock(), &postings)?;
     println!(
         "{} periods booked equal to the straight pass to the cent; {} not closed yet (their events are the last hour's, within the lateness)",
         books.posted_periods, books.open_periods
     );
-    delivery_problems.extend(books.problems);
+    if !args.per_effect {
+        delivery_problems.extend(books.problems);
+    }
     let oversells = actual.alerts.iter().filter(|a| a.id().starts_with("oversell:")).count();
     println!(
         "alerts: {} ({} oversell, {} low stock); dead letters: {}",
@@ -386,7 +399,7 @@ async fn dashboard_freshness(dashboard: &crate::dashboard::Dashboard, skus: usiz
 const DEMO_WEBHOOK_KEY: &[u8] = b"stockflow-demo-signing-key-32byt";
 
 /// Every connector pointed at the local receivers, and the receiver routes to check.
-async fn demo_connectors(base: &str) -> anyhow::Result<(crate::connectors::Connectors, Routes)> {
+async fn demo_connectors(base: &str, per_effect: bool) -> anyhow::Result<(crate::connectors::Connectors, Routes)> {
     use base64::Engine as _;
     // The demo's stream is synthetic: it always goes to the local receivers, never to an
     // endpoint configured for real use.
@@ -409,8 +422,11 @@ async fn demo_connectors(base: &str) -> anyhow::Result<(crate::connectors::Conne
     c.delivery.breaker_open_ms = 200;
     c.delivery.breaker_max_open_ms = 2000;
     c.delivery.max_attempts = 1_000;
-    // Journals are summaries: checked per period by `check_summaries`, not per effect.
-    let routes = Routes { alerts: true, reorders: true, accounting: None };
+    // Summaries are checked per period by `check_summaries`; per-effect journals one by one.
+    if per_effect {
+        c.accounting.posting = "per_effect".into();
+    }
+    let routes = Routes { alerts: true, reorders: true, accounting: per_effect.then_some("generic") };
     Ok((
         crate::connectors::Connectors::build(
             &c,
