@@ -62,6 +62,9 @@ pub enum Command {
     Verify(crate::commands::VerifyArgs),
     /// The connectors' delivery: status, dead letters, and `retry` to re-send dead letters.
     Outbox(crate::commands::OutboxArgs),
+    /// `accounts check`: read the accounting connector's configured accounts back from
+    /// QuickBooks or Xero and say which are missing, inactive or of the wrong type.
+    Accounts(crate::accounts::AccountsArgs),
     /// The accounting connector's summary journals: `list` them per period, `show` the per-SKU
     /// detail behind a period as CSV or JSON, `retry` refused ones.
     Journals(crate::journals::JournalsArgs),

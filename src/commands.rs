@@ -422,6 +422,7 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
             with_store!(settings, store_args, |store| outbox(args, &settings, &store).await)
         }
         Command::Group(args) => group(args, settings).await,
+        Command::Accounts(args) => crate::accounts::run(args, &settings).await,
         Command::Journals(args) => {
             let store_args = args.store.clone();
             with_store!(settings, store_args, |store| crate::journals::run(args, &store).await)

@@ -266,7 +266,7 @@ pub async fn run(
     let route = |r: &str| log.accepted_requests.get(r).copied().unwrap_or(0);
     println!(
         "receivers accepted: {} alerts ({} webhook calls, signatures verified); {} reorders ({} catalogue lookups); \
-         {} summary journals; {} SKU stock levels{}",
+         {} journals; {} SKU stock levels{}",
         log.order.get("alerts").map_or(0, Vec::len),
         route("alerts"),
         log.order.get("reorders").map_or(0, Vec::len),
@@ -348,7 +348,7 @@ pub async fn run(
         }
     } else {
         println!(
-            "delivery verified: every alert and reorder accepted exactly once, per-SKU order kept; every summary journal once, its period's totals equal the straight pass"
+            "delivery verified: every alert, reorder (and per-effect journal) accepted exactly once, per-SKU order kept; every summary journal once, its period's totals equal the straight pass"
         );
     }
     let ok = diff.is_empty() && delivery_problems.is_empty();

@@ -19,6 +19,7 @@
 //! - [`server`]: background HTTP servers and the shutdown wait.
 //! - [`telemetry`]: logging and the Prometheus recorder.
 
+pub mod accounts;
 pub mod cli;
 pub mod commands;
 pub mod config;

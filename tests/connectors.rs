@@ -236,3 +236,40 @@ async fn summary_journals_are_exactly_once_through_kill_9_and_a_late_receipt_is_
     assert_eq!(cogs, day.iter().map(|p| p.cogs).sum::<rust_decimal::Decimal>());
     assert_eq!(received, day.iter().map(|p| p.received).sum::<rust_decimal::Decimal>());
 }
+
+/// `stockflow accounts check` reads the configured accounts back from the vendor: QuickBooks by
+/// Id (account numbers are not Ids), Xero by code (an INVENTORY-type or system account cannot
+/// take manual journals); exit 1 names what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_check_names_missing_and_wrongly_typed_accounts() {
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let receivers = Receivers::new(FaultPlan::none(), Some(KEY.to_vec()));
+    let (base, _) = receivers.start(stop_rx).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let check = |shape: &str, accounts: [&str; 3]| {
+        let cfg = format!(
+            "{}cogs_account = \"{}\"\ninventory_account = \"{}\"\nclearing_account = \"{}\"\n",
+            config(&base, shape),
+            accounts[0],
+            accounts[1],
+            accounts[2]
+        );
+        std::fs::write(dir.path().join("stockflow.toml"), cfg).unwrap();
+        let out = stockflow(dir.path(), &["accounts", "check"]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (code, text) = check("quickbooks", ["80", "81", "82"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("cogs       80         Cost of Goods Sold") && text.matches(" ok").count() == 3, "{text}");
+    // Account numbers where Ids belong, and an inactive account.
+    let (code, text) = check("quickbooks", ["5000", "90", "82"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no account with Id \"5000\" in the books"), "{text}");
+    assert!(text.contains("inactive"), "{text}");
+    let (code, text) = check("xero", ["500", "631", "820"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = check("xero", ["500", "630", "800"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("type \"INVENTORY\" is not one journals use for inventory (expected CURRENT)"), "{text}");
+    assert!(text.contains("system account CREDITORS"), "{text}");
+}

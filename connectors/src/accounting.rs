@@ -11,6 +11,7 @@
 //! even (the engine rounds it); every entry is checked — amounts within the minor unit, none
 //! negative, debits = credits — before anything is sent.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use hyper::Method;
@@ -148,6 +149,45 @@ pub struct Accounts {
     pub inventory: String,
     /// Received-not-invoiced clearing account (credited on receipt; the bill clears it).
     pub clearing: String,
+}
+
+/// What `stockflow accounts check` found for one configured account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccountCheck {
+    /// `cogs`, `inventory` or `clearing`.
+    pub role: &'static str,
+    /// The configured Id (QuickBooks) or code (Xero).
+    pub account: String,
+    /// Its name and type in the books, when found.
+    pub found: Option<(String, String)>,
+    /// What is wrong (`None`: fine).
+    pub problem: Option<String>,
+}
+
+/// The account types each role may have: QuickBooks `AccountType`s, Xero `Type`s.
+fn allowed_types(shape: &Shape, role: &str) -> &'static [&'static str] {
+    match (shape, role) {
+        (Shape::QuickBooks { .. }, "cogs") => &["Cost of Goods Sold"],
+        (Shape::QuickBooks { .. }, "inventory") => &["Other Current Asset"],
+        (Shape::QuickBooks { .. }, _) => &["Other Current Liability"],
+        (_, "cogs") => &["DIRECTCOSTS", "EXPENSE"],
+        // Manual journals cannot post to INVENTORY-type accounts in Xero.
+        (_, "inventory") => &["CURRENT"],
+        (_, _) => &["CURRLIAB", "LIABILITY"],
+    }
+}
+
+/// Percent-encodes a query parameter value.
+fn encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() * 3);
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A debit or a credit.
@@ -421,6 +461,104 @@ impl Accounting {
     pub fn with_summary(mut self, summary: SummaryPolicy) -> Self {
         self.summary = Some(summary);
         self
+    }
+
+    /// Reads the configured accounts back from the vendor (QuickBooks: a query of `Account` by
+    /// Id; Xero: `GET Accounts`) and says, per role, whether each exists, is active and has a
+    /// type journals may post to. The generic shape has no account API: `Rejected`.
+    pub async fn check_accounts(&self) -> Result<Vec<AccountCheck>, DeliveryError> {
+        let roles = [
+            ("cogs", &self.accounts.cogs),
+            ("inventory", &self.accounts.inventory),
+            ("clearing", &self.accounts.clearing),
+        ];
+        let mut headers = vec![("accept", "application/json".to_string())];
+        if !self.token.is_empty() {
+            headers.push(("authorization", format!("Bearer {}", self.token.expose())));
+        }
+        // key → (name, type, usable, why not)
+        let mut chart: HashMap<String, (String, String, Option<String>)> = HashMap::new();
+        match &self.shape {
+            Shape::Generic { .. } => {
+                return Err(DeliveryError::Rejected("the generic shape has no account API to check".into()));
+            }
+            Shape::QuickBooks { base, realm_id, minor_version, .. } => {
+                let ids: Vec<String> = roles.iter().map(|(_, a)| format!("'{}'", a.replace('\'', ""))).collect();
+                let query =
+                    format!("select Id, Name, AccountType, Active from Account where Id in ({})", ids.join(", "));
+                let url = format!(
+                    "{}/v3/company/{realm_id}/query?query={}&minorversion={minor_version}",
+                    base.trim_end_matches('/'),
+                    encode(&query)
+                );
+                let resp = classify(
+                    self.http.send(Method::GET, &url, &headers, Bytes::new()).await?,
+                    Duration::from_secs(60),
+                )?;
+                let v: serde_json::Value = serde_json::from_slice(&resp.body)
+                    .map_err(|e| DeliveryError::Rejected(format!("QuickBooks answered no JSON: {e}")))?;
+                for a in v["QueryResponse"]["Account"].as_array().into_iter().flatten() {
+                    let inactive = (a["Active"] == serde_json::Value::Bool(false)).then(|| "inactive".to_string());
+                    chart.insert(
+                        a["Id"].as_str().unwrap_or_default().to_string(),
+                        (
+                            a["Name"].as_str().unwrap_or_default().into(),
+                            a["AccountType"].as_str().unwrap_or_default().into(),
+                            inactive,
+                        ),
+                    );
+                }
+            }
+            Shape::Xero { base, tenant_id, .. } => {
+                headers.push(("xero-tenant-id", tenant_id.clone()));
+                let url = format!("{}/api.xro/2.0/Accounts", base.trim_end_matches('/'));
+                let resp = classify(
+                    self.http.send(Method::GET, &url, &headers, Bytes::new()).await?,
+                    Duration::from_secs(60),
+                )?;
+                let v: serde_json::Value = serde_json::from_slice(&resp.body)
+                    .map_err(|e| DeliveryError::Rejected(format!("Xero answered no JSON: {e}")))?;
+                for a in v["Accounts"].as_array().into_iter().flatten() {
+                    let why = if a["Status"].as_str().is_some_and(|s| s != "ACTIVE") {
+                        Some(format!("status {}", a["Status"].as_str().unwrap_or_default()))
+                    } else {
+                        a["SystemAccount"]
+                            .as_str()
+                            .filter(|s| !s.is_empty())
+                            .map(|s| format!("system account {s}: manual journals cannot post to it"))
+                    };
+                    chart.insert(
+                        a["Code"].as_str().unwrap_or_default().to_string(),
+                        (
+                            a["Name"].as_str().unwrap_or_default().into(),
+                            a["Type"].as_str().unwrap_or_default().into(),
+                            why,
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(roles
+            .iter()
+            .map(|(role, account)| {
+                let what = if matches!(self.shape, Shape::QuickBooks { .. }) { "Id" } else { "code" };
+                let Some((name, kind, why)) = chart.get(*account) else {
+                    return AccountCheck {
+                        role,
+                        account: (*account).clone(),
+                        found: None,
+                        problem: Some(format!("no account with {what} {account:?} in the books")),
+                    };
+                };
+                let allowed = allowed_types(&self.shape, role);
+                let problem = why.clone().or_else(|| {
+                    (!allowed.contains(&kind.as_str())).then(|| {
+                        format!("type {kind:?} is not one journals use for {role} (expected {})", allowed.join(" or "))
+                    })
+                });
+                AccountCheck { role, account: (*account).clone(), found: Some((name.clone(), kind.clone())), problem }
+            })
+            .collect())
     }
 
     /// The daily request budget, for targets that have one (Xero).

@@ -385,8 +385,9 @@ fn router(state: Shared) -> Router {
         .route("/manufacturer/v1/reorders", post(reorders))
         .route("/manufacturer/v1/stock-levels", post(stock_levels))
         .route("/generic/v1/journals", post(generic_journals))
-        .route("/qbo/v3/company/{realm}/{op}", post(qbo))
+        .route("/qbo/v3/company/{realm}/{op}", post(qbo).get(qbo_query))
         .route("/xero/api.xro/2.0/ManualJournals", put(xero))
+        .route("/xero/api.xro/2.0/Accounts", get(xero_accounts))
         .with_state(state)
 }
 
@@ -639,6 +640,49 @@ async fn qbo(
         (StatusCode::OK, json!({"BatchItemResponse": out}))
     })
     .await
+}
+
+/// The receivers' QuickBooks chart of accounts: Id, name, type, active.
+const QBO_ACCOUNTS: [(&str, &str, &str, bool); 5] = [
+    ("80", "Cost of Goods Sold", "Cost of Goods Sold", true),
+    ("81", "Inventory Asset", "Other Current Asset", true),
+    ("82", "Inventory Received Not Billed", "Other Current Liability", true),
+    ("35", "Checking", "Bank", true),
+    ("90", "Old Inventory", "Other Current Asset", false),
+];
+
+/// `GET …/query?query=select … from Account where Id in ('80', …)`: the accounts asked for.
+async fn qbo_query(Path((_realm, op)): Path<(String, String)>, Query(q): Query<HashMap<String, String>>) -> Response {
+    if op != "query" {
+        return (StatusCode::NOT_FOUND, "no such entity").into_response();
+    }
+    let Some(query) = q.get("query") else { return refuse("query", "required") };
+    if !query.contains("from Account") {
+        return refuse("query", "this receiver answers account queries only");
+    }
+    let ids: Vec<&str> = query.split('\'').skip(1).step_by(2).collect();
+    let accounts: Vec<Value> = QBO_ACCOUNTS
+        .iter()
+        .filter(|(id, ..)| ids.contains(id))
+        .map(|(id, name, kind, active)| json!({"Id": id, "Name": name, "AccountType": kind, "Active": active}))
+        .collect();
+    axum::Json(json!({"QueryResponse": {"Account": accounts, "startPosition": 1, "maxResults": accounts.len()}}))
+        .into_response()
+}
+
+/// `GET Accounts`: the receivers' Xero chart of accounts.
+async fn xero_accounts(headers: HeaderMap) -> Response {
+    if header(&headers, "xero-tenant-id").is_none_or(str::is_empty) {
+        return refuse("xero-tenant-id", "required");
+    }
+    axum::Json(json!({"Accounts": [
+        {"Code": "500", "Name": "Cost of Goods Sold", "Type": "DIRECTCOSTS", "Status": "ACTIVE"},
+        {"Code": "630", "Name": "Inventory", "Type": "INVENTORY", "Status": "ACTIVE"},
+        {"Code": "631", "Name": "Inventory (journals)", "Type": "CURRENT", "Status": "ACTIVE"},
+        {"Code": "820", "Name": "Received not invoiced", "Type": "CURRLIAB", "Status": "ACTIVE"},
+        {"Code": "800", "Name": "Accounts Payable", "Type": "CURRLIAB", "Status": "ACTIVE", "SystemAccount": "CREDITORS"}
+    ]}))
+    .into_response()
 }
 
 async fn xero(State(s): State<Shared>, req: axum::extract::Request) -> Response {

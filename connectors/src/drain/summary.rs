@@ -288,8 +288,21 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
 
     /// Posts until nothing closed is owed (the end of a finishing drain).
     pub(super) async fn post_closed(&self, policy: &SummaryPolicy, ctl: &DrainControl) -> Result<(), StoreError> {
-        let me = format!("final-{}", std::process::id());
-        while self.claim_poster(&me).await? && self.post_round(policy, ctl).await? {}
+        let me = format!("final-{}-{:x}", std::process::id(), xxhash_rust::xxh3::xxh3_64(self.name().as_bytes()));
+        // Another member may hold the claim for a while (its own last round): wait for it, at
+        // most a claim's lifetime, so the last member to finish posts what every fold closed.
+        let deadline = Instant::now() + Duration::from_millis(CLAIM_MS as u64 + 2_000);
+        loop {
+            if self.claim_poster(&me).await? {
+                while self.post_round(policy, ctl).await? {
+                    self.claim_poster(&me).await?;
+                }
+                break;
+            }
+            if Instant::now() >= deadline || !self.wait(self.cfg.rescan, ctl).await {
+                break;
+            }
+        }
         self.release_poster(&me).await;
         Ok(())
     }
@@ -460,9 +473,18 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
         Ok(true)
     }
 
+    /// Records a posting's new state unless another poster changed it meanwhile (a claim that
+    /// moved while this one was sending): then that poster's record stands, and the same request
+    /// under the same key was answered from the key.
     async fn swap_posting(&self, posting: &Posting, old: String) -> Result<(), StoreError> {
         let w = BookWrite::swap(posting.key(), old, Some(to_json(posting)?));
-        self.store.book_write(self.name(), &[w], None, None).await
+        match self.store.book_write(self.name(), &[w], None, None).await {
+            Err(StoreError::Conflict { key }) => {
+                tracing::debug!(connector = self.name(), key, "posting updated by another poster");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     fn record_dead_posting(&self, posting: &Posting) {
