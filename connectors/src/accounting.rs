@@ -463,6 +463,18 @@ impl Accounting {
         self
     }
 
+    /// `GET url` and its JSON answer.
+    async fn get_json(
+        &self,
+        url: &str,
+        headers: &[(&str, String)],
+        vendor: &str,
+    ) -> Result<serde_json::Value, DeliveryError> {
+        let resp = classify(self.http.send(Method::GET, url, headers, Bytes::new()).await?, Duration::from_secs(60))?;
+        serde_json::from_slice(&resp.body)
+            .map_err(|e| DeliveryError::Rejected(format!("{vendor} answered no JSON: {e}")))
+    }
+
     /// Reads the configured accounts back from the vendor (QuickBooks: a query of `Account` by
     /// Id; Xero: `GET Accounts`) and says, per role, whether each exists, is active and has a
     /// type journals may post to. The generic shape has no account API: `Rejected`.
@@ -491,12 +503,7 @@ impl Accounting {
                     base.trim_end_matches('/'),
                     encode(&query)
                 );
-                let resp = classify(
-                    self.http.send(Method::GET, &url, &headers, Bytes::new()).await?,
-                    Duration::from_secs(60),
-                )?;
-                let v: serde_json::Value = serde_json::from_slice(&resp.body)
-                    .map_err(|e| DeliveryError::Rejected(format!("QuickBooks answered no JSON: {e}")))?;
+                let v = self.get_json(&url, &headers, "QuickBooks").await?;
                 for a in v["QueryResponse"]["Account"].as_array().into_iter().flatten() {
                     let inactive = (a["Active"] == serde_json::Value::Bool(false)).then(|| "inactive".to_string());
                     chart.insert(
@@ -512,12 +519,7 @@ impl Accounting {
             Shape::Xero { base, tenant_id, .. } => {
                 headers.push(("xero-tenant-id", tenant_id.clone()));
                 let url = format!("{}/api.xro/2.0/Accounts", base.trim_end_matches('/'));
-                let resp = classify(
-                    self.http.send(Method::GET, &url, &headers, Bytes::new()).await?,
-                    Duration::from_secs(60),
-                )?;
-                let v: serde_json::Value = serde_json::from_slice(&resp.body)
-                    .map_err(|e| DeliveryError::Rejected(format!("Xero answered no JSON: {e}")))?;
+                let v = self.get_json(&url, &headers, "Xero").await?;
                 for a in v["Accounts"].as_array().into_iter().flatten() {
                     let why = if a["Status"].as_str().is_some_and(|s| s != "ACTIVE") {
                         Some(format!("status {}", a["Status"].as_str().unwrap_or_default()))

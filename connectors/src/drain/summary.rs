@@ -100,9 +100,9 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
                 continue;
             };
             if exhausted && !finishing && !ended && !entries.is_empty() {
-                let since = *pending_since.get_or_insert_with(Instant::now);
-                if since.elapsed() < FOLD_LINGER {
-                    let wait = (FOLD_LINGER - since.elapsed()).min(self.cfg.idle_poll.max(Duration::from_millis(200)));
+                let waited = pending_since.get_or_insert_with(Instant::now).elapsed();
+                if waited < FOLD_LINGER {
+                    let wait = (FOLD_LINGER - waited).min(self.cfg.idle_poll.max(Duration::from_millis(200)));
                     if !self.wait_lane(wait, ctl, shard, fence).await {
                         return Ok(LaneEnd::Stopped);
                     }
