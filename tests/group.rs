@@ -62,18 +62,8 @@ impl Line {
 
 /// Seconds since the epoch of a `2026-11-26T04:30:01.123456Z` timestamp.
 fn parse_ts(s: &str) -> Option<f64> {
-    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    // Days from civil (Howard Hinnant).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let mut t = time.split(':');
-    let (h, mi, sec) = (t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?);
-    Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + sec)
+    let t: jiff::Timestamp = s.parse().ok()?;
+    Some(t.as_nanosecond() as f64 / 1e9)
 }
 
 fn now_epoch() -> f64 {

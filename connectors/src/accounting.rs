@@ -271,18 +271,11 @@ pub fn check_balanced(e: &Entry) -> Result<(), String> {
 
 /// `YYYY-MM-DD` (UTC) of Unix milliseconds.
 pub fn date_of(ts_ms: i64) -> String {
-    let days = ts_ms.div_euclid(86_400_000);
-    // Civil date from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    match jiff::Timestamp::from_millisecond(ts_ms) {
+        Ok(t) => t.to_zoned(jiff::tz::TimeZone::UTC).date().to_string(),
+        // Event times are bounded to 2000–2099 (docs/semantics.md); jiff covers years -9999..=9999.
+        Err(_) => "0000-01-01".to_string(),
+    }
 }
 
 /// An exact JSON number.

@@ -50,51 +50,7 @@ impl Default for DeliveryPolicy {
     }
 }
 
-/// Capped exponential backoff: attempt `n` waits a uniform random time in `[0, min(cap, base·2ⁿ)]`
-/// ("full jitter"), so clients that failed together do not retry together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackoffConfig {
-    /// First ceiling.
-    pub base: Duration,
-    /// Largest ceiling.
-    pub cap: Duration,
-}
-
-impl Default for BackoffConfig {
-    fn default() -> Self {
-        BackoffConfig { base: Duration::from_millis(200), cap: Duration::from_secs(60) }
-    }
-}
-
-/// A seeded backoff sequence (xorshift: deterministic in tests, different per lane).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    cfg: BackoffConfig,
-    state: u64,
-}
-
-impl Backoff {
-    /// A sequence with `seed` (any value; 0 is remapped).
-    pub fn new(cfg: BackoffConfig, seed: u64) -> Self {
-        Backoff { cfg, state: seed | 1 }
-    }
-
-    /// The ceiling of attempt `attempt` (0-based): `min(cap, base·2^attempt)`.
-    pub fn ceiling(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        self.cfg.base.saturating_mul(factor).min(self.cfg.cap)
-    }
-
-    /// The wait before retry `attempt`: uniform in `[0, ceiling]`.
-    pub fn delay(&mut self, attempt: u32) -> Duration {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        let ceiling = self.ceiling(attempt);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(if nanos == 0 { 0 } else { self.state % (nanos + 1) })
-    }
-}
+pub use stockflow_state::retry::{Backoff, BackoffConfig};
 
 /// Sleeps. The drain waits through this, so tests can record (or skip) every wait.
 pub trait Sleeper: Send + Sync + std::fmt::Debug + 'static {
@@ -365,42 +321,16 @@ impl TokenBucket {
     }
 }
 
-/// Parses `Retry-After`: delta-seconds, or an HTTP-date (RFC 9110 IMF-fixdate) relative to `now`.
+/// Parses `Retry-After` (RFC 9110 §10.2.3): delta-seconds, or an HTTP-date in any of its three forms,
+/// relative to `now`.
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let at = parse_imf_fixdate(value)?;
+    // An HTTP-date in any of RFC 9110's three forms (IMF-fixdate, RFC 850, asctime).
+    let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
-/// `Sun, 06 Nov 1994 08:49:37 GMT`.
-fn parse_imf_fixdate(s: &str) -> Option<std::time::SystemTime> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, month, year, time, "GMT"] = parts.as_slice() else { return None };
-    let day: u32 = day.parse().ok()?;
-    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        .iter()
-        .position(|m| m == month)? as u32
-        + 1;
-    let year: i64 = year.parse().ok()?;
-    let hms: Vec<u64> = time.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
-    let [h, m, sec] = hms.as_slice() else { return None };
-    if !(1..=31).contains(&day) || *h > 23 || *m > 59 || *sec > 60 {
-        return None;
-    }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = i64::from((month + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + (*h * 3600 + *m * 60 + *sec) as i64;
-    let secs = u64::try_from(secs).ok()?;
-    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 #[cfg(test)]
@@ -427,29 +357,6 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_full_jitter_under_a_capped_ceiling() {
-        let cfg = BackoffConfig { base: Duration::from_millis(100), cap: Duration::from_secs(2) };
-        let mut b = Backoff::new(cfg, 7);
-        assert_eq!(b.ceiling(0), Duration::from_millis(100));
-        assert_eq!(b.ceiling(3), Duration::from_millis(800));
-        assert_eq!(b.ceiling(10), Duration::from_secs(2));
-        assert_eq!(b.ceiling(40), Duration::from_secs(2));
-        let delays: Vec<Duration> = (0..200).map(|_| b.delay(10)).collect();
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
-        // Full jitter spreads over the whole range, not around the ceiling.
-        assert!(delays.iter().any(|d| *d < Duration::from_millis(500)));
-        assert!(delays.iter().any(|d| *d > Duration::from_millis(1500)));
-        // Seeded: the same seed gives the same sequence, another seed another.
-        let again: Vec<Duration> = {
-            let mut b = Backoff::new(cfg, 7);
-            (0..200).map(|_| b.delay(10)).collect()
-        };
-        assert_eq!(delays, again);
-        let mut other = Backoff::new(cfg, 8);
-        assert_ne!(delays[..5], (0..5).map(|_| other.delay(10)).collect::<Vec<_>>()[..]);
-    }
-
-    #[test]
     fn retry_after_takes_seconds_and_http_dates() {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
@@ -458,6 +365,9 @@ mod tests {
         assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now), Some(Duration::ZERO));
         let epoch = std::time::UNIX_EPOCH;
         assert_eq!(parse_retry_after("Thu, 29 Feb 2024 00:00:00 GMT", epoch), Some(Duration::from_secs(1_709_164_800)));
+        // The two obsolete forms a recipient must still accept (RFC 9110 §5.6.7).
+        assert_eq!(parse_retry_after("Sunday, 06-Nov-94 08:50:37 GMT", now), Some(Duration::from_secs(60)));
+        assert_eq!(parse_retry_after("Sun Nov  6 08:50:37 1994", now), Some(Duration::from_secs(60)));
         for bad in ["", "soon", "-3", "Sun, 06 Nov 1994 25:00:00 GMT", "Sun, 06 Foo 1994 08:49:37 GMT"] {
             assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
         }

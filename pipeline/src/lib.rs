@@ -19,7 +19,6 @@ pub mod group;
 pub mod kinesis;
 pub mod log;
 pub mod metrics;
-pub mod retry;
 pub mod source;
 pub mod worker;
 

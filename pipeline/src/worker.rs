@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::metrics::{self, BatchCounts};
-use crate::retry::Backoff;
 use crate::source::{ReadStatus, RecordBatch, ShardInfo, ShardReader, StreamError, StreamSource};
 use stockflow_state::engine::ShardSnapshot;
 use stockflow_state::lease::HashRange;
+use stockflow_state::retry::{Backoff, BackoffConfig};
 
 /// Commit cadence and read sizes, validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,7 +415,8 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             after_interrupted,
             lag_ms: self.reader.lag().millis,
         });
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5), self.cfg.commit_attempts);
+        let mut backoff = Backoff::from_clock(BackoffConfig::new(Duration::from_millis(50), Duration::from_secs(5)))
+            .limited(self.cfg.commit_attempts);
         loop {
             let started = Instant::now();
             match self.store.commit(Arc::clone(&commit)).await {

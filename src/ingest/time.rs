@@ -1,5 +1,8 @@
-//! RFC 3339 / ISO 8601 timestamps (`2026-11-27T08:15:02.284Z`, `…+01:00`) to Unix epoch
-//! milliseconds, without a calendar crate: the senders' timestamps are all of this one form.
+//! RFC 3339 timestamps (`2026-11-27T08:15:02.284Z`, `…+01:00`) to Unix epoch milliseconds.
+//!
+//! The form is checked here, strictly (RFC 3339's profile of ISO 8601: seconds required, the offset
+//! `Z` or `±HH:MM`, any number of fraction digits); the calendar — month lengths, leap years, days to
+//! the epoch — is `jiff`'s, the workspace's one date-and-time crate.
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` (a space for `T` and a lower-case `z` too)
 /// into Unix epoch milliseconds; `None` for anything else, including out-of-range fields.
@@ -17,9 +20,6 @@ pub fn parse_millis(s: &str) -> Option<i64> {
     };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-        return None;
-    }
     if hour > 23 || minute > 59 || second > 60 {
         return None;
     }
@@ -57,33 +57,20 @@ pub fn parse_millis(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let days = days_from_civil(year, month, day);
-    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second.min(59) - offset_minutes * 60;
-    Some(seconds * 1_000 + millis)
-}
-
-fn is_leap(y: i64) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
-}
-
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        2 if is_leap(y) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let civil = jiff::civil::DateTime::new(
+        i16::try_from(year).ok()?,
+        i8::try_from(month).ok()?,
+        i8::try_from(day).ok()?,
+        i8::try_from(hour).ok()?,
+        i8::try_from(minute).ok()?,
+        // A leap second counts as the last second of its minute.
+        i8::try_from(second.min(59)).ok()?,
+        0,
+    )
+    .ok()?;
+    let offset = jiff::tz::Offset::from_seconds(i32::try_from(offset_minutes * 60).ok()?).ok()?;
+    let at = offset.to_timestamp(civil).ok()?;
+    Some(at.as_millisecond() + millis)
 }
 
 #[cfg(test)]

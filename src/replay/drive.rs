@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use stockflow_pipeline::batcher::Batching;
 use stockflow_pipeline::{OutRecord, StreamProducer};
+use stockflow_state::retry::{Backoff, BackoffConfig};
 use tokio::time::Instant;
 
 use super::{Pace, Workload};
@@ -595,7 +596,7 @@ async fn lane(
     let mut hist = histogram();
     let mut pos = 0;
     let mut single_until = 0;
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = Backoff::new(BackoffConfig::new(Duration::from_millis(20), Duration::from_secs(2)), k as u64);
     let mut failing_since: Option<Instant> = None;
     let result = loop {
         let Some(&first) = mine.get(pos) else { break Ok(()) };
@@ -628,7 +629,7 @@ async fn lane(
                 shared.requests.fetch_add(1, Relaxed);
                 shared.last_answer_us.fetch_max(done, Relaxed);
                 pos = end;
-                backoff = Duration::from_millis(20);
+                backoff.reset();
                 failing_since = None;
             }
             Sent::Rejected(Some(i), reason) => {
@@ -650,9 +651,9 @@ async fn lane(
                 if since.elapsed() > give_up {
                     break Err(anyhow::anyhow!("the target kept failing for {give_up:?}: {reason}"));
                 }
-                tracing::debug!(lane = k, %reason, ?backoff, "send failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                let wait = backoff.next_delay().unwrap_or_default();
+                tracing::debug!(lane = k, %reason, ?wait, "send failed; retrying");
+                tokio::time::sleep(wait).await;
             }
             Sent::Fatal(e) => break Err(e),
         }

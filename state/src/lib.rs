@@ -28,6 +28,7 @@ pub mod ledger;
 pub mod money;
 pub mod outbox;
 pub mod reference;
+pub mod retry;
 pub mod store;
 pub mod windows;
 

@@ -30,8 +30,8 @@ use stockflow_state::lease::HashRange;
 use tokio::sync::mpsc;
 
 use crate::metrics;
-use crate::retry::Backoff;
 use crate::source::{Lag, ReadStatus, RecordBatch, ShardInfo, ShardReader, StreamError, StreamSource};
+use stockflow_state::retry::{Backoff, BackoffConfig};
 
 /// How records are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +159,8 @@ async fn register_consumer(client: &Client, stream: &str, name: &str) -> Result<
         Err(e) if e.as_service_error().and_then(|s| s.code()) == Some("ResourceInUseException") => {}
         Err(e) => return Err(sdk_err("RegisterStreamConsumer", e)),
     }
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2), 60);
+    let mut backoff =
+        Backoff::from_clock(BackoffConfig::new(Duration::from_millis(100), Duration::from_secs(2))).limited(60);
     loop {
         let out = client
             .describe_stream_consumer()
@@ -353,7 +354,7 @@ impl Fetcher {
     /// The polling loop: GetRecords until the shard ends or the reader is dropped.
     async fn poll(mut self) {
         let mut iterator: Option<String> = None;
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10), u32::MAX);
+        let mut backoff = Backoff::from_clock(BackoffConfig::new(Duration::from_millis(200), Duration::from_secs(10)));
         loop {
             let it = match iterator.take() {
                 Some(it) => it,
@@ -416,7 +417,7 @@ impl Fetcher {
     /// The enhanced fan-out loop: SubscribeToShard, resubscribing every `resubscribe_after`
     /// and after errors, from the last continuation sequence number.
     async fn subscribe(mut self, consumer_arn: String) {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10), u32::MAX);
+        let mut backoff = Backoff::from_clock(BackoffConfig::new(Duration::from_millis(200), Duration::from_secs(10)));
         // Where the next subscription starts: at the checkpoint, then after each continuation.
         let mut after_continuation: Option<String> = None;
         loop {

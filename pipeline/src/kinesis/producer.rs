@@ -27,8 +27,8 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 
 use super::{kpl, sdk_err};
-use crate::retry::Backoff;
 use crate::source::{OutRecord, StreamError, StreamProducer};
+use stockflow_state::retry::{Backoff, BackoffConfig};
 
 /// `PutRecords` limits.
 const MAX_PUT_RECORDS: usize = 500;
@@ -207,7 +207,8 @@ impl StreamProducer for KinesisProducer {
             let payloads = by_key.remove(key).unwrap_or_default();
             queues.push((key, bodies(key, &payloads, self.cfg.aggregate)?.into()));
         }
-        let mut backoff = Backoff::new(self.cfg.base_backoff, self.cfg.max_backoff, self.cfg.attempts);
+        let mut backoff = Backoff::from_clock(BackoffConfig::new(self.cfg.base_backoff, self.cfg.max_backoff))
+            .limited(self.cfg.attempts);
         while queues.iter().any(|(_, q)| !q.is_empty()) {
             // One round: the head of each SKU's queue, within the call's limits.
             let mut entries = Vec::new();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
 
-use crate::retry::Backoff;
+use stockflow_state::retry::{Backoff, BackoffConfig};
 
 /// The emulator endpoint: `KINESIS_ENDPOINT`, default `http://127.0.0.1:4568`.
 pub fn endpoint() -> String {
@@ -39,7 +39,8 @@ pub async fn emulator_stream(tag: &str, shards: i32) -> Option<(Client, String)>
 
 /// Waits until the stream is `ACTIVE` (after create, split, merge).
 pub async fn wait_active(client: &Client, name: &str) {
-    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500), 200);
+    let mut backoff =
+        Backoff::from_clock(BackoffConfig::new(Duration::from_millis(20), Duration::from_millis(500))).limited(200);
     loop {
         let out = client.describe_stream_summary().stream_name(name).send().await;
         if let Ok(out) = out
