@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use stockflow::generate::{GenConfig, generate};
+use stockflow::loadtest::generate::{GenConfig, generate};
 use stockflow_state::{EngineConfig, ShardEngine, decode};
 
 const EVENTS: usize = 200_000;
@@ -51,7 +51,7 @@ fn benches(c: &mut Criterion) {
     group.finish();
 
     // Four weeks of lifecycles: lines remembered for 35 days, placements re-sent days apart.
-    let weeks = stockflow::lifecycles::generate(&GenConfig {
+    let weeks = stockflow::loadtest::lifecycles::generate(&GenConfig {
         events: EVENTS,
         skus: 1_000,
         hour_weights: vec![1.0; 28 * 24],

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use stockflow::cli::Cli;
-use stockflow::{commands, telemetry};
+use stockflow::cmd::{self, Cli};
+use stockflow::telemetry;
 
 /// mimalloc: the hot path allocates effects and order lines; it halves their cost over glibc.
 #[global_allocator]
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::dispatch(cli, metrics)) {
+    match runtime.block_on(cmd::dispatch(cli, metrics)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use stockflow::generate::{GenConfig, generate};
+use stockflow::loadtest::generate::{GenConfig, generate};
 use stockflow_connectors::testing::{FaultPlan, Log, Receivers, Routes, check_deliveries};
 use stockflow_state::EngineConfig;
 use stockflow_state::reference::straight_pass_full;
@@ -202,7 +202,7 @@ async fn summary_journals_are_exactly_once_through_kill_9_and_a_late_receipt_is_
     let lines: Vec<Vec<u8>> = stream.iter().map(|(_, p)| p.to_vec()).chain([late.as_bytes().to_vec()]).collect();
     let (_, effects) = straight_pass_full(Arc::new(cfg), lines.iter().map(Vec::as_slice));
     let store = stockflow_state::embedded::RedbStore::open(dir.path().join("data").join("state.redb")).unwrap();
-    let postings = stockflow::journals::postings(&store).await.unwrap();
+    let postings = stockflow::cmd::journals::postings(&store).await.unwrap();
     let policy = SummaryPolicy::new(PeriodLen::Day, "America/New_York", 300_000).unwrap();
     let accounts = Accounts { cogs: "5000".into(), inventory: "1300".into(), clearing: "2100".into() };
     let log = receivers.log();

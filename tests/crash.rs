@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use stockflow::generate::{GenConfig, generate};
+use stockflow::loadtest::generate::{GenConfig, generate};
 use stockflow_state::EngineConfig;
 use stockflow_state::embedded::RedbStore;
 use stockflow_state::reference::{Outcome, straight_pass};

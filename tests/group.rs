@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::Client;
-use stockflow::commands::partition_key;
-use stockflow::generate::{GenConfig, generate};
+use stockflow::loadtest::generate::{GenConfig, generate};
+use stockflow::loadtest::ndjson::partition_key;
 use stockflow_pipeline::kinesis::KinesisProducer;
 use stockflow_pipeline::kinesis::testing::{emulator_stream, wait_active};
 use stockflow_pipeline::{OutRecord, StreamProducer};

@@ -203,7 +203,7 @@ async fn lambda_serves_api_gateway_rest_and_http_api_requests_through_the_router
 async fn lambda_signed_routes_refuse_an_unsigned_api_gateway_request() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(EmbeddedLog::open(dir.path(), 1).unwrap());
-    let verifier = stockflow::webhook::Verifier::new(&["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]).unwrap();
+    let verifier = stockflow::ingest::webhook::Verifier::new(&["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]).unwrap();
     let state = Arc::new(IngestState { verifier: Some(Arc::new(verifier)), ..IngestState::new(Arc::clone(&log)) });
     let out =
         invoke(&app_shared(Arc::clone(&state)), &state, event("lambda/apigw_rest_manufacturer.json")).await.unwrap();

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stockflow::generate::{GenConfig, generate};
+use stockflow::loadtest::generate::{GenConfig, generate};
 use stockflow_connectors::accounting::{Accounting, Accounts, Shape};
 use stockflow_connectors::drain::Lanes;
 use stockflow_connectors::journals::{PeriodLen, PostingKind, SummaryPolicy};
@@ -42,7 +42,7 @@ async fn two_members_fold_and_post_each_hour_once_on_dynamodb() {
         let mine: Vec<&Vec<u8>> = records
             .iter()
             .filter(|r| {
-                let sku = stockflow::commands::partition_key(r);
+                let sku = stockflow::loadtest::ndjson::partition_key(r);
                 (sku.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) % 2) as usize == i
             })
             .collect();
@@ -117,7 +117,7 @@ async fn two_members_fold_and_post_each_hour_once_on_dynamodb() {
     for m in members {
         tokio::time::timeout(Duration::from_secs(180), m).await.expect("members finish").unwrap().unwrap();
     }
-    let postings = stockflow::journals::postings(&*store).await.unwrap();
+    let postings = stockflow::cmd::journals::postings(&*store).await.unwrap();
     let log = receivers.log();
     let books = check_summaries(&log, &postings, &effects, &policy, &accounts);
     assert!(books.problems.is_empty(), "the books differ:\n{}", books.problems.join("\n"));

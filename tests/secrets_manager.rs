@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use stockflow::webhook::{SignatureError, Verifier, from_manager, secrets_client, secrets_from_manager};
+use stockflow::ingest::webhook::{SignatureError, Verifier, from_manager, secrets_client, secrets_from_manager};
 
 const OLD: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const NEW: &str = "whsec_dGhpcyBpcyB0aGUgbmV3IHNlY3JldCBrZXkh";

@@ -23,7 +23,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let metrics = stockflow::telemetry::init();
     let stream = std::env::var("STOCKFLOW_STREAM").map_err(|_| "STOCKFLOW_STREAM is not set")?;
     let kinesis = client(std::env::var("KINESIS_ENDPOINT").ok().as_deref(), false).await;
-    let verifier = stockflow::webhook::load(Duration::from_secs(300)).await.map_err(|e| format!("{e:#}"))?;
+    let verifier = stockflow::ingest::webhook::load(Duration::from_secs(300)).await.map_err(|e| format!("{e:#}"))?;
     let state = Arc::new(IngestState {
         producer: Arc::new(KinesisProducer::new(kinesis, &stream)),
         metrics,

@@ -48,6 +48,18 @@ pub struct DashboardConfig {
     pub snapshot_thread: bool,
 }
 
+impl DashboardConfig {
+    /// The configuration the `[dashboard]` section gives.
+    pub fn from_section(section: &crate::runtime::config::DashboardSection) -> Self {
+        DashboardConfig {
+            refresh: std::time::Duration::from_millis(section.refresh_ms),
+            alert_poll: std::time::Duration::from_millis(section.alert_poll_ms),
+            alert_capacity: section.alert_capacity,
+            ..DashboardConfig::default()
+        }
+    }
+}
+
 impl Default for DashboardConfig {
     fn default() -> Self {
         DashboardConfig {
@@ -684,13 +696,13 @@ impl Dashboard {
 pub async fn start_in_process<S: StateStore + OutboxStore>(
     store: Arc<S>,
     progress: Arc<Progress>,
-    settings: &crate::config::Settings,
+    settings: &crate::runtime::config::Settings,
     listen: std::net::SocketAddr,
     fallback: bool,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(Dashboard, std::net::SocketAddr)> {
-    let cfg = DashboardConfig { snapshot_thread: true, ..settings.dashboard.config() };
+    let cfg = DashboardConfig { snapshot_thread: true, ..DashboardConfig::from_section(&settings.dashboard) };
     let dashboard = Dashboard::start(
         store,
         Telemetry::InProcess(progress),

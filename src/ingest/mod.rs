@@ -7,7 +7,7 @@
 //!
 //! A 2xx answer means every event of the request is durably on the stream. Errors are JSON
 //! `{error, field, index}`: 400 bad input (the first bad document is named; nothing of the request
-//! is put), 401 bad or missing webhook signature (when secrets are configured, [`crate::webhook`]),
+//! is put), 401 bad or missing webhook signature (when secrets are configured, [`webhook`]),
 //! 413 over 500 events, 1 MiB per event or 10 MiB per request, 415 not JSON/NDJSON, 503 with
 //! `Retry-After` when the stream stays unavailable past the producer's retries.
 
@@ -15,6 +15,7 @@ pub mod amazon;
 pub mod lambda;
 pub mod manufacturer;
 pub mod time;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use stockflow_pipeline::{OutRecord, StreamError, StreamProducer};
 
-use crate::webhook::Verifier;
+use crate::ingest::webhook::Verifier;
 pub use amazon::AmazonConfig;
 
 /// Most events accepted in one request (a Kinesis PutRecords call takes 500).

@@ -1,6 +1,6 @@
 //! # stockflow-model
 //!
-//! A second implementation of the stock semantics (docs/spec.md, SPEC v2), deliberately simple
+//! A second implementation of the stock semantics (docs/semantics.md, SPEC v2), deliberately simple
 //! and written apart from the engine: no interning, no hashing, no fixed-width money — plain
 //! `BTreeMap`s keyed by strings, `serde_json::Value` for decoding, exact rationals for money. It
 //! shares no code with `stockflow-state`; the tests compare the engine (and every backend, through

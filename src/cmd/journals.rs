@@ -19,7 +19,7 @@ pub struct JournalsArgs {
     #[command(subcommand)]
     action: JournalsAction,
     #[command(flatten)]
-    pub(crate) store: crate::commands::StoreArgs,
+    pub(crate) store: crate::cmd::store::StoreArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -136,4 +136,12 @@ pub async fn run<S: BookStore>(args: JournalsArgs, store: &S) -> anyhow::Result<
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `stockflow journals …` on the store the flags name.
+pub async fn dispatch(args: JournalsArgs, settings: crate::runtime::config::Settings) -> anyhow::Result<ExitCode> {
+    use crate::cmd::store::with_store;
+    use crate::runtime::open_store;
+    let store_args = args.store.clone();
+    with_store!(settings, store_args, |store| run(args, &store).await)
 }

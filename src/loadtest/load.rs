@@ -16,15 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::body::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use hyper::client::conn::http1::SendRequest;
-use stockflow_connectors::alerts::{decode_secret, signature_headers};
+use stockflow_connectors::alerts::decode_secret;
+
+use crate::loadtest::http::HttpLane;
 
 /// Arguments of `stockflow ingest load`.
 #[derive(Debug, clap::Args)]
@@ -99,29 +97,15 @@ pub struct Percentiles {
 }
 
 struct Plan {
-    host: String,
-    path: String,
     batch: usize,
     skus: usize,
     rate: Option<f64>,
-    key: Option<Vec<u8>>,
+    key: Option<Arc<Vec<u8>>>,
     start: Instant,
     measure_from: Instant,
     end: Instant,
     next: AtomicU64,
     run: u64,
-}
-
-/// An `http://host:port/path` URL: the address to connect to, the `Host` header and the path.
-pub async fn resolve(url: &str) -> anyhow::Result<(std::net::SocketAddr, String, String)> {
-    let rest = url.strip_prefix("http://").context("only http:// is supported")?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
-    let addr = tokio::net::lookup_host(authority)
-        .await
-        .with_context(|| format!("resolving {authority}"))?
-        .next()
-        .with_context(|| format!("{authority} has no address"))?;
-    Ok((addr, authority.to_string(), path))
 }
 
 /// Runs the load and prints the summary.
@@ -132,13 +116,17 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
     if args.connections == 0 || args.skus == 0 || args.rate.is_some_and(|r| r <= 0.0) {
         bail!("--connections, --skus and --rate must be positive");
     }
-    let (addr, authority, path) = resolve(&args.url).await.context("--url")?;
-    let key = args.secret.as_deref().map(decode_secret).transpose().map_err(|e| anyhow::anyhow!("--secret: {e}"))?;
+    let url = args.url.clone();
+    crate::loadtest::http::resolve(&url).await.context("--url")?;
+    let key = args
+        .secret
+        .as_deref()
+        .map(|s| decode_secret(s).map(Arc::new))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--secret: {e}"))?;
     let start = Instant::now() + Duration::from_millis(100);
     let measure_from = start + Duration::from_secs(args.warmup);
     let plan = Arc::new(Plan {
-        host: authority,
-        path,
         batch: args.batch,
         skus: args.skus,
         rate: args.rate,
@@ -150,8 +138,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
         run: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     });
     let mut tasks = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        tasks.push(tokio::spawn(connection(addr, Arc::clone(&plan))));
+    for i in 0..args.connections {
+        tasks.push(tokio::spawn(connection(url.clone(), i, Arc::clone(&plan))));
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut lag = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
@@ -210,24 +198,14 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-/// An HTTP/1.1 keep-alive connection to `addr` (no Nagle delay), its driver spawned.
-pub async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    stream.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
 /// One keep-alive connection: takes the next request number, waits for its due time (open
 /// model), sends it, records the latency (µs).
-async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Result<Measured> {
-    let mut sender = connect(addr).await?;
+async fn connection(url: String, lane: usize, plan: Arc<Plan>) -> anyhow::Result<Measured> {
+    let mut http = HttpLane::new(&url, plan.key.clone(), format!("load-{}-{lane}", plan.run)).await?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut lag = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut last = plan.measure_from;
     let (mut ok, mut errors) = (0u64, 0u64);
-    let content_type = if plan.batch == 1 { "application/json" } else { "application/x-ndjson" };
     tokio::time::sleep_until(plan.start).await;
     loop {
         let n = plan.next.fetch_add(1, Ordering::Relaxed);
@@ -240,22 +218,8 @@ async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Resu
         }
         tokio::time::sleep_until(due).await;
         let sent = Instant::now();
-        let body = request_body(&plan, n);
-        let mut req = hyper::Request::post(plan.path.as_str())
-            .header(hyper::header::HOST, plan.host.as_str())
-            .header(hyper::header::CONTENT_TYPE, content_type);
-        if let Some(key) = &plan.key {
-            for (name, value) in signature_headers(key, format!("load-{}-{n}", plan.run), &body) {
-                req = req.header(name, value);
-            }
-        }
-        let req = req.body(Full::new(Bytes::from(body)))?;
-        sender.ready().await?;
-        let good = match sender.send_request(req).await {
-            Ok(resp) => {
-                let good = resp.status().is_success();
-                resp.into_body().collect().await.is_ok() && good
-            }
+        let good = match http.post(None, request_body(&plan, n), plan.batch > 1).await {
+            Ok((status, _)) => status.is_success(),
             Err(_) => false,
         };
         let done = Instant::now();
@@ -268,9 +232,6 @@ async fn connection(addr: std::net::SocketAddr, plan: Arc<Plan>) -> anyhow::Resu
             } else {
                 errors += 1;
             }
-        }
-        if !good && sender.is_closed() {
-            bail!("the server closed the connection");
         }
     }
     Ok(Measured { latency: hist, send_lag: lag, ok, errors, last })

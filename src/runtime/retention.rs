@@ -98,7 +98,7 @@ impl RetentionSection {
         if !(Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&sweep_every) {
             bail!("retention.sweep_every = {:?}: must be 100ms to 1d", self.sweep_every);
         }
-        crate::config::in_range("retention.segment_mib", self.segment_mib, 1, 1024)?;
+        crate::runtime::config::in_range("retention.segment_mib", self.segment_mib, 1, 1024)?;
         Ok(Retention {
             stream: field("stream", &self.stream)?,
             delivered: field("delivered", &self.delivered)?,

@@ -15,7 +15,7 @@ use stockflow_pipeline::group::Coordinator;
 use stockflow_pipeline::kinesis::{self, KinesisConfig, KinesisSource, ReadMode};
 use stockflow_state::dynamodb::DynamoStore;
 
-use crate::config::Settings;
+use crate::runtime::config::Settings;
 
 /// Where the group member's AWS resources are (flags and environment override the config).
 #[derive(Debug, Clone, Default)]
@@ -71,7 +71,7 @@ pub async fn consume(
             .with_dedup_horizon(settings.engine.dedup_horizon_ms)
             .with_dedup_margin(settings.dynamodb.dedup_ttl_margin_ms),
     );
-    let shutdown = crate::commands::shutdown_signal();
+    let shutdown = crate::runtime::shutdown_signal();
     if let Some(addr) = metrics_listen {
         let app = Router::new().route("/healthz", get(|| async { "ok" })).route(
             "/metrics",
@@ -88,16 +88,18 @@ pub async fn consume(
     println!("stockflow: worker {} joined the group on stream {}", settings.group.worker_id, targets.stream);
     // Each member delivers the outboxes its coordinator assigns it: the shards it leases and the
     // ended ancestors it is designated for, every write fenced by one of its leases.
-    let connectors =
-        crate::connectors::Connectors::build(&settings.connectors, settings.engine.windows.allowed_lateness_ms())
-            .await?;
+    let connectors = crate::runtime::connectors::Connectors::build(
+        &settings.connectors,
+        settings.engine.windows.allowed_lateness_ms(),
+    )
+    .await?;
     let (_finish, finish) = tokio::sync::watch::channel(false);
     let drains = connectors.spawn_lanes(
         Arc::clone(&store),
         stockflow_connectors::DrainControl::new(shutdown.clone(), finish),
         stockflow_connectors::drain::Lanes::Assigned(coordinator.assignment()),
     );
-    let sweeps = crate::retention::spawn_group(
+    let sweeps = crate::runtime::retention::spawn_group(
         Arc::clone(&store),
         coordinator.assignment(),
         settings.connectors.names(),

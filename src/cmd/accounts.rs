@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use crate::config::Settings;
+use crate::runtime::config::Settings;
 
 /// Arguments of `stockflow accounts`.
 #[derive(Debug, clap::Args)]
@@ -23,9 +23,11 @@ enum AccountsAction {
 /// Runs `stockflow accounts`.
 pub async fn run(args: AccountsArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     let AccountsAction::Check = args.action;
-    let connectors =
-        crate::connectors::Connectors::build(&settings.connectors, settings.engine.windows.allowed_lateness_ms())
-            .await?;
+    let connectors = crate::runtime::connectors::Connectors::build(
+        &settings.connectors,
+        settings.engine.windows.allowed_lateness_ms(),
+    )
+    .await?;
     let Some(accounting) = connectors.accounting else {
         anyhow::bail!("no accounting connector is configured (connectors.accounting.url)");
     };

@@ -16,9 +16,9 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::generate::Stream;
 use crate::ingest::AmazonConfig;
 use crate::ingest::amazon::{Mapped, map_notification};
+use crate::loadtest::generate::Stream;
 
 /// The file name of the SP-API form.
 pub const FILE: &str = "webhooks.ndjson";
@@ -234,7 +234,7 @@ pub fn straight_pass(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::{GenConfig, generate};
+    use crate::loadtest::generate::{GenConfig, generate};
 
     #[test]
     fn iso_round_trips_through_the_ingest_parser() {

@@ -1,4 +1,5 @@
-//! `stockflow replay --target …`: drives a target with a recorded stream at the profile's pace
+//! `stockflow replay`, all of it. Without `--target`, a file is appended to this data directory's log
+//! as fast as it goes and consumed ([`file`]). With `--target …`, it drives a target with a recorded stream at the profile's pace
 //! (× `--speedup`), at a fixed rate, or as fast as it takes it; measures ingest and end-to-end
 //! latency; waits until the consumers have committed everything; verifies the final state SKU by
 //! SKU and the alerts by id against the straight pass over the same stream; writes a JSON report
@@ -14,6 +15,7 @@
 //! (coordinated omission), and the report shows how far behind the schedule the lanes fell.
 
 mod drive;
+pub mod file;
 mod report;
 mod targets;
 
@@ -27,9 +29,9 @@ use anyhow::{Context, bail};
 use metrics_exporter_prometheus::PrometheusHandle;
 use stockflow_state::reference::{Outcome, straight_pass};
 
-use crate::config::Settings;
-use crate::loadgen::spapi::Delivery;
-use crate::loadgen::{ProfileName, Schedule};
+use crate::loadtest::loadgen::spapi::Delivery;
+use crate::loadtest::loadgen::{ProfileName, Schedule};
+use crate::runtime::config::Settings;
 
 pub use report::Report;
 
@@ -74,9 +76,19 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// The driving options of a targeted replay (`stockflow replay --target …`).
+/// Arguments of `stockflow replay`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct DriveArgs {
+pub struct ReplayArgs {
+    /// NDJSON file of canonical events, one per line (bad lines are dead-lettered, not dropped).
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["dir", "profile"])]
+    pub file: Option<PathBuf>,
+    /// Records per durable append (default 10,000), or with --target per request or put
+    /// (default 100 over HTTP, 500 on a stream).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch: Option<u32>,
+    /// Only append; leave consuming to `stockflow run` or `stockflow consume`.
+    #[arg(long, conflicts_with = "target")]
+    pub no_consume: bool,
     /// Where to send: `embedded`, `local` (a `stockflow run` this starts), `http://HOST:PORT`
     /// (a running ingest API) or `kinesis:STREAM`. Without it, the file is appended to this data
     /// directory's log as fast as possible and consumed (no pacing, no report).
@@ -153,7 +165,7 @@ impl Workload {
     /// Reads an NDJSON stream (and, from a loadgen directory, its schedule): canonical events, or
     /// the SP-API form's deliveries (`{"route":…,"key":…,"body":…}` per line).
     pub fn read(file: &Path, schedule: Option<Schedule>) -> anyhow::Result<Self> {
-        let raw = crate::commands::read_lines(file)?;
+        let raw = crate::loadtest::ndjson::read_lines(file)?;
         let mut index: foldhash::HashMap<String, u32> = foldhash::HashMap::default();
         let mut skus = Vec::new();
         let mut intern = |key: Cow<'_, str>| -> u32 {
@@ -169,11 +181,11 @@ impl Workload {
             }
         };
         let mut records = Vec::new();
-        let webhooks = crate::commands::lines(&raw).next().is_some_and(|l| l.starts_with(br#"{"route":"#));
+        let webhooks = crate::loadtest::ndjson::lines(&raw).next().is_some_and(|l| l.starts_with(br#"{"route":"#));
         let (buf, routes) = if webhooks {
             let mut buf = Vec::with_capacity(raw.len());
             let mut routes = Vec::new();
-            for (n, line) in crate::commands::lines(&raw).enumerate() {
+            for (n, line) in crate::loadtest::ndjson::lines(&raw).enumerate() {
                 let d: Delivery<'_> = serde_json::from_slice(line)
                     .with_context(|| format!("{}: record {} is not a webhook delivery", file.display(), n + 1))?;
                 let route = ROUTES.iter().position(|r| *r == d.route).with_context(|| {
@@ -196,9 +208,9 @@ impl Workload {
             (buf, Some(routes))
         } else {
             let base = raw.as_ptr() as usize;
-            for line in crate::commands::lines(&raw) {
+            for line in crate::loadtest::ndjson::lines(&raw) {
                 let start = line.as_ptr() as usize - base;
-                records.push((intern(crate::commands::partition_key(line)), start..start + line.len()));
+                records.push((intern(crate::loadtest::ndjson::partition_key(line)), start..start + line.len()));
             }
             (raw, None)
         };
@@ -265,7 +277,7 @@ impl Workload {
                         body: String::from_utf8_lossy(&self.buf[r.clone()]),
                     })
                     .collect();
-                crate::loadgen::spapi::straight_pass(&deliveries, engine, &settings.amazon)
+                crate::loadtest::loadgen::spapi::straight_pass(&deliveries, engine, &settings.amazon)
             }
         }
     }
@@ -304,14 +316,13 @@ impl Pace {
 
 /// `stockflow replay --target …`.
 pub async fn run(
-    args: DriveArgs,
-    file: Option<PathBuf>,
-    batch: Option<u32>,
+    args: ReplayArgs,
     settings: Settings,
     cli: CliContext,
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<ExitCode> {
-    let target = args.target.clone().context("a targeted replay needs --target")?;
+    let Some(target) = args.target.clone() else { return file::append_and_consume(&args, &settings).await };
+    let (file, batch) = (args.file.clone(), args.batch);
     let report_dir = args.report.clone().unwrap_or_else(|| match &args.dir {
         Some(d) => d.join("report"),
         None => PathBuf::from("stockflow-report"),
@@ -327,17 +338,17 @@ pub async fn run(
         }
         (None, None, Some(profile)) => {
             let out = report_dir.join("stream");
-            let gen_args = crate::loadgen::LoadgenArgs {
+            let gen_args = crate::loadtest::loadgen::LoadgenArgs {
                 profile,
                 base_rate: 1.0,
                 rates: None,
                 hours: args.hours.clone(),
                 skus: 10_000,
                 seed: 42,
-                format: crate::loadgen::Format::Canonical,
+                format: crate::loadtest::loadgen::Format::Canonical,
                 out: out.clone(),
             };
-            let g = crate::loadgen::run(&gen_args, Arc::clone(&settings.engine), &settings.amazon)?;
+            let g = crate::loadtest::loadgen::run(&gen_args, Arc::clone(&settings.engine), &settings.amazon)?;
             (out.join(&g.schedule.stream), Some(g.schedule))
         }
         (None, None, None) => bail!("give --file, --dir or --profile"),

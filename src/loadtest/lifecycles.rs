@@ -7,7 +7,7 @@
 //! are cancelled before they ship. Receipts are re-sent by the manufacturer's webhook within three
 //! days (the same document, byte for byte). One SKU, a pre-order, piles up open lines that ship
 //! only after three weeks. Counts, adjustments, byte-identical duplicates, stragglers and bad
-//! records as in [`crate::generate`]. Records are in arrival order: a follow-up is emitted at the
+//! records as in [`crate::loadtest::generate`]. Records are in arrival order: a follow-up is emitted at the
 //! first slot at or after its due time, with its due time as event time. The same seed always
 //! gives the same bytes.
 
@@ -15,7 +15,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::Write;
 
-use crate::generate::{GenConfig, Rng, Stream, order_size};
+use crate::loadtest::generate::{GenConfig, Rng, Stream, order_size};
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 60 * MINUTE;

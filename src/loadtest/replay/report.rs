@@ -11,7 +11,7 @@ use stockflow_state::reference::Outcome;
 
 use super::drive::{Buckets, Driven, Options, Point, Rejection};
 use super::{Pace, Target, Workload};
-use crate::load::Percentiles;
+use crate::loadtest::load::Percentiles;
 
 /// The final state against the straight pass.
 #[derive(Debug, Clone, Serialize)]

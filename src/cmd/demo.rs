@@ -15,36 +15,15 @@ use stockflow_connectors::testing::{FaultPlan, Receivers, Routes, check_deliveri
 use stockflow_pipeline::{OutRecord, Progress};
 use stockflow_state::reference::{Outcome, straight_pass_full};
 
-use crate::commands::{Embedded, shutdown_signal};
-use crate::config::Settings;
-use crate::generate::{GenConfig, generate};
-
-/// The generated stream's shape.
-#[derive(Debug, Clone, clap::Args)]
-pub struct StreamArgs {
-    /// Number of events.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub events: usize,
-    /// Number of SKUs.
-    #[arg(long, default_value_t = 10_000)]
-    pub skus: usize,
-    /// Seed of the deterministic generator.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-}
-
-impl StreamArgs {
-    /// The generator configuration.
-    pub fn to_config(&self) -> GenConfig {
-        GenConfig { events: self.events, skus: self.skus.max(1), seed: self.seed, ..GenConfig::default() }
-    }
-}
+use crate::loadtest::generate::generate;
+use crate::runtime::config::Settings;
+use crate::runtime::{Embedded, shutdown_signal};
 
 /// Arguments of `stockflow demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     #[command(flatten)]
-    stream: StreamArgs,
+    stream: crate::loadtest::generate::StreamArgs,
     /// Records per durable append of the producer.
     #[arg(long, default_value_t = 20_000)]
     append_batch: usize,
@@ -286,7 +265,7 @@ pub async fn run(
         tracing::debug!(batches = s.batches, levels = s.levels, "stock-level sync");
     }
     let mut delivery_problems = check_deliveries(&log, &effects, routes, 20);
-    let postings = crate::journals::postings(backend.store.as_ref()).await?;
+    let postings = crate::cmd::journals::postings(backend.store.as_ref()).await?;
     let summary_policy = stockflow_connectors::journals::SummaryPolicy::new(
         stockflow_connectors::journals::PeriodLen::Hour,
         "UTC",
@@ -312,7 +291,7 @@ pub async fn run(
             route("generic")
         );
     }
-    crate::journals::print_postings(&mut std::io::stdout().lock(), &postings)?;
+    crate::cmd::journals::print_postings(&mut std::io::stdout().lock(), &postings)?;
     println!(
         "{} periods booked equal to the straight pass to the cent; {} not closed yet (their events are the last hour's, within the lateness)",
         books.posted_periods, books.open_periods
@@ -399,13 +378,16 @@ async fn dashboard_freshness(dashboard: &crate::dashboard::Dashboard, skus: usiz
 const DEMO_WEBHOOK_KEY: &[u8] = b"stockflow-demo-signing-key-32byt";
 
 /// Every connector pointed at the local receivers, and the receiver routes to check.
-async fn demo_connectors(base: &str, per_effect: bool) -> anyhow::Result<(crate::connectors::Connectors, Routes)> {
+async fn demo_connectors(
+    base: &str,
+    per_effect: bool,
+) -> anyhow::Result<(crate::runtime::connectors::Connectors, Routes)> {
     use base64::Engine as _;
     // The demo's stream is synthetic: it always goes to the local receivers, never to an
     // endpoint configured for real use.
     let key = base64::engine::general_purpose::STANDARD.encode(DEMO_WEBHOOK_KEY);
-    let local = |v: String| crate::connectors::CredentialSource { value: Some(v), ..Default::default() };
-    let mut c = crate::connectors::ConnectorsSection { log: false, ..Default::default() };
+    let local = |v: String| crate::runtime::connectors::CredentialSource { value: Some(v), ..Default::default() };
+    let mut c = crate::runtime::connectors::ConnectorsSection { log: false, ..Default::default() };
     c.alerts_webhook.url = Some(format!("{base}/alerts"));
     c.alerts_webhook.secret = local(format!("whsec_{key}"));
     c.manufacturer.url = Some(format!("{base}/manufacturer"));
@@ -428,7 +410,7 @@ async fn demo_connectors(base: &str, per_effect: bool) -> anyhow::Result<(crate:
     }
     let routes = Routes { alerts: true, reorders: true, accounting: per_effect.then_some("generic") };
     Ok((
-        crate::connectors::Connectors::build(
+        crate::runtime::connectors::Connectors::build(
             &c,
             stockflow_state::windows::WindowConfig::default().allowed_lateness_ms(),
         )

@@ -36,11 +36,11 @@ pub struct FileConfig {
     /// The consumer group (leases) of the AWS deployment.
     pub group: GroupSection,
     /// Where effects are delivered (alerts, manufacturer, accounting).
-    pub connectors: crate::connectors::ConnectorsSection,
+    pub connectors: crate::runtime::connectors::ConnectorsSection,
     /// The live dashboard of `run`, `demo` and `dashboard`.
     pub dashboard: DashboardSection,
     /// How long consumed log segments and delivered effects are kept.
-    pub retention: crate::retention::RetentionSection,
+    pub retention: crate::runtime::retention::RetentionSection,
 }
 
 /// `[dashboard]`: where the live dashboard listens and how fresh it keeps the stock table.
@@ -66,18 +66,6 @@ impl Default for DashboardSection {
             refresh_ms: 500,
             alert_capacity: 10_000,
             alert_poll_ms: 200,
-        }
-    }
-}
-
-impl DashboardSection {
-    /// The dashboard's configuration.
-    pub fn config(&self) -> crate::dashboard::DashboardConfig {
-        crate::dashboard::DashboardConfig {
-            refresh: Duration::from_millis(self.refresh_ms),
-            alert_poll: Duration::from_millis(self.alert_poll_ms),
-            alert_capacity: self.alert_capacity,
-            ..crate::dashboard::DashboardConfig::default()
         }
     }
 }
@@ -176,9 +164,9 @@ impl Default for FileConfig {
             dynamodb: DynamoSection::default(),
             kinesis: KinesisSection::default(),
             group: GroupSection::default(),
-            connectors: crate::connectors::ConnectorsSection::default(),
+            connectors: crate::runtime::connectors::ConnectorsSection::default(),
             dashboard: DashboardSection::default(),
-            retention: crate::retention::RetentionSection::default(),
+            retention: crate::runtime::retention::RetentionSection::default(),
         }
     }
 }
@@ -309,11 +297,11 @@ pub struct Settings {
     /// What the ingest server admits (`ingest.max_concurrent_requests`, `ingest.body_timeout_ms`).
     pub ingest_limits: crate::server::Limits,
     /// Connectors (validated; credentials are read when they start).
-    pub connectors: crate::connectors::ConnectorsSection,
+    pub connectors: crate::runtime::connectors::ConnectorsSection,
     /// The live dashboard.
     pub dashboard: DashboardSection,
     /// Retention (validated).
-    pub retention: crate::retention::Retention,
+    pub retention: crate::runtime::retention::Retention,
 }
 
 impl FileConfig {
@@ -451,7 +439,7 @@ mod tests {
                 .unwrap();
         let s = parsed.validate().unwrap();
         assert_eq!((s.engine.reorder_point("MUG"), s.engine.reorder_point("X")), (9, 5));
-        let example: FileConfig = toml::from_str(include_str!("../deploy/stockflow.example.toml")).unwrap();
+        let example: FileConfig = toml::from_str(include_str!("../../deploy/stockflow.example.toml")).unwrap();
         assert_eq!(example.validate().unwrap().worker, WorkerConfig::default());
         let bad = FileConfig { shards: 0, ..FileConfig::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("shards"));

@@ -371,6 +371,27 @@ pub fn generate(cfg: &GenConfig) -> Stream {
     out
 }
 
+/// The generated stream's shape.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StreamArgs {
+    /// Number of events.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: usize,
+    /// Number of SKUs.
+    #[arg(long, default_value_t = 10_000)]
+    pub skus: usize,
+    /// Seed of the deterministic generator.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl StreamArgs {
+    /// The generator configuration.
+    pub fn to_config(&self) -> GenConfig {
+        GenConfig { events: self.events, skus: self.skus.max(1), seed: self.seed, ..GenConfig::default() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! Cyber Week, written as files a replay drives a target with.
 //!
 //! A profile is a rate per hour of event time, as a multiple of the seller's baseline
-//! (`--base-rate` events a second). The generator (`crate::generate`) spreads each hour's records
+//! (`--base-rate` events a second). The generator (`crate::loadtest::generate`) spreads each hour's records
 //! evenly over the hour, so the record index alone gives a record's place in the schedule. Next
 //! to the stream go `profile.json` (the schedule a replay paces by) and the expected result of a
 //! straight pass: `expected.json` (totals), `expected-state.ndjson` (per SKU) and
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use stockflow_state::EngineConfig;
 use stockflow_state::reference::{Outcome, straight_pass};
 
-use crate::generate::{GenConfig, Stream, generate};
+use crate::loadtest::generate::{GenConfig, Stream, generate};
 
 pub mod spapi;
 
@@ -48,7 +48,7 @@ pub enum ProfileName {
     /// Four weeks (672 hours) of baseline days, with order lifecycles over days: placements
     /// re-notified with the same ids, shipped 1–5 days later (partly first, cumulative), some
     /// re-notified again weeks later, receipts re-sent within 3 days, a pre-order SKU piling up
-    /// open lines (`crate::lifecycles`).
+    /// open lines (`crate::loadtest::lifecycles`).
     FourWeeks,
     /// Rates per hour from a CSV (`--rates`): one line per hour, `hour,events_per_second`.
     Custom,
@@ -297,7 +297,7 @@ pub fn build(args: &LoadgenArgs) -> anyhow::Result<Generated> {
         _ => cfg,
     };
     let stream = match args.profile {
-        ProfileName::FourWeeks => crate::lifecycles::generate(&cfg),
+        ProfileName::FourWeeks => crate::loadtest::lifecycles::generate(&cfg),
         _ => generate(&cfg),
     };
     let mut hours = Vec::with_capacity(rates.len());
@@ -352,7 +352,7 @@ pub fn run(
             let mut buf = Vec::with_capacity(stream.bytes() * 4);
             spapi::write(stream, &mut buf)?;
             file(&schedule.stream)?.write_all(&buf)?;
-            let deliveries = crate::commands::lines(&buf)
+            let deliveries = crate::loadtest::ndjson::lines(&buf)
                 .map(serde_json::from_slice::<spapi::Delivery<'_>>)
                 .collect::<Result<Vec<_>, _>>()?;
             spapi::straight_pass(&deliveries, engine, amazon)
@@ -361,8 +361,8 @@ pub fn run(
     write_json(&args.out.join("profile.json"), schedule)?;
     let duplicates = count_duplicates(stream);
     write_json(&args.out.join("expected.json"), &Expected::of(&outcome, stream.len(), duplicates))?;
-    crate::commands::write_ndjson(file("expected-state.ndjson")?, &outcome.skus)?;
-    crate::commands::write_ndjson(file("expected-alerts.ndjson")?, &outcome.alerts)?;
+    crate::loadtest::ndjson::write_ndjson(file("expected-state.ndjson")?, &outcome.skus)?;
+    crate::loadtest::ndjson::write_ndjson(file("expected-alerts.ndjson")?, &outcome.alerts)?;
     let peak = schedule.hours.iter().map(|h| h.events_per_second).fold(0.0, f64::max);
     println!(
         "loadgen: {} records ({}) over {} hours, {} SKUs, peak {:.0}× baseline ({peak:.1} events/s), \

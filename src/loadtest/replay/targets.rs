@@ -21,10 +21,10 @@ use tokio::sync::watch;
 use stockflow_pipeline::batcher::Batching;
 
 use super::drive::{Counted, HttpSink, Probe, Sink, StreamSink};
-use super::{CliContext, DriveArgs, Target};
-use crate::commands::Embedded;
-use crate::config::Settings;
+use super::{CliContext, ReplayArgs, Target};
 use crate::dashboard::Telemetry;
+use crate::runtime::Embedded;
+use crate::runtime::config::Settings;
 
 /// A started target.
 #[derive(Debug)]
@@ -120,7 +120,7 @@ impl Teardown {
 /// Starts `target`.
 pub async fn start(
     target: &Target,
-    args: &DriveArgs,
+    args: &ReplayArgs,
     settings: &Settings,
     cli: &CliContext,
     report_dir: &Path,
@@ -247,7 +247,7 @@ fn embedded(
 
 /// Starts `stockflow run` on a fresh data directory and free loopback ports; its log goes to
 /// `run.log` in the report directory.
-async fn local(args: &DriveArgs, cli: &CliContext, report_dir: &Path, lanes: usize) -> anyhow::Result<Setup> {
+async fn local(args: &ReplayArgs, cli: &CliContext, report_dir: &Path, lanes: usize) -> anyhow::Result<Setup> {
     let temp = tempfile::Builder::new().prefix("stockflow-replay-").tempdir().context("creating a temp dir")?;
     let exe = std::env::current_exe().context("locating the stockflow binary")?;
     let log_path = report_dir.join("run.log");
@@ -310,7 +310,7 @@ async fn local(args: &DriveArgs, cli: &CliContext, report_dir: &Path, lanes: usi
 /// member, with state, checkpoints and leases in DynamoDB (tables created when missing).
 async fn kinesis(
     stream: &str,
-    args: &DriveArgs,
+    args: &ReplayArgs,
     settings: &Settings,
     cli: &CliContext,
     lanes: usize,
@@ -334,7 +334,8 @@ async fn kinesis(
     }
     let progress = Arc::new(Progress::default());
     let coordinator =
-        crate::group::member(settings, client.clone(), stream, Arc::clone(&store), Arc::clone(&progress)).await?;
+        crate::runtime::group::member(settings, client.clone(), stream, Arc::clone(&store), Arc::clone(&progress))
+            .await?;
     let (tx, rx) = watch::channel(false);
     let consumers = tokio::spawn(async move { coordinator.run(rx).await.map(|_| ()).map_err(anyhow::Error::from) });
     let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -6,9 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::body::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -19,7 +17,7 @@ use tokio::time::Instant;
 
 use super::{Pace, Workload};
 use crate::dashboard::{E2E_BUCKETS, Sample, Telemetry, parse_exposition};
-use stockflow_connectors::alerts::signature_headers;
+use crate::loadtest::http::HttpLane;
 
 /// How to drive.
 #[derive(Debug, Clone)]
@@ -98,28 +96,14 @@ impl Sink {
 /// Posts records to an ingest endpoint: one JSON document, or NDJSON for several.
 #[derive(Debug)]
 pub struct HttpSink {
-    addr: std::net::SocketAddr,
-    host: String,
-    path: String,
-    key: Option<Arc<Vec<u8>>>,
-    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
-    run: u64,
-    n: u64,
+    http: HttpLane,
 }
 
 impl HttpSink {
     /// A lane to `url` (`http://HOST:PORT/path`), signing with `key` when given.
     pub async fn new(url: &str, key: Option<Arc<Vec<u8>>>, lane: usize) -> anyhow::Result<Self> {
-        let (addr, host, path) = crate::load::resolve(url).await?;
-        Ok(HttpSink {
-            addr,
-            host,
-            path,
-            key,
-            sender: None,
-            run: stockflow_state::now_ms() as u64 * 1024 + lane as u64,
-            n: 0,
-        })
+        let run = stockflow_state::now_ms() as u64 * 1024 + lane as u64;
+        Ok(HttpSink { http: HttpLane::new(url, key, format!("replay-{run}")).await? })
     }
 
     async fn send(&mut self, w: &Workload, records: &[u32]) -> Sent {
@@ -130,49 +114,13 @@ impl HttpSink {
             }
             body.extend_from_slice(w.record(*r as usize).1);
         }
-        let content_type = if records.len() == 1 { "application/json" } else { "application/x-ndjson" };
-        if self.sender.as_ref().is_none_or(hyper::client::conn::http1::SendRequest::is_closed) {
-            match crate::load::connect(self.addr).await {
-                Ok(s) => self.sender = Some(s),
-                Err(e) => return Sent::Retry(format!("connecting to {}: {e}", self.addr)),
-            }
-        }
         let path = match w.route(records[0] as usize) {
-            "events" => self.path.as_str(),
-            other => crate::loadgen::spapi::path(other),
+            "events" => None,
+            other => Some(crate::loadtest::loadgen::spapi::path(other)),
         };
-        let mut req = hyper::Request::post(path)
-            .header(hyper::header::HOST, self.host.as_str())
-            .header(hyper::header::CONTENT_TYPE, content_type);
-        if let Some(key) = &self.key {
-            // A fresh id per attempt: a retry after a lost answer must not look like a replay.
-            self.n += 1;
-            for (name, value) in signature_headers(key, format!("replay-{}-{}", self.run, self.n), &body) {
-                req = req.header(name, value);
-            }
-        }
-        let req = match req.body(Full::new(Bytes::from(body))) {
-            Ok(r) => r,
-            Err(e) => return Sent::Fatal(e.into()),
-        };
-        let Some(sender) = self.sender.as_mut() else { return Sent::Retry("no connection".into()) };
-        let exchange = async {
-            sender.ready().await?;
-            let resp = sender.send_request(req).await?;
-            let status = resp.status();
-            let body = resp.into_body().collect().await?.to_bytes();
-            Ok::<_, hyper::Error>((status, body))
-        };
-        let (status, body) = match tokio::time::timeout(Duration::from_secs(30), exchange).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.sender = None;
-                return Sent::Retry(e.to_string());
-            }
-            Err(_) => {
-                self.sender = None;
-                return Sent::Retry("no answer within 30 s".into());
-            }
+        let (status, body) = match self.http.post(path, body, records.len() > 1).await {
+            Ok(answer) => answer,
+            Err(e) => return Sent::Retry(format!("{}: {e:#}", self.http.addr())),
         };
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         match status.as_u16() {
@@ -185,7 +133,7 @@ impl HttpSink {
             }
             401 | 403 | 404 => Sent::Fatal(anyhow::anyhow!(
                 "{} answered {status}: {}",
-                self.path,
+                self.http.path(),
                 String::from_utf8_lossy(&body).chars().take(300).collect::<String>()
             )),
             _ => Sent::Retry(format!("{status}")),

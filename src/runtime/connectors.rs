@@ -126,7 +126,7 @@ impl CredentialSource {
     pub async fn load(&self, what: &str) -> anyhow::Result<Secret> {
         let value = if let Some(id) = &self.secret_id {
             let endpoint = std::env::var("SECRETSMANAGER_ENDPOINT").ok();
-            let client = crate::webhook::secrets_client(endpoint.as_deref()).await;
+            let client = crate::ingest::webhook::secrets_client(endpoint.as_deref()).await;
             let out = client
                 .get_secret_value()
                 .secret_id(id)
@@ -285,7 +285,7 @@ impl DeliverySection {
     /// Checks ranges and builds the policy.
     pub fn policy(&self) -> anyhow::Result<DeliveryPolicy> {
         let check = |name: &str, v: u64, lo: u64, hi: u64| {
-            crate::config::in_range(&format!("connectors.delivery.{name}"), v, lo, hi)
+            crate::runtime::config::in_range(&format!("connectors.delivery.{name}"), v, lo, hi)
         };
         check("max_batch", self.max_batch as u64, 1, 1000)?;
         check("max_bytes", self.max_bytes as u64, 1024, 350_000)?;
