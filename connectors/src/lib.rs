@@ -19,6 +19,7 @@
 pub mod accounting;
 pub mod alerts;
 pub mod cache;
+pub mod config;
 pub mod connector;
 pub mod drain;
 pub mod journals;

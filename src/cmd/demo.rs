@@ -386,15 +386,15 @@ async fn demo_connectors(
     // The demo's stream is synthetic: it always goes to the local receivers, never to an
     // endpoint configured for real use.
     let key = base64::engine::general_purpose::STANDARD.encode(DEMO_WEBHOOK_KEY);
-    let local = |v: String| crate::runtime::connectors::CredentialSource { value: Some(v), ..Default::default() };
-    let mut c = crate::runtime::connectors::ConnectorsSection { log: false, ..Default::default() };
+    let local = |v: String| stockflow_connectors::config::CredentialSource { value: Some(v), ..Default::default() };
+    let mut c = stockflow_connectors::config::ConnectorsSection { log: false, ..Default::default() };
     c.alerts_webhook.url = Some(format!("{base}/alerts"));
     c.alerts_webhook.secret = local(format!("whsec_{key}"));
     c.manufacturer.url = Some(format!("{base}/manufacturer"));
     c.manufacturer.stock_sync_interval_s = 1;
     c.accounting.url = Some(format!("{base}/generic"));
     // The demo's stream is one day: hourly summaries show periods closing (the last stays open).
-    c.accounting.period = "1h".into();
+    c.accounting.period = stockflow_connectors::journals::PeriodLen::Hour;
     c.delivery.max_batch = 1000;
     c.delivery.linger_ms = 20;
     c.delivery.poll_ms = 20;
@@ -406,7 +406,7 @@ async fn demo_connectors(
     c.delivery.max_attempts = 1_000;
     // Summaries are checked per period by `check_summaries`; per-effect journals one by one.
     if per_effect {
-        c.accounting.posting = "per_effect".into();
+        c.accounting.posting = stockflow_connectors::config::Posting::PerEffect;
     }
     let routes = Routes { alerts: true, reorders: true, accounting: per_effect.then_some("generic") };
     Ok((

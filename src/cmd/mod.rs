@@ -128,10 +128,7 @@ pub struct GenerateArgs {
 
 /// Runs the chosen subcommand.
 pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {
-    let mut file = match &cli.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
+    let mut file = FileConfig::load_with_env(cli.config.as_deref(), std::env::vars())?;
     let explicit_dir = cli.data_dir.is_some();
     let context = crate::loadtest::replay::CliContext {
         config: cli.config.clone(),

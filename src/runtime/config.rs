@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use stockflow_pipeline::WorkerConfig;
 use stockflow_pipeline::batcher::BatchConfig;
 use stockflow_pipeline::group::GroupConfig;
@@ -16,7 +16,7 @@ use stockflow_state::EngineConfig;
 use stockflow_state::windows::WindowConfig;
 
 /// The configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
     /// Directory of the embedded log (`log/`) and state store (`state.redb`).
@@ -36,7 +36,7 @@ pub struct FileConfig {
     /// The consumer group (leases) of the AWS deployment.
     pub group: GroupSection,
     /// Where effects are delivered (alerts, manufacturer, accounting).
-    pub connectors: crate::runtime::connectors::ConnectorsSection,
+    pub connectors: stockflow_connectors::config::ConnectorsSection,
     /// The live dashboard of `run`, `demo` and `dashboard`.
     pub dashboard: DashboardSection,
     /// How long consumed log segments and delivered effects are kept.
@@ -44,7 +44,7 @@ pub struct FileConfig {
 }
 
 /// `[dashboard]`: where the live dashboard listens and how fresh it keeps the stock table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DashboardSection {
     /// Address of the dashboard (page, `/api/*`, `/metrics`); its own port, apart from the
@@ -70,8 +70,18 @@ impl Default for DashboardSection {
     }
 }
 
+/// `[kinesis] mode`: how the consumers read a Kinesis stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KinesisMode {
+    /// `GetRecords` polling (shares the shard's 2 MB/s read limit with other readers).
+    Polling,
+    /// Enhanced fan-out (`SubscribeToShard`: a dedicated 2 MB/s per consumer).
+    FanOut,
+}
+
 /// `[kinesis]`: the stream `consume` reads when `stream` is set (state then lives in DynamoDB).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KinesisSection {
     /// Stream name; unset = the embedded log.
@@ -79,7 +89,7 @@ pub struct KinesisSection {
     /// Endpoint override (e.g. `http://127.0.0.1:4568` for kinesis-local); unset for AWS.
     pub endpoint: Option<String>,
     /// `polling` (GetRecords) or `fan-out` (enhanced fan-out, SubscribeToShard).
-    pub mode: String,
+    pub mode: KinesisMode,
     /// Name of the enhanced fan-out consumer (registered if missing).
     pub consumer_name: String,
     /// Wait after a GetRecords that returned less than a full batch, ms (200 to 10,000).
@@ -93,7 +103,7 @@ impl Default for KinesisSection {
         KinesisSection {
             stream: None,
             endpoint: None,
-            mode: "polling".into(),
+            mode: KinesisMode::Polling,
             consumer_name: "stockflow".into(),
             idle_poll_ms: 500,
             get_records_limit: 10_000,
@@ -102,7 +112,7 @@ impl Default for KinesisSection {
 }
 
 /// `[group]`: leases of the consumer group.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GroupSection {
     /// A lease not renewed for this long is taken over, ms (1,000 to 600,000; heartbeats every third).
@@ -130,7 +140,7 @@ impl Default for GroupSection {
 }
 
 /// `[dynamodb]`: where the AWS deployment keeps state, outbox, dead letters and leases.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DynamoSection {
     /// Table name prefix: tables are `{prefix}-sku-state`, `-outbox`, `-dead-letters`, `-dedup`,
@@ -164,7 +174,7 @@ impl Default for FileConfig {
             dynamodb: DynamoSection::default(),
             kinesis: KinesisSection::default(),
             group: GroupSection::default(),
-            connectors: crate::runtime::connectors::ConnectorsSection::default(),
+            connectors: stockflow_connectors::config::ConnectorsSection::default(),
             dashboard: DashboardSection::default(),
             retention: crate::runtime::retention::RetentionSection::default(),
         }
@@ -172,7 +182,7 @@ impl Default for FileConfig {
 }
 
 /// `[engine]`: the parameters of SPEC §2–§3.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSection {
     /// Tumbling window sizes in milliseconds (default one minute and one hour).
@@ -205,7 +215,7 @@ impl Default for EngineSection {
 }
 
 /// `[worker]`: how often shard workers commit.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSection {
     /// Commit after this many records (1 to 1,000,000).
@@ -228,7 +238,7 @@ impl Default for WorkerSection {
 }
 
 /// `[ingest]`: the HTTP server and how it batches puts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestSection {
     /// Address to listen on.
@@ -266,7 +276,7 @@ impl Default for IngestSection {
 
 /// `name = v` must lie in `lo..=hi`; the error names the setting and the range.
 pub fn in_range(name: &str, v: u64, lo: u64, hi: u64) -> anyhow::Result<()> {
-    if (lo..=hi).contains(&v) { Ok(()) } else { bail!("{name} = {v}: must be {lo} to {hi}") }
+    Ok(stockflow_connectors::config::in_range(name, v, lo, hi)?)
 }
 
 /// Validated settings.
@@ -297,18 +307,75 @@ pub struct Settings {
     /// What the ingest server admits (`ingest.max_concurrent_requests`, `ingest.body_timeout_ms`).
     pub ingest_limits: crate::server::Limits,
     /// Connectors (validated; credentials are read when they start).
-    pub connectors: crate::runtime::connectors::ConnectorsSection,
+    pub connectors: stockflow_connectors::config::ConnectorsSection,
     /// The live dashboard.
     pub dashboard: DashboardSection,
     /// Retention (validated).
     pub retention: crate::runtime::retention::Retention,
 }
 
+/// The prefix of the environment variables that set config fields ([`FileConfig::load_with_env`]).
+pub const ENV_PREFIX: &str = "STOCKFLOW__";
+
+/// A variable's value as TOML (`8`, `true`, `[1, 2]`, `{ env = "X" }`), else as a string.
+fn env_value(text: &str) -> toml::Value {
+    format!("v = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> anyhow::Result<()> {
+    let (last, parents) = keys.split_last().context("no field named")?;
+    let mut at = table;
+    for key in parents {
+        let next = at.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = next.as_table_mut().with_context(|| format!("`{key}` is a value, not a section"))?;
+    }
+    at.insert(last.clone(), value);
+    Ok(())
+}
+
 impl FileConfig {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        Self::load_with_env(Some(path), std::env::vars())
+    }
+
+    /// The configuration of a TOML file (or the defaults, without one) with every
+    /// `STOCKFLOW__SECTION__FIELD` variable of `env` laid over it.
+    ///
+    /// The naming rule: `STOCKFLOW__` then the field's path in the file, each level separated by
+    /// `__`, case-insensitive — `STOCKFLOW__CONNECTORS__ACCOUNTING__SHAPE=xero` is
+    /// `[connectors.accounting] shape = "xero"`, `STOCKFLOW__SHARDS=8` is `shards = 8`. The value
+    /// is read as a TOML value (`8`, `true`, `[60000, 3600000]`, `{ env = "TOKEN" }`) and, when it
+    /// is not one, as a string. The environment wins over the file; unknown names are refused
+    /// like unknown keys in the file.
+    pub fn load_with_env(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+        let mut root = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                text.parse::<toml::Table>().with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut overridden = Vec::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let keys: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if keys.iter().any(String::is_empty) {
+                bail!("{name}: empty path segment (levels are separated by `__`)");
+            }
+            set_path(&mut root, &keys, env_value(&value)).with_context(|| name.clone())?;
+            overridden.push(name);
+        }
+        let from = match (path, overridden.is_empty()) {
+            (Some(p), true) => p.display().to_string(),
+            (Some(p), false) => format!("{} and {}", p.display(), overridden.join(", ")),
+            (None, _) => overridden.join(", "),
+        };
+        root.try_into().with_context(|| format!("parsing {from}"))
     }
 
     /// Checks every field and builds the settings.
@@ -336,9 +403,6 @@ impl FileConfig {
         in_range("worker.commit_interval_ms", w.commit_interval_ms, 10, 60_000)?;
         in_range("worker.batch_records", w.batch_records as u64, 1, 10_000)?;
         let k = self.kinesis;
-        if !["polling", "fan-out"].contains(&k.mode.as_str()) {
-            bail!("kinesis.mode = {:?}: must be \"polling\" or \"fan-out\"", k.mode);
-        }
         in_range("kinesis.idle_poll_ms", k.idle_poll_ms, 200, 10_000)?;
         in_range("kinesis.get_records_limit", k.get_records_limit as u64, 1, 10_000)?;
         let g = self.group;
@@ -443,5 +507,130 @@ mod tests {
         assert_eq!(example.validate().unwrap().worker, WorkerConfig::default());
         let bad = FileConfig { shards: 0, ..FileConfig::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("shards"));
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn every_field_is_settable_from_the_environment() {
+        let c = FileConfig::load_with_env(
+            None,
+            env(&[
+                ("STOCKFLOW__SHARDS", "8"),
+                ("STOCKFLOW__ENGINE__WINDOW_SIZES_MS", "[60000]"),
+                ("STOCKFLOW__KINESIS__MODE", "fan-out"),
+                ("STOCKFLOW__CONNECTORS__ACCOUNTING__SHAPE", "xero"),
+                ("STOCKFLOW__CONNECTORS__ACCOUNTING__TOKEN", r#"{ env = "XERO_TOKEN" }"#),
+                ("STOCKFLOW__DASHBOARD__LISTEN", "127.0.0.1:9999"),
+                ("STOCKFLOW_DATA_DIR", "ignored: one underscore is a CLI flag's variable"),
+                ("PATH", "/usr/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.shards, 8);
+        assert_eq!(c.engine.window_sizes_ms, vec![60_000]);
+        assert_eq!(c.kinesis.mode, KinesisMode::FanOut);
+        assert_eq!(c.connectors.accounting.shape, stockflow_connectors::config::AccountingShape::Xero);
+        assert_eq!(c.connectors.accounting.token.env.as_deref(), Some("XERO_TOKEN"));
+        assert_eq!(c.dashboard.listen.port(), 9999);
+        // The environment wins over the file.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "shards = 2\n[worker]\nbatch_records = 7\n").unwrap();
+        let c = FileConfig::load_with_env(Some(&file), env(&[("STOCKFLOW__SHARDS", "3")])).unwrap();
+        assert_eq!((c.shards, c.worker.batch_records), (3, 7));
+        // Unknown names and bad values are refused, naming the variable and the field.
+        let err = format!("{:#}", FileConfig::load_with_env(None, env(&[("STOCKFLOW__SHARDZ", "3")])).unwrap_err());
+        assert!(err.contains("STOCKFLOW__SHARDZ") && err.contains("shardz"), "{err}");
+        let err = format!(
+            "{:#}",
+            FileConfig::load_with_env(None, env(&[("STOCKFLOW__CONNECTORS__ACCOUNTING__SHAPE", "sage")])).unwrap_err()
+        );
+        assert!(err.contains("sage") && err.contains("quickbooks"), "{err}");
+        let err = format!("{:#}", FileConfig::load_with_env(None, env(&[("STOCKFLOW__SHARDS__X", "1")])).unwrap_err());
+        assert!(err.contains("STOCKFLOW__SHARDS__X"), "{err}");
+    }
+
+    #[test]
+    fn config_strings_are_parsed_into_choices_or_refused() {
+        for (text, needle) in [
+            ("[kinesis]\nmode = \"fanout\"", "fan-out"),
+            ("[connectors.accounting]\nshape = \"Xero \"", "xero"),
+            ("[connectors.accounting]\nposting = \"per-effect\"", "per_effect"),
+            ("[connectors.accounting]\nperiod = \"1w\"", "1d"),
+        ] {
+            let err = toml::from_str::<FileConfig>(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    /// The example file names every field of the config types (commented-out lines count: they
+    /// are what a seller uncomments), and with them uncommented it still parses and validates.
+    #[test]
+    fn the_example_config_is_complete_and_valid() {
+        let example = include_str!("../../deploy/stockflow.example.toml");
+        let uncommented: String = example
+            .lines()
+            .map(|l| {
+                let t = l.trim_start();
+                match t.strip_prefix("# ") {
+                    Some(rest)
+                        if rest.starts_with('[') || rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) =>
+                    {
+                        rest
+                    }
+                    _ => l,
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let full: toml::Table = uncommented.parse().unwrap();
+        let parsed: FileConfig = full.clone().try_into().unwrap();
+        parsed.validate().unwrap();
+        let defaults = toml::Table::try_from(FileConfig::default()).unwrap();
+        let mut missing = Vec::new();
+        fn walk(defaults: &toml::Table, example: &toml::Table, path: &str, missing: &mut Vec<String>) {
+            for (key, value) in defaults {
+                let here = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                match (value, example.get(key)) {
+                    (_, None) => missing.push(here),
+                    (toml::Value::Table(d), Some(toml::Value::Table(e))) if here != "engine.reorder_points" => {
+                        walk(d, e, &here, missing)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        walk(&defaults, &full, "", &mut missing);
+        // Optional fields (unset by default) must be there too, commented out.
+        for optional in [
+            "ingest.marketplace_id",
+            "dynamodb.endpoint",
+            "kinesis.stream",
+            "kinesis.endpoint",
+            "group.worker_id",
+            "connectors.alerts_webhook.url",
+            "connectors.manufacturer.url",
+            "connectors.accounting.url",
+            "connectors.accounting.realm_id",
+            "connectors.accounting.tenant_id",
+        ] {
+            let mut at = Some(&full);
+            let mut found = false;
+            let keys: Vec<&str> = optional.split('.').collect();
+            for (i, k) in keys.iter().enumerate() {
+                match at.and_then(|t| t.get(*k)) {
+                    Some(toml::Value::Table(t)) => at = Some(t),
+                    Some(_) if i == keys.len() - 1 => found = true,
+                    _ => break,
+                }
+            }
+            if !found {
+                missing.push(optional.to_string());
+            }
+        }
+        assert!(missing.is_empty(), "deploy/stockflow.example.toml lacks {missing:?}");
     }
 }

@@ -1,18 +1,15 @@
-//! Wiring of the connectors: the `[connectors]` config section, credentials (Secrets Manager,
+//! Wiring of the connectors (their config section is `stockflow_connectors::config`): credentials (Secrets Manager,
 //! file or environment — never logged), and the drains that run next to the consumers.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use serde::Deserialize;
+use anyhow::Context;
 use stockflow_connectors::accounting::{Accounting, Accounts, Shape};
 use stockflow_connectors::alerts::{AlertFeed, AlertWebhook, LogSink};
+use stockflow_connectors::config::{AccountingShape, ConnectorsSection, CredentialSource};
 use stockflow_connectors::drain::{Drain, DrainConfig, DrainControl, DrainStats, Lanes};
-use stockflow_connectors::journals::{PeriodLen, SummaryPolicy};
 use stockflow_connectors::manufacturer::{Manufacturer, SyncReport, sync_stock_levels};
-use stockflow_connectors::policy::{BackoffConfig, BreakerConfig, DeliveryPolicy};
 use stockflow_connectors::{Connector, Secret};
 use stockflow_state::book::BookStore;
 use stockflow_state::money::Currency;
@@ -23,350 +20,52 @@ use tokio::task::JoinSet;
 /// How often credentials from Secrets Manager or a file are re-read.
 const REFRESH: Duration = Duration::from_secs(300);
 
-/// `[connectors]`: where effects are delivered. Each HTTP connector is off until its `url` is set.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConnectorsSection {
-    /// Write alerts to the log (`tracing`).
-    pub log: bool,
-    /// Delivery policy defaults for every connector.
-    pub delivery: DeliverySection,
-    /// Signed alert webhook.
-    pub alerts_webhook: WebhookSection,
-    /// The manufacturer's API.
-    pub manufacturer: ManufacturerSection,
-    /// The accounting system.
-    pub accounting: AccountingSection,
+/// Reads a credential from where `source` says (empty when none is configured).
+pub async fn load_credential(source: &CredentialSource, what: &str) -> anyhow::Result<Secret> {
+    let value = if let Some(id) = &source.secret_id {
+        let endpoint = std::env::var("SECRETSMANAGER_ENDPOINT").ok();
+        let client = crate::ingest::webhook::secrets_client(endpoint.as_deref()).await;
+        let out = client
+            .get_secret_value()
+            .secret_id(id)
+            .send()
+            .await
+            .with_context(|| format!("{what}: reading secret {id}"))?;
+        out.secret_string().map(str::to_string).with_context(|| format!("{what}: secret {id} has no SecretString"))?
+    } else if let Some(path) = &source.file {
+        std::fs::read_to_string(path).with_context(|| format!("{what}: reading {}", path.display()))?
+    } else if let Some(var) = &source.env {
+        std::env::var(var).with_context(|| format!("{what}: environment variable {var} is not set"))?
+    } else {
+        source.value.clone().unwrap_or_default()
+    };
+    Ok(Secret::new(value.trim().to_string()))
 }
 
-impl Default for ConnectorsSection {
-    fn default() -> Self {
-        ConnectorsSection {
-            log: true,
-            delivery: DeliverySection::default(),
-            alerts_webhook: WebhookSection::default(),
-            manufacturer: ManufacturerSection::default(),
-            accounting: AccountingSection::default(),
-        }
-    }
-}
-
-/// `[connectors.delivery]`: batching, retries, breaker and timeouts (every connector; QuickBooks
-/// and Xero are further clamped to their documented limits).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeliverySection {
-    /// Most effects per request (1 to 1000).
-    pub max_batch: usize,
-    /// Largest request body, bytes (1 KiB to 350 KB: the in-flight request is saved in the store).
-    pub max_bytes: usize,
-    /// How long a partial batch waits for more, ms (0 to 60,000).
-    pub linger_ms: u64,
-    /// Failed attempts before a request is dead-lettered (1 to 1,000,000).
-    pub max_attempts: u32,
-    /// Request timeout, ms (50 to 120,000).
-    pub timeout_ms: u64,
-    /// First backoff ceiling, ms (1 to 60,000).
-    pub backoff_base_ms: u64,
-    /// Largest backoff ceiling, ms (≥ backoff_base_ms, ≤ 3,600,000).
-    pub backoff_cap_ms: u64,
-    /// Consecutive failures that open the circuit (1 to 1000).
-    pub breaker_failures: u32,
-    /// How long the circuit stays open before a probe, ms (10 to 3,600,000; doubles per failed probe).
-    pub breaker_open_ms: u64,
-    /// Ceiling of the open time, ms.
-    pub breaker_max_open_ms: u64,
-    /// Requests in flight per connector (1 to 64).
-    pub concurrency: usize,
-    /// Idle poll of the outbox, ms (1 to 10,000).
-    pub poll_ms: u64,
-}
-
-impl Default for DeliverySection {
-    fn default() -> Self {
-        let p = DeliveryPolicy::default();
-        DeliverySection {
-            max_batch: p.max_batch,
-            max_bytes: p.max_bytes,
-            linger_ms: p.linger.as_millis() as u64,
-            max_attempts: p.max_attempts,
-            timeout_ms: p.timeout.as_millis() as u64,
-            backoff_base_ms: p.backoff.base.as_millis() as u64,
-            backoff_cap_ms: p.backoff.cap.as_millis() as u64,
-            breaker_failures: p.breaker.failures,
-            breaker_open_ms: p.breaker.open_for.as_millis() as u64,
-            breaker_max_open_ms: p.breaker.max_open_for.as_millis() as u64,
-            concurrency: p.concurrency,
-            poll_ms: 100,
-        }
-    }
-}
-
-/// Where a credential comes from: Secrets Manager (`secret_id`), a file, an environment
-/// variable, or (for local tests only) the config itself. The value is never logged.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CredentialSource {
-    /// Secrets Manager secret id or ARN (its `SecretString`).
-    pub secret_id: Option<String>,
-    /// A file holding the value.
-    pub file: Option<PathBuf>,
-    /// An environment variable holding the value.
-    pub env: Option<String>,
-    /// The value itself (local testing).
-    pub value: Option<String>,
-}
-
-impl CredentialSource {
-    fn is_set(&self) -> bool {
-        self.secret_id.is_some() || self.file.is_some() || self.env.is_some() || self.value.is_some()
-    }
-
-    /// Reads the credential (empty when none is configured).
-    pub async fn load(&self, what: &str) -> anyhow::Result<Secret> {
-        let value = if let Some(id) = &self.secret_id {
-            let endpoint = std::env::var("SECRETSMANAGER_ENDPOINT").ok();
-            let client = crate::ingest::webhook::secrets_client(endpoint.as_deref()).await;
-            let out = client
-                .get_secret_value()
-                .secret_id(id)
-                .send()
-                .await
-                .with_context(|| format!("{what}: reading secret {id}"))?;
-            out.secret_string()
-                .map(str::to_string)
-                .with_context(|| format!("{what}: secret {id} has no SecretString"))?
-        } else if let Some(path) = &self.file {
-            std::fs::read_to_string(path).with_context(|| format!("{what}: reading {}", path.display()))?
-        } else if let Some(var) = &self.env {
-            std::env::var(var).with_context(|| format!("{what}: environment variable {var} is not set"))?
-        } else {
-            self.value.clone().unwrap_or_default()
-        };
-        Ok(Secret::new(value.trim().to_string()))
-    }
-
-    /// Loads the credential and, when it comes from Secrets Manager or a file, re-reads it every
-    /// `every` so a rotated token (OAuth access tokens live under an hour) reaches the running
-    /// connectors; a failed re-read keeps the old value.
-    pub async fn load_and_refresh(&self, what: &'static str, every: Duration) -> anyhow::Result<Secret> {
-        let secret = self.load(what).await?;
-        if self.secret_id.is_some() || self.file.is_some() {
-            let (source, shared) = (self.clone(), secret.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    match source.load(what).await {
-                        Ok(fresh) => shared.replace(fresh.expose()),
-                        Err(e) => {
-                            tracing::warn!(credential = what, error = %e, "re-reading a credential failed; keeping the old one")
-                        }
+/// Loads a credential and, when it comes from Secrets Manager or a file, re-reads it every `every`
+/// so a rotated token (OAuth access tokens live under an hour) reaches the running connectors; a
+/// failed re-read keeps the old value.
+pub async fn load_and_refresh(
+    source: &CredentialSource,
+    what: &'static str,
+    every: Duration,
+) -> anyhow::Result<Secret> {
+    let secret = load_credential(source, what).await?;
+    if source.secret_id.is_some() || source.file.is_some() {
+        let (source, shared) = (source.clone(), secret.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match load_credential(&source, what).await {
+                    Ok(fresh) => shared.replace(fresh.expose()),
+                    Err(e) => {
+                        tracing::warn!(credential = what, error = %e, "re-reading a credential failed; keeping the old one")
                     }
                 }
-            });
-        }
-        Ok(secret)
-    }
-}
-
-/// `[connectors.alerts_webhook]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WebhookSection {
-    /// Endpoint; unset = off.
-    pub url: Option<String>,
-    /// The signing secret (`whsec_<base64>`).
-    pub secret: CredentialSource,
-}
-
-/// `[connectors.manufacturer]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ManufacturerSection {
-    /// API base URL; unset = off.
-    pub url: Option<String>,
-    /// Bearer token (optional).
-    pub token: CredentialSource,
-    /// How long catalogue answers (lead times) are cached, s (0 to 86,400).
-    pub cache_ttl_s: u64,
-    /// How often changed stock levels are sent, s (1 to 86,400; 0 = off).
-    pub stock_sync_interval_s: u64,
-}
-
-impl Default for ManufacturerSection {
-    fn default() -> Self {
-        ManufacturerSection {
-            url: None,
-            token: CredentialSource::default(),
-            cache_ttl_s: 3600,
-            stock_sync_interval_s: 900,
-        }
-    }
-}
-
-/// `[connectors.accounting]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AccountingSection {
-    /// `generic`, `quickbooks` or `xero`.
-    pub shape: String,
-    /// Base URL (generic: the journal API; QuickBooks: `https://quickbooks.api.intuit.com`;
-    /// Xero: `https://api.xero.com`); unset = off.
-    pub url: Option<String>,
-    /// QuickBooks company (realm) id.
-    pub realm_id: Option<String>,
-    /// QuickBooks `minorversion`.
-    pub minor_version: u32,
-    /// Xero tenant id.
-    pub tenant_id: Option<String>,
-    /// The books' currency: Xero's organisation base currency, QuickBooks' home currency.
-    /// Journals in another currency are dead-lettered with the reason (Xero always; QuickBooks
-    /// unless `multi_currency`).
-    pub base_currency: String,
-    /// QuickBooks: the company has multicurrency on (journals carry their `CurrencyRef`).
-    pub multi_currency: bool,
-    /// OAuth 2 access token (refreshed outside stockflow; from Secrets Manager or a file it is
-    /// re-read every 5 minutes).
-    pub token: CredentialSource,
-    /// Account debited with COGS.
-    pub cogs_account: String,
-    /// Inventory asset account.
-    pub inventory_account: String,
-    /// Received-not-invoiced clearing account.
-    pub clearing_account: String,
-    /// `summary` (one journal per period and currency, the default) or `per_effect` (one per
-    /// shipment or receipt).
-    pub posting: String,
-    /// Summary period: `1d` (default) or `1h`.
-    pub period: String,
-    /// The seller's time zone (IANA name) where summary periods begin and end.
-    pub time_zone: String,
-}
-
-impl AccountingSection {
-    /// The summary policy (`None` for per-effect posting); `lateness_ms` is the engine's.
-    pub fn summary(&self, lateness_ms: i64) -> anyhow::Result<Option<SummaryPolicy>> {
-        match self.posting.as_str() {
-            "per_effect" => Ok(None),
-            "summary" => {
-                let period =
-                    PeriodLen::parse(&self.period).map_err(|e| anyhow::anyhow!("connectors.accounting.period: {e}"))?;
-                let policy = SummaryPolicy::new(period, &self.time_zone, lateness_ms)
-                    .map_err(|e| anyhow::anyhow!("connectors.accounting.time_zone: {e}"))?;
-                Ok(Some(policy))
             }
-            other => bail!("connectors.accounting.posting = {other:?}: must be \"summary\" or \"per_effect\""),
-        }
+        });
     }
-}
-
-impl Default for AccountingSection {
-    fn default() -> Self {
-        AccountingSection {
-            shape: "generic".into(),
-            url: None,
-            realm_id: None,
-            minor_version: 75,
-            tenant_id: None,
-            base_currency: "USD".into(),
-            multi_currency: false,
-            token: CredentialSource::default(),
-            cogs_account: "5000".into(),
-            inventory_account: "1300".into(),
-            clearing_account: "2100".into(),
-            posting: "summary".into(),
-            period: "1d".into(),
-            time_zone: "UTC".into(),
-        }
-    }
-}
-
-impl DeliverySection {
-    /// Checks ranges and builds the policy.
-    pub fn policy(&self) -> anyhow::Result<DeliveryPolicy> {
-        let check = |name: &str, v: u64, lo: u64, hi: u64| {
-            crate::runtime::config::in_range(&format!("connectors.delivery.{name}"), v, lo, hi)
-        };
-        check("max_batch", self.max_batch as u64, 1, 1000)?;
-        check("max_bytes", self.max_bytes as u64, 1024, 350_000)?;
-        check("linger_ms", self.linger_ms, 0, 60_000)?;
-        check("max_attempts", self.max_attempts.into(), 1, 1_000_000)?;
-        check("timeout_ms", self.timeout_ms, 50, 120_000)?;
-        check("backoff_base_ms", self.backoff_base_ms, 1, 60_000)?;
-        check("backoff_cap_ms", self.backoff_cap_ms, self.backoff_base_ms, 3_600_000)?;
-        check("breaker_failures", self.breaker_failures.into(), 1, 1000)?;
-        check("breaker_open_ms", self.breaker_open_ms, 10, 3_600_000)?;
-        check("breaker_max_open_ms", self.breaker_max_open_ms, self.breaker_open_ms, 86_400_000)?;
-        check("concurrency", self.concurrency as u64, 1, 64)?;
-        check("poll_ms", self.poll_ms, 1, 10_000)?;
-        let ms = Duration::from_millis;
-        Ok(DeliveryPolicy {
-            max_batch: self.max_batch,
-            max_bytes: self.max_bytes,
-            linger: ms(self.linger_ms),
-            max_attempts: self.max_attempts,
-            timeout: ms(self.timeout_ms),
-            backoff: BackoffConfig { base: ms(self.backoff_base_ms), cap: ms(self.backoff_cap_ms) },
-            breaker: BreakerConfig {
-                failures: self.breaker_failures,
-                open_for: ms(self.breaker_open_ms),
-                max_open_for: ms(self.breaker_max_open_ms),
-            },
-            rate: None,
-            concurrency: self.concurrency,
-        })
-    }
-}
-
-impl ConnectorsSection {
-    /// Names of the connectors this section turns on (the drain cursors' keys), without
-    /// building them or reading credentials.
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut v = vec!["feed"];
-        if self.log {
-            v.push("log");
-        }
-        if self.alerts_webhook.url.is_some() {
-            v.push("alerts-webhook");
-        }
-        if self.manufacturer.url.is_some() {
-            v.push("manufacturer");
-        }
-        if self.accounting.url.is_some() {
-            v.push("accounting");
-        }
-        v
-    }
-
-    /// Checks the section without reading credentials (config validation).
-    pub fn validate(&self) -> anyhow::Result<()> {
-        self.delivery.policy()?;
-        if self.alerts_webhook.url.is_some() && !self.alerts_webhook.secret.is_set() {
-            bail!("connectors.alerts_webhook.secret: required with a url (receivers verify the signature)");
-        }
-        if self.manufacturer.cache_ttl_s > 86_400 || self.manufacturer.stock_sync_interval_s > 86_400 {
-            bail!("connectors.manufacturer: cache_ttl_s and stock_sync_interval_s must be at most 86400");
-        }
-        let a = &self.accounting;
-        match a.shape.as_str() {
-            "generic" => {}
-            "quickbooks" if a.url.is_some() && a.realm_id.is_none() => {
-                bail!("connectors.accounting.realm_id: required for quickbooks")
-            }
-            "quickbooks" => {}
-            "xero" if a.url.is_some() && a.tenant_id.is_none() => {
-                bail!("connectors.accounting.tenant_id: required for xero")
-            }
-            "xero" => {
-                Currency::parse(&a.base_currency).with_context(|| {
-                    format!("connectors.accounting.base_currency = {:?}: an ISO 4217 code", a.base_currency)
-                })?;
-            }
-            other => bail!("connectors.accounting.shape = {other:?}: must be \"generic\", \"quickbooks\" or \"xero\""),
-        }
-        a.summary(0)?;
-        Ok(())
-    }
+    Ok(secret)
 }
 
 /// The configured connectors, built and holding their credentials.
@@ -452,7 +151,7 @@ impl Connectors {
         let webhook = match &cfg.alerts_webhook.url {
             Some(url) => {
                 let secret =
-                    cfg.alerts_webhook.secret.load_and_refresh("connectors.alerts_webhook.secret", REFRESH).await?;
+                    load_and_refresh(&cfg.alerts_webhook.secret, "connectors.alerts_webhook.secret", REFRESH).await?;
                 let hook = AlertWebhook::new(url.clone(), secret, policy.clone())
                     .map_err(|e| anyhow::anyhow!("connectors.alerts_webhook.secret: {e}"))?;
                 Some(Arc::new(hook))
@@ -462,7 +161,7 @@ impl Connectors {
         let m = &cfg.manufacturer;
         let manufacturer = match &m.url {
             Some(url) => {
-                let token = m.token.load_and_refresh("connectors.manufacturer.token", REFRESH).await?;
+                let token = load_and_refresh(&m.token, "connectors.manufacturer.token", REFRESH).await?;
                 Some(Arc::new(Manufacturer::new(
                     url.clone(),
                     token,
@@ -475,27 +174,27 @@ impl Connectors {
         let a = &cfg.accounting;
         let accounting = match &a.url {
             Some(url) => {
-                let shape = match a.shape.as_str() {
-                    "quickbooks" => Shape::QuickBooks {
+                let shape = match a.shape {
+                    AccountingShape::Quickbooks => Shape::QuickBooks {
                         base: url.clone(),
                         realm_id: a.realm_id.clone().unwrap_or_default(),
                         minor_version: a.minor_version,
                         home_currency: Currency::parse(&a.base_currency).unwrap_or(Currency::USD),
                         multi_currency: a.multi_currency,
                     },
-                    "xero" => Shape::Xero {
+                    AccountingShape::Xero => Shape::Xero {
                         base: url.clone(),
                         tenant_id: a.tenant_id.clone().unwrap_or_default(),
                         base_currency: Currency::parse(&a.base_currency).unwrap_or(Currency::USD),
                     },
-                    _ => Shape::Generic { url: url.clone() },
+                    AccountingShape::Generic => Shape::Generic { url: url.clone() },
                 };
                 let accounts = Accounts {
                     cogs: a.cogs_account.clone(),
                     inventory: a.inventory_account.clone(),
                     clearing: a.clearing_account.clone(),
                 };
-                let token = a.token.load_and_refresh("connectors.accounting.token", REFRESH).await?;
+                let token = load_and_refresh(&a.token, "connectors.accounting.token", REFRESH).await?;
                 let mut c = Accounting::new(shape, accounts, token, policy.clone());
                 if let Some(summary) = a.summary(lateness_ms)? {
                     c = c.with_summary(summary);

@@ -43,7 +43,7 @@ pub async fn member(
     let mut cfg = KinesisConfig::new(stream);
     cfg.idle_poll = std::time::Duration::from_millis(k.idle_poll_ms);
     cfg.get_records_limit = k.get_records_limit;
-    if k.mode == "fan-out" {
+    if k.mode == crate::runtime::config::KinesisMode::FanOut {
         cfg.mode = ReadMode::FanOut { consumer_name: k.consumer_name.clone() };
     }
     let source = KinesisSource::new(client, cfg).await.context("opening the Kinesis stream")?;

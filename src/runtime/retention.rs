@@ -16,14 +16,14 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use stockflow_pipeline::log::EmbeddedLog;
 use stockflow_state::outbox::{OutboxStore, delivered_by_all};
 use stockflow_state::{StateStore, StoreError};
 use tokio::sync::watch;
 
 /// `[retention]` as written in the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionSection {
     /// Keep consumed log segments this long (`"7d"`, `"12h"`, `"30m"`, `"0s"`).
