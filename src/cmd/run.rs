@@ -28,8 +28,14 @@ pub struct RunArgs {
     /// anyone who reaches the port could write stock).
     #[arg(long)]
     allow_unsigned: bool,
+    /// Once serving, write the bound addresses here as JSON (`{"ingest": "127.0.0.1:PORT",
+    /// "dashboard": "…", "pid": N}`), before the banner: what a supervisor or `replay --target
+    /// local` reads when it asked for port 0.
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<std::path::PathBuf>,
 }
 
+/// Runs `stockflow run` until SIGINT/SIGTERM.
 pub async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {
     let listen = args.listen.unwrap_or(settings.listen);
     let verifier = crate::ingest::webhook::load(std::time::Duration::from_secs(300)).await?;
@@ -50,6 +56,10 @@ pub async fn run(args: RunArgs, settings: Settings, metrics: Option<PrometheusHa
         shutdown.clone(),
     )
     .await?;
+    if let Some(path) = &args.ready_file {
+        crate::runtime::Ready { ingest: listener.local_addr()?, dashboard: dashboard_at, pid: std::process::id() }
+            .write(path)?;
+    }
     println!(
         "stockflow: ingest ({signed}) on http://{}/v1/events, metrics on /metrics, dashboard on http://{dashboard_at}/",
         listener.local_addr()?

@@ -183,3 +183,29 @@ pub fn print_reports(reports: &[WorkerReport]) {
     let dups: u64 = reports.iter().map(|r| r.stats.duplicates).sum();
     println!("consumed: {applied} events applied, {dups} duplicates skipped, {} shards", reports.len());
 }
+
+/// The addresses a running `stockflow run` serves on (`--ready-file`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ready {
+    /// The ingest API.
+    pub ingest: std::net::SocketAddr,
+    /// The live dashboard.
+    pub dashboard: std::net::SocketAddr,
+    /// The process id.
+    pub pid: u32,
+}
+
+impl Ready {
+    /// Writes the file atomically (a reader never sees half of it).
+    pub fn write(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Reads a ready file.
+    pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+    }
+}

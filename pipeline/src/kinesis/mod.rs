@@ -13,6 +13,7 @@
 //! - Writing: [`KinesisProducer`], `PutRecords` in ≤ 500-record / 5 MiB calls, retrying only the
 //!   records Kinesis refused, never letting a SKU's later record land before an earlier one.
 
+pub mod admin;
 pub mod kpl;
 mod producer;
 pub mod testing;

@@ -4,8 +4,6 @@ use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
 
-use stockflow_state::retry::{Backoff, BackoffConfig};
-
 /// The emulator endpoint: `KINESIS_ENDPOINT`, default `http://127.0.0.1:4568`.
 pub fn endpoint() -> String {
     std::env::var("KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4568".into())
@@ -37,18 +35,9 @@ pub async fn emulator_stream(tag: &str, shards: i32) -> Option<(Client, String)>
     Some((client, name))
 }
 
-/// Waits until the stream is `ACTIVE` (after create, split, merge).
+/// Waits until the stream is `ACTIVE` (after create, split, merge); panics after 60 s.
 pub async fn wait_active(client: &Client, name: &str) {
-    let mut backoff =
-        Backoff::from_clock(BackoffConfig::new(Duration::from_millis(20), Duration::from_millis(500))).limited(200);
-    loop {
-        let out = client.describe_stream_summary().stream_name(name).send().await;
-        if let Ok(out) = out
-            && out.stream_description_summary().is_some_and(|s| s.stream_status().as_str() == "ACTIVE")
-        {
-            return;
-        }
-        let delay = backoff.next_delay().unwrap_or_else(|| panic!("stream {name} never became ACTIVE"));
-        tokio::time::sleep(delay).await;
+    if let Err(e) = super::admin::wait_active(client, name, Duration::from_secs(60)).await {
+        panic!("{e}");
     }
 }

@@ -259,9 +259,11 @@ async fn local(args: &ReplayArgs, cli: &CliContext, report_dir: &Path, lanes: us
     if let Some(n) = cli.shards {
         cmd.arg("--shards").arg(n.to_string());
     }
+    let ready_file = temp.path().join("ready.json");
     cmd.arg("--data-dir")
-        .arg(temp.path())
-        .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"])
+        .arg(temp.path().join("data"))
+        .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready_file)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log)
@@ -277,11 +279,9 @@ async fn local(args: &ReplayArgs, cli: &CliContext, report_dir: &Path, lanes: us
         Ok(Ok(n)) if n > 0 => {}
         _ => bail!("stockflow run did not start (see {})", log_path.display()),
     }
-    // "stockflow: ingest on http://A/v1/events, metrics on /metrics, dashboard on http://B/"
-    let host = |n: usize| line.split("http://").nth(n).and_then(|r| r.split('/').next()).map(str::to_string);
-    let (Some(ingest), Some(dashboard)) = (host(1), host(2)) else {
-        bail!("stockflow run said {line:?}, not its addresses");
-    };
+    // The banner line says it is serving; the ready file, written before it, says where.
+    let crate::runtime::Ready { ingest, dashboard, .. } = crate::runtime::Ready::read(&ready_file)
+        .with_context(|| format!("stockflow run said {line:?} but left no ready file"))?;
     // Keep draining its stdout so it never blocks on a full pipe.
     tokio::spawn(async move {
         let mut sink = tokio::io::sink();
@@ -319,7 +319,12 @@ async fn kinesis(
     use stockflow_pipeline::kinesis::{self, KinesisProducer};
     let endpoint = args.kinesis_endpoint.clone().or_else(|| settings.kinesis.endpoint.clone());
     let client = kinesis::client(endpoint.as_deref(), false).await;
-    ensure_stream(&client, stream, cli.shards.unwrap_or(settings.shards).max(1) as i32).await?;
+    stockflow_pipeline::kinesis::admin::ensure_stream(
+        &client,
+        stream,
+        cli.shards.unwrap_or(settings.shards).max(1) as i32,
+    )
+    .await?;
     let prefix = args.table_prefix.clone().unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
     let dynamo_endpoint = args.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
     let store = Arc::new(DynamoStore::new(DynamoStore::client(dynamo_endpoint.as_deref()).await, &prefix));
@@ -354,28 +359,4 @@ async fn kinesis(
             _dir: None,
         },
     })
-}
-
-async fn ensure_stream(client: &aws_sdk_kinesis::Client, name: &str, shards: i32) -> anyhow::Result<()> {
-    match client.describe_stream_summary().stream_name(name).send().await {
-        Ok(_) => {}
-        Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => {
-            client
-                .create_stream()
-                .stream_name(name)
-                .shard_count(shards)
-                .send()
-                .await
-                .with_context(|| format!("creating the Kinesis stream {name}"))?;
-        }
-        Err(e) => return Err(anyhow::Error::from(e).context(format!("describing the Kinesis stream {name}"))),
-    }
-    for _ in 0..600 {
-        let s = client.describe_stream_summary().stream_name(name).send().await?;
-        if s.stream_description_summary().is_some_and(|d| d.stream_status().as_str() == "ACTIVE") {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("the Kinesis stream {name} did not become ACTIVE")
 }
