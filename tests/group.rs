@@ -2,6 +2,8 @@
 //! (kinesis-local) with leases, state and checkpoints in DynamoDB (moto). Every scenario ends
 //! with the stored state, alerts and dead letters equal to the straight pass over the events —
 //! nothing lost, nothing applied twice — whatever was killed, handed off or resharded meanwhile.
+//!
+//! Long because each scenario starts and watches real processes; the shared harness is at the top.
 
 mod support;
 

@@ -27,6 +27,9 @@
 //! The coordinator also publishes this member's [`Assignment`] (after every event of its loop):
 //! the outboxes its connectors' drains deliver, each fenced by a lease it holds, and the number of
 //! live members that share the connectors' rate limits.
+//!
+//! One file because the coordinator's three timers share one state machine; lease storage is in
+//! `stockflow_state::lease`, the shard workers in `worker.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

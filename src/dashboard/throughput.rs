@@ -152,4 +152,3 @@ pub fn parse_exposition(text: &str) -> Sample {
     }
     s
 }
-

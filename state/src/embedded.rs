@@ -16,6 +16,9 @@
 //!
 //! A commit is one redb write transaction with `Durability::Immediate`: states, effects, dead
 //! letters, dedup entries and the checkpoint become durable together or not at all.
+//!
+//! One file because every method is one redb transaction over the same tables; splitting it by
+//! trait would scatter the table layout described here.
 
 use std::path::Path;
 use std::sync::Arc;

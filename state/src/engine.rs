@@ -4,6 +4,9 @@
 //! Applying an event is allocation-free unless it creates a SKU, an order line, a window or an
 //! effect. Everything the engine holds can be snapshotted and restored; restoring a snapshot
 //! taken at any point and applying the rest gives the same state as one straight pass.
+//!
+//! About 510 lines of code and the unit tests of apply/commit/restore next to them; the rules
+//! themselves live in `ledger.rs` and `windows.rs`.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;

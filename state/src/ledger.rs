@@ -11,6 +11,9 @@
 //! exact within SPEC §1's bounds and saturate beyond; money is exact (see [`crate::money`]); a
 //! record whose money cannot be booked within the limits is refused with [`ApplyError`] before
 //! anything changes, and the caller dead-letters it.
+//!
+//! Longer than most files here on purpose: the rules are one unit (about 480 lines) and their
+//! unit tests, one per SPEC rule, sit next to them.
 
 #![deny(clippy::arithmetic_side_effects)]
 

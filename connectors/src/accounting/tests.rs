@@ -123,8 +123,7 @@ async fn the_three_shapes_render_what_their_apis_take() {
         ..journal(JournalKind::InventoryReceipt, Decimal::new(500, 2), Currency::USD)
     });
     let policy = DeliveryPolicy::default;
-    let generic =
-        Accounting::new(Shape::Generic { url: "http://x".into() }, accounts(), Secret::default(), policy());
+    let generic = Accounting::new(Shape::Generic { url: "http://x".into() }, accounts(), Secret::default(), policy());
     let req = generic.render(&[&j, &r]).await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&req.body).unwrap();
     assert_eq!(v["entries"][0]["lines"][0], serde_json::json!({"account": "5000", "debit": "12.34"}));
@@ -134,21 +133,15 @@ async fn the_three_shapes_render_what_their_apis_take() {
     assert_eq!(v["entries"][0]["date"], "2025-11-27");
     assert_eq!(req.items, ["cogs:e1", "inventory:e2"]);
 
-    let qbo = Accounting::new(
-        qbo_shape(false),
-        accounts(),
-        Secret::new("t"),
-        DeliveryPolicy { max_batch: 500, ..policy() },
-    );
+    let qbo =
+        Accounting::new(qbo_shape(false), accounts(), Secret::new("t"), DeliveryPolicy { max_batch: 500, ..policy() });
     assert_eq!(qbo.policy().max_batch, 30, "QuickBooks batches are clamped to 30 operations");
     assert_eq!(qbo.policy().rate, Some(RateLimit::QUICKBOOKS_BATCH), "40 batch requests a minute");
     let single = qbo.render(&[&j]).await.unwrap();
     assert!(single.body.contains(r#""Amount":12.34,"#), "{}", single.body);
     assert!(single.body.contains(r#""PostingType":"Debit","AccountRef":{"value":"5000"}"#));
     assert!(
-        qbo.url(&single)
-            .1
-            .ends_with(&format!("/v3/company/123/journalentry?minorversion=75&requestid={}", single.key))
+        qbo.url(&single).1.ends_with(&format!("/v3/company/123/journalentry?minorversion=75&requestid={}", single.key))
     );
     let batch = qbo.render(&[&j, &r]).await.unwrap();
     assert!(batch.body.starts_with(r#"{"BatchItemRequest":[{"bId":"b0","operation":"create","JournalEntry":"#));

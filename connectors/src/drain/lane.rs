@@ -17,7 +17,12 @@ use super::*;
 
 impl<S: BookStore, C: Connector> Drain<S, C> {
     /// Delivers one shard's outbox in order, under `grant` (`None`: unfenced).
-    pub(super) async fn lane(&self, shard: &str, grant: Option<&LaneGrant>, ctl: &DrainControl) -> Result<LaneEnd, StoreError> {
+    pub(super) async fn lane(
+        &self,
+        shard: &str,
+        grant: Option<&LaneGrant>,
+        ctl: &DrainControl,
+    ) -> Result<LaneEnd, StoreError> {
         let fence = grant.map(|g| &g.fence);
         let ended = grant.is_some_and(|g| g.ended);
         if let Some(g) = grant
@@ -414,7 +419,13 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
     }
 
     /// Sends one request through the connector's gate until the receiver decides.
-    pub(super) async fn deliver(&self, shard: &str, fence: Option<&Fence>, request: &Request, ctl: &DrainControl) -> Outcome {
+    pub(super) async fn deliver(
+        &self,
+        shard: &str,
+        fence: Option<&Fence>,
+        request: &Request,
+        ctl: &DrainControl,
+    ) -> Outcome {
         loop {
             // Stop when told to, or when this process no longer holds the shard's grant.
             if ctl.stopping() || !self.lanes.holds(shard, fence) {

@@ -28,10 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use stockflow_state::StoreError;
 use stockflow_state::book::BookStore;
 use stockflow_state::lease::{Assignment, LaneGrant};
 use stockflow_state::outbox::Fence;
-use stockflow_state::StoreError;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;

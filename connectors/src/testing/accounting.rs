@@ -170,7 +170,10 @@ pub(super) const QBO_ACCOUNTS: [(&str, &str, &str, bool); 5] = [
 ];
 
 /// `GET …/query?query=select … from Account where Id in ('80', …)`: the accounts asked for.
-pub(super) async fn qbo_query(Path((_realm, op)): Path<(String, String)>, Query(q): Query<HashMap<String, String>>) -> Response {
+pub(super) async fn qbo_query(
+    Path((_realm, op)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     if op != "query" {
         return (StatusCode::NOT_FOUND, "no such entity").into_response();
     }
@@ -260,4 +263,3 @@ pub(super) async fn xero(State(s): State<Shared>, req: axum::extract::Request) -
     }
     answer
 }
-

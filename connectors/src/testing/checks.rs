@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
 
-use super::*;
 use super::accounting::kind_of;
+use super::*;
 
 /// Which receiver route a connector's effects land on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

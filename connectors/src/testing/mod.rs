@@ -499,4 +499,3 @@ async fn keyed_request(req: axum::extract::Request) -> Result<(Option<Fault>, St
     let body = axum::body::to_bytes(req.into_body(), 10 << 20).await.map_err(|_| refuse("body", "unreadable"))?;
     Ok((fault, key, body))
 }
-

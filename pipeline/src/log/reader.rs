@@ -3,9 +3,8 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
+use std::sync::atomic::Ordering;
 
 use crate::source::{Lag, ReadStatus, RecordBatch, ShardReader, StreamError};
 
@@ -149,4 +148,3 @@ impl ShardReader for LogReader {
         Lag { bytes: Some(end.saturating_sub(self.pos)), ..Lag::default() }
     }
 }
-

@@ -113,10 +113,8 @@ async fn segments_roll_positions_keep_growing_and_resume_across_them() {
     let rest = read_all(&log, "shard-0000", Some(&Position::offset(all[299].0))).await;
     assert!(rest.is_empty());
     // Closed segments hold their data only.
-    let disk: u64 = std::fs::read_dir(dir.path().join("shard-0000"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
+    let disk: u64 =
+        std::fs::read_dir(dir.path().join("shard-0000")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     assert!(disk < log.total_bytes() + (1 << 20) + 1, "{disk} on disk for {}", log.total_bytes());
 }
 

@@ -10,14 +10,13 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use stockflow_pipeline::batcher::Batching;
-use stockflow_pipeline::{OutRecord, StreamProducer};
 use stockflow_state::retry::{Backoff, BackoffConfig};
 use tokio::time::Instant;
 
 use super::{Pace, Workload};
 use crate::dashboard::{E2E_BUCKETS, Sample, Telemetry, parse_exposition};
-use crate::loadtest::http::HttpLane;
+
+pub use super::sinks::{Counted, HttpSink, Sent, Sink, StreamSink};
 
 /// How to drive.
 #[derive(Debug, Clone)]
@@ -32,142 +31,6 @@ pub struct Options {
     pub max_lag: f64,
     /// Longest wait for the consumers after the last record.
     pub drain_timeout: Duration,
-}
-
-/// What one send did.
-#[derive(Debug)]
-pub enum Sent {
-    /// Put on the stream: how many events (an SP-API notification can become several).
-    Accepted(u64),
-    /// Refused for a record's content: the record at `index` of the request (when the target
-    /// said which), with the reason. Not retried.
-    Rejected(Option<usize>, String),
-    /// Failed for the target's sake (overload, 5xx, connection lost): sent again after a backoff.
-    Retry(String),
-    /// Cannot go on (a refused signature, a stream that does not exist).
-    Fatal(anyhow::Error),
-}
-
-/// A lane's way to the target.
-#[derive(Debug)]
-pub enum Sink {
-    /// One keep-alive HTTP/1.1 connection.
-    Http(HttpSink),
-    /// The embedded log, behind the ingest's group-commit batcher.
-    Log(StreamSink<Batching<stockflow_pipeline::EmbeddedLog>>),
-    /// Kinesis `PutRecords` (calls counted), behind the ingest's group-commit batcher.
-    Kinesis(StreamSink<Batching<Counted<stockflow_pipeline::kinesis::KinesisProducer>>>),
-}
-
-/// A producer whose `put` calls are counted.
-#[derive(Debug)]
-pub struct Counted<P> {
-    inner: P,
-    calls: Arc<AtomicU64>,
-}
-
-impl<P> Counted<P> {
-    /// Counts `inner`'s puts into `calls`.
-    pub fn new(inner: P, calls: Arc<AtomicU64>) -> Self {
-        Counted { inner, calls }
-    }
-}
-
-impl<P: StreamProducer> StreamProducer for Counted<P> {
-    fn put(
-        &self,
-        records: &[OutRecord<'_>],
-    ) -> impl std::future::Future<Output = Result<(), stockflow_pipeline::StreamError>> + Send {
-        self.calls.fetch_add(1, Relaxed);
-        self.inner.put(records)
-    }
-}
-
-impl Sink {
-    async fn send(&mut self, w: &Workload, records: &[u32]) -> Sent {
-        match self {
-            Sink::Http(s) => s.send(w, records).await,
-            Sink::Log(s) => s.send(w, records).await,
-            Sink::Kinesis(s) => s.send(w, records).await,
-        }
-    }
-}
-
-/// Posts records to an ingest endpoint: one JSON document, or NDJSON for several.
-#[derive(Debug)]
-pub struct HttpSink {
-    http: HttpLane,
-}
-
-impl HttpSink {
-    /// A lane to `url` (`http://HOST:PORT/path`), signing with `key` when given.
-    pub async fn new(url: &str, key: Option<Arc<Vec<u8>>>, lane: usize) -> anyhow::Result<Self> {
-        let run = stockflow_state::now_ms() as u64 * 1024 + lane as u64;
-        Ok(HttpSink { http: HttpLane::new(url, key, format!("replay-{run}")).await? })
-    }
-
-    async fn send(&mut self, w: &Workload, records: &[u32]) -> Sent {
-        let mut body = Vec::with_capacity(records.len() * 200);
-        for (i, r) in records.iter().enumerate() {
-            if i > 0 {
-                body.push(b'\n');
-            }
-            body.extend_from_slice(w.record(*r as usize).1);
-        }
-        let path = match w.route(records[0] as usize) {
-            "events" => None,
-            other => Some(crate::loadtest::loadgen::spapi::path(other)),
-        };
-        let (status, body) = match self.http.post(path, body, records.len() > 1).await {
-            Ok(answer) => answer,
-            Err(e) => return Sent::Retry(format!("{}: {e:#}", self.http.addr())),
-        };
-        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        match status.as_u16() {
-            200..=299 => Sent::Accepted(json["accepted"].as_u64().unwrap_or(records.len() as u64)),
-            400 | 413 | 415 | 422 => {
-                let index = json["index"].as_u64().map(|i| i as usize).filter(|i| *i < records.len());
-                let field = json["field"].as_str().map(|f| format!(" (field {f})")).unwrap_or_default();
-                let error = json["error"].as_str().unwrap_or("refused");
-                Sent::Rejected(index, format!("{status}: {error}{field}"))
-            }
-            401 | 403 | 404 => Sent::Fatal(anyhow::anyhow!(
-                "{} answered {status}: {}",
-                self.http.path(),
-                String::from_utf8_lossy(&body).chars().take(300).collect::<String>()
-            )),
-            _ => Sent::Retry(format!("{status}")),
-        }
-    }
-}
-
-/// Puts records on a stream directly, each stamped with `ingested_at` (the consumers' end-to-end
-/// latency starts at the put, as it does at the ingest API).
-#[derive(Debug)]
-pub struct StreamSink<P> {
-    producer: Arc<P>,
-}
-
-impl<P: StreamProducer> StreamSink<P> {
-    /// A lane putting through `producer`.
-    pub fn new(producer: Arc<P>) -> Self {
-        StreamSink { producer }
-    }
-
-    async fn send(&mut self, w: &Workload, records: &[u32]) -> Sent {
-        let out: Vec<OutRecord<'_>> = records
-            .iter()
-            .map(|r| {
-                let (key, payload) = w.record(*r as usize);
-                OutRecord { key, payload }
-            })
-            .collect();
-        match crate::ingest::put_stamped(&*self.producer, &out).await {
-            Ok(()) => Sent::Accepted(records.len() as u64),
-            Err(e) if e.is_transient() => Sent::Retry(e.to_string()),
-            Err(e) => Sent::Fatal(e.into()),
-        }
-    }
 }
 
 /// Where the consumers' progress is read: the dashboard's telemetry (this process's consumers,
@@ -339,6 +202,24 @@ struct Shared {
     stop: AtomicBool,
 }
 
+impl Shared {
+    fn new(lanes: usize) -> Self {
+        Shared {
+            accepted_records: AtomicU64::new(0),
+            accepted_events: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            interval: Mutex::new(histogram()),
+            rejections: Mutex::new(Vec::new()),
+            oldest_due: (0..lanes).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            remaining: AtomicUsize::new(lanes),
+            last_answer_us: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        }
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("3 sigfig"))
 }
@@ -346,157 +227,60 @@ fn histogram() -> Histogram<u64> {
 /// Drives `lanes` through the workload, then waits for the consumers.
 pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Options) -> anyhow::Result<Driven> {
     let due = Arc::new(opts.pace.due_us(&w));
-    let n_lanes = lanes.len().max(1);
-    let mut assigned: Vec<Vec<u32>> = vec![Vec::new(); n_lanes];
-    for i in 0..w.len() {
-        let h = u64::from(w.sku_index(i)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
-        assigned[(h % n_lanes as u64) as usize].push(i as u32);
-    }
-    let shared = Arc::new(Shared {
-        accepted_records: AtomicU64::new(0),
-        accepted_events: AtomicU64::new(0),
-        rejected: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        requests: AtomicU64::new(0),
-        interval: Mutex::new(histogram()),
-        rejections: Mutex::new(Vec::new()),
-        oldest_due: (0..n_lanes).map(|_| AtomicU64::new(u64::MAX)).collect(),
-        remaining: AtomicUsize::new(n_lanes),
-        last_answer_us: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-    });
-    // The consumers' counters before the first record: the target may hold earlier work.
-    let mut base = None;
-    for _ in 0..50 {
-        if let Some(p) = probe.sample().await {
-            base = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let base = base.context("the consumers' metrics do not answer (see --metrics)")?;
+    let assigned = assign_lanes(&w, lanes.len().max(1));
+    let shared = Arc::new(Shared::new(assigned.len()));
+    let base = baseline(probe).await?;
     let start = Instant::now() + Duration::from_millis(100);
-    let mut tasks = Vec::with_capacity(n_lanes);
-    for (k, (sink, mine)) in lanes.into_iter().zip(assigned).enumerate() {
-        let (w, due, shared) = (Arc::clone(&w), Arc::clone(&due), Arc::clone(&shared));
-        let (batch, give_up) = (opts.batch, opts.drain_timeout);
-        tasks.push(tokio::spawn(lane(sink, mine, w, due, shared, k, start, batch, give_up)));
-    }
-    let bar = ProgressBar::new(w.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} records  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    let mut series = Vec::new();
-    let mut history: Vec<(f64, u64)> = Vec::new();
-    let (mut last_t, mut last_offered, mut last_accepted, mut last_errors) = (0.0, 0u64, 0u64, 0u64);
-    let mut last_e2e = Buckets(base.end_to_end);
-    let mut last_probe = base;
-    let (mut max_lag_records, mut max_lag_seconds, mut max_behind) = (0u64, 0.0f64, 0.0f64);
+    let tasks: Vec<_> = lanes
+        .into_iter()
+        .zip(assigned)
+        .enumerate()
+        .map(|(k, (sink, mine))| {
+            let ctx = LaneCtx {
+                w: Arc::clone(&w),
+                due: Arc::clone(&due),
+                shared: Arc::clone(&shared),
+                k,
+                start,
+                batch: opts.batch,
+                give_up: opts.drain_timeout,
+            };
+            tokio::spawn(lane(sink, mine, ctx))
+        })
+        .collect();
+    let bar = progress_bar(w.len() as u64);
+    let mut sampler = Sampler::new(&shared, &due, base);
     let mut sent_done_at: Option<f64> = None;
-    let mut caught_up;
-    let mut previous_committed = u64::MAX;
     let mut tick = tokio::time::interval_at(start, Duration::from_millis(100));
-    let mut ticks = 0u64;
-    loop {
-        tick.tick().await;
-        ticks += 1;
-        let t = start.elapsed().as_secs_f64();
-        let t_us = (t * 1e6) as u64;
-        // Acquire: a lane's counts are visible once its `remaining` decrement is.
-        let lanes_done = shared.remaining.load(std::sync::atomic::Ordering::Acquire) == 0;
-        let accepted = shared.accepted_events.load(Relaxed);
-        let accepted_records = shared.accepted_records.load(Relaxed);
-        if lanes_done && sent_done_at.is_none() {
-            sent_done_at = Some(shared.last_answer_us.load(Relaxed) as f64 / 1e6);
-        }
-        if let Some(p) = probe.sample().await {
-            last_probe = p;
-        }
-        let committed = last_probe.committed.saturating_sub(base.committed);
-        // Everything put is committed, and nothing read is left uncommitted or unread: a retried
-        // put whose first answer was lost counts twice in `committed`, so the count alone could
-        // be reached early.
-        caught_up = lanes_done
-            && committed >= accepted
-            && last_probe.read == last_probe.committed
-            && lag_zero(&last_probe)
-            && last_probe.committed == previous_committed;
-        previous_committed = last_probe.committed;
-        if history.last().is_none_or(|(_, a)| *a < accepted) {
-            history.push((t, accepted));
-        }
-        let point_due = ticks.is_multiple_of(10) || caught_up;
-        if !point_due {
+    let caught_up = 'watch: {
+        for ticks in 1u64.. {
+            tick.tick().await;
+            let t = start.elapsed().as_secs_f64();
+            // Acquire: a lane's counts are visible once its `remaining` decrement is.
+            let lanes_done = shared.remaining.load(std::sync::atomic::Ordering::Acquire) == 0;
+            if lanes_done && sent_done_at.is_none() {
+                sent_done_at = Some(shared.last_answer_us.load(Relaxed) as f64 / 1e6);
+            }
+            let caught_up = sampler.observe(probe.sample().await, t, lanes_done);
+            if ticks.is_multiple_of(10) || caught_up {
+                let point = sampler.point(t);
+                bar.set_position(shared.accepted_records.load(Relaxed) + shared.rejected.load(Relaxed));
+                bar.set_message(point.describe(opts.pace.paced()));
+            }
+            if caught_up {
+                break 'watch true;
+            }
             if lanes_done && sent_done_at.is_some_and(|s| t - s > opts.drain_timeout.as_secs_f64()) {
-                break;
+                break 'watch false;
             }
-            continue;
-        }
-        let lag_records = accepted.saturating_sub(committed);
-        let lag_seconds = if lag_records == 0 {
-            0.0
-        } else {
-            history.get(history.partition_point(|(_, a)| *a <= committed)).map_or(0.0, |(at, _)| t - at)
-        };
-        let behind = shared
-            .oldest_due
-            .iter()
-            .map(|d| d.load(Relaxed))
-            .filter(|d| *d != u64::MAX && *d < t_us)
-            .map(|d| (t_us - d) as f64 / 1e6)
-            .fold(0.0, f64::max);
-        let offered = due.partition_point(|d| *d <= t_us) as u64;
-        let errors = shared.errors.load(Relaxed);
-        let secs = (t - last_t).max(1e-3);
-        let interval = std::mem::replace(&mut *shared.interval.lock().unwrap_or_else(|e| e.into_inner()), histogram());
-        let e2e = Buckets(last_probe.end_to_end).since(&last_e2e);
-        let q = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0);
-        series.push(Point {
-            t,
-            offered: offered.saturating_sub(last_offered) as f64 / secs,
-            achieved: accepted_records.saturating_sub(last_accepted) as f64 / secs,
-            errors: errors - last_errors,
-            lag_records,
-            lag_seconds,
-            behind_seconds: behind,
-            ingest_p50_ms: q(&interval, 0.5),
-            ingest_p99_ms: q(&interval, 0.99),
-            e2e_p50_ms: e2e.quantile_ms(0.5),
-            e2e_p99_ms: e2e.quantile_ms(0.99),
-        });
-        (last_t, last_offered, last_accepted, last_errors) = (t, offered, accepted_records, errors);
-        last_e2e = Buckets(last_probe.end_to_end);
-        max_lag_records = max_lag_records.max(lag_records);
-        max_lag_seconds = max_lag_seconds.max(lag_seconds);
-        max_behind = max_behind.max(behind);
-        let done = shared.accepted_records.load(Relaxed) + shared.rejected.load(Relaxed);
-        bar.set_position(done);
-        let pace = if opts.pace.paced() {
-            format!("offered {:.0}/s  ", series.last().map_or(0.0, |p| p.offered))
-        } else {
-            String::new()
-        };
-        bar.set_message(format!(
-            "{pace}achieved {:.0}/s  errors {errors}  lag {lag_records} ({lag_seconds:.1} s){}",
-            series.last().map_or(0.0, |p| p.achieved),
-            if behind > 1.0 { format!("  behind {behind:.1} s") } else { String::new() },
-        ));
-        if caught_up {
-            break;
-        }
-        if lanes_done && sent_done_at.is_some_and(|s| t - s > opts.drain_timeout.as_secs_f64()) {
-            break;
-        }
-        if shared.stop.load(Relaxed) {
-            // A lane hit a fatal error: stop the rest and report it below.
-            for t in &tasks {
-                t.abort();
+            if shared.stop.load(Relaxed) {
+                // A lane hit a fatal error: stop the rest and report it below.
+                tasks.iter().for_each(tokio::task::JoinHandle::abort);
+                break 'watch false;
             }
-            break;
         }
-    }
+        false
+    };
     bar.finish_and_clear();
     let mut ingest = histogram();
     for task in tasks {
@@ -520,27 +304,188 @@ pub async fn drive(w: Arc<Workload>, lanes: Vec<Sink>, probe: &Probe, opts: &Opt
         errors: shared.errors.load(Relaxed),
         requests: shared.requests.load(Relaxed),
         ingest,
-        e2e: Buckets(last_probe.end_to_end).since(&Buckets(base.end_to_end)),
-        series,
-        max_lag_records,
-        max_lag_seconds,
-        max_behind_seconds: max_behind,
+        e2e: Buckets(sampler.last_probe.end_to_end).since(&Buckets(sampler.base.end_to_end)),
+        max_lag_records: sampler.max_lag_records,
+        max_lag_seconds: sampler.max_lag_seconds,
+        max_behind_seconds: sampler.max_behind,
+        series: sampler.series,
     })
 }
 
-/// One lane: its records in file order, sent when due, as many as are due per request.
-#[allow(clippy::too_many_arguments)]
-async fn lane(
-    mut sink: Sink,
-    mut mine: Vec<u32>,
+/// Records spread over `n` lanes by SKU (a SKU always on the same lane: its order is kept).
+fn assign_lanes(w: &Workload, n: usize) -> Vec<Vec<u32>> {
+    let mut assigned: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for i in 0..w.len() {
+        let h = u64::from(w.sku_index(i)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        assigned[(h % n as u64) as usize].push(i as u32);
+    }
+    assigned
+}
+
+/// The consumers' counters before the first record (the target may hold earlier work); waits up
+/// to 5 s for their metrics to answer.
+async fn baseline(probe: &Probe) -> anyhow::Result<Sample> {
+    let mut backoff = Backoff::new(BackoffConfig::new(Duration::from_millis(50), Duration::from_millis(500)), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(p) = probe.sample().await {
+            return Ok(p);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("the consumers' metrics do not answer (see --metrics)");
+        }
+        tokio::time::sleep(backoff.next_delay().unwrap_or_default().max(Duration::from_millis(10))).await;
+    }
+}
+
+fn progress_bar(len: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} records  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+impl Point {
+    /// The progress bar's message.
+    fn describe(&self, paced: bool) -> String {
+        let pace = if paced { format!("offered {:.0}/s  ", self.offered) } else { String::new() };
+        let behind =
+            if self.behind_seconds > 1.0 { format!("  behind {:.1} s", self.behind_seconds) } else { String::new() };
+        format!(
+            "{pace}achieved {:.0}/s  errors {}  lag {} ({:.1} s){behind}",
+            self.achieved, self.errors, self.lag_records, self.lag_seconds
+        )
+    }
+}
+
+/// The time series of a run: the consumers' counters against what the lanes sent, a point every
+/// second, and the run's worst lag.
+struct Sampler<'a> {
+    shared: &'a Shared,
+    due: &'a [u64],
+    base: Sample,
+    last_probe: Sample,
+    previous_committed: u64,
+    /// (time, events accepted) whenever the count grew: when a record was accepted, for lag.
+    history: Vec<(f64, u64)>,
+    /// The previous point's time, offered, accepted and errors.
+    last: (f64, u64, u64, u64),
+    last_e2e: Buckets,
+    series: Vec<Point>,
+    max_lag_records: u64,
+    max_lag_seconds: f64,
+    max_behind: f64,
+}
+
+impl<'a> Sampler<'a> {
+    fn new(shared: &'a Shared, due: &'a [u64], base: Sample) -> Self {
+        Sampler {
+            shared,
+            due,
+            last_e2e: Buckets(base.end_to_end),
+            last_probe: base,
+            base,
+            previous_committed: u64::MAX,
+            history: Vec::new(),
+            last: (0.0, 0, 0, 0),
+            series: Vec::new(),
+            max_lag_records: 0,
+            max_lag_seconds: 0.0,
+            max_behind: 0.0,
+        }
+    }
+
+    /// Takes a probe (`None`: it did not answer, the last one stands) at `t`; true once
+    /// everything accepted is committed.
+    fn observe(&mut self, probe: Option<Sample>, t: f64, lanes_done: bool) -> bool {
+        if let Some(p) = probe {
+            self.last_probe = p;
+        }
+        let accepted = self.shared.accepted_events.load(Relaxed);
+        let committed = self.last_probe.committed.saturating_sub(self.base.committed);
+        // Everything put is committed, and nothing read is left uncommitted or unread: a retried
+        // put whose first answer was lost counts twice in `committed`, so the count alone could
+        // be reached early.
+        let caught_up = lanes_done
+            && committed >= accepted
+            && self.last_probe.read == self.last_probe.committed
+            && lag_zero(&self.last_probe)
+            && self.last_probe.committed == self.previous_committed;
+        self.previous_committed = self.last_probe.committed;
+        if self.history.last().is_none_or(|(_, a)| *a < accepted) {
+            self.history.push((t, accepted));
+        }
+        caught_up
+    }
+
+    /// A point of the series at `t`: rates since the previous point, lag now.
+    fn point(&mut self, t: f64) -> &Point {
+        let t_us = (t * 1e6) as u64;
+        let accepted = self.shared.accepted_events.load(Relaxed);
+        let accepted_records = self.shared.accepted_records.load(Relaxed);
+        let committed = self.last_probe.committed.saturating_sub(self.base.committed);
+        let lag_records = accepted.saturating_sub(committed);
+        let lag_seconds = if lag_records == 0 {
+            0.0
+        } else {
+            self.history.get(self.history.partition_point(|(_, a)| *a <= committed)).map_or(0.0, |(at, _)| t - at)
+        };
+        let behind = self
+            .shared
+            .oldest_due
+            .iter()
+            .map(|d| d.load(Relaxed))
+            .filter(|d| *d != u64::MAX && *d < t_us)
+            .map(|d| (t_us - d) as f64 / 1e6)
+            .fold(0.0, f64::max);
+        let offered = self.due.partition_point(|d| *d <= t_us) as u64;
+        let errors = self.shared.errors.load(Relaxed);
+        let (last_t, last_offered, last_accepted, last_errors) = self.last;
+        let secs = (t - last_t).max(1e-3);
+        let interval =
+            std::mem::replace(&mut *self.shared.interval.lock().unwrap_or_else(|e| e.into_inner()), histogram());
+        let e2e = Buckets(self.last_probe.end_to_end).since(&self.last_e2e);
+        let q = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0);
+        self.last = (t, offered, accepted_records, errors);
+        self.last_e2e = Buckets(self.last_probe.end_to_end);
+        self.max_lag_records = self.max_lag_records.max(lag_records);
+        self.max_lag_seconds = self.max_lag_seconds.max(lag_seconds);
+        self.max_behind = self.max_behind.max(behind);
+        self.series.push(Point {
+            t,
+            offered: offered.saturating_sub(last_offered) as f64 / secs,
+            achieved: accepted_records.saturating_sub(last_accepted) as f64 / secs,
+            errors: errors - last_errors,
+            lag_records,
+            lag_seconds,
+            behind_seconds: behind,
+            ingest_p50_ms: q(&interval, 0.5),
+            ingest_p99_ms: q(&interval, 0.99),
+            e2e_p50_ms: e2e.quantile_ms(0.5),
+            e2e_p99_ms: e2e.quantile_ms(0.99),
+        });
+        self.series.last().expect("just pushed")
+    }
+}
+
+/// What a lane task needs besides its sink and records.
+struct LaneCtx {
     w: Arc<Workload>,
     due: Arc<Vec<u64>>,
     shared: Arc<Shared>,
+    /// The lane's number.
     k: usize,
     start: Instant,
     batch: usize,
     give_up: Duration,
-) -> anyhow::Result<Histogram<u64>> {
+}
+
+/// One lane: its records in file order, sent when due, as many as are due per request.
+async fn lane(mut sink: Sink, mut mine: Vec<u32>, ctx: LaneCtx) -> anyhow::Result<Histogram<u64>> {
+    let LaneCtx { w, due, shared, k, start, batch, give_up } = ctx;
     let mut hist = histogram();
     let mut pos = 0;
     let mut single_until = 0;

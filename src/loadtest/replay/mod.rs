@@ -17,6 +17,7 @@
 mod drive;
 pub mod file;
 mod report;
+mod sinks;
 mod targets;
 
 use std::borrow::Cow;

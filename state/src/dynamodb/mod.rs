@@ -10,6 +10,9 @@
 //! fenced by a `ConditionCheck` on the shard's lease epoch; every SKU item records the position
 //! it reflects, so after a crash between parts a replay skips what is already in it; the
 //! checkpoint is written last, conditioned on the epoch and on moving forward.
+//!
+//! The store's trait implementations stay together (about 620 lines); the item layouts, commits,
+//! delivery and the book are in the submodules listed here.
 
 mod book;
 mod commit;
