@@ -1,4 +1,5 @@
-//! Logging (`tracing`, filtered by `STOCKFLOW_LOG`, default `info`) and the Prometheus recorder.
+//! Logging (`tracing`, filtered by `STOCKFLOW_LOG`, else the command's default level; text, or
+//! one JSON object per line with `STOCKFLOW_LOG_FORMAT=json`) and the Prometheus recorder.
 //! Only the binary installs a recorder; the library crates emit through the `metrics` facade.
 //! Every metric is listed in `docs/metrics.md` (a test keeps the two in step).
 
@@ -21,15 +22,26 @@ const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 5
 /// How often histogram samples are folded into their buckets when nobody scrapes.
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// Installs the log subscriber (stderr) and the Prometheus recorder.
+/// Installs the log subscriber (stderr, INFO unless `STOCKFLOW_LOG` says otherwise) and the
+/// Prometheus recorder.
 pub fn init() -> Option<PrometheusHandle> {
-    let filter = EnvFilter::try_from_env("STOCKFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    init_at("info")
+}
+
+/// As [`init`], logging at `default_level` (`warn`, `info`, `debug`, or any `EnvFilter`
+/// directive) unless `STOCKFLOW_LOG` is set.
+pub fn init_at(default_level: &str) -> Option<PrometheusHandle> {
+    let filter = EnvFilter::try_from_env("STOCKFLOW_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let json = std::env::var("STOCKFLOW_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        // One object per line: timestamp, level, target, fields, span context — what CloudWatch
+        // Logs Insights and Loki parse without a pattern.
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
     match recorder().and_then(|b| b.install_recorder()) {
         Ok(handle) => {
             // Histogram samples wait in a queue until a render or an upkeep folds them into the

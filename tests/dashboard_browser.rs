@@ -193,6 +193,18 @@ fn headless_chromium_sees_the_table_fill_and_an_oversell_arrive_live() {
     let text = alert["text"].as_str().unwrap();
     assert!(text.contains("SKU-042") && text.contains("oversold by 3") && text.contains("114-LIVE-1"), "{text}");
     assert_eq!((alert["negative"].as_bool(), alert["available"].as_str()), (Some(true), Some("-3")));
+    // At a common laptop width (the window is 1400 px) the alert feed is inside the page, not
+    // pushed off its right edge by the stock table, and the page does not scroll sideways.
+    let layout = browser.eval(
+        "(() => { const r = document.getElementById('alerts-list').getBoundingClientRect(); \
+          const li = document.querySelector('#alerts-list li').getBoundingClientRect(); \
+          return {right: r.right, width: r.width, li_right: li.right, view: document.documentElement.clientWidth, \
+                  page: document.documentElement.scrollWidth}; })()",
+    );
+    let num = |k: &str| layout[k].as_f64().unwrap_or(f64::NAN);
+    assert!(num("right") <= num("view") && num("li_right") <= num("view"), "alert feed clipped: {layout}");
+    assert!(num("width") >= 250.0, "alert feed squeezed: {layout}");
+    assert!(num("page") <= num("view"), "the page scrolls sideways: {layout}");
 
     // The detail of a SKU opens from its row.
     browser.eval("document.querySelector('#stock-body tr').click()");

@@ -59,3 +59,29 @@ async fn posted_events_land_on_kinesis_exactly_keyed_and_ordered_by_sku() {
     }
     assert_eq!(got, sent, "every event once, each SKU in order");
 }
+
+async fn readyz(router: &axum::Router) -> (StatusCode, serde_json::Value) {
+    let resp = router.clone().oneshot(Request::get("/readyz").body(Body::empty()).unwrap()).await.unwrap();
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+/// `/readyz` asks Kinesis whether the stream takes puts: ready on a live stream, 503 naming the
+/// stream when it does not exist (a deployment pointing at the wrong name never looks healthy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_ready_only_when_the_stream_exists() {
+    let Some((client, stream)) = emulator_stream("sf-ready-", 1).await else { return };
+    let router = app(IngestState::new(Arc::new(KinesisProducer::new(client.clone(), &stream))));
+    let (status, body) = readyz(&router).await;
+    assert_eq!((status, body), (StatusCode::OK, serde_json::json!({"ready": true})));
+    let missing = format!("{stream}-missing");
+    let router = app(IngestState::new(Arc::new(KinesisProducer::new(client, &missing))));
+    let (status, body) = readyz(&router).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["ready"], false);
+    assert!(body["error"].as_str().unwrap().contains(&missing), "{body}");
+    // /healthz only says the process runs.
+    let resp = router.clone().oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}

@@ -66,8 +66,8 @@ impl Job {
 #[derive(Debug)]
 pub struct Batching<P> {
     tx: mpsc::Sender<Job>,
-    /// The batches go to this producer.
-    _inner: std::marker::PhantomData<P>,
+    /// The batches go to this producer (also asked whether it is ready).
+    inner: Arc<P>,
     /// Requests handed to the batching task so far.
     submitted: std::sync::atomic::AtomicU64,
 }
@@ -76,12 +76,19 @@ impl<P: StreamProducer> Batching<P> {
     /// Starts the batching task (on the current tokio runtime) in front of `inner`.
     pub fn new(inner: Arc<P>, cfg: BatchConfig) -> Self {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
-        tokio::spawn(run(inner, rx, cfg));
-        Batching { tx, _inner: std::marker::PhantomData, submitted: std::sync::atomic::AtomicU64::new(0) }
+        tokio::spawn(run(Arc::clone(&inner), rx, cfg));
+        Batching { tx, inner, submitted: std::sync::atomic::AtomicU64::new(0) }
     }
 }
 
 impl<P: StreamProducer> StreamProducer for Batching<P> {
+    async fn ready(&self) -> Result<(), StreamError> {
+        if self.tx.is_closed() {
+            return Err(StreamError::Unavailable("the batching task has stopped".into()));
+        }
+        self.inner.ready().await
+    }
+
     async fn put(&self, records: &[OutRecord<'_>]) -> Result<(), StreamError> {
         if records.is_empty() {
             return Ok(());

@@ -203,4 +203,10 @@ pub struct OutRecord<'a> {
 pub trait StreamProducer: Send + Sync + 'static {
     /// Puts records, keyed by SKU; per key, order is kept.
     fn put(&self, records: &[OutRecord<'_>]) -> impl Future<Output = Result<(), StreamError>> + Send;
+
+    /// Whether puts can be expected to succeed now — what `/readyz` answers: the stream exists
+    /// and answers. Cheap enough for a load balancer's health check (a remote check is cached).
+    fn ready(&self) -> impl Future<Output = Result<(), StreamError>> + Send {
+        async { Ok(()) }
+    }
 }

@@ -35,6 +35,14 @@ pub struct ConsumeArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
+impl ConsumeArgs {
+    /// `--drain`: consume until caught up, then stop (a one-shot command).
+    pub fn drains(&self) -> bool {
+        self.drain
+    }
+}
+
+/// Runs `stockflow consume`.
 pub async fn run(args: ConsumeArgs, settings: Settings, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {
     if let Some(stream) = args.stream.clone().or_else(|| settings.kinesis.stream.clone()) {
         let targets = crate::runtime::group::AwsTargets {

@@ -45,8 +45,39 @@ pub struct Cli {
     /// Shards of a new embedded log (overrides `shards`; an existing log keeps its count).
     #[arg(long, global = true, env = "STOCKFLOW_SHARDS", value_name = "N")]
     pub shards: Option<usize>,
+    /// More log output: `-v` INFO, `-vv` DEBUG (one-shot commands log only warnings by default;
+    /// `STOCKFLOW_LOG` overrides both).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The default log level: long-running commands (servers, consumers) log at INFO, one-shot
+    /// commands (demo, replay, dumps, …) only warnings so their summary is what a person reads;
+    /// each `-v` raises it one step.
+    pub fn log_level(&self) -> &'static str {
+        let base = u8::from(self.command.is_long_running());
+        match base + self.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    }
+}
+
+impl Command {
+    /// Runs until stopped (a server or a consumer), as opposed to a one-shot command.
+    pub fn is_long_running(&self) -> bool {
+        match self {
+            Command::Run(_) | Command::Dashboard(_) => true,
+            Command::Consume(args) => !args.drains(),
+            Command::Ingest(IngestArgs { action: IngestAction::Serve(_) }) => true,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,5 +206,29 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         Command::Group(args) => group::run(args, settings).await,
         Command::Accounts(args) => accounts::run(args, &settings).await,
         Command::Journals(args) => journals::dispatch(args, settings).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    fn level(args: &[&str]) -> &'static str {
+        Cli::try_parse_from(std::iter::once("stockflow").chain(args.iter().copied())).unwrap().log_level()
+    }
+
+    #[test]
+    fn one_shot_commands_log_warnings_and_servers_info_unless_asked() {
+        assert_eq!(level(&["demo"]), "warn");
+        assert_eq!(level(&["state", "dump"]), "warn");
+        assert_eq!(level(&["consume", "--drain"]), "warn");
+        assert_eq!(level(&["demo", "-v"]), "info");
+        assert_eq!(level(&["-vv", "replay", "--file", "x"]), "debug");
+        assert_eq!(level(&["run"]), "info");
+        assert_eq!(level(&["consume"]), "info");
+        assert_eq!(level(&["ingest", "serve"]), "info");
+        assert_eq!(level(&["run", "-v"]), "debug");
     }
 }

@@ -10,10 +10,12 @@ use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use super::snapshot::SortKey;
 use stockflow_state::now_ms;
@@ -344,17 +346,18 @@ async fn stream(State(s): State<AppState>) -> Sse<impl futures::Stream<Item = Re
     let hello = Event::default().event("hello").data(json!({ "t": now_ms() }).to_string());
     let first = futures::stream::once(async move { Ok::<_, Infallible>(hello) });
     // Ends at shutdown, so a graceful stop of the server does not wait for open pages.
-    let rest = futures::stream::unfold((rx, shutdown), |(mut rx, mut shutdown)| async move {
-        let received = tokio::select! {
-            r = rx.recv() => r,
-            _ = crate::server::stopped(&mut shutdown) => return None,
-        };
-        let event = match received {
-            Ok(push) => Event::default().event(push.event).data(&*push.json),
-            Err(RecvError::Lagged(n)) => Event::default().event("resync").data(json!({ "missed": n }).to_string()),
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Ok(event), (rx, shutdown)))
-    });
-    Sse::new(futures::StreamExt::chain(first, rest)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    let rest = BroadcastStream::new(rx)
+        .map(|received| {
+            Ok(match received {
+                Ok(push) => Event::default().event(push.event).data(&*push.json),
+                Err(BroadcastStreamRecvError::Lagged(n)) => {
+                    Event::default().event("resync").data(json!({ "missed": n }).to_string())
+                }
+            })
+        })
+        .take_until(async move {
+            let mut shutdown = shutdown;
+            crate::server::stopped(&mut shutdown).await
+        });
+    Sse::new(first.chain(rest)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }

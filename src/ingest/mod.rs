@@ -3,7 +3,7 @@
 //!
 //! Routes: canonical events (`/v1/events`), Amazon SP-API notifications
 //! (`/v1/amazon/notifications`, [`amazon`]), manufacturer documents (`/v1/manufacturer/events`,
-//! [`manufacturer`]), `/healthz`, `/metrics`.
+//! [`manufacturer`]), `/healthz`, `/readyz`, `/metrics`.
 //!
 //! A 2xx answer means every event of the request is durably on the stream. Errors are JSON
 //! `{error, field, index}`: 400 bad input (the first bad document is named; nothing of the request
@@ -150,6 +150,19 @@ fn routes<P: StreamProducer>() -> Router<Arc<IngestState<P>>> {
         .route("/v1/amazon/notifications", post(post_amazon::<P>))
         .route("/v1/manufacturer/events", post(post_manufacturer::<P>))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz::<P>))
+}
+
+/// `/readyz`: 200 when the stream takes puts (exists and answers), 503 with the reason otherwise —
+/// what a load balancer or an orchestrator routes by. `/healthz` says only that the process runs.
+async fn readyz<P: StreamProducer>(State(state): State<Arc<IngestState<P>>>) -> Response {
+    match state.producer.ready().await {
+        Ok(()) => axum::Json(serde_json::json!({ "ready": true })).into_response(),
+        Err(e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "ready": false, "error": e.to_string() })))
+                .into_response()
+        }
+    }
 }
 
 /// A body axum refused before the handler (over 10 MiB, unreadable), as a JSON error.

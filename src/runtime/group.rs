@@ -8,12 +8,14 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use stockflow_pipeline::Progress;
 use stockflow_pipeline::group::Coordinator;
 use stockflow_pipeline::kinesis::{self, KinesisConfig, KinesisSource, ReadMode};
 use stockflow_state::dynamodb::DynamoStore;
+use stockflow_state::lease::Assignment;
 
 use crate::runtime::config::Settings;
 
@@ -72,19 +74,43 @@ pub async fn consume(
             .with_dedup_margin(settings.dynamodb.dedup_ttl_margin_ms),
     );
     let shutdown = crate::runtime::shutdown_signal();
+    // Ready once the coordinator has read the lease table (its first assignment names the live
+    // members); not ready again while it hands off at shutdown (the assignment empties).
+    let assigned: Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<Assignment>>>> = Arc::default();
     if let Some(addr) = metrics_listen {
-        let app = Router::new().route("/healthz", get(|| async { "ok" })).route(
-            "/metrics",
-            get(move || {
-                let handle = metrics.clone();
-                async move { crate::telemetry::render(handle.as_ref()) }
-            }),
-        );
+        let readiness = Arc::clone(&assigned);
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let members = readiness.get().map_or(0, |rx| rx.borrow().members);
+                    async move {
+                        if members > 0 {
+                            (StatusCode::OK, axum::Json(serde_json::json!({ "ready": true, "members": members })))
+                        } else {
+                            let why = "the group coordinator has not read the lease table yet (or is handing off)";
+                            (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                axum::Json(serde_json::json!({ "ready": false, "error": why })),
+                            )
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                get(move || {
+                    let handle = metrics.clone();
+                    async move { crate::telemetry::render(handle.as_ref()) }
+                }),
+            );
         let at = crate::server::serve(addr, false, app, shutdown.clone()).await?;
         println!("stockflow: metrics on http://{at}/metrics");
     }
     let progress = Arc::new(Progress::default());
     let coordinator = member(settings, client, &targets.stream, Arc::clone(&store), Arc::clone(&progress)).await?;
+    let _ = assigned.set(coordinator.assignment());
     println!("stockflow: worker {} joined the group on stream {}", settings.group.worker_id, targets.stream);
     // Each member delivers the outboxes its coordinator assigns it: the shards it leases and the
     // ended ancestors it is designated for, every write fenced by one of its leases.

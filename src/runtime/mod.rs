@@ -99,11 +99,31 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
-/// A receiver that turns true on SIGINT or SIGTERM.
+/// The process's one shutdown signal: created (its SIGINT/SIGTERM handlers registered) by the
+/// first call, shared by every later one, and true for good once a signal came.
+static SHUTDOWN: std::sync::OnceLock<watch::Sender<bool>> = std::sync::OnceLock::new();
+
+/// A receiver of the process's shutdown signal, which turns true on SIGINT or SIGTERM. The first
+/// call registers the handlers (inside the runtime), before the caller goes on and prints its
+/// banner: a SIGTERM that comes right after must not meet the default action and kill the process.
 pub fn shutdown_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    // The handlers are registered here, before the caller goes on (and prints its banner): a
-    // SIGTERM that comes right after must not meet the default action and kill the process.
+    SHUTDOWN
+        .get_or_init(|| {
+            listen_for_signals();
+            watch::channel(false).0
+        })
+        .subscribe()
+}
+
+fn request_shutdown() {
+    tracing::info!("shutdown requested: finishing batches and committing");
+    if let Some(tx) = SHUTDOWN.get() {
+        // Kept even with no receiver yet: a later subscriber sees it.
+        tx.send_replace(true);
+    }
+}
+
+fn listen_for_signals() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -114,15 +134,14 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
                         _ = term.recv() => {}
                         _ = int.recv() => {}
                     }
-                    tracing::info!("shutdown requested: finishing batches and committing");
-                    let _ = tx.send(true);
+                    request_shutdown();
                 });
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
                 tokio::spawn(async move {
                     let _ = tokio::signal::ctrl_c().await;
-                    let _ = tx.send(true);
+                    request_shutdown();
                 });
             }
         }
@@ -130,12 +149,12 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
     #[cfg(not(unix))]
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutdown requested: finishing batches and committing");
-        let _ = tx.send(true);
+        request_shutdown();
     });
-    rx
 }
 
+/// Opens the embedded state store of the data directory (operator commands on a stopped
+/// stockflow).
 pub fn open_store(settings: &Settings) -> anyhow::Result<RedbStore> {
     let path = settings.state_path();
     if !path.exists() {

@@ -93,7 +93,13 @@ pub struct KinesisProducer {
     stream: String,
     cfg: ProducerConfig,
     faults: PutFaults,
+    /// The last readiness check and when it was made (checks are cached for [`READY_TTL`]).
+    readiness: Mutex<Option<(std::time::Instant, Result<(), String>)>>,
 }
+
+/// How long a readiness answer is reused: `DescribeStreamSummary` allows 20 calls a second per
+/// account, and every ingest instance's health checks share them.
+const READY_TTL: Duration = Duration::from_secs(10);
 
 impl KinesisProducer {
     /// A producer for `stream` with default settings.
@@ -103,7 +109,13 @@ impl KinesisProducer {
 
     /// A producer with explicit settings.
     pub fn with_config(client: Client, stream: &str, cfg: ProducerConfig) -> Self {
-        KinesisProducer { client, stream: stream.to_string(), cfg, faults: PutFaults::default() }
+        KinesisProducer {
+            client,
+            stream: stream.to_string(),
+            cfg,
+            faults: PutFaults::default(),
+            readiness: Mutex::new(None),
+        }
     }
 
     /// Fault injection for tests.
@@ -186,6 +198,28 @@ fn body_of(group: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 impl StreamProducer for KinesisProducer {
+    async fn ready(&self) -> Result<(), StreamError> {
+        let cached = self.readiness.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some((at, answer)) = cached
+            && at.elapsed() < READY_TTL
+        {
+            return answer.map_err(StreamError::Unavailable);
+        }
+        let answer = match self.client.describe_stream_summary().stream_name(&self.stream).send().await {
+            Ok(out) => match out.stream_description_summary().map(|d| d.stream_status().as_str()) {
+                // UPDATING (a reshard in progress) still takes puts.
+                Some("ACTIVE" | "UPDATING") => Ok(()),
+                status => Err(format!("the Kinesis stream {} is {}", self.stream, status.unwrap_or("unknown"))),
+            },
+            Err(e) => {
+                Err(format!("the Kinesis stream {}: {}", self.stream, aws_sdk_kinesis::error::DisplayErrorContext(e)))
+            }
+        };
+        *self.readiness.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), answer.clone()));
+        answer.map_err(StreamError::Unavailable)
+    }
+
     async fn put(&self, records: &[OutRecord<'_>]) -> Result<(), StreamError> {
         // Per-SKU queues in first-appearance order.
         let mut order: Vec<&str> = Vec::new();

@@ -57,6 +57,10 @@ impl<P: StreamProducer> StreamProducer for Counted<P> {
         self.calls.fetch_add(1, Relaxed);
         self.inner.put(records)
     }
+
+    fn ready(&self) -> impl std::future::Future<Output = Result<(), stockflow_pipeline::StreamError>> + Send {
+        self.inner.ready()
+    }
 }
 
 impl Sink {
