@@ -135,3 +135,65 @@ pub fn render(handle: Option<&PrometheusHandle>) -> Response {
             .into_response(),
     }
 }
+
+/// Counters read at one instant (sums over shards and members).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    /// Events applied so far.
+    pub applied: u64,
+    /// Records read so far.
+    pub read: u64,
+    /// Bytes not yet read (embedded log).
+    pub lag_bytes: Option<u64>,
+    /// Records not yet read.
+    pub lag_records: Option<u64>,
+    /// Largest time behind the newest record over the shards (Kinesis).
+    pub lag_seconds: Option<f64>,
+    /// Records covered by durable commits so far.
+    pub committed: u64,
+    /// Oversell alerts committed so far (`stockflow_alerts_total{kind="oversell"}`).
+    pub oversell_alerts: u64,
+    /// Connector requests dead-lettered so far (`stockflow_connector_dead_lettered_total`).
+    pub connector_dead_letters: u64,
+    /// `stockflow_end_to_end_seconds` cumulative bucket counts: one per bound of
+    /// [`SECONDS_BUCKETS`], then `+Inf`.
+    pub end_to_end: [u64; E2E_BUCKETS],
+}
+
+/// Buckets of `stockflow_end_to_end_seconds` in a [`Sample`].
+pub const E2E_BUCKETS: usize = SECONDS_BUCKETS.len() + 1;
+
+/// The pipeline counters of one Prometheus text exposition (summed over their label sets).
+pub fn parse_exposition(text: &str) -> Sample {
+    let mut s = Sample::default();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        match &line[..name_end] {
+            "stockflow_events_applied_total" => s.applied += value as u64,
+            "stockflow_records_read_total" => s.read += value as u64,
+            "stockflow_shard_lag_bytes" => s.lag_bytes = Some(s.lag_bytes.unwrap_or(0) + value as u64),
+            "stockflow_shard_lag_records" => s.lag_records = Some(s.lag_records.unwrap_or(0) + value as u64),
+            "stockflow_shard_lag_seconds" => s.lag_seconds = Some(s.lag_seconds.unwrap_or(0.0).max(value)),
+            "stockflow_records_committed_total" => s.committed += value as u64,
+            "stockflow_alerts_total" if line.contains("kind=\"oversell\"") => s.oversell_alerts += value as u64,
+            "stockflow_connector_dead_lettered_total" => s.connector_dead_letters += value as u64,
+            bucket if bucket.strip_suffix("_bucket") == Some("stockflow_end_to_end_seconds") => {
+                let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+                let bound = |b: &f64| le.and_then(|l| l.parse::<f64>().ok()) == Some(*b);
+                let i = match le {
+                    Some("+Inf") => Some(E2E_BUCKETS - 1),
+                    _ => SECONDS_BUCKETS.iter().position(bound),
+                };
+                if let Some(slot) = i.and_then(|i| s.end_to_end.get_mut(i)) {
+                    *slot += value as u64;
+                }
+            }
+            _ => {}
+        }
+    }
+    s
+}

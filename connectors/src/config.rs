@@ -50,6 +50,28 @@ fn period_text<'de, D: Deserializer<'de>>(d: D) -> Result<PeriodLen, D::Error> {
     PeriodLen::parse(&s).map_err(serde::de::Error::custom)
 }
 
+/// An identifier given as a string or as an integer (an all-digit id set from the environment
+/// parses as a TOML integer); kept as its decimal text.
+fn id_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct IdText;
+    impl serde::de::Visitor<'_> for IdText {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an id as a string or a non-negative integer")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v).map(|v| Some(v.to_string())).map_err(|_| E::custom(format!("id {v} is negative")))
+        }
+    }
+    d.deserialize_any(IdText)
+}
+
 /// `lo ≤ v ≤ hi`, or an error naming `name`.
 pub fn in_range(name: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
     if (lo..=hi).contains(&v) { Ok(()) } else { bail!("{name} = {v}: must be {lo} to {hi}") }
@@ -200,11 +222,14 @@ pub struct AccountingSection {
     /// Base URL (generic: the journal API; QuickBooks: `https://quickbooks.api.intuit.com`;
     /// Xero: `https://api.xero.com`); unset = off.
     pub url: Option<String>,
-    /// QuickBooks company (realm) id.
+    /// QuickBooks company (realm) id — digits, so also accepted as a TOML integer (which is how
+    /// `STOCKFLOW__CONNECTORS__ACCOUNTING__REALM_ID=9130354519123456` reads).
+    #[serde(deserialize_with = "id_text")]
     pub realm_id: Option<String>,
     /// QuickBooks `minorversion`.
     pub minor_version: u32,
     /// Xero tenant id.
+    #[serde(deserialize_with = "id_text")]
     pub tenant_id: Option<String>,
     /// The books' currency: Xero's organisation base currency, QuickBooks' home currency.
     /// Journals in another currency are dead-lettered with the reason (Xero always; QuickBooks

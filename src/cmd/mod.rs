@@ -13,6 +13,7 @@ pub mod group;
 pub mod ingest;
 pub mod journals;
 pub mod outbox;
+pub mod probe;
 pub mod run;
 pub mod setup;
 pub mod store;
@@ -122,8 +123,11 @@ pub enum Command {
     /// The accounting connector's summary journals: `list` them per period, `show` the per-SKU
     /// detail behind a period as CSV or JSON, `retry` refused ones.
     Journals(journals::JournalsArgs),
-    /// Create (or validate) the DynamoDB tables of the AWS deployment; safe to run repeatedly.
+    /// Create the DynamoDB tables of the AWS deployment (safe to run repeatedly), or with
+    /// --validate only check them and the stream.
     Setup(setup::SetupArgs),
+    /// GET a URL and exit 0 on a 2xx answer: the container health check (no curl in the image).
+    Probe(probe::ProbeArgs),
     /// The consumer group of the AWS deployment: `group status` prints every shard's owner,
     /// epoch, checkpoint, last commit and lag from the lease table.
     Group(group::GroupArgs),
@@ -202,6 +206,7 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         Command::Dlq(args) => store::dlq(args, settings).await,
         Command::Verify(args) => store::verify(args, settings).await,
         Command::Setup(args) => setup::run(args, settings).await,
+        Command::Probe(args) => probe::run(args).await,
         Command::Outbox(args) => outbox::run(args, settings).await,
         Command::Group(args) => group::run(args, settings).await,
         Command::Accounts(args) => accounts::run(args, &settings).await,

@@ -44,6 +44,26 @@ pub struct FileConfig {
     pub dashboard: DashboardSection,
     /// How long consumed log segments and delivered effects are kept.
     pub retention: crate::runtime::retention::RetentionSection,
+    /// Metrics for CloudWatch alarms (Embedded Metric Format lines on stdout).
+    pub cloudwatch: CloudwatchSection,
+}
+
+/// `[cloudwatch]`: a consumer-group member's figures for CloudWatch alarms and autoscaling, as
+/// Embedded Metric Format log lines (the awslogs driver ships them; no API calls, no extra
+/// permissions). docs/deploy.md lists the metrics.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudwatchSection {
+    /// Seconds between two lines (0 = off; 10 to 3,600).
+    pub emf_interval_s: u64,
+    /// The metrics' CloudWatch namespace.
+    pub namespace: String,
+}
+
+impl Default for CloudwatchSection {
+    fn default() -> Self {
+        CloudwatchSection { emf_interval_s: 0, namespace: "stockflow".into() }
+    }
 }
 
 /// `[dashboard]`: where the live dashboard listens and how fresh it keeps the stock table.
@@ -180,6 +200,7 @@ impl Default for FileConfig {
             connectors: stockflow_connectors::config::ConnectorsSection::default(),
             dashboard: DashboardSection::default(),
             retention: crate::runtime::retention::RetentionSection::default(),
+            cloudwatch: CloudwatchSection::default(),
         }
     }
 }
@@ -315,6 +336,8 @@ pub struct Settings {
     pub dashboard: DashboardSection,
     /// Retention (validated).
     pub retention: crate::runtime::retention::Retention,
+    /// CloudWatch Embedded Metric Format lines (validated).
+    pub cloudwatch: CloudwatchSection,
 }
 
 /// The prefix of the environment variables that set config fields ([`FileConfig::load_with_env`]).
@@ -431,8 +454,18 @@ impl FileConfig {
         in_range("dashboard.alert_poll_ms", dash.alert_poll_ms, 50, 60_000)?;
         in_range("dashboard.alert_capacity", dash.alert_capacity as u64, 100, 1_000_000)?;
         let retention = self.retention.validate()?;
+        if self.cloudwatch.emf_interval_s != 0 {
+            in_range("cloudwatch.emf_interval_s", self.cloudwatch.emf_interval_s, 10, 3_600)?;
+        }
+        if self.cloudwatch.namespace.is_empty() || self.cloudwatch.namespace.starts_with("AWS/") {
+            bail!(
+                "cloudwatch.namespace = {:?}: must be non-empty and not an AWS/ namespace",
+                self.cloudwatch.namespace
+            );
+        }
         Ok(Settings {
             retention,
+            cloudwatch: self.cloudwatch,
             dashboard: self.dashboard,
             connectors: self.connectors,
             ingest_batch: BatchConfig {
@@ -554,6 +587,22 @@ mod tests {
         assert!(err.contains("sage") && err.contains("quickbooks"), "{err}");
         let err = format!("{:#}", FileConfig::load_with_env(None, env(&[("STOCKFLOW__SHARDS__X", "1")])).unwrap_err());
         assert!(err.contains("STOCKFLOW__SHARDS__X"), "{err}");
+        // A QuickBooks realm id is all digits: it reads as a TOML integer and stays the id's text.
+        let c = FileConfig::load_with_env(
+            None,
+            env(&[
+                ("STOCKFLOW__CONNECTORS__ACCOUNTING__REALM_ID", "9130354519123456"),
+                ("STOCKFLOW__CONNECTORS__ACCOUNTING__TENANT_ID", "\"0c7f\""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.connectors.accounting.realm_id.as_deref(), Some("9130354519123456"));
+        assert_eq!(c.connectors.accounting.tenant_id.as_deref(), Some("0c7f"));
+        let err = format!(
+            "{:#}",
+            FileConfig::load_with_env(None, env(&[("STOCKFLOW__CONNECTORS__ACCOUNTING__REALM_ID", "-4")])).unwrap_err()
+        );
+        assert!(err.contains("realm_id") && err.contains("negative"), "{err}");
     }
 
     #[test]

@@ -74,6 +74,15 @@ pub async fn consume(
             .with_dedup_margin(settings.dynamodb.dedup_ttl_margin_ms),
     );
     let shutdown = crate::runtime::shutdown_signal();
+    // The EMF lines stop after the last commit and delivery, so the last line carries them.
+    let (emf_done, emf_stop) = tokio::sync::watch::channel(false);
+    let emf = crate::runtime::emf::spawn(
+        &settings.cloudwatch,
+        metrics.clone(),
+        targets.stream.clone(),
+        settings.group.worker_id.to_string(),
+        emf_stop,
+    );
     // Ready once the coordinator has read the lease table (its first assignment names the live
     // members); not ready again while it hands off at shutdown (the assignment empties).
     let assigned: Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<Assignment>>>> = Arc::default();
@@ -135,6 +144,10 @@ pub async fn consume(
     let report = coordinator.run(shutdown).await?;
     let (delivered, _) = drains.join().await?;
     let _ = sweeps.await;
+    let _ = emf_done.send(true);
+    if let Some(emf) = emf {
+        let _ = emf.await;
+    }
     for d in delivered.iter().filter(|d| d.sent > 0) {
         println!("delivered: {} {} effects in {} requests", d.connector, d.effects, d.sent);
     }

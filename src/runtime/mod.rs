@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod connectors;
+pub mod emf;
 pub mod group;
 pub mod retention;
 

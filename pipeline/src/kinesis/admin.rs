@@ -29,6 +29,18 @@ pub async fn ensure_stream(client: &Client, name: &str, shards: i32) -> Result<(
     wait_active(client, name, Duration::from_secs(60)).await
 }
 
+/// The stream's status (`ACTIVE`, `UPDATING`, …) and open shard count, read once; `None` when it
+/// does not exist.
+pub async fn describe(client: &Client, name: &str) -> Result<Option<(String, i32)>, StreamError> {
+    match client.describe_stream_summary().stream_name(name).send().await {
+        Ok(out) => {
+            Ok(out.stream_description_summary().map(|s| (s.stream_status().as_str().to_string(), s.open_shard_count())))
+        }
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => Ok(None),
+        Err(e) => Err(super::sdk_err("DescribeStreamSummary", e)),
+    }
+}
+
 /// Waits until `name` is `ACTIVE`, up to `patience` (polls back off from 20 ms to 500 ms).
 pub async fn wait_active(client: &Client, name: &str, patience: Duration) -> Result<(), StreamError> {
     let deadline = tokio::time::Instant::now() + patience;

@@ -213,6 +213,11 @@ impl DynamoStore {
         setup(&self.client, &self.tables).await
     }
 
+    /// Checks the tables without changing anything ([`schema::validate`]).
+    pub async fn validate(&self) -> Result<Vec<schema::TableCheck>, StoreError> {
+        schema::validate(&self.client, &self.tables).await
+    }
+
     /// Takes the lease of `shard` for `owner`: creates it, or moves it to `owner` with a new
     /// epoch. Returns the epoch every commit of this owner must carry. (The lease coordinator
     /// decides *when* to take a lease; this is the fenced write it uses.)

@@ -1,10 +1,10 @@
 //! The DynamoDB tables of the state store, their keys, and `setup` (create or validate them,
-//! idempotently). `deploy/cloudformation/stockflow.yaml` declares the same tables.
+//! idempotently). `deploy/cloudformation/state-tables.json` declares the same tables.
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
-    TimeToLiveSpecification,
+    TimeToLiveSpecification, TimeToLiveStatus,
 };
 
 use crate::store::StoreError;
@@ -82,6 +82,61 @@ fn attr(name: &str, t: ScalarAttributeType) -> Result<AttributeDefinition, Store
 
 fn key(name: &str, t: KeyType) -> Result<KeySchemaElement, StoreError> {
     KeySchemaElement::builder().attribute_name(name).key_type(t).build().map_err(sdk_error)
+}
+
+/// What `validate` found wrong with one table (`None`: nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableCheck {
+    /// The table's name.
+    pub table: String,
+    /// What is wrong, for a person: missing, another key, not ACTIVE, TTL off.
+    pub problem: Option<String>,
+}
+
+/// Checks, without changing anything, that every table exists, is ACTIVE, has the expected key
+/// schema, and (dedup, outbox) has TTL on `expires_at` — what a deployment made by CloudFormation
+/// or by someone else must satisfy before consumers start. Needs only `dynamodb:DescribeTable` and
+/// `dynamodb:DescribeTimeToLive`.
+pub async fn validate(client: &Client, names: &TableNames) -> Result<Vec<TableCheck>, StoreError> {
+    let mut out = Vec::new();
+    for (table, k) in names.all().into_iter().zip(TABLE_KEYS) {
+        let problem = match client.describe_table().table_name(table).send().await {
+            Ok(desc) => {
+                let t = desc.table();
+                let have: Vec<String> = t
+                    .map(|t| t.key_schema().iter().map(|k| k.attribute_name().to_string()).collect())
+                    .unwrap_or_default();
+                let mut want = vec![k.hash.0.to_string()];
+                want.extend(k.range.map(|(r, _)| r.to_string()));
+                let status = t.and_then(|t| t.table_status());
+                if have != want {
+                    Some(format!("key {have:?}, expected {want:?}"))
+                } else if !matches!(status, Some(TableStatus::Active | TableStatus::Updating)) {
+                    Some(format!("status {}", status.map_or("unknown", |s| s.as_str())))
+                } else {
+                    None
+                }
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => {
+                Some("missing (stockflow setup creates it)".to_string())
+            }
+            Err(e) => return Err(sdk_error(e)),
+        };
+        let problem = match problem {
+            None if table == names.dedup || table == names.outbox => {
+                let ttl = client.describe_time_to_live().table_name(table).send().await.map_err(sdk_error)?;
+                let d = ttl.time_to_live_description();
+                let on = d
+                    .and_then(|d| d.time_to_live_status())
+                    .is_some_and(|s| matches!(s, TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling));
+                let attr = d.and_then(|d| d.attribute_name());
+                (!on || attr != Some("expires_at")).then(|| format!("TTL not enabled on expires_at ({attr:?})"))
+            }
+            other => other,
+        };
+        out.push(TableCheck { table: table.to_string(), problem });
+    }
+    Ok(out)
 }
 
 /// What `setup` did to one table.
