@@ -12,7 +12,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let metrics = telemetry::init_at(cli.log_level());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -20,7 +19,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cmd::dispatch(cli, metrics)) {
+    let mut telemetry = telemetry::init_at(cli.log_level(), runtime.handle());
+    let outcome = runtime.block_on(cmd::dispatch(cli, telemetry.metrics.clone()));
+    // The last spans leave while the runtime still runs their requests.
+    telemetry.shutdown();
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

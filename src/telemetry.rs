@@ -1,5 +1,6 @@
 //! Logging (`tracing`, filtered by `STOCKFLOW_LOG`, else the command's default level; text, or
-//! one JSON object per line with `STOCKFLOW_LOG_FORMAT=json`) and the Prometheus recorder.
+//! one JSON object per line with `STOCKFLOW_LOG_FORMAT=json`), span export over OTLP when an
+//! endpoint is configured ([`otlp`]), and the Prometheus recorder.
 //! Only the binary installs a recorder; the library crates emit through the `metrics` facade.
 //! Every metric is listed in `docs/metrics.md` (a test keeps the two in step).
 
@@ -8,7 +9,10 @@ use std::time::Duration;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+
+pub mod otlp;
 
 /// Bucket bounds (seconds) of every `_seconds` histogram: 1 ms to 2 minutes (1.5 and 2 s for the
 /// dashboard's 2 s staleness bound). Real Prometheus
@@ -22,27 +26,79 @@ const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 5
 /// How often histogram samples are folded into their buckets when nobody scrapes.
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// Installs the log subscriber (stderr, INFO unless `STOCKFLOW_LOG` says otherwise) and the
-/// Prometheus recorder.
-pub fn init() -> Option<PrometheusHandle> {
-    init_at("info")
+/// What [`init_at`] installed: the Prometheus handle (`None` when a recorder was already
+/// installed) and the span exporter, which must be shut down (flushed) before the runtime stops.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    /// The Prometheus recorder's handle.
+    pub metrics: Option<PrometheusHandle>,
+    tracer: Option<SdkTracerProvider>,
 }
 
-/// As [`init`], logging at `default_level` (`warn`, `info`, `debug`, or any `EnvFilter`
-/// directive) unless `STOCKFLOW_LOG` is set.
-pub fn init_at(default_level: &str) -> Option<PrometheusHandle> {
-    let filter = EnvFilter::try_from_env("STOCKFLOW_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    use std::io::IsTerminal;
-    let json = std::env::var("STOCKFLOW_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        // One object per line: timestamp, level, target, fields, span context — what CloudWatch
-        // Logs Insights and Loki parse without a pattern.
-        builder.json().with_current_span(false).init();
-    } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+impl Telemetry {
+    /// Exports the buffered spans now (waits for the export); a no-op when export is off. For a
+    /// Lambda function, whose process is frozen between invocations.
+    pub async fn flush(&self) {
+        if let Some(provider) = self.tracer.clone() {
+            // The SDK's flush blocks its caller until the export thread is done.
+            let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "spans not exported");
+            }
+        }
     }
-    match recorder().and_then(|b| b.install_recorder()) {
+
+    /// Exports the spans still buffered and stops the exporter (bounded by its export timeout).
+    /// Call it from outside the runtime's worker threads, while the runtime still runs.
+    pub fn shutdown(&mut self) {
+        if let Some(provider) = self.tracer.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("warning: spans not exported at exit: {e}");
+        }
+    }
+}
+
+/// Installs the log subscriber (stderr, INFO unless `STOCKFLOW_LOG` says otherwise) and the
+/// Prometheus recorder, logging at INFO.
+pub fn init(runtime: &tokio::runtime::Handle) -> Telemetry {
+    init_at("info", runtime)
+}
+
+/// Installs the log subscriber, at `default_level` (`warn`, `info`, `debug`, or any `EnvFilter`
+/// directive) unless `STOCKFLOW_LOG` is set; the span exporter when an OTLP endpoint is
+/// configured ([`otlp`]; its HTTP requests run on `runtime`); and the Prometheus recorder.
+pub fn init_at(default_level: &str, runtime: &tokio::runtime::Handle) -> Telemetry {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = EnvFilter::try_from_env("STOCKFLOW_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let json = std::env::var("STOCKFLOW_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let (tracer, otlp_error) = match otlp::provider(runtime) {
+        Ok(provider) => (provider, None),
+        Err(e) => (None, Some(e)),
+    };
+    match &tracer {
+        // Without export the log filter is global: callsites it disables cost nothing.
+        None => tracing_subscriber::registry().with(filter).with(log_layer(json)).init(),
+        Some(provider) => {
+            use opentelemetry::trace::TracerProvider as _;
+            // Spans of stockflow's own crates at INFO, whatever the log level says.
+            let targets = tracing_subscriber::filter::Targets::new()
+                .with_target("stockflow", tracing::Level::INFO)
+                .with_target("stockflow_pipeline", tracing::Level::INFO)
+                .with_target("stockflow_connectors", tracing::Level::INFO)
+                .with_target("stockflow_state", tracing::Level::INFO);
+            let spans = tracing_opentelemetry::layer().with_tracer(provider.tracer("stockflow")).with_filter(targets);
+            tracing_subscriber::registry().with(log_layer(json).with_filter(filter)).with(spans).init();
+        }
+    }
+    if let Some(e) = otlp_error {
+        tracing::warn!(error = %e, "OTLP span export is off");
+    } else if tracer.is_some() {
+        tracing::info!(endpoint = %otlp::endpoint().unwrap_or_default(), "exporting spans over OTLP/HTTP (JSON)");
+    }
+    let metrics = match recorder().and_then(|b| b.install_recorder()) {
         Ok(handle) => {
             // Histogram samples wait in a queue until a render or an upkeep folds them into the
             // buckets: without upkeep an unscraped process grows without bound.
@@ -63,6 +119,22 @@ pub fn init_at(default_level: &str) -> Option<PrometheusHandle> {
             tracing::warn!(error = %e, "metrics recorder not installed");
             None
         }
+    };
+    Telemetry { metrics, tracer }
+}
+
+/// The log lines: one JSON object per line (timestamp, level, target, fields, span context — what
+/// CloudWatch Logs Insights and Loki parse without a pattern), or text.
+fn log_layer<S>(json: bool) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use std::io::IsTerminal;
+    use tracing_subscriber::{Layer as _, fmt};
+    if json {
+        fmt::layer().json().with_current_span(false).with_writer(std::io::stderr).boxed()
+    } else {
+        fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).boxed()
     }
 }
 

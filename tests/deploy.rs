@@ -401,7 +401,9 @@ fn grants(tpl: &Value, role: &str) -> Vec<(String, Value)> {
     );
     let mut out = Vec::new();
     for p in r["Properties"]["Policies"].as_array().unwrap() {
-        for s in p["PolicyDocument"]["Statement"].as_array().unwrap() {
+        // A conditional statement (Fn::If) counts as granted: the test checks the widest role.
+        let statements = p["PolicyDocument"]["Statement"].as_array().unwrap().iter().flat_map(branches);
+        for s in statements.filter(|s| s.get("Ref").is_none_or(|r| r != "AWS::NoValue")) {
             assert_eq!(s["Effect"], "Allow");
             let actions: Vec<&Value> = match &s["Action"] {
                 Value::Array(a) => a.iter().collect(),
@@ -447,7 +449,8 @@ fn each_role_grants_exactly_what_its_code_calls() {
                 "sqs:SendMessage",
             ],
         ),
-        ("ConsumerRole", &[]),
+        // The ADOT collector sidecar sends the members' spans to X-Ray with the task role.
+        ("ConsumerRole", &["xray:PutTraceSegments", "xray:PutTelemetryRecords"]),
         ("OpsRole", &[]),
     ];
     let expected: Vec<(&str, BTreeSet<String>)> = vec![
@@ -588,6 +591,7 @@ fn every_variable_the_binaries_read_is_set_and_every_one_set_is_read() {
     let global: BTreeSet<String> =
         cli.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
     let telemetry = read("src/telemetry.rs");
+    let otlp = read("src/telemetry/otlp.rs");
     let consumers = template("consumers");
     for (task, needs) in [
         ("ConsumerTaskDefinition", &["STOCKFLOW_STREAM", "STOCKFLOW_TABLE_PREFIX"][..]),
@@ -613,14 +617,18 @@ fn every_variable_the_binaries_read_is_set_and_every_one_set_is_read() {
                 env.push((kv["Name"].as_str().unwrap().to_string(), resolve(&kv["Value"])));
             }
         }
-        for (name, _) in &env {
+        for (name, value) in &env {
             let read_here = reads.contains(name)
                 || name.starts_with("STOCKFLOW__")
                 || name == "AWS_REGION"
+                || (name.starts_with("OTEL_") && otlp.contains(name.as_str()))
                 || ((name == "STOCKFLOW_LOG" || name == "STOCKFLOW_LOG_FORMAT")
                     && telemetry.contains(&format!("\"{name}\"")));
             assert!(read_here, "{task}: {name} is set but `stockflow {}` does not read it", command[0]);
-            assert!(!name.ends_with("_ENDPOINT"), "{task}: {name} points at an emulator");
+            // The OTLP endpoint is the task's own collector sidecar; every other endpoint variable
+            // points at an emulator.
+            let sidecar = name == "OTEL_EXPORTER_OTLP_ENDPOINT" && value.starts_with("http://127.0.0.1:");
+            assert!(!name.ends_with("_ENDPOINT") || sidecar, "{task}: {name} points at an emulator");
         }
         for need in needs {
             assert!(reads.contains(*need), "{task}: `{}` does not read {need}", command[0]);

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::source::{OutRecord, StreamError, StreamProducer};
 
@@ -48,6 +49,8 @@ struct Job {
     /// `(key end, payload end)` offsets into `buf`, consecutive.
     bounds: Vec<(usize, usize)>,
     done: oneshot::Sender<Result<(), StreamError>>,
+    /// The caller's span (e.g. `ingest.request`): the put's parent, or one of its links.
+    span: tracing::Span,
 }
 
 impl Job {
@@ -104,7 +107,7 @@ impl<P: StreamProducer> StreamProducer for Batching<P> {
         }
         let (done, answer) = oneshot::channel();
         self.tx
-            .send(Job { buf, bounds, done })
+            .send(Job { buf, bounds, done, span: tracing::Span::current() })
             .await
             .map_err(|_| StreamError::Unavailable("the batching task has stopped".into()))?;
         self.submitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -157,13 +160,29 @@ async fn run<P: StreamProducer>(inner: Arc<P>, mut rx: mpsc::Receiver<Job>, cfg:
     }
 }
 
-/// One put of the jobs' records, measured.
+/// Numbers the puts of the process: the `batch` of a `stream.put` span.
+static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One put of the jobs' records, measured, in a `stream.put` span: a child of the first job's
+/// span, following from the others' (one group commit serves several requests).
 async fn put_jobs<P: StreamProducer>(inner: &P, jobs: &[Job]) -> Result<(), StreamError> {
     let batch: Vec<OutRecord<'_>> = jobs.iter().flat_map(Job::records).collect();
     crate::metrics::put_batch(jobs.len(), batch.len());
+    let span = tracing::info_span!(
+        parent: &jobs[0].span,
+        "stream.put",
+        batch = BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+        records = batch.len(),
+        requests = jobs.len(),
+        outcome = tracing::field::Empty,
+    );
+    for job in &jobs[1..] {
+        span.follows_from(&job.span);
+    }
     let started = std::time::Instant::now();
-    let outcome = inner.put(&batch).await;
+    let outcome = inner.put(&batch).instrument(span.clone()).await;
     crate::metrics::put_done(started.elapsed());
+    span.record("outcome", if outcome.is_ok() { "ok" } else { "error" });
     outcome
 }
 

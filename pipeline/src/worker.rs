@@ -14,6 +14,7 @@ use stockflow_state::{
 };
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
+use tracing::Instrument as _;
 
 use crate::metrics::{self, BatchCounts};
 use crate::source::{ReadStatus, RecordBatch, ShardInfo, ShardReader, StreamError, StreamSource};
@@ -415,29 +416,57 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             after_interrupted,
             lag_ms: self.reader.lag().millis,
         });
-        let mut backoff = Backoff::from_clock(BackoffConfig::new(Duration::from_millis(50), Duration::from_secs(5)))
-            .limited(self.cfg.commit_attempts);
-        loop {
-            let started = Instant::now();
-            match self.store.commit(Arc::clone(&commit)).await {
-                Ok(()) => {
-                    metrics::commit(&self.shard, "ok", started.elapsed());
-                    tracing::debug!(shard = %self.shard, %checkpoint, elapsed = ?started.elapsed(), "committed");
-                    break;
-                }
-                Err(e) if e.is_transient() => {
-                    metrics::commit(&self.shard, "retry", started.elapsed());
-                    let Some(delay) = backoff.next_delay() else { return Err(e.into()) };
-                    tracing::warn!(shard = %self.shard, error = %e, ?delay, "commit failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => {
-                    let outcome = if matches!(e, StoreError::Fenced { .. }) { "fenced" } else { "error" };
-                    metrics::commit(&self.shard, outcome, started.elapsed());
-                    return Err(e.into());
+        // One span per commit (exported over OTLP when configured): the shard, the lease epoch,
+        // the position it makes durable and what it carries.
+        let span = tracing::info_span!(
+            "shard.commit",
+            shard = %self.shard,
+            epoch = self.epoch,
+            checkpoint = %checkpoint,
+            records = self.uncommitted,
+            effects = commit.effects.len(),
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let (store, shard, attempts) = (&self.store, &self.shard, self.cfg.commit_attempts);
+        let outcome = async {
+            let mut backoff =
+                Backoff::from_clock(BackoffConfig::new(Duration::from_millis(50), Duration::from_secs(5)))
+                    .limited(attempts);
+            let mut tries = 0u32;
+            loop {
+                tries += 1;
+                tracing::Span::current().record("attempts", tries);
+                let started = Instant::now();
+                match store.commit(Arc::clone(&commit)).await {
+                    Ok(()) => {
+                        metrics::commit(shard, "ok", started.elapsed());
+                        tracing::debug!(%shard, %checkpoint, elapsed = ?started.elapsed(), "committed");
+                        return Ok("ok");
+                    }
+                    Err(e) if e.is_transient() => {
+                        metrics::commit(shard, "retry", started.elapsed());
+                        let Some(delay) = backoff.next_delay() else { return Err(e) };
+                        tracing::warn!(%shard, error = %e, ?delay, "commit failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                    Err(e) => {
+                        let outcome = if matches!(e, StoreError::Fenced { .. }) { "fenced" } else { "error" };
+                        metrics::commit(shard, outcome, started.elapsed());
+                        return Err(e);
+                    }
                 }
             }
         }
+        .instrument(span.clone())
+        .await;
+        span.record(
+            "outcome",
+            outcome
+                .as_ref()
+                .map_or_else(|e| if matches!(e, StoreError::Fenced { .. }) { "fenced" } else { "error" }, |o| *o),
+        );
+        outcome?;
         metrics::committed(&self.shard, self.uncommitted as u64, &commit.effects, &self.stamps);
         if let Some(expiry) = self.store.dedup_expiry() {
             // The earliest expiry of what is stored: a rewrite resets it; appended entries

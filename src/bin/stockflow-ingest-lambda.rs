@@ -20,7 +20,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    let metrics = stockflow::telemetry::init();
+    // Spans go to an OTLP endpoint when one is configured (e.g. the ADOT Lambda layer's collector
+    // on localhost:4318); the function's own X-Ray segment comes from active tracing.
+    let telemetry = Arc::new(stockflow::telemetry::init(&tokio::runtime::Handle::current()));
+    let metrics = telemetry.metrics.clone();
     let stream = std::env::var("STOCKFLOW_STREAM").map_err(|_| "STOCKFLOW_STREAM is not set")?;
     let kinesis = client(std::env::var("KINESIS_ENDPOINT").ok().as_deref(), false).await;
     let verifier = stockflow::ingest::webhook::load(Duration::from_secs(300)).await.map_err(|e| format!("{e:#}"))?;
@@ -36,8 +39,13 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     });
     let router = public_app(Arc::clone(&state));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
-        let (router, state) = (router.clone(), Arc::clone(&state));
-        async move { lambda::invoke(&router, &state, event).await }
+        let (router, state, telemetry) = (router.clone(), Arc::clone(&state), Arc::clone(&telemetry));
+        async move {
+            let answer = lambda::invoke(&router, &state, event).await;
+            // The process freezes after the answer: the invocation's spans leave before it.
+            telemetry.flush().await;
+            answer
+        }
     }))
     .await
 }

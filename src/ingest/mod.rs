@@ -30,6 +30,7 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use stockflow_pipeline::{OutRecord, StreamError, StreamProducer};
+use tracing::Instrument as _;
 
 use crate::ingest::webhook::Verifier;
 pub use amazon::AmazonConfig;
@@ -389,6 +390,16 @@ enum Route {
     Manufacturer,
 }
 
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Events => "events",
+            Route::Amazon => "amazon",
+            Route::Manufacturer => "manufacturer",
+        }
+    }
+}
+
 async fn post_events<P: StreamProducer>(
     state: State<Arc<IngestState<P>>>,
     headers: HeaderMap,
@@ -416,6 +427,50 @@ async fn post_manufacturer<P: StreamProducer>(
 /// Every POST: the body, the shared checks, the route's documents to records, the put; a signed
 /// request that got no final answer has its id forgotten ([`AcceptedId`]).
 async fn handle<P: StreamProducer>(
+    route: Route,
+    state: State<Arc<IngestState<P>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // One span per request (exported over OTLP when configured): the put that carries its events
+    // is its child (`stream.put`).
+    let span = tracing::info_span!(
+        "ingest.request",
+        route = route.name(),
+        webhook_id = tracing::field::Empty,
+        events = tracing::field::Empty,
+        first_event_id = tracing::field::Empty,
+        last_event_id = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    if let Some(id) = headers.get("webhook-id").and_then(|v| v.to_str().ok()) {
+        span.record("webhook_id", id);
+    }
+    let response = handle_in_span(route, state, headers, body).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response
+}
+
+/// Records a request's event count and its first and last event ids on its span.
+fn note_events<'a>(
+    count: usize,
+    first: impl FnOnce() -> Option<std::borrow::Cow<'a, str>>,
+    last: impl FnOnce() -> Option<std::borrow::Cow<'a, str>>,
+) {
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    span.record("events", count);
+    if let Some(id) = first() {
+        span.record("first_event_id", &*id);
+    }
+    if let Some(id) = last() {
+        span.record("last_event_id", &*id);
+    }
+}
+
+async fn handle_in_span<P: StreamProducer>(
     route: Route,
     State(state): State<Arc<IngestState<P>>>,
     headers: HeaderMap,
@@ -479,6 +534,9 @@ async fn put_canonical<P: StreamProducer>(producer: &P, docs: &[&[u8]], max_futu
     }
     let records: Vec<OutRecord<'_>> =
         docs.iter().zip(&keys).map(|(doc, key)| OutRecord { key, payload: doc }).collect();
+    let id =
+        |doc: Option<&&[u8]>| doc.and_then(|d| stockflow_state::decode(d).ok()).map(|ev| ev.id.into_owned().into());
+    note_events(records.len(), || id(docs.first()), || id(docs.last()));
     put_and_answer(producer, "events", &records, 0).await
 }
 
@@ -522,7 +580,13 @@ async fn answer_mapped<P: StreamProducer>(
             invalid(route, msg, Some(i), Some(&e.field))
         }
         Ok((events, _)) if events.len() > MAX_EVENTS_PER_REQUEST => too_many(events.len()),
-        Ok((events, ignored)) => put_and_answer(producer, route, &Canonical::records(&events), ignored).await,
+        Ok((events, ignored)) => {
+            let id = |ev: Option<&Canonical>| {
+                ev.and_then(|e| stockflow_state::decode(e.json.as_bytes()).ok()).map(|d| d.id.into_owned().into())
+            };
+            note_events(events.len(), || id(events.first()), || id(events.last()));
+            put_and_answer(producer, route, &Canonical::records(&events), ignored).await
+        }
     }
 }
 

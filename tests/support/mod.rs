@@ -21,12 +21,18 @@ pub struct Run {
 impl Run {
     /// Starts `stockflow run` over `dir` with `config` (TOML) and waits for its first line.
     pub fn start(dir: &Path, config: &str) -> Run {
+        Run::start_with_env(dir, config, &[])
+    }
+
+    /// As [`Run::start`], with extra environment variables.
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Run {
         let cfg = dir.join("run.toml");
         std::fs::write(&cfg, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_stockflow"))
             .args(["--config", cfg.to_str().unwrap(), "--data-dir", dir.join("data").to_str().unwrap()])
             .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"])
             .env("STOCKFLOW_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();

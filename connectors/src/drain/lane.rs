@@ -10,6 +10,7 @@ use stockflow_state::lease::LaneGrant;
 use stockflow_state::outbox::{ConnectorDeadLetter, Cursor, Fence, InFlight, OutboxEntry, OutboxPos, Request};
 use stockflow_state::{Effect, StoreError};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::connector::{Connector, Delivered, DeliveryError, request_key};
 
@@ -460,7 +461,28 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
                 continue;
             }
             let t0 = Instant::now();
-            let result = self.connector.send(request).await;
+            // One span per attempt (exported over OTLP when configured), with the idempotency key
+            // the receiver sees and the effect ids the request carries.
+            let span = tracing::info_span!(
+                "connector.request",
+                connector = self.name(),
+                shard,
+                idempotency_key = %request.key,
+                items = request.items.len(),
+                first_item = request.items.first().map(String::as_str),
+                last_item = request.items.last().map(String::as_str),
+                outcome = tracing::field::Empty,
+            );
+            let result = self.connector.send(request).instrument(span.clone()).await;
+            span.record(
+                "outcome",
+                match &result {
+                    Ok(_) => "delivered",
+                    Err(DeliveryError::Throttled { .. }) => "throttled",
+                    Err(DeliveryError::Transient { .. }) => "failed",
+                    Err(DeliveryError::Rejected(_)) => "rejected",
+                },
+            );
             metrics::histogram!("stockflow_connector_request_seconds", "connector" => self.name())
                 .record(t0.elapsed().as_secs_f64());
             let outcome = match result {
