@@ -9,6 +9,8 @@
 //! - [`consumer`]: running all shards of a source in one process.
 //! - [`group`]: the consumer group: leases, balancing, failover, handoff, resharding.
 //! - [`kinesis`]: Amazon Kinesis (polling and enhanced fan-out, KPL de-aggregation, producer).
+//! - `kafka` (feature `kafka`): Kafka / Amazon MSK partitions as shards, the Kafka consumer group
+//!   with store leases as fences, the idempotent producer, MSK IAM tokens.
 //! - [`batcher`]: group commit of concurrent puts in front of any producer.
 //! - [`retry`]: the one backoff policy (capped exponential, full jitter).
 //! - [`metrics`]: the pipeline's named telemetry events.
@@ -16,6 +18,8 @@
 pub mod batcher;
 pub mod consumer;
 pub mod group;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod kinesis;
 pub mod log;
 pub mod metrics;

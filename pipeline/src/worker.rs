@@ -209,6 +209,11 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         })
     }
 
+    /// The stored checkpoint the worker resumes after (`None`: the shard's start).
+    pub fn checkpoint(&self) -> Option<&Position> {
+        self.checkpoint.as_ref()
+    }
+
     /// Processes records until the shard ends or `shutdown` turns true, then commits.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<WorkerReport, WorkerError> {
         let shard = self.shard.clone();

@@ -23,6 +23,16 @@ pub struct ServeArgs {
     /// Kinesis endpoint override (overrides `kinesis.endpoint`), e.g. a local emulator.
     #[arg(long, env = "KINESIS_ENDPOINT", value_name = "URL")]
     kinesis_endpoint: Option<String>,
+    /// Put events on the `[kafka]` topic (idempotent producer, key = SKU); needs a build with
+    /// the `kafka` feature.
+    #[arg(long)]
+    kafka: bool,
+    /// Kafka brokers (implies --kafka; overrides `kafka.brokers`).
+    #[arg(long, value_name = "HOST:PORT,…")]
+    brokers: Option<String>,
+    /// Kafka topic (implies --kafka; overrides `kafka.topic`).
+    #[arg(long, value_name = "TOPIC")]
+    topic: Option<String>,
     /// Serve without webhook secrets on a non-loopback address (refused otherwise).
     #[arg(long)]
     allow_unsigned: bool,
@@ -57,7 +67,31 @@ pub async fn serve(args: ServeArgs, settings: Settings, metrics: Option<Promethe
     let graceful = async move { crate::server::stopped(&mut stop).await };
     let signed = signing_mode(verifier.is_some(), listen, args.allow_unsigned)?;
     let bound = listener.local_addr()?;
-    if let Some(stream) = args.stream.or_else(|| settings.kinesis.stream.clone()) {
+    let kafka = crate::runtime::kafka::KafkaTarget::resolve(&settings.kafka, args.kafka, args.brokers, args.topic)?;
+    if let Some(target) = kafka {
+        crate::runtime::kafka::require()?;
+        #[cfg(feature = "kafka")]
+        {
+            let producer = crate::runtime::kafka::producer(&settings.kafka, &target).await?;
+            println!(
+                "stockflow: ingest ({signed}) on http://{bound}/v1/events -> Kafka topic {} ({})",
+                target.topic, target.brokers
+            );
+            let flush = producer.clone();
+            let app = crate::ingest::app(crate::ingest::IngestState {
+                metrics,
+                verifier,
+                ..ingest_state(&settings, producer)
+            });
+            let app = crate::server::guarded(app, bound, settings.ingest_limits);
+            axum::serve(listener, app).with_graceful_shutdown(graceful).await?;
+            // Every accepted request was acknowledged by the brokers before its 202; this only
+            // bounds the exit when a request was cut off mid-put.
+            let _ = tokio::task::spawn_blocking(move || flush.flush(std::time::Duration::from_secs(10))).await;
+        }
+        #[cfg(not(feature = "kafka"))]
+        let _ = target;
+    } else if let Some(stream) = args.stream.or_else(|| settings.kinesis.stream.clone()) {
         let endpoint = args.kinesis_endpoint.or_else(|| settings.kinesis.endpoint.clone());
         let client = stockflow_pipeline::kinesis::client(endpoint.as_deref(), false).await;
         let producer = stockflow_pipeline::kinesis::KinesisProducer::new(client, &stream);

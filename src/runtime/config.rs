@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub dynamodb: DynamoSection,
     /// The Kinesis stream of the AWS deployment.
     pub kinesis: KinesisSection,
+    /// The Kafka / Amazon MSK backend (feature `kafka`).
+    pub kafka: KafkaSection,
     /// The consumer group (leases) of the AWS deployment.
     pub group: GroupSection,
     /// Where effects are delivered (alerts, manufacturer, accounting).
@@ -134,6 +136,84 @@ impl Default for KinesisSection {
     }
 }
 
+/// `[kafka] security`: how clients authenticate to the brokers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KafkaSecurity {
+    /// No TLS, no authentication (a local broker).
+    Plaintext,
+    /// TLS (MSK's port 9094), no client authentication.
+    Tls,
+    /// SASL/SCRAM-SHA-256 over TLS.
+    ScramSha256,
+    /// SASL/SCRAM-SHA-512 over TLS (MSK's port 9096).
+    ScramSha512,
+    /// MSK IAM: SASL/OAUTHBEARER over TLS (port 9098), tokens from the AWS credentials chain.
+    MskIam,
+}
+
+/// `[kafka]`: the topic `consume --kafka` reads and `ingest serve --kafka` writes (state and
+/// leases then live in DynamoDB, as with Kinesis). Needs a build with the `kafka` feature.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSection {
+    /// `bootstrap.servers` (`host:port,host:port`); unset = Kafka is not used.
+    pub brokers: Option<String>,
+    /// The topic of canonical events, keyed by SKU.
+    pub topic: String,
+    /// The consumer group.
+    pub group_id: String,
+    /// `plaintext`, `tls`, `scram-sha-256`, `scram-sha-512` or `msk-iam`.
+    pub security: KafkaSecurity,
+    /// PEM file of the CAs to trust (TLS modes; unset = the system's).
+    pub ca_location: Option<String>,
+    /// SCRAM user name.
+    pub username: Option<String>,
+    /// SCRAM password (set it from the environment: `STOCKFLOW__KAFKA__PASSWORD`).
+    pub password: Option<String>,
+    /// MSK IAM: the cluster's region (unset = `AWS_REGION`).
+    pub region: Option<String>,
+    /// How long a silent member keeps its partitions, ms (1,000 to 300,000).
+    pub session_timeout_ms: u64,
+    /// Partitions of the topic when `setup` or `replay` creates it (0 = `shards`).
+    pub partitions: u32,
+    /// Further librdkafka properties, applied last.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        KafkaSection {
+            brokers: None,
+            topic: "stockflow-events".into(),
+            group_id: "stockflow".into(),
+            security: KafkaSecurity::Plaintext,
+            ca_location: None,
+            username: None,
+            password: None,
+            region: None,
+            session_timeout_ms: 10_000,
+            partitions: 0,
+            properties: Default::default(),
+        }
+    }
+}
+
+impl KafkaSection {
+    fn validate(&self) -> anyhow::Result<()> {
+        in_range("kafka.session_timeout_ms", self.session_timeout_ms, 1_000, 300_000)?;
+        if self.topic.is_empty() || self.group_id.is_empty() {
+            bail!("kafka.topic and kafka.group_id must not be empty");
+        }
+        if matches!(self.security, KafkaSecurity::ScramSha256 | KafkaSecurity::ScramSha512)
+            && (self.username.is_none() || self.password.is_none())
+        {
+            bail!("kafka.security = SCRAM needs kafka.username and kafka.password (STOCKFLOW__KAFKA__PASSWORD)");
+        }
+        Ok(())
+    }
+}
+
 /// `[group]`: leases of the consumer group.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -196,6 +276,7 @@ impl Default for FileConfig {
             ingest: IngestSection::default(),
             dynamodb: DynamoSection::default(),
             kinesis: KinesisSection::default(),
+            kafka: KafkaSection::default(),
             group: GroupSection::default(),
             connectors: stockflow_connectors::config::ConnectorsSection::default(),
             dashboard: DashboardSection::default(),
@@ -320,6 +401,8 @@ pub struct Settings {
     pub dynamodb: DynamoSection,
     /// Kinesis settings (validated).
     pub kinesis: KinesisSection,
+    /// Kafka settings (validated).
+    pub kafka: KafkaSection,
     /// Consumer-group settings.
     pub group: GroupConfig,
     /// How ingest batches its puts.
@@ -431,6 +514,7 @@ impl FileConfig {
         let k = self.kinesis;
         in_range("kinesis.idle_poll_ms", k.idle_poll_ms, 200, 10_000)?;
         in_range("kinesis.get_records_limit", k.get_records_limit as u64, 1, 10_000)?;
+        self.kafka.validate()?;
         let g = self.group;
         in_range("group.failover_ms", g.failover_ms, 1_000, 600_000)?;
         in_range("group.take_interval_ms", g.take_interval_ms, 100, 60_000)?;
@@ -481,6 +565,7 @@ impl FileConfig {
                 max_body_bytes: crate::ingest::MAX_REQUEST_BYTES,
             },
             kinesis: k,
+            kafka: self.kafka,
             group,
             data_dir: self.data_dir,
             shards: self.shards,
@@ -662,6 +747,11 @@ mod tests {
             "dynamodb.endpoint",
             "kinesis.stream",
             "kinesis.endpoint",
+            "kafka.brokers",
+            "kafka.ca_location",
+            "kafka.username",
+            "kafka.password",
+            "kafka.region",
             "group.worker_id",
             "connectors.alerts_webhook.url",
             "connectors.manufacturer.url",

@@ -1,5 +1,6 @@
 //! `stockflow consume` on the AWS backend: a member of a consumer group reading a Kinesis stream
-//! (polling or enhanced fan-out), with leases, state, outbox and checkpoints in DynamoDB.
+//! (polling or enhanced fan-out) or a Kafka / MSK topic (feature `kafka`), with leases, state,
+//! outbox and checkpoints in DynamoDB.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -30,6 +31,62 @@ pub struct AwsTargets {
     pub dynamodb_endpoint: Option<String>,
     /// Table name prefix.
     pub table_prefix: String,
+    /// Read this Kafka topic instead of the Kinesis stream.
+    pub kafka: Option<crate::runtime::kafka::KafkaTarget>,
+}
+
+/// A member of either backend's group.
+#[derive(Debug)]
+pub enum Member {
+    /// Leases decide who reads which Kinesis shard.
+    Kinesis(Coordinator<KinesisSource, DynamoStore, DynamoStore>),
+    /// The Kafka group decides; leases fence.
+    #[cfg(feature = "kafka")]
+    Kafka(Box<stockflow_pipeline::kafka::KafkaMember<DynamoStore, DynamoStore>>),
+}
+
+impl Member {
+    /// What this member delivers, kept current while it runs.
+    pub fn assignment(&self) -> tokio::sync::watch::Receiver<Arc<Assignment>> {
+        match self {
+            Member::Kinesis(c) => c.assignment(),
+            #[cfg(feature = "kafka")]
+            Member::Kafka(k) => k.assignment(),
+        }
+    }
+
+    /// Runs until `shutdown`, then hands off.
+    pub async fn run(
+        self,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<stockflow_pipeline::group::GroupReport, stockflow_pipeline::WorkerError> {
+        match self {
+            Member::Kinesis(c) => c.run(shutdown).await,
+            #[cfg(feature = "kafka")]
+            Member::Kafka(k) => k.run(shutdown).await,
+        }
+    }
+}
+
+/// A Kafka group member of `settings` (`[kafka]`, `[worker]`, `[group]`) over `target`.
+#[cfg(feature = "kafka")]
+pub async fn kafka_member(
+    settings: &Settings,
+    target: &crate::runtime::kafka::KafkaTarget,
+    store: Arc<DynamoStore>,
+    progress: Arc<Progress>,
+) -> anyhow::Result<stockflow_pipeline::kafka::KafkaMember<DynamoStore, DynamoStore>> {
+    let signer = crate::runtime::kafka::signer(&settings.kafka).await?;
+    Ok(stockflow_pipeline::kafka::KafkaMember::new(
+        crate::runtime::kafka::config(&settings.kafka, target),
+        signer,
+        Arc::clone(&store),
+        store,
+        Arc::clone(&settings.engine),
+        settings.worker,
+        settings.group.clone(),
+        progress,
+    )?)
 }
 
 /// A consumer-group member of `settings` (`[kinesis]` read mode, `[worker]`, `[group]`) over
@@ -67,7 +124,6 @@ pub async fn consume(
     metrics_listen: Option<SocketAddr>,
     metrics: Option<PrometheusHandle>,
 ) -> anyhow::Result<ExitCode> {
-    let client = kinesis::client(targets.kinesis_endpoint.as_deref(), false).await;
     let store = Arc::new(
         DynamoStore::new(DynamoStore::client(targets.dynamodb_endpoint.as_deref()).await, &targets.table_prefix)
             .with_dedup_horizon(settings.engine.dedup_horizon_ms)
@@ -118,9 +174,28 @@ pub async fn consume(
         println!("stockflow: metrics on http://{at}/metrics");
     }
     let progress = Arc::new(Progress::default());
-    let coordinator = member(settings, client, &targets.stream, Arc::clone(&store), Arc::clone(&progress)).await?;
+    let coordinator = match &targets.kafka {
+        None => {
+            let client = kinesis::client(targets.kinesis_endpoint.as_deref(), false).await;
+            Member::Kinesis(member(settings, client, &targets.stream, Arc::clone(&store), Arc::clone(&progress)).await?)
+        }
+        #[cfg(feature = "kafka")]
+        Some(target) => {
+            Member::Kafka(Box::new(kafka_member(settings, target, Arc::clone(&store), Arc::clone(&progress)).await?))
+        }
+        #[cfg(not(feature = "kafka"))]
+        Some(_) => return Err(crate::runtime::kafka::not_built()),
+    };
     let _ = assigned.set(coordinator.assignment());
-    println!("stockflow: worker {} joined the group on stream {}", settings.group.worker_id, targets.stream);
+    match &targets.kafka {
+        None => {
+            println!("stockflow: worker {} joined the group on stream {}", settings.group.worker_id, targets.stream)
+        }
+        Some(k) => println!(
+            "stockflow: worker {} joined Kafka group {} on topic {} ({})",
+            settings.group.worker_id, settings.kafka.group_id, k.topic, k.brokers
+        ),
+    }
     // Each member delivers the outboxes its coordinator assigns it: the shards it leases and the
     // ended ancestors it is designated for, every write fenced by one of its leases.
     let connectors = crate::runtime::connectors::Connectors::build(

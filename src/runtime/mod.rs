@@ -8,6 +8,7 @@ pub mod config;
 pub mod connectors;
 pub mod emf;
 pub mod group;
+pub mod kafka;
 pub mod retention;
 
 use std::fs::File;

@@ -48,6 +48,9 @@ pub enum Target {
     /// A Kinesis stream (created when missing), consumed in this process as a consumer-group
     /// member with state and leases in DynamoDB.
     Kinesis(String),
+    /// A Kafka topic of the `[kafka]` brokers (created when missing), consumed in this process as
+    /// a member of its Kafka group with state and leases in DynamoDB (feature `kafka`).
+    Kafka(String),
 }
 
 impl FromStr for Target {
@@ -58,9 +61,10 @@ impl FromStr for Target {
             "embedded" => Ok(Target::Embedded),
             "local" => Ok(Target::Local),
             _ if s.starts_with("http://") => Ok(Target::Http(s.to_string())),
-            _ => match s.strip_prefix("kinesis:") {
-                Some(name) if !name.is_empty() => Ok(Target::Kinesis(name.to_string())),
-                _ => Err(format!("{s:?}: expected embedded, local, http://HOST:PORT or kinesis:STREAM")),
+            _ => match (s.strip_prefix("kinesis:"), s.strip_prefix("kafka:")) {
+                (Some(name), _) if !name.is_empty() => Ok(Target::Kinesis(name.to_string())),
+                (_, Some(topic)) if !topic.is_empty() => Ok(Target::Kafka(topic.to_string())),
+                _ => Err(format!("{s:?}: expected embedded, local, http://HOST:PORT, kinesis:STREAM or kafka:TOPIC")),
             },
         }
     }
@@ -73,6 +77,7 @@ impl std::fmt::Display for Target {
             Target::Local => f.write_str("local"),
             Target::Http(url) => f.write_str(url),
             Target::Kinesis(name) => write!(f, "kinesis:{name}"),
+            Target::Kafka(topic) => write!(f, "kafka:{topic}"),
         }
     }
 }
@@ -363,12 +368,12 @@ pub async fn run(
         (None, None) => Pace::Max,
     };
     let workload = Arc::new(Workload::read(&stream_file, schedule)?);
-    if workload.is_webhooks() && matches!(target, Target::Embedded | Target::Kinesis(_)) {
+    if workload.is_webhooks() && matches!(target, Target::Embedded | Target::Kinesis(_) | Target::Kafka(_)) {
         bail!("{}: the SP-API form goes through the ingest API: use --target local or http://…", stream_file.display());
     }
     let batch = batch.map_or(
         match target {
-            Target::Embedded | Target::Kinesis(_) => 500,
+            Target::Embedded | Target::Kinesis(_) | Target::Kafka(_) => 500,
             Target::Local | Target::Http(_) => 100,
         },
         |b| b as usize,

@@ -33,6 +33,9 @@ pub enum Sink {
     Log(StreamSink<Batching<stockflow_pipeline::EmbeddedLog>>),
     /// Kinesis `PutRecords` (calls counted), behind the ingest's group-commit batcher.
     Kinesis(StreamSink<Batching<Counted<stockflow_pipeline::kinesis::KinesisProducer>>>),
+    /// The idempotent Kafka producer (puts counted), behind the ingest's group-commit batcher.
+    #[cfg(feature = "kafka")]
+    Kafka(StreamSink<Batching<Counted<stockflow_pipeline::kafka::KafkaProducer>>>),
 }
 
 /// A producer whose `put` calls are counted.
@@ -69,6 +72,8 @@ impl Sink {
             Sink::Http(s) => s.send(w, records).await,
             Sink::Log(s) => s.send(w, records).await,
             Sink::Kinesis(s) => s.send(w, records).await,
+            #[cfg(feature = "kafka")]
+            Sink::Kafka(s) => s.send(w, records).await,
         }
     }
 }

@@ -148,6 +148,10 @@ pub async fn start(
             http(&url, &dashboard, metrics_urls, args.secret.as_deref(), lanes, teardown_none()).await
         }
         Target::Kinesis(stream) => kinesis(stream, args, settings, cli, lanes, metrics).await,
+        #[cfg(feature = "kafka")]
+        Target::Kafka(topic) => kafka(topic, args, settings, cli, lanes, metrics).await,
+        #[cfg(not(feature = "kafka"))]
+        Target::Kafka(_) => Err(crate::runtime::kafka::not_built()),
     }
 }
 
@@ -348,6 +352,57 @@ async fn kinesis(
     let producer = Arc::new(Batching::new(Arc::new(counted), settings.ingest_batch));
     Ok(Setup {
         lanes: (0..lanes).map(|_| Sink::Kinesis(StreamSink::new(Arc::clone(&producer)))).collect(),
+        probe: Probe { telemetry: Telemetry::InProcess(progress), metrics },
+        reader: Reader::Dynamo(Arc::clone(&store)),
+        teardown: Teardown {
+            shutdown: Some(tx),
+            consumers: Some(consumers),
+            child: None,
+            dynamo: Some(store),
+            put_calls: Some(calls),
+            _dir: None,
+        },
+    })
+}
+
+/// Puts on a Kafka topic of the `[kafka]` brokers (created when missing) and consumes it in this
+/// process as a member of its Kafka group, state and leases in DynamoDB (tables created when
+/// missing). The tables must be fresh: the result is compared with a straight pass from nothing.
+#[cfg(feature = "kafka")]
+async fn kafka(
+    topic: &str,
+    args: &ReplayArgs,
+    settings: &Settings,
+    cli: &CliContext,
+    lanes: usize,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<Setup> {
+    let target = crate::runtime::kafka::KafkaTarget::resolve(&settings.kafka, true, None, Some(topic.to_string()))?
+        .context("kafka target")?;
+    let partitions =
+        crate::runtime::kafka::ensure_topic(&settings.kafka, &target, cli.shards.unwrap_or(settings.shards)).await?;
+    tracing::info!(topic, partitions, brokers = %target.brokers, "replaying onto Kafka");
+    let prefix = args.table_prefix.clone().unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
+    let dynamo_endpoint = args.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
+    let store = Arc::new(DynamoStore::new(DynamoStore::client(dynamo_endpoint.as_deref()).await, &prefix));
+    store.setup().await.context("creating the DynamoDB tables")?;
+    let before = Outcome::of_store(&*store).await.context("reading the DynamoDB tables")?;
+    if !before.skus.is_empty() || !before.alerts.is_empty() {
+        bail!(
+            "the tables with prefix {prefix:?} already hold {} SKUs: give a fresh --table-prefix (and a fresh topic)",
+            before.skus.len()
+        );
+    }
+    let progress = Arc::new(Progress::default());
+    let member =
+        crate::runtime::group::kafka_member(settings, &target, Arc::clone(&store), Arc::clone(&progress)).await?;
+    let (tx, rx) = watch::channel(false);
+    let consumers = tokio::spawn(async move { member.run(rx).await.map(|_| ()).map_err(anyhow::Error::from) });
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Counted::new(crate::runtime::kafka::producer(&settings.kafka, &target).await?, Arc::clone(&calls));
+    let producer = Arc::new(Batching::new(Arc::new(counted), settings.ingest_batch));
+    Ok(Setup {
+        lanes: (0..lanes).map(|_| Sink::Kafka(StreamSink::new(Arc::clone(&producer)))).collect(),
         probe: Probe { telemetry: Telemetry::InProcess(progress), metrics },
         reader: Reader::Dynamo(Arc::clone(&store)),
         teardown: Teardown {
