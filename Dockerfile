@@ -6,6 +6,8 @@
 # Both architectures (the task definition runs arm64):
 #   docker buildx build --platform linux/arm64,linux/amd64 \
 #     --build-arg SOURCE_DATE_EPOCH=$(git log -1 --format=%ct) -t stockflow:$(git rev-parse --short HEAD) .
+# The Kafka / MSK backend: add --build-arg FEATURES=kafka (builds librdkafka with cmake; the runtime
+# image then also carries libssl3, libcurl4 and zlib).
 # Reproducible: the toolchain and base images are pinned by version (pin them by digest too for
 # bit-for-bit rebuilds, docs/deploy.md), dependencies by Cargo.lock (--locked), timestamps by
 # SOURCE_DATE_EPOCH. tests/deploy.rs checks that every path copied here exists and that the
@@ -16,6 +18,9 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
 ARG SOURCE_DATE_EPOCH=0
+ARG FEATURES=
+RUN if [ -n "$FEATURES" ]; then apt-get update && apt-get install -y --no-install-recommends \
+      cmake g++ make pkg-config libssl-dev libcurl4-openssl-dev zlib1g-dev && rm -rf /var/lib/apt/lists/*; fi
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY state state
@@ -28,12 +33,14 @@ COPY src src
 ENV CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_INCREMENTAL=0
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin stockflow \
+    cargo build --release --locked --bin stockflow ${FEATURES:+--features "$FEATURES"} \
     && install -m 0755 target/release/stockflow /stockflow
 
 FROM debian:${DEBIAN_RELEASE}-slim
+ARG FEATURES=
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
+       $(if [ -n "$FEATURES" ]; then echo libssl3 libcurl4 zlib1g; fi) \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin stockflow
 COPY --from=build /stockflow /usr/local/bin/stockflow

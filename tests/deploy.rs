@@ -103,7 +103,7 @@ fn the_connector_contract_documents_every_route_the_connectors_call() {
 // ---------------------------------------------------------------------------------------------
 // The whole deployment (deploy/cloudformation/*.json): wiring, IAM, alarms, image.
 
-const TEMPLATES: [&str; 5] = ["state-tables", "stream", "ingest", "consumers", "alarms"];
+const TEMPLATES: [&str; 6] = ["state-tables", "stream", "ingest", "consumers", "alarms", "msk"];
 
 fn template(name: &str) -> Value {
     let path = format!("{}/deploy/cloudformation/{name}.json", env!("CARGO_MANIFEST_DIR"));
@@ -191,7 +191,8 @@ fn every_reference_names_something_the_template_declares() {
 
 #[test]
 fn stateful_resources_survive_a_stack_deletion_or_replacement() {
-    const STATEFUL: [&str; 6] = [
+    const STATEFUL: [&str; 7] = [
+        "AWS::MSK::ServerlessCluster",
         "AWS::DynamoDB::Table",
         "AWS::Kinesis::Stream",
         "AWS::SecretsManager::Secret",
@@ -449,8 +450,23 @@ fn each_role_grants_exactly_what_its_code_calls() {
                 "sqs:SendMessage",
             ],
         ),
-        // The ADOT collector sidecar sends the members' spans to X-Ray with the task role.
-        ("ConsumerRole", &["xray:PutTraceSegments", "xray:PutTelemetryRecords"]),
+        // The ADOT collector sidecar sends the members' spans to X-Ray with the task role. With
+        // KafkaBootstrap set, MSK IAM authorises the consumer's Kafka protocol requests (not SDK
+        // calls): connect + cluster metadata, topic metadata + fetch, group join/sync/heartbeat +
+        // offset commit (AlterGroup) and offset fetch (DescribeGroup) — librdkafka's consumer.
+        (
+            "ConsumerRole",
+            &[
+                "xray:PutTraceSegments",
+                "xray:PutTelemetryRecords",
+                "kafka-cluster:Connect",
+                "kafka-cluster:DescribeCluster",
+                "kafka-cluster:DescribeTopic",
+                "kafka-cluster:ReadData",
+                "kafka-cluster:AlterGroup",
+                "kafka-cluster:DescribeGroup",
+            ],
+        ),
         ("OpsRole", &[]),
     ];
     let expected: Vec<(&str, BTreeSet<String>)> = vec![
@@ -533,6 +549,7 @@ fn check_resource(role: &str, action: &str, resource: &Value) {
         "logs" => ":log-group:",
         "ecr" => ":repository/",
         "ecs" => ":task-definition/",
+        "kafka-cluster" => ":kafka:${AWS::Region}:${AWS::AccountId}:",
         _ => "",
     };
     assert!(text.contains(expect), "{role}: {action} on {text}");
@@ -556,6 +573,7 @@ fn resolve(v: &Value) -> String {
             "AccountingCompanyId" => "9130354519123456".into(),
             "ManufacturerUrl" => "https://api.maker.example".into(),
             "AlertWebhookUrl" => "https://alerts.example/stockflow".into(),
+            "KafkaBootstrap" => "boot-abc.c2.kafka-serverless.us-east-1.amazonaws.com:9098".into(),
             other => panic!("no test value for Ref {other}"),
         },
         _ if v.get("Fn::Sub").is_some() => {

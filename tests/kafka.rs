@@ -408,3 +408,32 @@ async fn replay_onto_a_kafka_topic_verifies() {
     let report = support::json(&dir.path().join("report/report.json"));
     assert_eq!(report["target"], format!("kafka:{topic}"), "{report}");
 }
+
+/// A topic whose partition count no longer matches the group's leases (partitions were added:
+/// SKUs now map elsewhere while their state stays behind) makes a member stop with an error
+/// that names the cause, instead of applying events to the wrong state. Tansu cannot add
+/// partitions, so the lease table of the smaller topic is written first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_refuses_a_topic_whose_partitions_changed() {
+    let _serial = SERIAL.lock().await;
+    let Some(t) = Topic::new("kgrow", 4_000, "", EngineConfig::default()).await else { return };
+    for p in 0..3 {
+        let new =
+            stockflow_state::lease::NewLease { key: format!("{}-{p}", t.topic), parents: Vec::new(), hash_range: None };
+        assert!(t.store.create_lease(&new).await.unwrap());
+    }
+    let out = support::emulator_env(
+        Command::new(env!("CARGO_BIN_EXE_stockflow"))
+            .args(["--config", t.config().to_str().unwrap(), "consume", "--kafka"])
+            .args(["--brokers", &brokers(), "--topic", &t.topic, "--table-prefix", &t.prefix()]),
+    )
+    .output()
+    .unwrap();
+    let text = support::text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("has 6 partitions where the group's leases know 3"), "{text}");
+    assert!(text.contains("Partition increase"), "{text}");
+    // Nothing was applied or leased.
+    assert!(t.store.sku_states().await.unwrap().is_empty());
+    assert!(t.store.leases().await.unwrap().iter().all(|l| l.owner.is_none()));
+}

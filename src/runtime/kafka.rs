@@ -14,15 +14,17 @@ pub struct KafkaTarget {
 }
 
 impl KafkaTarget {
-    /// The target of `--kafka` with optional `--brokers` / `--topic` overrides; `None` when Kafka
-    /// is not asked for. Asked for without brokers is an error that says where to set them.
+    /// The target of `--kafka` with optional `--brokers` / `--topic` overrides, or of
+    /// `kafka.brokers` being set (as `kinesis.stream` set means Kinesis; Kafka wins when both
+    /// are); `None` when Kafka is not asked for. Asked for without brokers is an error that says
+    /// where to set them.
     pub fn resolve(
         section: &KafkaSection,
         asked: bool,
         brokers: Option<String>,
         topic: Option<String>,
     ) -> anyhow::Result<Option<Self>> {
-        if !asked && brokers.is_none() && topic.is_none() {
+        if !asked && brokers.is_none() && topic.is_none() && section.brokers.is_none() {
             return Ok(None);
         }
         let brokers = brokers.or_else(|| section.brokers.clone()).ok_or_else(|| {

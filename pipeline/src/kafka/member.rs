@@ -172,6 +172,13 @@ impl<L: LeaseStore, S: StateStore> KafkaMember<L, S> {
                 WorkerError::Stream(StreamError::Unavailable(format!("listing partitions panicked: {e}")))
             })??
         };
+        // A partition increase moves SKUs to other partitions while their state stays with the
+        // old ones: refuse to run over it (docs/kafka.md, "Partition increase").
+        let known: std::collections::BTreeSet<i32> =
+            self.leases.leases().await?.iter().filter_map(|l| partition_of(&self.cfg.topic, &l.key)).collect();
+        if !known.is_empty() && known.iter().copied().ne(partitions.iter().copied()) {
+            return Err(repartitioned(&self.cfg.topic, known.len(), partitions.len()));
+        }
         for p in &partitions {
             let new = NewLease { key: shard_id(&self.cfg.topic, *p), parents: Vec::new(), hash_range: None };
             if self.leases.create_lease(&new).await? {
@@ -200,6 +207,8 @@ impl<L: LeaseStore, S: StateStore> KafkaMember<L, S> {
         let mut cmds = std::mem::replace(&mut self.cmds, mpsc::unbounded_channel().1);
         let mut run = Run {
             m: &self,
+            partitions: partitions.iter().copied().collect(),
+            repartitioned: None,
             owned: HashMap::new(),
             tasks: JoinSet::new(),
             table: Vec::new(),
@@ -218,7 +227,12 @@ impl<L: LeaseStore, S: StateStore> KafkaMember<L, S> {
                         break Ok(());
                     }
                 }
-                Some(cmd) = cmds.recv() => run.command(cmd).await,
+                Some(cmd) = cmds.recv() => {
+                    run.command(cmd).await;
+                    if let Some(n) = run.repartitioned.take() {
+                        break Err(repartitioned(&self.cfg.topic, partitions.len(), n));
+                    }
+                }
                 Some(joined) = run.tasks.join_next(), if !run.tasks.is_empty() => {
                     match joined {
                         Ok(done) => {
@@ -277,8 +291,21 @@ fn poll(consumer: &BaseConsumer<Ctx>, stop: &AtomicBool) {
     serve(Duration::from_millis(50));
 }
 
+/// The error of a topic whose partition count changed under the group.
+fn repartitioned(topic: &str, was: usize, now: usize) -> WorkerError {
+    WorkerError::Stream(StreamError::Invalid(format!(
+        "topic {topic} has {now} partitions where the group's leases know {was}: a partition increase moves SKUs \
+         to other partitions while their state stays with the old ones, so this member stops rather than \
+         apply events to the wrong state (docs/kafka.md, \"Partition increase\")"
+    )))
+}
+
 struct Run<'a, L, S> {
     m: &'a KafkaMember<L, S>,
+    /// The topic's partitions when the member started.
+    partitions: std::collections::HashSet<i32>,
+    /// Set when Kafka assigned a partition the member did not start with: the partition count.
+    repartitioned: Option<usize>,
     owned: HashMap<String, Owned>,
     tasks: JoinSet<Joined>,
     table: Vec<Lease>,
@@ -331,6 +358,15 @@ impl<L: LeaseStore, S: StateStore> Run<'_, L, S> {
     /// Takes each partition's lease and starts its worker; the starts of those that succeeded.
     async fn assign(&mut self, partitions: &[i32]) -> Vec<Start> {
         let mut starts = Vec::new();
+        if let Some(&p) = partitions.iter().find(|p| !self.partitions.contains(p)) {
+            tracing::error!(
+                partition = p,
+                "assigned a partition the topic did not have at start: partitions were added"
+            );
+            let added = partitions.iter().filter(|p| !self.partitions.contains(p)).count();
+            self.repartitioned = Some(self.partitions.len() + added);
+            return Vec::new();
+        }
         for &p in partitions {
             let key = shard_id(&self.m.cfg.topic, p);
             if self.owned.contains_key(&key) {

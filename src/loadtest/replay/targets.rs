@@ -77,7 +77,8 @@ pub struct Teardown {
     consumers: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     child: Option<tokio::process::Child>,
     dynamo: Option<Arc<DynamoStore>>,
-    put_calls: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The producer's puts, counted, under their name in the report.
+    put_calls: Option<(&'static str, Arc<std::sync::atomic::AtomicU64>)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -102,17 +103,18 @@ impl Teardown {
                 let _ = child.kill().await;
             }
         }
-        let puts = self.put_calls.map_or(0, |c| c.load(Relaxed));
+        let (put_name, puts) = self.put_calls.map_or(("kinesis_put_records", 0), |(n, c)| (n, c.load(Relaxed)));
         self.dynamo.map(|s| {
             let st = s.stats();
-            json!({
-                "kinesis_put_records": puts,
+            let mut calls = json!({
                 "dynamodb_transactions": st.transactions.load(Relaxed),
                 "dynamodb_reads": st.reads.load(Relaxed),
                 "dynamodb_lease_writes": st.lease_calls.load(Relaxed),
                 "dynamodb_lease_renewals": st.lease_renewals.load(Relaxed),
                 "dynamodb_lease_scans": st.lease_scans.load(Relaxed),
-            })
+            });
+            calls[put_name] = json!(puts);
+            calls
         })
     }
 }
@@ -359,7 +361,7 @@ async fn kinesis(
             consumers: Some(consumers),
             child: None,
             dynamo: Some(store),
-            put_calls: Some(calls),
+            put_calls: Some(("kinesis_put_records", calls)),
             _dir: None,
         },
     })
@@ -410,7 +412,7 @@ async fn kafka(
             consumers: Some(consumers),
             child: None,
             dynamo: Some(store),
-            put_calls: Some(calls),
+            put_calls: Some(("kafka_put_batches", calls)),
             _dir: None,
         },
     })
