@@ -86,7 +86,8 @@ async fn the_stacks_on_moto_run_setup_validate_and_a_consumer() {
         "AWS::ApplicationAutoScaling::ScalingPolicy",
         "AWS::CloudWatch::Alarm",
         "AWS::Scheduler::Schedule",
-        "AWS::Kinesis::StreamConsumer", // conditional: fan-out only
+        "AWS::Kinesis::StreamConsumer",  // conditional: fan-out only
+        "AWS::EC2::SecurityGroupEgress", // conditional: Kafka only (KafkaBootstrap set)
     ]
     .into();
     for name in stacks {

@@ -412,7 +412,8 @@ async fn replay_onto_a_kafka_topic_verifies() {
 /// A topic whose partition count no longer matches the group's leases (partitions were added:
 /// SKUs now map elsewhere while their state stays behind) makes a member stop with an error
 /// that names the cause, instead of applying events to the wrong state. Tansu cannot add
-/// partitions, so the lease table of the smaller topic is written first.
+/// partitions, so the lease table of the smaller, consumed topic is written first. (Rows without
+/// checkpoints are what members starting together create: they are not a change.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_refuses_a_topic_whose_partitions_changed() {
     let _serial = SERIAL.lock().await;
@@ -421,6 +422,18 @@ async fn a_member_refuses_a_topic_whose_partitions_changed() {
         let new =
             stockflow_state::lease::NewLease { key: format!("{}-{p}", t.topic), parents: Vec::new(), hash_range: None };
         assert!(t.store.create_lease(&new).await.unwrap());
+        // Consumed before the increase: a checkpoint as the KCL spells it (a sequence number).
+        let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5001".into());
+        DynamoStore::emulator_client(&endpoint)
+            .await
+            .update_item()
+            .table_name(&t.store.tables().leases)
+            .key("leaseKey", aws_sdk_dynamodb::types::AttributeValue::S(new.key.clone()))
+            .update_expression("SET checkpoint = :c")
+            .expression_attribute_values(":c", aws_sdk_dynamodb::types::AttributeValue::S("41".into()))
+            .send()
+            .await
+            .unwrap();
     }
     let out = support::emulator_env(
         Command::new(env!("CARGO_BIN_EXE_stockflow"))

@@ -161,6 +161,24 @@ async fn heartbeats<L: LeaseStore>(
 
 type Joined = (String, u64, Result<WorkerReport, WorkerError>);
 
+/// Publishes a member's assignment to its drains when it changed (the Kinesis coordinator's and
+/// the Kafka member's): the leases it `owned` (key → epoch) against the lease `table`.
+pub(crate) fn publish_assignment(
+    to: &watch::Sender<Arc<Assignment>>,
+    table: &[Lease],
+    owned: std::collections::BTreeMap<String, u64>,
+    members: u32,
+) {
+    let next = Assignment::of(table, &owned, members);
+    to.send_if_modified(|a| {
+        if **a == next {
+            return false;
+        }
+        *a = Arc::new(next);
+        true
+    });
+}
+
 /// One member of a consumer group.
 #[derive(Debug)]
 pub struct Coordinator<Src, L, S> {
@@ -340,14 +358,8 @@ impl<'a, Src: StreamSource, L: LeaseStore, S: StateStore> Run<'a, Src, L, S> {
         } else {
             self.owned.iter().map(|(k, o)| (k.clone(), o.epoch)).collect()
         };
-        let next = Assignment::of(&self.table, &owned, self.members.load(std::sync::atomic::Ordering::Relaxed));
-        self.c.assignment.send_if_modified(|a| {
-            if **a == next {
-                return false;
-            }
-            *a = Arc::new(next);
-            true
-        });
+        let members = self.members.load(std::sync::atomic::Ordering::Relaxed);
+        publish_assignment(&self.c.assignment, &self.table, owned, members);
     }
 
     fn lose(&mut self, key: &str) {

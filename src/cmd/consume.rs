@@ -30,16 +30,8 @@ pub struct ConsumeArgs {
     /// Table name prefix (overrides `dynamodb.table_prefix`).
     #[arg(long, env = "STOCKFLOW_TABLE_PREFIX", value_name = "PREFIX")]
     table_prefix: Option<String>,
-    /// Read the `[kafka]` topic as a member of its Kafka consumer group (state and leases in
-    /// DynamoDB); needs a build with the `kafka` feature.
-    #[arg(long)]
-    kafka: bool,
-    /// Kafka brokers (implies --kafka; overrides `kafka.brokers`).
-    #[arg(long, value_name = "HOST:PORT,…")]
-    brokers: Option<String>,
-    /// Kafka topic (implies --kafka; overrides `kafka.topic`).
-    #[arg(long, value_name = "TOPIC")]
-    topic: Option<String>,
+    #[command(flatten)]
+    kafka: crate::runtime::kafka::KafkaArgs,
     /// Serve /metrics and /healthz on this address (Kinesis or Kafka consumer).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -54,7 +46,7 @@ impl ConsumeArgs {
 
 /// Runs `stockflow consume`.
 pub async fn run(args: ConsumeArgs, settings: Settings, metrics: Option<PrometheusHandle>) -> anyhow::Result<ExitCode> {
-    let kafka = crate::runtime::kafka::KafkaTarget::resolve(&settings.kafka, args.kafka, args.brokers, args.topic)?;
+    let kafka = args.kafka.target(&settings.kafka)?;
     let stream = match &kafka {
         Some(k) => Some(k.topic.clone()),
         None => args.stream.clone().or_else(|| settings.kinesis.stream.clone()),

@@ -23,16 +23,8 @@ pub struct ServeArgs {
     /// Kinesis endpoint override (overrides `kinesis.endpoint`), e.g. a local emulator.
     #[arg(long, env = "KINESIS_ENDPOINT", value_name = "URL")]
     kinesis_endpoint: Option<String>,
-    /// Put events on the `[kafka]` topic (idempotent producer, key = SKU); needs a build with
-    /// the `kafka` feature.
-    #[arg(long)]
-    kafka: bool,
-    /// Kafka brokers (implies --kafka; overrides `kafka.brokers`).
-    #[arg(long, value_name = "HOST:PORT,…")]
-    brokers: Option<String>,
-    /// Kafka topic (implies --kafka; overrides `kafka.topic`).
-    #[arg(long, value_name = "TOPIC")]
-    topic: Option<String>,
+    #[command(flatten)]
+    kafka: crate::runtime::kafka::KafkaArgs,
     /// Serve without webhook secrets on a non-loopback address (refused otherwise).
     #[arg(long)]
     allow_unsigned: bool,
@@ -67,7 +59,7 @@ pub async fn serve(args: ServeArgs, settings: Settings, metrics: Option<Promethe
     let graceful = async move { crate::server::stopped(&mut stop).await };
     let signed = signing_mode(verifier.is_some(), listen, args.allow_unsigned)?;
     let bound = listener.local_addr()?;
-    let kafka = crate::runtime::kafka::KafkaTarget::resolve(&settings.kafka, args.kafka, args.brokers, args.topic)?;
+    let kafka = args.kafka.target(&settings.kafka)?;
     if let Some(target) = kafka {
         crate::runtime::kafka::require()?;
         #[cfg(feature = "kafka")]

@@ -4,6 +4,29 @@
 
 use crate::runtime::config::KafkaSection;
 
+/// `--kafka`, `--brokers`, `--topic`: the flags of the commands that can use Kafka.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KafkaArgs {
+    /// Use the `[kafka]` topic instead of Kinesis or the embedded log (`ingest serve` puts onto
+    /// it, `consume` reads it as a member of its Kafka group, state and leases in DynamoDB);
+    /// needs a build with the `kafka` feature. Also implied by `kafka.brokers` being set.
+    #[arg(long)]
+    pub kafka: bool,
+    /// Kafka brokers (implies --kafka; overrides `kafka.brokers`).
+    #[arg(long, value_name = "HOST:PORT,…")]
+    pub brokers: Option<String>,
+    /// Kafka topic (implies --kafka; overrides `kafka.topic`).
+    #[arg(long, value_name = "TOPIC")]
+    pub topic: Option<String>,
+}
+
+impl KafkaArgs {
+    /// The target these flags and `[kafka]` ask for, if any.
+    pub fn target(self, section: &KafkaSection) -> anyhow::Result<Option<KafkaTarget>> {
+        KafkaTarget::resolve(section, self.kafka, self.brokers, self.topic)
+    }
+}
+
 /// Where the topic is: `[kafka]` with the command line's overrides applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaTarget {

@@ -174,10 +174,20 @@ impl<L: LeaseStore, S: StateStore> KafkaMember<L, S> {
         };
         // A partition increase moves SKUs to other partitions while their state stays with the
         // old ones: refuse to run over it (docs/kafka.md, "Partition increase").
-        let known: std::collections::BTreeSet<i32> =
-            self.leases.leases().await?.iter().filter_map(|l| partition_of(&self.cfg.topic, &l.key)).collect();
-        if !known.is_empty() && known.iter().copied().ne(partitions.iter().copied()) {
-            return Err(repartitioned(&self.cfg.topic, known.len(), partitions.len()));
+        // Rows without a checkpoint may be another member creating them right now; partitions
+        // missing next to consumed ones, or rows of partitions the topic lacks, are a change.
+        let rows: Vec<_> = self
+            .leases
+            .leases()
+            .await?
+            .into_iter()
+            .filter_map(|l| partition_of(&self.cfg.topic, &l.key).map(|p| (p, l.checkpoint.is_some())))
+            .collect();
+        let consumed = rows.iter().any(|(_, c)| *c);
+        let missing = partitions.iter().any(|p| !rows.iter().any(|(r, _)| r == p));
+        let extra = rows.iter().any(|(r, _)| !partitions.contains(r));
+        if extra || (consumed && missing) {
+            return Err(repartitioned(&self.cfg.topic, rows.len(), partitions.len()));
         }
         for p in &partitions {
             let new = NewLease { key: shard_id(&self.cfg.topic, *p), parents: Vec::new(), hash_range: None };
@@ -327,14 +337,7 @@ impl<L: LeaseStore, S: StateStore> Run<'_, L, S> {
         } else {
             self.owned.iter().map(|(k, o)| (k.clone(), o.epoch)).collect()
         };
-        let next = Assignment::of(&self.table, &owned, self.members);
-        self.m.assignment.send_if_modified(|a| {
-            if **a == next {
-                return false;
-            }
-            *a = Arc::new(next);
-            true
-        });
+        crate::group::publish_assignment(&self.m.assignment, &self.table, owned, self.members);
     }
 
     async fn command(&mut self, cmd: Cmd) {

@@ -312,6 +312,23 @@ async fn local(args: &ReplayArgs, cli: &CliContext, report_dir: &Path, lanes: us
     .await
 }
 
+/// The DynamoDB tables of `--table-prefix` (created when missing), refused unless empty: the
+/// result is compared with a straight pass from nothing, so earlier state would be a difference.
+async fn fresh_store(args: &ReplayArgs, settings: &Settings, stream_word: &str) -> anyhow::Result<Arc<DynamoStore>> {
+    let prefix = args.table_prefix.clone().unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
+    let dynamo_endpoint = args.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
+    let store = Arc::new(DynamoStore::new(DynamoStore::client(dynamo_endpoint.as_deref()).await, &prefix));
+    store.setup().await.context("creating the DynamoDB tables")?;
+    let before = Outcome::of_store(&*store).await.context("reading the DynamoDB tables")?;
+    if !before.skus.is_empty() || !before.alerts.is_empty() {
+        bail!(
+            "the tables with prefix {prefix:?} already hold {} SKUs: give a fresh --table-prefix (and a fresh {stream_word})",
+            before.skus.len()
+        );
+    }
+    Ok(store)
+}
+
 /// Puts on a Kinesis stream (created when missing) and consumes it in this process as a group
 /// member, with state, checkpoints and leases in DynamoDB (tables created when missing).
 async fn kinesis(
@@ -331,18 +348,7 @@ async fn kinesis(
         cli.shards.unwrap_or(settings.shards).max(1) as i32,
     )
     .await?;
-    let prefix = args.table_prefix.clone().unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
-    let dynamo_endpoint = args.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
-    let store = Arc::new(DynamoStore::new(DynamoStore::client(dynamo_endpoint.as_deref()).await, &prefix));
-    store.setup().await.context("creating the DynamoDB tables")?;
-    // The comparison is with a straight pass from nothing: earlier state would be a difference.
-    let before = Outcome::of_store(&*store).await.context("reading the DynamoDB tables")?;
-    if !before.skus.is_empty() || !before.alerts.is_empty() {
-        bail!(
-            "the tables with prefix {prefix:?} already hold {} SKUs: give a fresh --table-prefix (and a fresh stream)",
-            before.skus.len()
-        );
-    }
+    let store = fresh_store(args, settings, "stream").await?;
     let progress = Arc::new(Progress::default());
     let coordinator =
         crate::runtime::group::member(settings, client.clone(), stream, Arc::clone(&store), Arc::clone(&progress))
@@ -384,17 +390,7 @@ async fn kafka(
     let partitions =
         crate::runtime::kafka::ensure_topic(&settings.kafka, &target, cli.shards.unwrap_or(settings.shards)).await?;
     tracing::info!(topic, partitions, brokers = %target.brokers, "replaying onto Kafka");
-    let prefix = args.table_prefix.clone().unwrap_or_else(|| settings.dynamodb.table_prefix.clone());
-    let dynamo_endpoint = args.dynamodb_endpoint.clone().or_else(|| settings.dynamodb.endpoint.clone());
-    let store = Arc::new(DynamoStore::new(DynamoStore::client(dynamo_endpoint.as_deref()).await, &prefix));
-    store.setup().await.context("creating the DynamoDB tables")?;
-    let before = Outcome::of_store(&*store).await.context("reading the DynamoDB tables")?;
-    if !before.skus.is_empty() || !before.alerts.is_empty() {
-        bail!(
-            "the tables with prefix {prefix:?} already hold {} SKUs: give a fresh --table-prefix (and a fresh topic)",
-            before.skus.len()
-        );
-    }
+    let store = fresh_store(args, settings, "topic").await?;
     let progress = Arc::new(Progress::default());
     let member =
         crate::runtime::group::kafka_member(settings, &target, Arc::clone(&store), Arc::clone(&progress)).await?;
