@@ -251,6 +251,9 @@ impl<L: LeaseStore, S: StateStore> KafkaMember<L, S> {
                             }
                         }
                         Err(j) if j.is_cancelled() => {}
+                        // A worker panicked: a bug, its in-memory state is suspect. Re-raise so the
+                        // process exits non-zero (the Kinesis coordinator does the same); nothing
+                        // uncommitted is lost — the next owner resumes from the last commit.
                         Err(j) => std::panic::resume_unwind(j.into_panic()),
                     }
                 }
@@ -370,13 +373,21 @@ impl<L: LeaseStore, S: StateStore> Run<'_, L, S> {
             self.repartitioned = Some(self.partitions.len() + added);
             return Vec::new();
         }
+        let mut scanned = match self.m.leases.leases().await {
+            Ok(rows) => {
+                self.table = rows;
+                true
+            }
+            Err(_) => false, // take() scans (and reports) itself
+        };
         for &p in partitions {
             let key = shard_id(&self.m.cfg.topic, p);
             if self.owned.contains_key(&key) {
                 tracing::warn!(shard = %key, "assigned a partition this member already runs");
                 continue;
             }
-            let Some(epoch) = self.take(&key).await else { continue };
+            let Some(epoch) = self.take(&key, scanned).await else { continue };
+            scanned = true; // take() left the table it read in self.table
             match self.start(&key, p, epoch).await {
                 Ok(next) => starts.push(Start { partition: p, next }),
                 Err(e) => {
@@ -391,14 +402,21 @@ impl<L: LeaseStore, S: StateStore> Run<'_, L, S> {
 
     /// Takes the lease whatever its owner: Kafka gave the partition to this member, and the epoch
     /// bump fences whoever had it. Retried while heartbeats of a leaving owner move the counter.
-    async fn take(&mut self, key: &str) -> Option<u64> {
+    /// `scanned`: `self.table` was just read, so the first attempt uses it instead of scanning
+    /// again (one scan per rebalance, not one per partition).
+    async fn take(&mut self, key: &str, scanned: bool) -> Option<u64> {
         use stockflow_state::retry::{Backoff, BackoffConfig};
         let mut backoff =
             Backoff::from_clock(BackoffConfig::new(Duration::from_millis(50), Duration::from_secs(2))).limited(20);
         let mut attempt = 0u32;
         while let Some(delay) = backoff.next_delay() {
             attempt += 1;
-            let counter = match self.m.leases.leases().await {
+            let rows = if attempt == 1 && scanned {
+                Ok(std::mem::take(&mut self.table))
+            } else {
+                self.m.leases.leases().await
+            };
+            let counter = match rows {
                 Ok(rows) => {
                     let c = rows.iter().find(|l| l.key == key).map(|l| l.counter);
                     self.table = rows;
