@@ -217,15 +217,17 @@ async fn a_takeover_right_after_an_interrupted_commit_of_new_skus_applies_nothin
     assert_eq!(ids.len(), before, "an effect id is stored twice");
 }
 
-/// Dedup ids follow the horizon, not a fixed TTL: with a 2 s horizon and a 3 s margin (chunks
-/// expire 5 s after their write), a shard that stays quiet for 12 s keeps every live id, because
-/// its worker rewrites them before they expire. The test plays DynamoDB's TTL process: it deletes
+/// Dedup ids follow the horizon, not a fixed TTL: with a 2 s horizon and an 8 s margin (chunks
+/// expire 10 s after their write, rewritten when less than 4 s is left), a shard that stays quiet
+/// for 24 s keeps every live id, because its worker rewrites them before they expire. (A tighter
+/// margin made the test a race against a loaded emulator: moto on 2 busy cores has taken 3 s to
+/// answer one scan.) The test plays DynamoDB's TTL process: it deletes
 /// every chunk whose `expires_at` has passed. Then the shard moves to another worker, the same
 /// events are re-sent, and every one is a duplicate.
 #[tokio::test]
 async fn a_quiet_shard_keeps_its_live_dedup_ids_past_their_ttl() {
     let Some(store) = emulator_store("ttl").await else { return };
-    let store = store.with_dedup_horizon(2_000).with_dedup_margin(3_000);
+    let store = store.with_dedup_horizon(2_000).with_dedup_margin(8_000);
     let engine = Arc::new(EngineConfig { dedup_horizon_ms: 2_000, ..EngineConfig::default() });
     // 40 events on 20 SKUs at one event time: live for as long as the SKUs see nothing newer.
     let recs: Vec<(String, String)> = (0..40)
@@ -240,11 +242,11 @@ async fn a_quiet_shard_keeps_its_live_dedup_ids_past_their_ttl() {
     append(&log, &recs);
     let cfg = WorkerConfig { commit_interval: std::time::Duration::from_millis(100), ..worker_cfg() };
     let (a, stop_a, _) = worker_a(&log, &store, Arc::clone(&engine), cfg).await;
-    // Quiet for 12 s while "TTL" deletes what expired.
+    // Quiet for 24 s while "TTL" deletes what expired.
     let client = store.dynamodb().clone();
     let table = store.tables().dedup.clone();
     let (mut deleted, mut seen) = (0, std::collections::BTreeSet::new());
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(12);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(24);
     while std::time::Instant::now() < until {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
         let items = client.scan().table_name(&table).consistent_read(true).send().await.unwrap();
@@ -266,10 +268,10 @@ async fn a_quiet_shard_keeps_its_live_dedup_ids_past_their_ttl() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     // No chunk ever outlived its TTL (what TTL could have deleted, the sweep did), and the worker
-    // rewrote the live ids again and again: 12 s of quiet over a 5 s TTL.
+    // rewrote the live ids again and again: 24 s of quiet over a 10 s TTL.
     assert_eq!(deleted, 0, "a chunk holding live ids expired");
     assert!(seen.len() >= 2, "the ids were rewritten with fresh expiries: {seen:?}");
-    // 12 s after the first write, with a 5 s TTL: what is stored now was written within the last 5 s.
+    // 24 s after the first write, with a 10 s TTL: what is stored now was written within the last 10 s.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let items = client.scan().table_name(&table).consistent_read(true).send().await.unwrap();
     assert!(!items.items().is_empty());
