@@ -8,6 +8,7 @@
 //! - [`ingest`]: the ingest HTTP app (`fn app() -> Router`), webhook signatures, the SP-API and
 //!   manufacturer mappings, the Lambda adapter.
 //! - [`server`]: background HTTP servers, the admission layer and the shutdown wait.
+//! - [`reconcile`]: the three-way reconciliation with Amazon and the books (one run, its report).
 //! - [`runtime`]: configuration, the embedded backend's wiring, the one shutdown signal, the
 //!   connectors next to the consumers, retention, the consumer-group member.
 //! - [`dashboard`]: the live stock and alert dashboard (page, JSON and SSE APIs).
@@ -19,6 +20,7 @@ pub mod cmd;
 pub mod dashboard;
 pub mod ingest;
 pub mod loadtest;
+pub mod reconcile;
 pub mod runtime;
 pub mod server;
 pub mod telemetry;

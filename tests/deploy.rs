@@ -74,6 +74,7 @@ fn the_connector_contract_documents_every_route_the_connectors_call() {
         ("/v1/reorders", "post"),
         ("/v1/stock-levels", "post"),
         ("/v1/journals", "post"),
+        ("/v1/balances", "get"),
         ("/alerts", "post"),
     ] {
         assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} is documented");
@@ -343,6 +344,13 @@ fn function(src: &str, name: &str) -> String {
     src[start..start + end].to_string()
 }
 
+/// The text of the method `name` of an `impl` block (up to its closing brace at four spaces).
+fn method(src: &str, name: &str) -> String {
+    let start = src.find(&format!("fn {name}(")).unwrap_or_else(|| panic!("no fn {name}"));
+    let end = src[start..].find("\n    }\n").unwrap();
+    src[start..start + end].to_string()
+}
+
 /// IAM actions the code calls: `.operation()` calls of the SDK clients in `code`. A
 /// TransactWriteItems is authorised per item: PutItem, UpdateItem, DeleteItem, ConditionCheckItem.
 fn called(code: &str, ops: &[(String, String)]) -> BTreeSet<String> {
@@ -430,6 +438,14 @@ fn each_role_grants_exactly_what_its_code_calls() {
     let schema = read("state/src/dynamodb/schema.rs");
     let webhook_secrets = read("src/ingest/webhook.rs");
     let connector_secrets = read("src/runtime/connectors.rs");
+    let scan_states = method(&read("state/src/dynamodb/mod.rs"), "scan_all");
+    let put = method(&producer, "call");
+    // The reconciliation's own code calls no AWS API: only the store, producer and loader above.
+    let reconcile_code = files("src/reconcile", &[]) + &read("src/cmd/reconcile.rs");
+    for ops in [&kinesis, &dynamodb, &secrets] {
+        assert!(called(&reconcile_code, ops).is_empty(), "src/reconcile calls the SDK directly");
+    }
+    assert!(read("src/cmd/reconcile.rs").contains("load_credential("), "the LWA secret goes through the loader");
     let union = |parts: &[(&str, &[(String, String)])]| -> BTreeSet<String> {
         parts.iter().flat_map(|(code, ops)| called(code, ops)).collect()
     };
@@ -468,11 +484,15 @@ fn each_role_grants_exactly_what_its_code_calls() {
             ],
         ),
         ("OpsRole", &[]),
+        ("ReconcileRole", &[]),
     ];
     let expected: Vec<(&str, BTreeSet<String>)> = vec![
         ("IngestRole", union(&[(&producer, &kinesis), (&webhook_secrets, &secrets)])),
         ("ConsumerRole", union(&[(&reader, &kinesis), (&store, &dynamodb), (&connector_secrets, &secrets)])),
         ("OpsRole", union(&[(&store, &dynamodb), (&schema, &dynamodb), (&describe, &kinesis)])),
+        // `reconcile --dynamodb [--apply]`: the SKU states (one scan), the producer's put, and its
+        // credentials (LWA, accounting, alert webhook) through the connectors' loader.
+        ("ReconcileRole", union(&[(&scan_states, &dynamodb), (&put, &kinesis), (&connector_secrets, &secrets)])),
     ];
     let everything = union(&[
         (&reader, &kinesis),
@@ -509,20 +529,11 @@ fn each_role_grants_exactly_what_its_code_calls() {
             check_resource(role, action, resource);
         }
     }
-    // The scheduled task's job (reconciliation) is not written yet: its role may hold only actions
-    // the code calls somewhere, and only reads and puts.
-    let reconcile = grants(&consumers, "ReconcileRole");
-    for (action, resource) in &reconcile {
-        assert!(everything.contains(action), "ReconcileRole: {action} is called nowhere");
-        assert!(
-            action.starts_with("dynamodb:Get")
-                || action.starts_with("dynamodb:Batch")
-                || action.starts_with("dynamodb:Describe")
-                || ["dynamodb:Query", "dynamodb:Scan", "kinesis:PutRecords", "kinesis:DescribeStreamSummary"]
-                    .contains(&action.as_str()),
-            "ReconcileRole: {action} writes state"
-        );
-        check_resource("ReconcileRole", action, resource);
+    // The reconciliation reads one table only: the SKU states.
+    for (action, resource) in grants(&consumers, "ReconcileRole") {
+        if action.starts_with("dynamodb:") {
+            assert!(resource.to_string().ends_with(r#"-sku-state"}]"#), "ReconcileRole: {action} on {resource}");
+        }
     }
     // The roles of the platform's own work: no wildcard actions either.
     for role in ["ExecutionRole", "SchedulerRole"] {
@@ -553,7 +564,8 @@ fn check_resource(role: &str, action: &str, resource: &Value) {
         _ => "",
     };
     assert!(text.contains(expect), "{role}: {action} on {text}");
-    if service == "dynamodb" {
+    // The reconciliation reads one table (checked where its role is); every other role all seven.
+    if service == "dynamodb" && role != "ReconcileRole" {
         assert_eq!(resource.as_array().map(Vec::len), Some(TABLE_KEYS.len()), "{role}: {action} on the seven tables");
     }
 }
@@ -574,6 +586,8 @@ fn resolve(v: &Value) -> String {
             "ManufacturerUrl" => "https://api.maker.example".into(),
             "AlertWebhookUrl" => "https://alerts.example/stockflow".into(),
             "KafkaBootstrap" => "boot-abc.c2.kafka-serverless.us-east-1.amazonaws.com:9098".into(),
+            "MarketplaceId" => "ATVPDKIKX0DER".into(),
+            "SellingPartnerEndpoint" => "https://sellingpartnerapi-na.amazon.com".into(),
             other => panic!("no test value for Ref {other}"),
         },
         _ if v.get("Fn::Sub").is_some() => {
@@ -591,6 +605,7 @@ fn resolve(v: &Value) -> String {
                     "${AlertWebhookSecret}",
                     "arn:aws:secretsmanager:us-east-1:1:secret:stockflow/alerts-webhook-secret-AbCdEf",
                 )
+                .replace("${AmazonLwaSecret}", "arn:aws:secretsmanager:us-east-1:1:secret:stockflow/amazon-lwa-AbCdEf")
         }
         other => panic!("unexpected value {other}"),
     }
@@ -643,10 +658,11 @@ fn every_variable_the_binaries_read_is_set_and_every_one_set_is_read() {
                 || ((name == "STOCKFLOW_LOG" || name == "STOCKFLOW_LOG_FORMAT")
                     && telemetry.contains(&format!("\"{name}\"")));
             assert!(read_here, "{task}: {name} is set but `stockflow {}` does not read it", command[0]);
-            // The OTLP endpoint is the task's own collector sidecar; every other endpoint variable
-            // points at an emulator.
+            // The OTLP endpoint is the task's own collector sidecar, the reconciliation's is
+            // Amazon's (https); any other endpoint variable would point at an emulator.
             let sidecar = name == "OTEL_EXPORTER_OTLP_ENDPOINT" && value.starts_with("http://127.0.0.1:");
-            assert!(!name.ends_with("_ENDPOINT") || sidecar, "{task}: {name} points at an emulator");
+            let amazon = name == "STOCKFLOW__RECONCILE__ENDPOINT" && value.starts_with("https://sellingpartnerapi-");
+            assert!(!name.ends_with("_ENDPOINT") || sidecar || amazon, "{task}: {name} points at an emulator");
         }
         for need in needs {
             assert!(reads.contains(*need), "{task}: `{}` does not read {need}", command[0]);
@@ -661,6 +677,16 @@ fn every_variable_the_binaries_read_is_set_and_every_one_set_is_read() {
             assert!(
                 settings.connectors.accounting.url.is_some()
                     && settings.connectors.accounting.token.secret_id.is_some()
+            );
+        }
+        if task == "ReconcileTaskDefinition" {
+            // Its credentials from Secrets Manager, its report on the writable volume.
+            assert!(settings.reconcile.credentials.secret_id.is_some());
+            let mounts = c["MountPoints"].as_array().unwrap();
+            let dir = settings.reconcile_dir();
+            assert!(
+                mounts.iter().any(|m| dir.starts_with(m["ContainerPath"].as_str().unwrap())),
+                "{dir:?} is not mounted"
             );
         }
         // The command line parses with the real CLI.

@@ -184,6 +184,33 @@ impl AlertWebhook {
         decode_secret(&secret.expose())?;
         Ok(AlertWebhook { url, secret, http: HttpClient::new(policy.timeout), policy })
     }
+
+    /// Sends one alert that does not come from the outbox (a reconciliation's), as a batch of
+    /// one under the webhook id `id` (the receiver dedupes re-sends by it): `alert` must carry
+    /// `alert_id`. Retried with the policy's backoff while the failure is transient or throttled,
+    /// at most `attempts` times.
+    pub async fn notify(&self, id: &str, alert: serde_json::Value, attempts: u32) -> Result<(), DeliveryError> {
+        let body = serde_json::json!({"type": "stockflow.alerts", "alerts": [alert]}).to_string();
+        let key = decode_secret(&self.secret.expose()).map_err(DeliveryError::Rejected)?;
+        let mut backoff = stockflow_state::retry::Backoff::from_clock(self.policy.backoff).limited(attempts.max(1) - 1);
+        loop {
+            let headers = signature_headers(&key, id.to_string(), body.as_bytes());
+            let sent = self.http.send(Method::POST, &self.url, &headers, Bytes::from(body.clone())).await;
+            let err = match sent.and_then(|resp| classify(resp, Duration::from_secs(5))) {
+                Ok(_) => return Ok(()),
+                Err(DeliveryError::Rejected(m)) => return Err(DeliveryError::Rejected(m)),
+                Err(e) => e,
+            };
+            let wait = match &err {
+                DeliveryError::Transient { retry_after, .. } | DeliveryError::Throttled { retry_after, .. } => {
+                    *retry_after
+                }
+                DeliveryError::Rejected(_) => None,
+            };
+            let Some(delay) = backoff.next_delay() else { return Err(err) };
+            tokio::time::sleep(wait.unwrap_or(delay).min(Duration::from_secs(60))).await;
+        }
+    }
 }
 
 impl Connector for AlertWebhook {

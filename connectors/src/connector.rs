@@ -178,7 +178,8 @@ impl HttpClient {
         HttpClient { client, timeout }
     }
 
-    /// Sends a request and reads the answer (at most [`MAX_RESPONSE_BYTES`]), within the timeout. Network failures and
+    /// Sends a request and reads the answer (at most [`MAX_RESPONSE_BYTES`]), within the timeout; a body
+    /// goes as JSON unless `headers` name another `content-type`. Network failures and
     /// the timeout are [`DeliveryError::Transient`].
     pub async fn send(
         &self,
@@ -191,7 +192,7 @@ impl HttpClient {
         for (name, value) in headers {
             req = req.header(*name, value.as_str());
         }
-        if !body.is_empty() {
+        if !body.is_empty() && !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type")) {
             req = req.header("content-type", "application/json");
         }
         let req =

@@ -12,12 +12,16 @@
 //! - [`connector`]: the `Connector` trait, idempotency keys, the HTTP client, secrets.
 //! - [`alerts`]: log, live feed and signed webhook alert sinks.
 //! - [`manufacturer`]: reorders and stock-level sync, with a TTL cache ([`cache`]).
-//! - [`accounting`]: balanced journals in the generic, QuickBooks Online and Xero shapes.
+//! - [`accounting`]: balanced journals in the generic, QuickBooks Online and Xero shapes, and the
+//!   books' balances read back for reconciliation.
+//! - [`amazon`]: Amazon's FBA inventory (the Inventory API with LWA tokens, or a ledger report
+//!   file), read for reconciliation.
 //! - [`journals`]: summary posting — journals per period and currency, their per-SKU detail.
 //! - [`testing`]: local receivers of every shape that inject faults (tests and `stockflow demo`).
 
 pub mod accounting;
 pub mod alerts;
+pub mod amazon;
 pub mod cache;
 pub mod config;
 pub mod connector;

@@ -54,6 +54,7 @@ pub async fn run(
         }
     };
     let mut cfg = crate::dashboard::DashboardConfig::from_section(&settings.dashboard);
+    cfg.reconcile_report = Some(settings.reconcile_dir().join("reconcile.json"));
     cfg.refresh = std::time::Duration::from_millis(args.refresh_ms.unwrap_or(if args.dynamodb {
         10_000.max(settings.dashboard.refresh_ms)
     } else {

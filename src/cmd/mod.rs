@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod journals;
 pub mod outbox;
 pub mod probe;
+pub mod reconcile;
 pub mod run;
 pub mod setup;
 pub mod store;
@@ -74,6 +75,7 @@ impl Command {
     pub fn is_long_running(&self) -> bool {
         match self {
             Command::Run(_) | Command::Dashboard(_) => true,
+            Command::Reconcile(args) => args.every.is_some(),
             Command::Consume(args) => !args.drains(),
             Command::Ingest(IngestArgs { action: IngestAction::Serve(_) }) => true,
             _ => false,
@@ -128,6 +130,12 @@ pub enum Command {
     Setup(setup::SetupArgs),
     /// GET a URL and exit 0 on a 2xx answer: the container health check (no curl in the image).
     Probe(probe::ProbeArgs),
+    /// Compare stockflow's stock with Amazon's FBA inventory (Inventory API or a ledger report)
+    /// and its value with the books, explained per SKU; once, or --every DURATION.
+    ///
+    /// Writes reconcile.json, reconcile.csv and reconcile.html; with --apply, counts the
+    /// unexplained SKUs on the stream. Exits 0 within the thresholds, 2 past one, 1 on failure.
+    Reconcile(Box<reconcile::ReconcileArgs>),
     /// The consumer group of the AWS deployment: `group status` prints every shard's owner,
     /// epoch, checkpoint, last commit and lag from the lease table.
     Group(group::GroupArgs),
@@ -208,6 +216,7 @@ pub async fn dispatch(cli: Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         Command::Setup(args) => setup::run(args, settings).await,
         Command::Probe(args) => probe::run(args).await,
         Command::Outbox(args) => outbox::run(args, settings).await,
+        Command::Reconcile(args) => reconcile::run(*args, settings, metrics).await,
         Command::Group(args) => group::run(args, settings).await,
         Command::Accounts(args) => accounts::run(args, &settings).await,
         Command::Journals(args) => journals::dispatch(args, settings).await,

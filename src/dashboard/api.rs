@@ -49,6 +49,7 @@ pub fn router(dashboard: Dashboard, metrics: Option<PrometheusHandle>) -> Router
         .route("/api/outcome", get(outcome))
         .route("/api/stream", get(stream))
         .route("/api/group", get(group))
+        .route("/api/reconcile", get(reconcile))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(|State(s): State<AppState>| async move { crate::telemetry::render(s.metrics.as_ref()) }))
         .fallback(|| async { bad(StatusCode::NOT_FOUND, "no such page or API", None) })
@@ -331,6 +332,16 @@ async fn alerts(State(s): State<AppState>, q: QueryMap) -> Response {
 async fn group(State(s): State<AppState>) -> Response {
     let shards = s.dashboard.group();
     axum::Json(serde_json::json!({ "shards": shards.as_deref() })).into_response()
+}
+
+/// The latest reconciliation (docs/reconcile.md): `{"report": null}` until a run wrote one.
+async fn reconcile(State(s): State<AppState>) -> Response {
+    let dashboard = s.dashboard.clone();
+    match tokio::task::spawn_blocking(move || dashboard.reconcile()).await {
+        Ok(Ok(report)) => axum::Json(json!({ "report": report.as_deref() })).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": e }))).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({ "error": e.to_string() }))).into_response(),
+    }
 }
 
 async fn series(State(s): State<AppState>) -> Response {

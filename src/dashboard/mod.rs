@@ -36,7 +36,7 @@ pub use api::router;
 pub use snapshot::{Snapshot, StockRow};
 
 /// How the dashboard refreshes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DashboardConfig {
     /// Pause between two snapshot reads of the SKU states (staleness ≤ this + one read).
     pub refresh: Duration,
@@ -49,6 +49,8 @@ pub struct DashboardConfig {
     /// Run the snapshot loop on a thread of its own (next to a busy pipeline: on its runtime the
     /// loop's ticks wait for a free worker). Call [`Dashboard::close`] after shutdown.
     pub snapshot_thread: bool,
+    /// The latest reconciliation report (`reconcile.json`) the panel shows, if any.
+    pub reconcile_report: Option<std::path::PathBuf>,
 }
 
 impl DashboardConfig {
@@ -71,6 +73,7 @@ impl Default for DashboardConfig {
             alert_capacity: 10_000,
             series_points: 600,
             snapshot_thread: false,
+            reconcile_report: None,
         }
     }
 }
@@ -213,6 +216,8 @@ struct Inner {
     outcome: OutcomeReader,
     /// The consumer group's lease table (`--dynamodb`): one row per shard, or `None` (embedded).
     group: RwLock<Option<Arc<Vec<GroupShard>>>>,
+    /// The reconciliation panel: the report file's modification time and its summary.
+    reconcile: Mutex<Option<(std::time::SystemTime, Arc<serde_json::Value>)>>,
 }
 
 /// One shard of the consumer group, as the group view shows it.
@@ -285,9 +290,10 @@ impl Dashboard {
                     })
                 },
                 group: RwLock::new(None),
+                reconcile: Mutex::new(None),
             }),
         };
-        if cfg.snapshot_thread {
+        if dashboard.inner.cfg.snapshot_thread {
             let (d, s, stop) = (dashboard.clone(), Arc::clone(&store), shutdown.clone());
             let spawned = std::thread::Builder::new().name("dashboard-snapshots".into()).spawn(move || {
                 match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -348,6 +354,25 @@ impl Dashboard {
     /// The group's shards as last read (`None` without a group).
     pub fn group(&self) -> Option<Arc<Vec<GroupShard>>> {
         self.inner.group.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The reconciliation panel's data: the latest report's summary (re-read when the file
+    /// changes), `Ok(None)` when no run has written one yet.
+    pub fn reconcile(&self) -> Result<Option<Arc<serde_json::Value>>, String> {
+        let Some(path) = &self.inner.cfg.reconcile_report else { return Ok(None) };
+        let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else { return Ok(None) };
+        let mut cache = self.inner.reconcile.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, summary)) = cache.as_ref()
+            && *at == modified
+        {
+            return Ok(Some(Arc::clone(summary)));
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let report: crate::reconcile::report::Report =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let summary = Arc::new(crate::reconcile::report::panel(&report));
+        *cache = Some((modified, Arc::clone(&summary)));
+        Ok(Some(summary))
     }
 
     /// Waits for the snapshot thread to end (after shutdown), so that it no longer holds the
@@ -558,7 +583,11 @@ pub async fn start_in_process<S: StateStore + OutboxStore>(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(Dashboard, std::net::SocketAddr)> {
-    let cfg = DashboardConfig { snapshot_thread: true, ..DashboardConfig::from_section(&settings.dashboard) };
+    let cfg = DashboardConfig {
+        snapshot_thread: true,
+        reconcile_report: Some(settings.reconcile_dir().join("reconcile.json")),
+        ..DashboardConfig::from_section(&settings.dashboard)
+    };
     let dashboard = Dashboard::start(
         store,
         Telemetry::InProcess(progress),

@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub retention: crate::runtime::retention::RetentionSection,
     /// Metrics for CloudWatch alarms (Embedded Metric Format lines on stdout).
     pub cloudwatch: CloudwatchSection,
+    /// The scheduled reconciliation with Amazon and the books.
+    pub reconcile: crate::reconcile::config::ReconcileSection,
 }
 
 /// `[cloudwatch]`: a consumer-group member's figures for CloudWatch alarms and autoscaling, as
@@ -282,6 +284,7 @@ impl Default for FileConfig {
             dashboard: DashboardSection::default(),
             retention: crate::runtime::retention::RetentionSection::default(),
             cloudwatch: CloudwatchSection::default(),
+            reconcile: Default::default(),
         }
     }
 }
@@ -421,6 +424,8 @@ pub struct Settings {
     pub retention: crate::runtime::retention::Retention,
     /// CloudWatch Embedded Metric Format lines (validated).
     pub cloudwatch: CloudwatchSection,
+    /// Reconciliation (validated).
+    pub reconcile: crate::reconcile::config::ReconcileSection,
 }
 
 /// The prefix of the environment variables that set config fields ([`FileConfig::load_with_env`]).
@@ -547,7 +552,9 @@ impl FileConfig {
                 self.cloudwatch.namespace
             );
         }
+        self.reconcile.validate()?;
         Ok(Settings {
+            reconcile: self.reconcile,
             retention,
             cloudwatch: self.cloudwatch,
             dashboard: self.dashboard,
@@ -596,7 +603,12 @@ impl FileConfig {
 }
 
 impl Settings {
-    /// Directory of the embedded log.
+    /// Where reconciliation reports go (`reconcile.out_dir`, default `{data_dir}/reconcile`).
+    pub fn reconcile_dir(&self) -> PathBuf {
+        self.reconcile.out_dir.clone().unwrap_or_else(|| self.data_dir.join("reconcile"))
+    }
+
+    /// The embedded log's directory.
     pub fn log_dir(&self) -> PathBuf {
         self.data_dir.join("log")
     }

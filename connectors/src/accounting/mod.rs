@@ -28,10 +28,12 @@ use crate::connector::{Connector, Delivered, DeliveryError, HttpClient, Secret, 
 use crate::journals::{PostingKind, SummaryJournal, SummaryPolicy};
 use crate::policy::{DailyBudget, DeliveryPolicy, RateLimit};
 
+mod books;
 mod generic;
 mod quickbooks;
 mod xero;
 
+pub use books::Books;
 pub use generic::{GenericBatch, GenericEntry, GenericLine};
 pub use quickbooks::doc_number;
 

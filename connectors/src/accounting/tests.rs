@@ -194,3 +194,60 @@ fn half_to_even_rounding_of_ties() {
     let jpy = Currency::parse("JPY").unwrap();
     assert_eq!(jpy.round(Decimal::new(25, 1)), Decimal::from(2));
 }
+
+/// What the books read back equals what the connector posted: for each shape, a receipt of
+/// 25.00 and a sale costing 10.00 on 2025-11-27 are posted to the local receivers, then the
+/// inventory balance (15.00 from that day on) and the COGS of a period (10.00 when it holds the
+/// day) are read back through the vendor's own read API.
+#[tokio::test]
+async fn the_books_read_back_what_the_journals_posted() {
+    use crate::testing::{FaultPlan, Receivers};
+    let receivers = Receivers::new(FaultPlan::none(), None);
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let (base, _) = receivers.start(stopped).await.unwrap();
+    let shapes = [
+        (Shape::Generic { url: format!("{base}/generic") }, accounts()),
+        (
+            Shape::QuickBooks {
+                base: format!("{base}/qbo"),
+                realm_id: "123".into(),
+                minor_version: 75,
+                home_currency: Currency::USD,
+                multi_currency: false,
+            },
+            Accounts { cogs: "80".into(), inventory: "81".into(), clearing: "82".into() },
+        ),
+        (
+            Shape::Xero { base: format!("{base}/xero"), tenant_id: "t".into(), base_currency: Currency::USD },
+            Accounts { cogs: "500".into(), inventory: "631".into(), clearing: "820".into() },
+        ),
+    ];
+    for (shape, accounts) in shapes {
+        let label = shape.label();
+        let books = Accounting::new(shape, accounts, Secret::new("t"), DeliveryPolicy::default());
+        // Ids of their own per shape: the receivers remember request keys across routes.
+        let received = JournalLine {
+            entry_id: format!("inventory:r-{label}"),
+            ..journal(JournalKind::InventoryReceipt, Decimal::new(2500, 2), Currency::USD)
+        };
+        let sold = JournalLine {
+            entry_id: format!("cogs:s-{label}"),
+            ..journal(JournalKind::Cogs, Decimal::new(1000, 2), Currency::USD)
+        };
+        let request = books.render(&[&Effect::Journal(received), &Effect::Journal(sold)]).await.unwrap();
+        books.send(&request).await.unwrap();
+
+        let b = books.read_books("2025-11-01", "2025-11-30").await.unwrap();
+        assert_eq!(
+            (b.inventory_balance, b.cogs_posted),
+            (Decimal::new(1500, 2), Some(Decimal::new(1000, 2))),
+            "{label}"
+        );
+        let later = books.read_books("2025-12-01", "2025-12-31").await.unwrap();
+        assert_eq!(later.cogs_posted, Some(Decimal::ZERO), "{label}: no COGS in December");
+        let before = books.read_books("2025-11-01", "2025-11-26").await.unwrap();
+        // QuickBooks' CurrentBalance is the balance now, whatever the date asked.
+        let expected = if label == "quickbooks" { Decimal::new(1500, 2) } else { Decimal::ZERO };
+        assert_eq!(before.inventory_balance, expected, "{label}: the balance before the day");
+    }
+}

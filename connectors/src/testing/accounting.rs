@@ -2,7 +2,7 @@
 //! the account query, its request limits) and Xero (manual journals, the chart of accounts, the
 //! minute and day limits).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -17,6 +17,122 @@ pub(super) fn record_summary(log: &mut Log, id: &str, lines: impl Iterator<Item 
     for (account, amount) in lines {
         *journal.entry(account).or_default() += amount;
     }
+}
+
+/// Books accepted lines (account, debit − credit) on `date` in `shape`'s ledger.
+pub(super) fn book(log: &mut Log, shape: &'static str, date: &str, lines: impl Iterator<Item = (String, Decimal)>) {
+    for (account, amount) in lines {
+        *log.books.entry((shape, account, date.to_string())).or_default() += amount;
+    }
+}
+
+/// Per account of `shape`: (balance at the end of `to`, movement from `from` to `to`), dates
+/// inclusive (`YYYY-MM-DD` compares as text).
+fn ledger(log: &Log, shape: &str, from: &str, to: &str) -> BTreeMap<String, (Decimal, Decimal)> {
+    let mut out: BTreeMap<String, (Decimal, Decimal)> = BTreeMap::new();
+    for ((s, account, date), amount) in &log.books {
+        if *s != shape || date.as_str() > to {
+            continue;
+        }
+        let e = out.entry(account.clone()).or_default();
+        e.0 += amount;
+        if date.as_str() >= from {
+            e.1 += amount;
+        }
+    }
+    out
+}
+
+/// `GET /generic/v1/balances?from=&to=`: every account's balance and movement.
+pub(super) async fn generic_balances(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let (Some(from), Some(to)) = (q.get("from"), q.get("to")) else { return refuse("to", "from and to are required") };
+    let accounts: Vec<Value> = ledger(&s.lock(), "generic", from, to)
+        .into_iter()
+        .map(|(account, (balance, movement))| {
+            json!({"account": account, "balance": balance.to_string(), "movement": movement.to_string()})
+        })
+        .collect();
+    axum::Json(json!({"accounts": accounts})).into_response()
+}
+
+/// `GET …/reports/ProfitAndLoss?start_date=&end_date=`: one data row per account with movement
+/// in the period (the stand-in does not know account types), in QuickBooks' report shape.
+pub(super) async fn qbo_report(
+    State(s): State<Shared>,
+    Path((_realm, report)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if report != "ProfitAndLoss" {
+        return (StatusCode::NOT_FOUND, "no such report").into_response();
+    }
+    let (Some(from), Some(to)) = (q.get("start_date"), q.get("end_date")) else {
+        return refuse("end_date", "start_date and end_date are required");
+    };
+    let mut total = Decimal::ZERO;
+    let rows: Vec<Value> = ledger(&s.lock(), "quickbooks", from, to)
+        .into_iter()
+        .filter(|(_, (_, movement))| !movement.is_zero())
+        .map(|(account, (_, movement))| {
+            total += movement;
+            let name = QBO_ACCOUNTS.iter().find(|a| a.0 == account).map_or(account.as_str(), |a| a.1);
+            json!({"type": "Data", "ColData": [{"value": name, "id": account}, {"value": movement.to_string()}]})
+        })
+        .collect();
+    axum::Json(json!({
+        "Header": {"ReportName": "ProfitAndLoss", "StartPeriod": from, "EndPeriod": to, "Currency": "USD"},
+        "Columns": {"Column": [{"ColTitle": "", "ColType": "Account"}, {"ColTitle": "Total", "ColType": "Money"}]},
+        "Rows": {"Row": [{"type": "Section", "group": "COGS",
+            "Header": {"ColData": [{"value": "Cost of Goods Sold"}, {"value": ""}]},
+            "Rows": {"Row": rows},
+            "Summary": {"ColData": [{"value": "Total Cost of Goods Sold"}, {"value": total.to_string()}]}}]}
+    }))
+    .into_response()
+}
+
+/// The stand-in's Xero `AccountID` of an account code.
+pub(super) fn xero_account_id(code: &str) -> String {
+    format!("00000000-0000-4000-8000-{:0>12}", code.chars().filter(char::is_ascii_alphanumeric).collect::<String>())
+}
+
+/// `GET Reports/BalanceSheet?date=` (balances at the end of `date`) and
+/// `GET Reports/ProfitAndLoss?fromDate=&toDate=` (movements): one row per account, in Xero's
+/// report shape, rows carrying the `account` attribute.
+pub(super) async fn xero_report(
+    State(s): State<Shared>,
+    Path(report): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if header(&headers, "xero-tenant-id").is_none_or(str::is_empty) {
+        return refuse("xero-tenant-id", "required");
+    }
+    let (from, to, balance) = match report.as_str() {
+        "BalanceSheet" => {
+            ("0000-00-00".to_string(), q.get("date").cloned().unwrap_or_else(|| "9999-12-31".into()), true)
+        }
+        "ProfitAndLoss" => match (q.get("fromDate"), q.get("toDate")) {
+            (Some(f), Some(t)) => (f.clone(), t.clone(), false),
+            _ => return refuse("toDate", "fromDate and toDate are required"),
+        },
+        _ => return (StatusCode::NOT_FOUND, "no such report").into_response(),
+    };
+    let rows: Vec<Value> = ledger(&s.lock(), "xero", &from, &to)
+        .into_iter()
+        .map(|(code, (bal, movement))| {
+            let id = xero_account_id(&code);
+            let value = if balance { bal } else { movement };
+            let attrs = json!([{"Value": id, "Id": "account"}]);
+            json!({"RowType": "Row", "Cells": [{"Value": code, "Attributes": attrs}, {"Value": value.to_string(), "Attributes": attrs}]})
+        })
+        .collect();
+    axum::Json(json!({"Reports": [{
+        "ReportID": report, "ReportName": report, "ReportType": report,
+        "Rows": [
+            {"RowType": "Header", "Cells": [{"Value": ""}, {"Value": to}]},
+            {"RowType": "Section", "Title": "", "Rows": rows}
+        ]
+    }]}))
+    .into_response()
 }
 
 pub(super) fn qbo_lines(e: &Value) -> Vec<(String, Decimal)> {
@@ -53,6 +169,9 @@ pub(super) async fn generic_journals(State(s): State<Shared>, req: axum::extract
             }
         }
         for e in &batch.entries {
+            let lines =
+                e.lines.iter().map(|l| (l.account.clone(), l.debit.unwrap_or_default() - l.credit.unwrap_or_default()));
+            book(log, "generic", &e.date, lines);
             if e.id.starts_with("journal:") {
                 let lines = e
                     .lines
@@ -127,6 +246,7 @@ pub(super) async fn qbo(
         if !batch {
             return match qbo_entry_ok(&v) {
                 Ok((id, currency, amount)) => {
+                    book(log, "quickbooks", v["TxnDate"].as_str().unwrap_or_default(), qbo_lines(&v).into_iter());
                     if id.starts_with("journal:") {
                         record_summary(log, &id, qbo_lines(&v).into_iter());
                     }
@@ -147,6 +267,13 @@ pub(super) async fn qbo(
             let b = item["bId"].as_str().unwrap_or_default();
             match qbo_entry_ok(&item["JournalEntry"]) {
                 Ok((id, currency, amount)) => {
+                    let entry = &item["JournalEntry"];
+                    book(
+                        log,
+                        "quickbooks",
+                        entry["TxnDate"].as_str().unwrap_or_default(),
+                        qbo_lines(entry).into_iter(),
+                    );
                     accept_item(log, "quickbooks", &id);
                     *log.journal_totals.entry(("quickbooks", kind_of(&id), currency)).or_default() += amount;
                     out.push(json!({"bId": b, "JournalEntry": {"Id": log.items.len().to_string()}}));
@@ -171,6 +298,7 @@ pub(super) const QBO_ACCOUNTS: [(&str, &str, &str, bool); 5] = [
 
 /// `GET …/query?query=select … from Account where Id in ('80', …)`: the accounts asked for.
 pub(super) async fn qbo_query(
+    State(s): State<Shared>,
     Path((_realm, op)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -182,10 +310,16 @@ pub(super) async fn qbo_query(
         return refuse("query", "this receiver answers account queries only");
     }
     let ids: Vec<&str> = query.split('\'').skip(1).step_by(2).collect();
+    // `CurrentBalance`: the balance now, over every journal the stand-in accepted.
+    let balances = ledger(&s.lock(), "quickbooks", "9999-12-31", "9999-12-31");
     let accounts: Vec<Value> = QBO_ACCOUNTS
         .iter()
         .filter(|(id, ..)| ids.contains(id))
-        .map(|(id, name, kind, active)| json!({"Id": id, "Name": name, "AccountType": kind, "Active": active}))
+        .map(|(id, name, kind, active)| {
+            let balance = balances.get(*id).map_or(Decimal::ZERO, |b| b.0);
+            json!({"Id": id, "Name": name, "AccountType": kind, "Active": active,
+                   "CurrentBalance": balance.to_string().parse::<f64>().unwrap_or(0.0)})
+        })
         .collect();
     axum::Json(json!({"QueryResponse": {"Account": accounts, "startPosition": 1, "maxResults": accounts.len()}}))
         .into_response()
@@ -196,14 +330,17 @@ pub(super) async fn xero_accounts(headers: HeaderMap) -> Response {
     if header(&headers, "xero-tenant-id").is_none_or(str::is_empty) {
         return refuse("xero-tenant-id", "required");
     }
-    axum::Json(json!({"Accounts": [
+    let mut accounts = json!([
         {"Code": "500", "Name": "Cost of Goods Sold", "Type": "DIRECTCOSTS", "Status": "ACTIVE"},
         {"Code": "630", "Name": "Inventory", "Type": "INVENTORY", "Status": "ACTIVE"},
         {"Code": "631", "Name": "Inventory (journals)", "Type": "CURRENT", "Status": "ACTIVE"},
         {"Code": "820", "Name": "Received not invoiced", "Type": "CURRLIAB", "Status": "ACTIVE"},
         {"Code": "800", "Name": "Accounts Payable", "Type": "CURRLIAB", "Status": "ACTIVE", "SystemAccount": "CREDITORS"}
-    ]}))
-    .into_response()
+    ]);
+    for a in accounts.as_array_mut().into_iter().flatten() {
+        a["AccountID"] = json!(xero_account_id(a["Code"].as_str().unwrap_or_default()));
+    }
+    axum::Json(json!({ "Accounts": accounts })).into_response()
 }
 
 pub(super) async fn xero(State(s): State<Shared>, req: axum::extract::Request) -> Response {
@@ -245,8 +382,14 @@ pub(super) async fn xero(State(s): State<Shared>, req: axum::extract::Request) -
                     "ValidationErrors": [{"Message": "The total debits must equal total credits"}]}));
                     continue;
                 }
+                let accounts = lines.iter().map(|l| l["AccountCode"].as_str().unwrap_or_default().to_string());
+                book(
+                    log,
+                    "xero",
+                    j["Date"].as_str().unwrap_or_default(),
+                    accounts.clone().zip(amounts.iter().copied()),
+                );
                 if id.starts_with("journal:") {
-                    let accounts = lines.iter().map(|l| l["AccountCode"].as_str().unwrap_or_default().to_string());
                     record_summary(log, &id, accounts.zip(amounts.iter().copied()));
                 }
                 accept_item(log, "xero", &id);

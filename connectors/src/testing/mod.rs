@@ -30,9 +30,11 @@ use tower::ServiceExt;
 
 mod accounting;
 mod checks;
+pub mod spapi;
 
-use accounting::{generic_journals, qbo, qbo_query, xero, xero_accounts};
+use accounting::{generic_balances, generic_journals, qbo, qbo_query, qbo_report, xero, xero_accounts, xero_report};
 pub use checks::{Routes, SummaryCheck, check_deliveries, check_summaries};
+pub use spapi::{SpApi, SpApiLog};
 
 /// A fault a receiver can inject into one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +140,9 @@ pub struct Log {
     pub summaries: BTreeMap<String, BTreeMap<String, Decimal>>,
     /// Requests refused 429 because they broke the vendor's published limit (must stay 0).
     pub limit_refusals: u64,
+    /// The books: per shape, account and journal date, debit − credit of every accepted line
+    /// (what the read endpoints report as balances).
+    pub books: BTreeMap<(&'static str, String, String), Decimal>,
     /// Per key: the body's hash and the answer given.
     answers: HashMap<String, (u128, StatusCode, Bytes)>,
 }
@@ -247,8 +252,9 @@ impl Receivers {
     }
 
     /// Serves every receiver on `listener` until `shutdown`. Routes: `/alerts`,
-    /// `/manufacturer/v1/…`, `/generic/v1/journals`, `/qbo/v3/company/{realm}/{journalentry|batch}`,
-    /// `/xero/api.xro/2.0/ManualJournals`.
+    /// `/manufacturer/v1/…`, `/generic/v1/{journals,balances}`,
+    /// `/qbo/v3/company/{realm}/{journalentry|batch|query|reports/ProfitAndLoss}`,
+    /// `/xero/api.xro/2.0/{ManualJournals,Accounts,Reports/BalanceSheet,Reports/ProfitAndLoss}`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         let app = router(Arc::clone(&self));
         loop {
@@ -371,9 +377,12 @@ fn router(state: Shared) -> Router {
         .route("/manufacturer/v1/reorders", post(reorders))
         .route("/manufacturer/v1/stock-levels", post(stock_levels))
         .route("/generic/v1/journals", post(generic_journals))
+        .route("/generic/v1/balances", get(generic_balances))
         .route("/qbo/v3/company/{realm}/{op}", post(qbo).get(qbo_query))
+        .route("/qbo/v3/company/{realm}/reports/{report}", get(qbo_report))
         .route("/xero/api.xro/2.0/ManualJournals", put(xero))
         .route("/xero/api.xro/2.0/Accounts", get(xero_accounts))
+        .route("/xero/api.xro/2.0/Reports/{report}", get(xero_report))
         .with_state(state)
 }
 

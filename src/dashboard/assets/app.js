@@ -236,6 +236,32 @@
       el("td", { class: "num" }, r.lag_ms == null ? "–" : (r.lag_ms / 1000).toFixed(1) + " s"))));
   }
 
+  // ---- reconciliation (the latest `stockflow reconcile` report) -----------------------------------
+  async function loadReconcile() {
+    let data;
+    try { data = await getJSON("/api/reconcile"); } catch (e) { return; }
+    const r = data.report;
+    if (!r) return;
+    $("reconcile").hidden = false;
+    const c = r.totals.classes;
+    $("reconcile-summary").textContent = "as of " + r.as_of + " — " + r.outcome + ": " + num(r.totals.skus) + " SKUs, " +
+      num(c.match) + " match, " + num(c.timing) + " timing, " + num(c.explained) + " explained, " +
+      num(c.unexplained) + " unexplained (" + num(r.totals.unexplained_units) + " units, " + r.totals.unexplained_value + ")";
+    const v = r.value;
+    const books = v && v.inventory_difference != null ? " Books: inventory differs by " + v.inventory_difference +
+      " " + v.currency + (v.cogs_difference != null ? ", COGS by " + v.cogs_difference : "") + "." : "";
+    $("reconcile-reasons").textContent = r.reasons.join("; ") + books;
+    $("reconcile").dataset.outcome = r.outcome;
+    $("reconcile-body").replaceChildren(...r.unexplained.map((l) => el("tr", {},
+      el("td", {}, l.sku),
+      el("td", { class: "num" }, num(l.stockflow_on_hand)),
+      el("td", { class: "num" }, l.amazon_count == null ? "not listed" : num(l.amazon_count)),
+      el("td", { class: "num" }, num(l.difference)),
+      el("td", {}, Object.entries(l.explained).map(([k, n]) => k + " " + n).join(", ")),
+      el("td", { class: "num" }, num(l.unexplained_units)),
+      el("td", { class: "num" }, l.unexplained_value))));
+  }
+
   async function start() {
     try {
       const s = await getJSON("/api/series");
@@ -250,6 +276,8 @@
     setInterval(loadStock, 500);
     loadGroup();
     setInterval(loadGroup, 2000);
+    loadReconcile();
+    setInterval(loadReconcile, 10000);
   }
   start();
 })();
