@@ -382,3 +382,110 @@ async fn a_ledger_report_file_is_reconciled_like_the_api() {
     let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert!(child.wait().unwrap().success());
 }
+
+/// On the AWS deployment's backends (moto, kinesis-local): the SKU states are scanned from
+/// DynamoDB, and `--apply` puts the count on the Kinesis stream, keyed by its SKU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_dynamodb_the_count_goes_onto_the_kinesis_stream() {
+    use std::sync::Arc;
+    use stockflow_state::lease::{LeaseStore, NewLease};
+    use stockflow_state::{EngineConfig, Position, ShardCommit, StateStore, decode};
+
+    let Some(store) = stockflow_state::dynamodb::testing::emulator_store("rec").await else { return };
+    let Some((kinesis, kstream)) = stockflow_pipeline::kinesis::testing::emulator_stream("rec", 1).await else {
+        return;
+    };
+    let prefix = store.tables().leases.trim_end_matches("-leases").to_string();
+    let full = stream();
+    let ours: Vec<String> = full.iter().filter(|e| !e.2.contains(r#""id":"lost""#)).map(|e| e.2.clone()).collect();
+    // The group's state, committed as a member commits it.
+    assert!(store.create_lease(&NewLease { key: "s-0".into(), parents: vec![], hash_range: None }).await.unwrap());
+    let epoch = store.take_lease("s-0", "worker-x").await.unwrap();
+    let mut engine = stockflow_state::ShardEngine::new(Arc::new(EngineConfig::default()));
+    for e in &ours {
+        engine.apply(&decode(e.as_bytes()).unwrap());
+    }
+    let d = engine.take_delta().unwrap();
+    store
+        .commit(Arc::new(ShardCommit {
+            shard: "s-0".into(),
+            lease_epoch: epoch,
+            checkpoint: Position::offset(ours.len() as u64),
+            max_ts: d.max_ts,
+            states: d.states,
+            effects: d.effects,
+            dead_letters: vec![],
+            dedup: d.dedup,
+            new_skus: d.new_skus,
+            keep_checkpoint: false,
+            after_interrupted: false,
+            lag_ms: None,
+        }))
+        .await
+        .unwrap();
+
+    // Amazon's ledger: the truth's on_hand per SKU.
+    let dir = tempfile::tempdir().unwrap();
+    let truth = model(&full.iter().map(|e| e.2.clone()).collect::<Vec<_>>());
+    let mut tsv = String::from("Date\tMSKU\tDisposition\tEnding Warehouse Balance\n");
+    for (sku, f) in &truth.skus {
+        tsv.push_str(&format!("2026-11-27\t{sku}\tSELLABLE\t{}\n", f.on_hand));
+    }
+    let ledger = dir.path().join("ledger.tsv");
+    std::fs::write(&ledger, tsv).unwrap();
+    let config = dir.path().join("stockflow.toml");
+    std::fs::write(&config, "[connectors]\nlog = false\n").unwrap();
+    let argv = args(
+        &config,
+        &dir.path().join("data"),
+        &["reconcile", "--dynamodb", "--table-prefix", &prefix, "--ledger", ledger.to_str().unwrap(), "--apply"],
+    );
+    let stream_name = kstream.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        support::emulator_env(std::process::Command::new(env!("CARGO_BIN_EXE_stockflow")).args(&argv))
+            .args(["--stream", &stream_name])
+            .env("STOCKFLOW_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", support::text(&out));
+    let r = support::json(&dir.path().join("data").join("reconcile").join("reconcile.json"));
+    assert_eq!(r["stockflow_source"], format!("dynamodb:{prefix}"));
+    assert_eq!(r["totals"]["skus"], 12);
+    assert_eq!(
+        (lines_of(&r)["S-03"]["class"].as_str(), r["totals"]["unexplained_units"].as_i64()),
+        (Some("unexplained"), Some(10))
+    );
+    let id = format!("recon:{}:S-03", r["as_of"].as_str().unwrap());
+    assert_eq!(r["applied"], json!([id]));
+
+    // Exactly that record is on the stream, keyed by its SKU.
+    let shards = kinesis.list_shards().stream_name(&kstream).send().await.unwrap();
+    let mut got = Vec::new();
+    for shard in shards.shards() {
+        let it = kinesis
+            .get_shard_iterator()
+            .stream_name(&kstream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap();
+        let records = kinesis.get_records().shard_iterator(it.shard_iterator().unwrap()).send().await.unwrap();
+        for rec in records.records() {
+            let ev: Value = serde_json::from_slice(rec.data().as_ref()).unwrap();
+            got.push((rec.partition_key().to_string(), ev));
+        }
+    }
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (key, ev) = &got[0];
+    assert_eq!(
+        (key.as_str(), ev["id"].as_str(), ev["type"].as_str()),
+        ("S-03", Some(id.as_str()), Some("stock_counted"))
+    );
+    assert_eq!(ev["on_hand"].as_i64(), Some(truth.skus["S-03"].on_hand));
+    assert_eq!(ev["ts"].as_i64(), r["as_of_ms"].as_i64());
+    assert!(decode(serde_json::to_string(ev).unwrap().as_bytes()).is_ok(), "a canonical event");
+}

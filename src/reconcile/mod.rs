@@ -141,8 +141,11 @@ impl Job {
             .div_euclid(1000)
             * 1000;
         let as_of = rfc3339(as_of_ms);
-        let states = store.sku_states().await.context("reading stockflow's state")?;
-        let ours: BTreeMap<String, Ours> = states.iter().map(|(sku, s)| (sku.to_string(), Ours::from(s))).collect();
+        // Only what the comparison needs is kept: the states (order lines, windows) go at once.
+        let ours: BTreeMap<String, Ours> = {
+            let states = store.sku_states().await.context("reading stockflow's state")?;
+            states.iter().map(|(sku, s)| (sku.to_string(), Ours::from(s))).collect()
+        };
         let lines = compare::compare(&ours, &counts);
         let value = self.value(&ours, &lines, &as_of).await;
         let mut report = Report {
