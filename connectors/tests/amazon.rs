@@ -36,7 +36,7 @@ async fn client(sp: &Arc<SpApi>, secret: &str) -> (InventoryApi, watch::Sender<b
     let lwa = Lwa::new(
         format!("{base}/auth/o2/token"),
         LwaCredentials {
-            client_id: spapi::CLIENT_ID.into(),
+            client_id: Secret::new(spapi::CLIENT_ID),
             client_secret: Secret::new(secret),
             refresh_token: Secret::new(spapi::REFRESH_TOKEN),
         },
@@ -90,6 +90,22 @@ async fn twenty_pages_stay_within_two_requests_a_second_and_429s_are_waited_out(
     assert_eq!(log.rate_refusals, 0, "{log:?}");
     assert_eq!((log.injected_throttles, log.pages), (3, 20), "{log:?}");
     assert_eq!(api.stats().throttled, 3);
+}
+
+#[tokio::test]
+async fn a_failing_token_endpoint_is_retried_and_a_throttle_storm_ends_the_run() {
+    let sp = SpApi::new(MARKETPLACE, fixtures(), 2);
+    let (api, _stop) = client(&sp, spapi::CLIENT_SECRET).await;
+    sp.fail_next_tokens(2);
+    assert_eq!(api.summaries().await.unwrap().len(), 4);
+    let log = sp.log();
+    assert_eq!((log.tokens_failed, log.tokens_granted), (2, 1), "{log:?}");
+    // Throttled on every request: 1 + 8 retries, then a clear error (not an endless loop).
+    sp.throttle_next(1_000);
+    let before = sp.log().summary_requests;
+    let err = api.summaries().await.unwrap_err();
+    assert!(matches!(&err, AmazonError::Unavailable(m) if m.contains("8 retries")), "{err}");
+    assert_eq!(sp.log().summary_requests - before, 9);
 }
 
 #[tokio::test]

@@ -62,6 +62,41 @@ struct LwaSecret {
     refresh_token: String,
 }
 
+/// The LWA credentials from `reconcile.credentials`.
+async fn read_lwa(settings: &Settings) -> anyhow::Result<LwaSecret> {
+    let source = &settings.reconcile.credentials;
+    if !source.is_set() {
+        bail!("reconcile.credentials is not set: the LWA client id, secret and refresh token (docs/reconcile.md)");
+    }
+    let raw = crate::runtime::connectors::load_credential(source, "reconcile.credentials").await?;
+    serde_json::from_str(&raw.expose())
+        .context("reconcile.credentials: expected JSON {\"client_id\", \"client_secret\", \"refresh_token\"}")
+}
+
+/// Re-reads the LWA credentials before a scheduled run, so a rotated client secret (every 180
+/// days) or a new refresh token reaches a running schedule; a failed read keeps the old ones.
+async fn refresh_lwa(job: &Job, settings: &Settings) {
+    let AmazonSource::Api(api, _) = &job.amazon else { return };
+    match read_lwa(settings).await {
+        Ok(fresh) => {
+            let c = api.lwa().credentials();
+            let changed = c.client_id.expose() != fresh.client_id
+                || c.client_secret.expose() != fresh.client_secret
+                || c.refresh_token.expose() != fresh.refresh_token;
+            if changed {
+                c.client_id.replace(fresh.client_id);
+                c.client_secret.replace(fresh.client_secret);
+                c.refresh_token.replace(fresh.refresh_token);
+                api.lwa().invalidate().await;
+                tracing::info!("the LWA credentials changed: a new access token will be fetched");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "re-reading the LWA credentials failed; keeping the old ones")
+        }
+    }
+}
+
 /// The job the settings and arguments describe.
 async fn job(args: &ReconcileArgs, settings: &Settings) -> anyhow::Result<Job> {
     let r = &settings.reconcile;
@@ -73,19 +108,11 @@ async fn job(args: &ReconcileArgs, settings: &Settings) -> anyhow::Result<Job> {
                 "reconcile.marketplace_id (or ingest.marketplace_id) is required to read the Inventory API; \
                  or pass --ledger FILE",
             )?;
-            if !r.credentials.is_set() {
-                bail!(
-                    "reconcile.credentials is not set: the LWA client id, secret and refresh token (docs/reconcile.md)"
-                );
-            }
-            let raw = crate::runtime::connectors::load_credential(&r.credentials, "reconcile.credentials").await?;
-            let secret: LwaSecret = serde_json::from_str(&raw.expose()).context(
-                "reconcile.credentials: expected JSON {\"client_id\", \"client_secret\", \"refresh_token\"}",
-            )?;
+            let secret = read_lwa(settings).await?;
             let lwa = Lwa::new(
                 r.lwa_endpoint.clone(),
                 LwaCredentials {
-                    client_id: secret.client_id,
+                    client_id: Secret::new(secret.client_id),
                     client_secret: Secret::new(secret.client_secret),
                     refresh_token: Secret::new(secret.refresh_token),
                 },
@@ -235,6 +262,7 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = crate::server::stopped(&mut stop) => return Ok(ExitCode::SUCCESS),
         }
+        refresh_lwa(&job, &settings).await;
         // A failed run is logged and counted (`stockflow_reconcile_last_outcome{outcome="failed"}`);
         // the schedule goes on.
         match once(&job, &args, &settings).await {

@@ -136,6 +136,22 @@ pub fn cents(d: Decimal) -> Decimal {
     c
 }
 
+/// `units × cost` to the cent, saturating instead of overflowing (an absurd cost in one record
+/// must not stop a reconciliation).
+pub fn value(units: i64, cost: Decimal) -> Decimal {
+    let product = Decimal::from(units)
+        .checked_mul(cost)
+        .unwrap_or_else(|| if (units < 0) == cost.is_sign_negative() { Decimal::MAX } else { Decimal::MIN });
+    cents(product)
+}
+
+/// The saturating sum of amounts.
+pub fn sum(amounts: impl IntoIterator<Item = Decimal>) -> Decimal {
+    amounts.into_iter().fold(Decimal::ZERO, |a, b| {
+        a.checked_add(b).unwrap_or(if b.is_sign_negative() { Decimal::MIN } else { Decimal::MAX })
+    })
+}
+
 /// Classifies one SKU.
 pub fn classify(sku: &str, ours: Option<&Ours>, amazon: Option<&FbaCount>) -> SkuLine {
     let default = Ours::default();
@@ -177,7 +193,7 @@ pub fn classify(sku: &str, ours: Option<&Ours>, amazon: Option<&FbaCount>) -> Sk
         unexplained_units,
         avg_cost: o.avg_cost,
         currency: o.currency.clone(),
-        unexplained_value: cents(Decimal::from(unexplained_units) * o.avg_cost),
+        unexplained_value: value(unexplained_units, o.avg_cost),
         stockflow_last_event_ms: o.last_event_ms,
         amazon_updated_ms: updated,
         countable: class == Class::Unexplained && amazon.is_some(),

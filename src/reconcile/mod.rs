@@ -26,7 +26,7 @@ use stockflow_pipeline::StreamProducer;
 use stockflow_pipeline::source::OutRecord;
 use stockflow_state::StateStore;
 
-use compare::{Class, Ours, SkuLine, cents};
+use compare::{Class, Ours, SkuLine};
 use report::{Driver, Outcome, Report, Thresholds, ValueCheck};
 
 /// Where Amazon's counts come from.
@@ -88,9 +88,12 @@ pub struct Job {
     pub as_of_ms: Option<i64>,
 }
 
-/// The canonical `stock_counted` event reconciliation puts for `line`.
+/// The canonical `stock_counted` event reconciliation puts for `line`: on_hand is what leaves
+/// nothing unexplained — Amazon's count plus the units Amazon's buckets explain (so a partly
+/// explained SKU keeps its inbound or sidelined units).
 pub fn count_event(as_of: &str, as_of_ms: i64, line: &SkuLine) -> Option<(String, String)> {
-    let on_hand = line.amazon_count?;
+    line.amazon_count?;
+    let on_hand = line.stockflow_on_hand.checked_sub(line.unexplained_units)?;
     if !(0..=1_000_000_000).contains(&on_hand) {
         return None;
     }
@@ -134,10 +137,12 @@ impl Job {
         let (counts, amazon_source) = self.amazon.read().await?;
         // The instant: Amazon's newest numbers, to the second.
         let now_ms = stockflow_state::now_ms();
+        // Never later than now: a clock ahead at Amazon must not date counts in the future.
         let as_of_ms = self
             .as_of_ms
             .or_else(|| counts.iter().filter_map(|c| c.last_updated_ms).max())
             .unwrap_or(now_ms)
+            .min(now_ms)
             .div_euclid(1000)
             * 1000;
         let as_of = rfc3339(as_of_ms);
@@ -147,7 +152,9 @@ impl Job {
             states.iter().map(|(sku, s)| (sku.to_string(), Ours::from(s))).collect()
         };
         let lines = compare::compare(&ours, &counts);
-        let value = self.value(&ours, &lines, &as_of).await;
+        // The books as of the run's day: stockflow's side is its state now, not at `as_of`.
+        let today = rfc3339(now_ms);
+        let value = self.value(&ours, &lines, today.get(..10).unwrap_or(&today)).await;
         let mut report = Report {
             as_of: as_of.clone(),
             as_of_ms,
@@ -177,24 +184,24 @@ impl Job {
                 report.applied.extend(chunk.iter().map(|(id, ..)| id.clone()));
             }
         }
-        report.finished_at = rfc3339(stockflow_state::now_ms());
-        report.write(&self.out_dir)?;
         if report.outcome == Outcome::Discrepancies {
             self.alert(&report).await;
         }
+        report.finished_at = rfc3339(stockflow_state::now_ms());
+        report.write(&self.out_dir)?;
         Ok(report)
     }
 
-    /// stockflow's value against the books.
-    async fn value(&self, ours: &BTreeMap<String, Ours>, lines: &[SkuLine], as_of: &str) -> Option<ValueCheck> {
+    /// stockflow's value against the books (read as of `date`, `YYYY-MM-DD`).
+    async fn value(&self, ours: &BTreeMap<String, Ours>, lines: &[SkuLine], date: &str) -> Option<ValueCheck> {
         let in_currency = |o: &Ours| o.currency.as_deref().is_none_or(|c| c == self.currency);
         let costed = ours.values().any(|o| !o.avg_cost.is_zero());
         if self.books.is_none() && !costed {
             return None;
         }
-        let computed_value: Decimal =
-            ours.values().filter(|o| in_currency(o)).map(|o| cents(Decimal::from(o.on_hand) * o.avg_cost)).sum();
-        let stockflow_cogs: Decimal = ours.values().filter(|o| in_currency(o)).map(|o| o.cogs).sum();
+        let computed_value =
+            compare::sum(ours.values().filter(|o| in_currency(o)).map(|o| compare::value(o.on_hand, o.avg_cost)));
+        let stockflow_cogs = compare::sum(ours.values().filter(|o| in_currency(o)).map(|o| o.cogs));
         let mut drivers: Vec<Driver> = lines
             .iter()
             .filter(|l| l.class == Class::Unexplained && !l.unexplained_value.is_zero())
@@ -217,7 +224,6 @@ impl Job {
             drivers,
         };
         if let Some(books) = &self.books {
-            let date = as_of.get(..10).unwrap_or(as_of);
             match books.read_books(&self.books_since, date).await {
                 Ok(b) => {
                     check.books = Some(b.source.to_string());
@@ -237,11 +243,8 @@ impl Job {
 
     async fn alert(&self, report: &Report) {
         let id = format!("reconcile:{}", report.as_of);
-        let top: Vec<serde_json::Value> = report
-            .skus
-            .iter()
-            .filter(|l| l.class == Class::Unexplained)
-            .take(20)
+        let top: Vec<serde_json::Value> = report::worst(&report.skus, 20)
+            .into_iter()
             .map(|l| {
                 serde_json::json!({"sku": l.sku, "stockflow": l.stockflow_on_hand, "amazon": l.amazon_count,
                 "unexplained_units": l.unexplained_units, "unexplained_value": l.unexplained_value.to_string()})
@@ -263,5 +266,28 @@ impl Job {
         {
             tracing::error!(error = %e, "the reconciliation alert could not be delivered");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_leaves_the_explained_units_in_place() {
+        let amazon = FbaCount { sku: "A".into(), fulfillable: 10, inbound: 3, ..FbaCount::default() };
+        let ours = Ours { on_hand: 15, avg_cost: Decimal::ONE, ..Ours::default() };
+        let line = compare::classify("A", Some(&ours), Some(&amazon));
+        assert_eq!((line.class, line.unexplained_units), (Class::Unexplained, 2));
+        let (id, json) = count_event("2026-12-01T00:00:00Z", 1_796_083_200_000, &line).unwrap();
+        assert_eq!(id, "recon:2026-12-01T00:00:00Z:A");
+        let event = stockflow_state::decode(json.as_bytes()).unwrap();
+        assert_eq!(event.sku.as_ref(), "A");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        // Amazon's 10 plus the 3 inbound it explains; the 2 nobody explains are gone.
+        assert_eq!(v["on_hand"], 13);
+        // A SKU Amazon does not list is never counted.
+        let unlisted = compare::classify("B", Some(&ours), None);
+        assert!(!unlisted.countable && count_event("t", 0, &unlisted).is_none());
     }
 }

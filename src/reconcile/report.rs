@@ -43,8 +43,8 @@ impl Totals {
             t.stockflow_units = t.stockflow_units.saturating_add(l.stockflow_on_hand);
             t.amazon_units = t.amazon_units.saturating_add(l.amazon_count.unwrap_or(0));
             t.unexplained_units = t.unexplained_units.saturating_add(l.unexplained_units.saturating_abs());
-            t.unexplained_value += l.unexplained_value.abs();
         }
+        t.unexplained_value = super::compare::sum(lines.iter().map(|l| l.unexplained_value.abs()));
         t
     }
 
@@ -371,12 +371,13 @@ td:first-child,th:first-child{{text-align:left}}.verdict{{color:#fff;background:
         for c in Class::ALL {
             metrics::gauge!("stockflow_reconcile_skus", "class" => c.label()).set(t.count(c) as f64);
         }
-        if let Some(d) = self.value.as_ref().and_then(|v| v.inventory_difference) {
-            metrics::gauge!("stockflow_reconcile_book_difference", "account" => "inventory").set(decimal_f64(d));
-        }
-        if let Some(d) = self.value.as_ref().and_then(|v| v.cogs_difference) {
-            metrics::gauge!("stockflow_reconcile_book_difference", "account" => "cogs").set(decimal_f64(d));
-        }
+        // Unknown (no books, or they could not be read) is NaN, not the previous run's figure.
+        let known = |d: Option<Decimal>| d.map_or(f64::NAN, decimal_f64);
+        let v = self.value.as_ref();
+        metrics::gauge!("stockflow_reconcile_book_difference", "account" => "inventory")
+            .set(known(v.and_then(|v| v.inventory_difference)));
+        metrics::gauge!("stockflow_reconcile_book_difference", "account" => "cogs")
+            .set(known(v.and_then(|v| v.cogs_difference)));
         record_outcome(match self.outcome {
             Outcome::Ok => "ok",
             Outcome::Discrepancies => "discrepancies",
@@ -384,12 +385,20 @@ td:first-child,th:first-child{{text-align:left}}.verdict{{color:#fff;background:
     }
 }
 
+/// The `n` unexplained SKUs with the most unexplained units (ties by SKU).
+pub fn worst(lines: &[SkuLine], n: usize) -> Vec<&SkuLine> {
+    let mut worst: Vec<&SkuLine> = lines.iter().filter(|l| l.class == Class::Unexplained).collect();
+    worst.sort_by(|a, b| {
+        b.unexplained_units.saturating_abs().cmp(&a.unexplained_units.saturating_abs()).then_with(|| a.sku.cmp(&b.sku))
+    });
+    worst.truncate(n);
+    worst
+}
+
 /// What the dashboard's reconciliation panel shows of a report: everything but the per-SKU
 /// lines, and the 20 unexplained SKUs with the largest differences.
 pub fn panel(r: &Report) -> serde_json::Value {
-    let mut worst: Vec<&SkuLine> = r.skus.iter().filter(|l| l.class == Class::Unexplained).collect();
-    worst.sort_by_key(|l| (std::cmp::Reverse(l.unexplained_units.saturating_abs()), l.sku.clone()));
-    worst.truncate(20);
+    let worst = worst(&r.skus, 20);
     serde_json::json!({
         "as_of": r.as_of, "finished_at": r.finished_at, "amazon_source": r.amazon_source,
         "outcome": r.outcome, "reasons": r.reasons, "totals": r.totals, "value": r.value,
@@ -416,6 +425,9 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// A CSV cell: quoted when it must be, and a leading `=`, `+`, `-` or `@` defused with `'` so a
+/// spreadsheet does not run a SKU as a formula.
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    let s = if s.starts_with(['=', '+', '-', '@']) { format!("'{s}") } else { s.to_string() };
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
 }

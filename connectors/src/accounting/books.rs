@@ -1,12 +1,13 @@
 //! The books read back for reconciliation (docs/reconcile.md): the inventory asset account's
-//! balance and the cost of goods sold posted over a period — read-only, three requests at most.
+//! balance and the cost of goods sold posted over a period — read-only, a few requests.
 //!
 //! - **QuickBooks Online**: `query` `select * from Account where Id = '…'` → `CurrentBalance`
 //!   (the balance *now*: QuickBooks has no as-of for it), and `reports/ProfitAndLoss`
 //!   (`start_date`, `end_date`) → the COGS account's row.
 //! - **Xero**: accounts carry no balance, so `GET Accounts` (code → `AccountID`), then
-//!   `Reports/BalanceSheet?date=` and `Reports/ProfitAndLoss?fromDate=&toDate=`, rows matched by
-//!   the `account` attribute (the `AccountID`), falling back to the account's name.
+//!   `Reports/BalanceSheet?date=` and `Reports/ProfitAndLoss?fromDate=&toDate=` (one a year of
+//!   the period: a report spans at most 366 days), rows matched by the `account` attribute (the
+//!   `AccountID`), falling back to the account's name.
 //! - **Generic**: `GET {url}/v1/balances?from=&to=` →
 //!   `{"accounts":[{"account","balance","movement"}]}` (docs/connectors.openapi.json).
 
@@ -65,6 +66,24 @@ fn xero_value(report: &Value, account_id: &str, name: &str) -> Option<Decimal> {
     });
     let row = by_id.or_else(|| rows.iter().find(|r| r["Cells"][0]["Value"].as_str() == Some(name)))?;
     amount(&row["Cells"][1]["Value"])
+}
+
+/// `since..=to` (`YYYY-MM-DD`) cut into consecutive ranges of at most 365 days, oldest first.
+fn year_chunks(since: &str, to: &str) -> Result<Vec<(String, String)>, DeliveryError> {
+    let parse = |d: &str| {
+        d.parse::<jiff::civil::Date>().map_err(|e| DeliveryError::Rejected(format!("{d:?} is not a date: {e}")))
+    };
+    let (mut from, to) = (parse(since)?, parse(to)?);
+    let mut out = Vec::new();
+    while from <= to {
+        let end = from.checked_add(jiff::Span::new().days(364)).map_or(to, |e| e.min(to));
+        out.push((from.to_string(), end.to_string()));
+        match end.tomorrow() {
+            Ok(next) => from = next,
+            Err(_) => break,
+        }
+    }
+    Ok(out)
 }
 
 /// The value of the QuickBooks report data row whose first column is account `id`.
@@ -159,15 +178,19 @@ impl Accounting {
                     .ok_or_else(|| missing(&format!("account with code {:?}", self.accounts.inventory)))?;
                 let sheet =
                     self.read(&format!("{base}/Reports/BalanceSheet?date={}", encode(as_of)), &tenant, "Xero").await?;
-                let pnl = self
-                    .read(
-                        &format!("{base}/Reports/ProfitAndLoss?fromDate={}&toDate={}", encode(since), encode(as_of)),
-                        &tenant,
-                        "Xero",
-                    )
-                    .await?;
-                let cogs =
-                    lookup(&self.accounts.cogs).map(|(id, name)| xero_value(&pnl, &id, &name).unwrap_or_default());
+                // Xero's ProfitAndLoss spans at most a year (366 days): longer periods are summed.
+                let cogs = match lookup(&self.accounts.cogs) {
+                    None => None,
+                    Some((id, name)) => {
+                        let mut total = Decimal::ZERO;
+                        for (from, to) in year_chunks(since, as_of)? {
+                            let url = format!("{base}/Reports/ProfitAndLoss?fromDate={from}&toDate={to}");
+                            let pnl = self.read(&url, &tenant, "Xero").await?;
+                            total += xero_value(&pnl, &id, &name).unwrap_or_default();
+                        }
+                        Some(total)
+                    }
+                };
                 Ok(Books {
                     source: "xero",
                     // An account with no movement has no row: its balance is 0.
@@ -203,5 +226,17 @@ mod tests {
             "Summary": {"ColData": [{"value": "Total Cost of Goods Sold"}, {"value": "99.10"}]}}]}});
         assert_eq!(qbo_row(&pnl["Rows"], "80"), Some(Decimal::new(9910, 2)));
         assert_eq!(qbo_row(&pnl["Rows"], "81"), None);
+    }
+
+    #[test]
+    fn long_periods_are_cut_into_years() {
+        let c = year_chunks("2024-01-01", "2026-03-01").unwrap();
+        assert_eq!(c.first().unwrap(), &("2024-01-01".to_string(), "2024-12-30".to_string()));
+        assert_eq!(c.last().unwrap().1, "2026-03-01");
+        for w in c.windows(2) {
+            let end = w[0].1.parse::<jiff::civil::Date>().unwrap();
+            assert_eq!(end.tomorrow().unwrap().to_string(), w[1].0, "no gap, no overlap");
+        }
+        assert_eq!(year_chunks("2026-03-02", "2026-03-01").unwrap(), vec![]);
     }
 }

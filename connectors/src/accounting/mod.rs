@@ -185,8 +185,8 @@ fn allowed_types(shape: &Shape, role: &str) -> &'static [&'static str] {
     }
 }
 
-/// Percent-encodes a query parameter value.
-fn encode(v: &str) -> String {
+/// Percent-encodes a query parameter or form value (everything but unreserved characters).
+pub(crate) fn encode(v: &str) -> String {
     let mut out = String::with_capacity(v.len() * 3);
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

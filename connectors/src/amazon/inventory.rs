@@ -5,9 +5,10 @@
 //! - **Rate:** 2 requests a second, burst 2 — a token bucket of exactly that; a 429 waits
 //!   (`Retry-After` if sent, else a growing backoff) and retries the same page.
 //! - **Paging:** `pagination.nextToken` (top level) until absent. A page token expires 30 s
-//!   after it was issued, so no wait between pages may approach that ([`MAX_WAIT`]); if Amazon
-//!   refuses an expired token anyway, the listing starts over from the first page (a SKU read
-//!   twice keeps its newest numbers) — at most [`MAX_RESTARTS`] times.
+//!   after it was issued: one wait is at most [`MAX_WAIT`], and a page stops retrying before its
+//!   retries pass [`PAGE_TOKEN_BUDGET`]; then — or when Amazon refuses an expired token — the
+//!   listing starts over from the first page (a SKU read twice keeps the last read) — at most
+//!   [`MAX_RESTARTS`] times. A token handed out twice is an error, not an endless listing.
 //! - **Auth:** a 401/403 drops the cached token and retries the page once with a fresh one.
 //! - Every field of the model is optional; a summary without `sellerSku` is skipped.
 
@@ -19,8 +20,8 @@ use hyper::body::Bytes;
 use serde::Deserialize;
 use stockflow_state::retry::{Backoff, BackoffConfig};
 
-use super::lwa::form_encode;
 use super::{AmazonError, FbaCount, Lwa, parse_instant_ms};
+use crate::accounting::encode as form_encode;
 use crate::connector::{HttpClient, excerpt};
 use crate::policy::{RateLimit, TokenBucket, parse_retry_after};
 
@@ -33,8 +34,12 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 /// How often an expired page token may restart the listing.
 pub const MAX_RESTARTS: u32 = 3;
 
-/// Failed attempts (5xx, network, 429) of one page before giving up.
+/// Retries of one page (after 5xx, 429, no answer, a failing token endpoint) before giving up.
 pub const MAX_ATTEMPTS: u32 = 8;
+
+/// A page asked with a page token stops retrying once its retries would pass this much of the
+/// token's 30 s life; the listing then starts over.
+pub const PAGE_TOKEN_BUDGET: Duration = Duration::from_secs(25);
 
 /// The regional endpoints: North America, Europe, Far East.
 pub const ENDPOINT_NA: &str = "https://sellingpartnerapi-na.amazon.com";
@@ -151,9 +156,18 @@ impl Summary {
     }
 }
 
-/// What one page request came to.
+/// What one page came to.
 enum Page {
     Read(Vec<FbaCount>, Option<String>),
+    TokenExpired,
+}
+
+/// What one request of a page came to.
+enum Attempt {
+    Done(Page),
+    /// Failed or throttled: retry after the answer's wait, or the backoff's.
+    Retry(Option<std::time::Duration>),
+    Unauthorised,
     TokenExpired,
 }
 
@@ -193,15 +207,21 @@ impl InventoryApi {
         let mut restarts = 0;
         'listing: loop {
             let mut counts: BTreeMap<String, FbaCount> = BTreeMap::new();
+            let mut seen = std::collections::HashSet::new();
             let mut next: Option<String> = None;
             loop {
                 match self.page(next.as_deref()).await? {
                     Page::Read(items, token) => {
                         self.stat(|s| s.pages += 1);
+                        // A SKU listed twice (a restart, or Amazon's paging) keeps the last read.
                         for c in items {
                             counts.insert(c.sku.clone(), c);
                         }
                         match token.filter(|t| !t.is_empty()) {
+                            // A token handed out twice would page forever.
+                            Some(t) if !seen.insert(t.clone()) => {
+                                return Err(AmazonError::Malformed(format!("the page token {t:?} came back twice")));
+                            }
                             Some(t) => next = Some(t),
                             None => return Ok(counts.into_values().collect()),
                         }
@@ -239,51 +259,87 @@ impl InventoryApi {
         url
     }
 
-    /// One page, through throttling, server errors and one stale access token.
+    /// One page, through throttling, server errors, a failing token endpoint and one stale
+    /// access token. A page asked with a token gives up (and the listing starts over) before its
+    /// retries would outlive the token ([`PAGE_TOKEN_BUDGET`]).
     async fn page(&self, next: Option<&str>) -> Result<Page, AmazonError> {
         let url = self.url(next);
+        let started = std::time::Instant::now();
         let mut backoff = Backoff::from_clock(self.backoff).limited(MAX_ATTEMPTS);
         let mut reauthorised = false;
         loop {
-            let token = self.lwa.token().await?;
-            self.bucket.acquire().await;
-            self.stat(|s| s.requests += 1);
-            let headers = [("x-amz-access-token", token), ("accept", "application/json".to_string())];
-            let wait = match self.http.send(Method::GET, &url, &headers, Bytes::new()).await {
-                Err(e) => {
-                    tracing::debug!(error = %e, "inventory summaries: no answer");
+            let wait = match self.lwa.token().await {
+                // The token endpoint failing (5xx, 429, no answer) is one more failed attempt.
+                Err(AmazonError::Unavailable(m)) => {
+                    tracing::debug!(error = %m, "the token endpoint failed");
                     None
                 }
-                Ok(resp) if resp.status.is_success() => {
-                    let answer: Answer = serde_json::from_slice(&resp.body)
-                        .map_err(|e| AmazonError::Malformed(format!("inventory summaries: {e}")))?;
-                    let items = answer.payload.map(|p| p.inventory_summaries).unwrap_or_default();
-                    let token = answer.pagination.and_then(|p| p.next_token);
-                    return Ok(Page::Read(items.into_iter().filter_map(Summary::into_count).collect(), token));
-                }
-                Ok(resp) if resp.status.as_u16() == 429 => {
-                    self.stat(|s| s.throttled += 1);
-                    let after = resp.headers.get("retry-after").and_then(|v| v.to_str().ok());
-                    after.and_then(|v| parse_retry_after(v, std::time::SystemTime::now()))
-                }
-                Ok(resp) if matches!(resp.status.as_u16(), 401 | 403) && !reauthorised => {
-                    reauthorised = true;
-                    self.lwa.invalidate().await;
-                    continue;
-                }
-                Ok(resp) if resp.status.is_server_error() || resp.status.as_u16() == 408 => None,
-                Ok(resp) => {
-                    let body = excerpt(&resp.body);
-                    if next.is_some() && resp.status.as_u16() == 400 && body.to_ascii_lowercase().contains("token") {
-                        return Ok(Page::TokenExpired);
+                Err(e) => return Err(e),
+                Ok(token) => match self.request(&url, token).await? {
+                    Attempt::Done(page) => return Ok(page),
+                    Attempt::Retry(wait) => wait,
+                    Attempt::Unauthorised if !reauthorised => {
+                        reauthorised = true;
+                        self.lwa.invalidate().await;
+                        continue;
                     }
-                    return Err(AmazonError::Refused(format!("{} {body}", resp.status)));
-                }
+                    // Refused with a fresh token: the app is not authorised (role, seller).
+                    Attempt::Unauthorised => {
+                        return Err(AmazonError::Refused(
+                            "403 with a fresh access token: is the app authorised \
+                             for the FBA Inventory role by this seller?"
+                                .into(),
+                        ));
+                    }
+                    Attempt::TokenExpired => return Ok(Page::TokenExpired),
+                },
             };
             let Some(delay) = backoff.next_delay() else {
-                return Err(AmazonError::Unavailable(format!("{MAX_ATTEMPTS} attempts of {url} failed")));
+                return Err(AmazonError::Unavailable(format!("{MAX_ATTEMPTS} retries of {url} failed")));
             };
-            tokio::time::sleep(wait.unwrap_or(delay).min(MAX_WAIT)).await;
+            let delay = wait.unwrap_or(delay).min(MAX_WAIT);
+            if next.is_some() && started.elapsed() + delay > PAGE_TOKEN_BUDGET {
+                tracing::debug!("retrying would outlive the page token");
+                return Ok(Page::TokenExpired);
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One request of a page.
+    async fn request(&self, url: &str, token: String) -> Result<Attempt, AmazonError> {
+        self.bucket.acquire().await;
+        self.stat(|s| s.requests += 1);
+        let headers = [("x-amz-access-token", token), ("accept", "application/json".to_string())];
+        let resp = match self.http.send(Method::GET, url, &headers, Bytes::new()).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::debug!(error = %e, "inventory summaries: no answer");
+                return Ok(Attempt::Retry(None));
+            }
+        };
+        match resp.status.as_u16() {
+            200..=299 => {
+                let answer: Answer = serde_json::from_slice(&resp.body)
+                    .map_err(|e| AmazonError::Malformed(format!("inventory summaries: {e}")))?;
+                let items = answer.payload.map(|p| p.inventory_summaries).unwrap_or_default();
+                let token = answer.pagination.and_then(|p| p.next_token);
+                Ok(Attempt::Done(Page::Read(items.into_iter().filter_map(Summary::into_count).collect(), token)))
+            }
+            429 => {
+                self.stat(|s| s.throttled += 1);
+                let after = resp.headers.get("retry-after").and_then(|v| v.to_str().ok());
+                Ok(Attempt::Retry(after.and_then(|v| parse_retry_after(v, std::time::SystemTime::now()))))
+            }
+            401 | 403 => Ok(Attempt::Unauthorised),
+            408 | 500..=599 => Ok(Attempt::Retry(None)),
+            status => {
+                let body = excerpt(&resp.body);
+                if url.contains("&nextToken=") && status == 400 && body.to_ascii_lowercase().contains("token") {
+                    return Ok(Attempt::TokenExpired);
+                }
+                Err(AmazonError::Refused(format!("{} {body}", resp.status)))
+            }
         }
     }
 }

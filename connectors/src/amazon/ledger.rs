@@ -2,7 +2,7 @@
 //! plain or gzip (detected by its magic bytes), one row per day (or month), FNSKU, disposition
 //! and location. Columns are found by **header name** — real files spell them with spaces
 //! ("Ending Warehouse Balance"), some tools with underscores or other case — and extra or missing
-//! columns are tolerated; only `MSKU`, `Disposition` and `Ending Warehouse Balance` are required.
+//! columns are tolerated; `Date`, `MSKU`, `Disposition` and `Ending Warehouse Balance` are required.
 //!
 //! Per MSKU, the **latest date** in the file counts (rows of that date summed over FNSKUs and
 //! locations, or one location with [`LedgerFilter::location`]):
@@ -71,26 +71,30 @@ fn end_of_day_ms((y, m, d): (i16, i8, i8)) -> Option<i64> {
 
 /// [`parse`] on text.
 pub fn parse_text(text: &str, filter: &LedgerFilter) -> Result<Vec<FbaCount>, AmazonError> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header = lines.next().ok_or_else(|| AmazonError::Malformed("ledger report: empty file".into()))?;
+    // Row numbers as an editor shows them (1 = the header), blank lines skipped but counted.
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l)).filter(|(_, l)| !l.trim().is_empty());
+    let (_, header) = lines.next().ok_or_else(|| AmazonError::Malformed("ledger report: empty file".into()))?;
     let header = header.trim_start_matches('\u{feff}');
     let names: Vec<String> = header.split('\t').map(norm).collect();
     let col = |name: &str| names.iter().position(|n| n == name);
     let required = |name: &str, shown: &str| {
         col(name).ok_or_else(|| AmazonError::Malformed(format!("ledger report: no {shown:?} column")))
     };
-    let (sku_at, disposition_at, ending_at) = (
+    let (date_at, sku_at, disposition_at, ending_at) = (
+        required("date", "Date")?,
         required("msku", "MSKU")?,
         required("disposition", "Disposition")?,
         required("endingwarehousebalance", "Ending Warehouse Balance")?,
     );
-    let (date_at, transit_at, location_at) = (col("date"), col("intransitbetweenwarehouses"), col("location"));
+    let (transit_at, location_at) = (col("intransitbetweenwarehouses"), col("location"));
+    if filter.location.is_some() && location_at.is_none() {
+        return Err(AmazonError::Malformed("ledger report: no \"Location\" column to filter on".into()));
+    }
     // MSKU → (latest date, count over that date's rows).
     let mut latest: BTreeMap<String, ((i16, i8, i8), FbaCount)> = BTreeMap::new();
-    for (n, line) in lines.enumerate() {
+    for (row, line) in lines {
         let cells: Vec<&str> = line.split('\t').collect();
         let cell = |i: usize| cells.get(i).map_or("", |c| c.trim().trim_matches('"'));
-        let row = n + 2;
         if let (Some(want), Some(at)) = (&filter.location, location_at)
             && !cell(at).eq_ignore_ascii_case(want)
         {
@@ -109,12 +113,8 @@ pub fn parse_text(text: &str, filter: &LedgerFilter) -> Result<Vec<FbaCount>, Am
             v.parse::<i64>()
                 .map_err(|_| AmazonError::Malformed(format!("ledger report row {row}: {v:?} is not a quantity")))
         };
-        let date = match date_at {
-            Some(i) => {
-                date_of(cell(i)).ok_or_else(|| AmazonError::Malformed(format!("ledger report row {row}: bad Date")))?
-            }
-            None => (1970, 1, 1),
-        };
+        let date = date_of(cell(date_at))
+            .ok_or_else(|| AmazonError::Malformed(format!("ledger report row {row}: bad Date")))?;
         let entry = latest
             .entry(sku.to_string())
             .or_insert_with(|| (date, FbaCount { sku: sku.into(), ..FbaCount::default() }));
@@ -136,7 +136,7 @@ pub fn parse_text(text: &str, filter: &LedgerFilter) -> Result<Vec<FbaCount>, Am
     Ok(latest
         .into_values()
         .map(|(date, mut c)| {
-            c.last_updated_ms = if date_at.is_some() { end_of_day_ms(date) } else { None };
+            c.last_updated_ms = end_of_day_ms(date);
             c
         })
         .collect())
@@ -186,12 +186,16 @@ mod tests {
         let counts = parse(&gz.finish().unwrap(), &LedgerFilter::default()).unwrap();
         assert_eq!((counts[0].sku.as_str(), counts[0].fulfillable), ("A", 5));
 
+        let no_date = "MSKU\tDisposition\tEnding Warehouse Balance\nA\tSELLABLE\t5\n";
+        assert!(parse_text(no_date, &LedgerFilter::default()).unwrap_err().to_string().contains("\"Date\""));
+        let no_location = "Date\tMSKU\tDisposition\tEnding Warehouse Balance\n2026-12-01\tA\tSELLABLE\t5\n";
+        assert!(parse_text(no_location, &LedgerFilter { location: Some("US".into()) }).is_err());
         let no_balance = "Date\tMSKU\tDisposition\n2026-12-01\tA\tSELLABLE\n";
         let e = parse_text(no_balance, &LedgerFilter::default()).unwrap_err();
         assert!(e.to_string().contains("Ending Warehouse Balance"), "{e}");
-        let bad = "Date\tMSKU\tDisposition\tEnding Warehouse Balance\n2026-12-01\tA\tSELLABLE\tmany\n";
+        let bad = "Date\tMSKU\tDisposition\tEnding Warehouse Balance\n\n2026-12-01\tA\tSELLABLE\tmany\n";
         let e = parse_text(bad, &LedgerFilter::default()).unwrap_err();
-        assert!(e.to_string().contains("row 2"), "{e}");
+        assert!(e.to_string().contains("row 3"), "the row an editor shows, blank lines counted: {e}");
         assert!(parse(&[0x1f, 0x8b, 0, 1], &LedgerFilter::default()).is_err());
     }
 }

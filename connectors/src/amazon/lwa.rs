@@ -11,6 +11,7 @@ use hyper::body::Bytes;
 use serde::Deserialize;
 
 use super::AmazonError;
+use crate::accounting::encode as form_encode;
 use crate::connector::{DeliveryError, HttpClient, Secret, excerpt};
 
 /// The production token endpoint.
@@ -23,7 +24,7 @@ pub const REFRESH_BEFORE: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone)]
 pub struct LwaCredentials {
     /// The app's client id (`amzn1.application-oa2-client.…`).
-    pub client_id: String,
+    pub client_id: Secret,
     /// The app's client secret (rotates every 180 days).
     pub client_secret: Secret,
     /// The seller's refresh token (`Atzr|…`).
@@ -36,11 +37,19 @@ struct TokenAnswer {
     expires_in: u64,
 }
 
-#[derive(Debug)]
 struct Cached {
     token: String,
     expires: Instant,
 }
+
+impl std::fmt::Debug for Cached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cached").field("token", &"<redacted>").field("expires", &self.expires).finish()
+    }
+}
+
+/// The longest lifetime believed from an answer (Amazon says 3,600 s).
+const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 
 /// An access-token source.
 #[derive(Debug)]
@@ -50,19 +59,6 @@ pub struct Lwa {
     http: HttpClient,
     cached: tokio::sync::Mutex<Option<Cached>>,
     refreshes: std::sync::atomic::AtomicU64,
-}
-
-/// Percent-encodes a form value (`application/x-www-form-urlencoded`).
-pub(crate) fn form_encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len() * 3);
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 impl Lwa {
@@ -95,6 +91,12 @@ impl Lwa {
         *self.cached.lock().await = None;
     }
 
+    /// The credentials, shared: replacing a value ([`Secret::replace`]) takes effect at the
+    /// next refresh (call [`Lwa::invalidate`] to force one).
+    pub fn credentials(&self) -> &LwaCredentials {
+        &self.credentials
+    }
+
     /// Tokens fetched so far.
     pub fn refreshes(&self) -> u64 {
         self.refreshes.load(std::sync::atomic::Ordering::Relaxed)
@@ -105,7 +107,7 @@ impl Lwa {
         let form = format!(
             "grant_type=refresh_token&refresh_token={}&client_id={}&client_secret={}",
             form_encode(&c.refresh_token.expose()),
-            form_encode(&c.client_id),
+            form_encode(&c.client_id.expose()),
             form_encode(&c.client_secret.expose())
         );
         let headers = [
@@ -129,6 +131,7 @@ impl Lwa {
             .map_err(|e| AmazonError::Malformed(format!("token endpoint answer: {e}")))?;
         self.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The lifetime counts from the request, not the answer: never later than Amazon's clock.
-        Ok(Cached { token: answer.access_token, expires: started + Duration::from_secs(answer.expires_in) })
+        let lifetime = Duration::from_secs(answer.expires_in).min(MAX_LIFETIME);
+        Ok(Cached { token: answer.access_token, expires: started + lifetime })
     }
 }

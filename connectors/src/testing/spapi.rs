@@ -4,7 +4,7 @@
 //! refresh-token grant and its credentials, the access token (unknown or expired: 403), the
 //! required query parameters, page tokens that expire 30 s after issue (400) — enforces the
 //! operation's 2 requests/s with burst 2 (429 `QuotaExceeded`), and injects faults on demand:
-//! extra 429s, revoked access tokens, an expired page token.
+//! extra 429s, a failing token endpoint, revoked access tokens, an expired page token.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,8 @@ pub struct SpApiLog {
     pub tokens_granted: u64,
     /// Token requests refused (bad grant or credentials).
     pub tokens_refused: u64,
+    /// Token requests failed on purpose (503).
+    pub tokens_failed: u64,
     /// Summary requests received.
     pub summary_requests: u64,
     /// Pages served.
@@ -52,6 +54,7 @@ struct Inner {
     /// GCRA theoretical arrival time of the rate limit.
     tat: Instant,
     throttle_next: u32,
+    fail_next_tokens: u32,
     expire_next_page_token: bool,
     serial: u64,
     log: SpApiLog,
@@ -89,6 +92,7 @@ impl SpApi {
                 page_token_ttl: Duration::from_secs(30),
                 tat: Instant::now(),
                 throttle_next: 0,
+                fail_next_tokens: 0,
                 expire_next_page_token: false,
                 serial: 0,
                 log: SpApiLog::default(),
@@ -113,6 +117,11 @@ impl SpApi {
     /// Answers the next `n` summary requests 429.
     pub fn throttle_next(&self, n: u32) {
         self.lock().throttle_next = n;
+    }
+
+    /// Answers the next `n` token requests 503 (the token endpoint is down).
+    pub fn fail_next_tokens(&self, n: u32) {
+        self.lock().fail_next_tokens = n;
     }
 
     /// Revokes every access token granted so far (the next use is refused 403).
@@ -180,6 +189,11 @@ async fn token(State(s): State<Shared>, headers: HeaderMap, body: String) -> Res
     let form_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let f = form(&body);
     let mut inner = s.lock();
+    if inner.fail_next_tokens > 0 {
+        inner.fail_next_tokens -= 1;
+        inner.log.tokens_failed += 1;
+        return (StatusCode::SERVICE_UNAVAILABLE, "injected failure").into_response();
+    }
     let ok = form_type.starts_with("application/x-www-form-urlencoded")
         && f.get("grant_type").map(String::as_str) == Some("refresh_token")
         && f.get("refresh_token").map(String::as_str) == Some(REFRESH_TOKEN)
@@ -257,6 +271,7 @@ async fn summaries(State(s): State<Shared>, headers: HeaderMap, Query(q): Query<
             }
         }
     };
+    let offset = offset.min(inner.summaries.len());
     let end = (offset + inner.page_size).min(inner.summaries.len());
     let details = q.get("details").is_some_and(|d| d == "true");
     let page: Vec<Value> = inner.summaries[offset..end]
