@@ -76,7 +76,7 @@ async fn read_lwa(settings: &Settings) -> anyhow::Result<LwaSecret> {
 /// Re-reads the LWA credentials before a scheduled run, so a rotated client secret (every 180
 /// days) or a new refresh token reaches a running schedule; a failed read keeps the old ones.
 async fn refresh_lwa(job: &Job, settings: &Settings) {
-    let AmazonSource::Api(api, _) = &job.amazon else { return };
+    let AmazonSource::Api(api) = &job.amazon else { return };
     match read_lwa(settings).await {
         Ok(fresh) => {
             let c = api.lwa().credentials();
@@ -118,10 +118,7 @@ async fn job(args: &ReconcileArgs, settings: &Settings) -> anyhow::Result<Job> {
                 },
                 timeout,
             );
-            AmazonSource::Api(
-                Box::new(InventoryApi::new(r.endpoint.clone(), marketplace.clone(), lwa, timeout)),
-                marketplace,
-            )
+            AmazonSource::Api(Box::new(InventoryApi::new(r.endpoint.clone(), marketplace, lwa, timeout)))
         }
     };
     // Only the books and the alert webhook: the manufacturer's credentials are not read.
@@ -257,12 +254,16 @@ pub async fn run(
     }
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut first = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = crate::server::stopped(&mut stop) => return Ok(ExitCode::SUCCESS),
         }
-        refresh_lwa(&job, &settings).await;
+        // The first run uses what `job` just read; later ones re-read the secret.
+        if !std::mem::take(&mut first) {
+            refresh_lwa(&job, &settings).await;
+        }
         // A failed run is logged and counted (`stockflow_reconcile_last_outcome{outcome="failed"}`);
         // the schedule goes on.
         match once(&job, &args, &settings).await {

@@ -33,7 +33,7 @@ use report::{Driver, Outcome, Report, Thresholds, ValueCheck};
 #[derive(Debug)]
 pub enum AmazonSource {
     /// The FBA Inventory API.
-    Api(Box<InventoryApi>, String),
+    Api(Box<InventoryApi>),
     /// A ledger report file.
     Ledger(PathBuf, LedgerFilter),
 }
@@ -42,7 +42,7 @@ impl AmazonSource {
     /// The counts and a label for the report.
     pub async fn read(&self) -> anyhow::Result<(Vec<FbaCount>, String)> {
         match self {
-            AmazonSource::Api(api, marketplace) => {
+            AmazonSource::Api(api) => {
                 let counts = api.summaries().await.context("reading Amazon's inventory summaries")?;
                 let s = api.stats();
                 tracing::info!(
@@ -53,7 +53,7 @@ impl AmazonSource {
                     restarts = s.restarts,
                     "read Amazon's inventory"
                 );
-                Ok((counts, format!("inventory_api:{marketplace}")))
+                Ok((counts, format!("inventory_api:{}", api.marketplace_id())))
             }
             AmazonSource::Ledger(path, filter) => {
                 let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -286,6 +286,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         // Amazon's 10 plus the 3 inbound it explains; the 2 nobody explains are gone.
         assert_eq!(v["on_hand"], 13);
+        // An absurd count (past SPEC's 10^9 bound) is not put: it would be a bad record.
+        let absurd =
+            compare::classify("C", Some(&ours), Some(&FbaCount { fulfillable: 2_000_000_000, ..amazon.clone() }));
+        assert!(absurd.countable && count_event("t", 0, &absurd).is_none());
         // A SKU Amazon does not list is never counted.
         let unlisted = compare::classify("B", Some(&ours), None);
         assert!(!unlisted.countable && count_event("t", 0, &unlisted).is_none());

@@ -39,9 +39,18 @@ struct Sku {
     hour: HashMap<i64, i64>,
 }
 
-fn main() {
-    let path = std::env::args().nth(1).expect("usage: stockflow-baseline EVENTS.ndjson");
-    let bytes = std::fs::read(&path).expect("reading the file");
+fn main() -> std::process::ExitCode {
+    let Some(path) = std::env::args().nth(1) else {
+        eprintln!("usage: stockflow-baseline EVENTS.ndjson");
+        return std::process::ExitCode::from(2);
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: reading {path}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let started = Instant::now();
     let hasher = foldhash::fast::FixedState::with_seed(7);
     let mut index: HashMap<&str, u32> = HashMap::new();
@@ -108,4 +117,5 @@ fn main() {
         events as f64 / secs,
         skus.len()
     );
+    std::process::ExitCode::SUCCESS
 }

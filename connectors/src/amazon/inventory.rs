@@ -191,6 +191,11 @@ impl InventoryApi {
         self
     }
 
+    /// The marketplace read.
+    pub fn marketplace_id(&self) -> &str {
+        &self.marketplace_id
+    }
+
     /// The token source.
     pub fn lwa(&self) -> &Lwa {
         &self.lwa
