@@ -153,6 +153,7 @@ pub struct HttpResponse {
 pub struct HttpClient {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
+    max_response: usize,
 }
 
 impl fmt::Debug for HttpClient {
@@ -175,10 +176,18 @@ impl HttpClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(16)
             .build(https);
-        HttpClient { client, timeout }
+        HttpClient { client, timeout, max_response: MAX_RESPONSE_BYTES }
     }
 
-    /// Sends a request and reads the answer (at most [`MAX_RESPONSE_BYTES`]), within the timeout; a body
+    /// The same client reading answers up to `bytes` instead of [`MAX_RESPONSE_BYTES`] (a
+    /// trusted reader of large documents, e.g. a load test reading a whole store's outcome).
+    pub fn with_max_response(mut self, bytes: usize) -> Self {
+        self.max_response = bytes;
+        self
+    }
+
+    /// Sends a request and reads the answer (at most [`MAX_RESPONSE_BYTES`] unless
+    /// [`HttpClient::with_max_response`] says otherwise), within the timeout; a body
     /// goes as JSON unless `headers` name another `content-type`. Network failures and
     /// the timeout are [`DeliveryError::Transient`].
     pub async fn send(
@@ -200,9 +209,9 @@ impl HttpClient {
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| DeliveryError::transient(error_chain(&e)))?;
             let (parts, body) = resp.into_parts();
-            // A receiver's answer is read up to MAX_RESPONSE_BYTES: a huge or endless body must
-            // not fill memory (it is a failed exchange, retried like a network failure).
-            let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
+            // A receiver's answer is read up to a limit: a huge or endless body must not fill
+            // memory (it is a failed exchange, retried like a network failure).
+            let body = http_body_util::Limited::new(body, self.max_response)
                 .collect()
                 .await
                 .map_err(|e| DeliveryError::transient(format!("reading the answer of {url}: {e}")))?

@@ -145,6 +145,13 @@ pub trait ShardReader: Send + 'static {
     /// How far the reader is behind the head of the shard after its last read.
     fn lag(&self) -> Lag;
 
+    /// Whether the last read took everything the shard held when the read was made — the
+    /// reader is caught up, so a worker commits what it read at once. `None`: the backend cannot
+    /// tell that apart from [`ShardReader::lag`], which the worker then uses.
+    fn caught_up(&self) -> Option<bool> {
+        None
+    }
+
     /// After [`ReadStatus::End`]: the shards that continue this one (a reshard), if any.
     fn children(&self) -> Vec<ShardInfo> {
         Vec::new()

@@ -1,7 +1,14 @@
 //! `ShardWorker`: one task per shard. It restores the shard's state from the store, reads records
 //! in order after the checkpoint, decodes and applies them, dead-letters bad records, and commits
-//! state + effects + dead letters + checkpoint every N records or T milliseconds, before it
-//! stops, and at shutdown.
+//! state + effects + dead letters + checkpoint, before it stops, and at shutdown.
+//!
+//! Commit cadence is adaptive, so that latency follows load instead of a fixed timer: when a read
+//! finds the shard caught up (fewer records than asked for, or no lag), what was read is
+//! committed at once (no sooner than `commit_min_interval` after the previous commit); while
+//! records keep coming, a commit happens every `commit_every_records` records and at the latest
+//! `commit_interval` after the oldest uncommitted record was read. Under load the records that
+//! arrive while one commit is written make up the next one, so a commit's cost is shared by more
+//! events the faster they come (group commit) and an idle stream waits for nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,8 +34,11 @@ use stockflow_state::retry::{Backoff, BackoffConfig};
 pub struct WorkerConfig {
     /// Commit after this many records.
     pub commit_every_records: usize,
-    /// Commit at least this often while records arrive.
+    /// Commit at the latest this long after the oldest uncommitted record was read.
     pub commit_interval: Duration,
+    /// A caught-up shard commits at once, but no sooner than this after its previous commit
+    /// (zero: at once; a store that bills per write may want a floor).
+    pub commit_min_interval: Duration,
     /// Records per read.
     pub batch_records: usize,
     /// Transient store errors retried this many times before the worker gives up.
@@ -40,6 +50,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             commit_every_records: 50_000,
             commit_interval: Duration::from_millis(500),
+            commit_min_interval: Duration::ZERO,
             batch_records: 4096,
             commit_attempts: 10,
         }
@@ -102,6 +113,13 @@ pub struct WorkerReport {
     pub children: Vec<ShardInfo>,
 }
 
+/// Sleeps until `due` (never called without one: the select branch is disabled then).
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    if let Some(at) = due {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 /// Where a child shard's SKUs come from before its first commit (a reshard).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Lineage {
@@ -125,6 +143,8 @@ pub struct ShardWorker<R: ShardReader, S: StateStore> {
     last: Option<Position>,
     checkpoint: Option<Position>,
     last_commit: Instant,
+    /// When the oldest uncommitted record was read.
+    first_uncommitted: Option<Instant>,
     commits: u64,
     seen: EngineStats,
     progress: Arc<Progress>,
@@ -198,6 +218,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             last: None,
             checkpoint: stored.checkpoint,
             last_commit: Instant::now(),
+            first_uncommitted: None,
             commits: 0,
             seen: EngineStats::default(),
             progress,
@@ -228,6 +249,8 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         let mut tick = tokio::time::interval(self.cfg.commit_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut ended = false;
+        // When the uncommitted records are to be committed (see the module doc).
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -239,17 +262,31 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
                         break;
                     }
                 }
+                () = sleep_until_due(due), if due.is_some() => {
+                    due = None;
+                    self.commit().await?;
+                }
                 _ = tick.tick() => {
-                    if self.uncommitted > 0 && self.last_commit.elapsed() >= self.cfg.commit_interval {
-                        self.commit().await?;
-                    }
                     self.refresh_dedup().await?;
                 }
                 status = self.reader.next_batch(&mut batch, self.cfg.batch_records) => {
                     let status = status?;
                     self.process(&batch);
                     if self.uncommitted >= self.cfg.commit_every_records {
+                        due = None;
                         self.commit().await?;
+                    } else if !batch.is_empty() {
+                        let caught_up = self.reader.caught_up().unwrap_or_else(|| {
+                            // The backend's lag where it has one; else a short read.
+                            let lag = self.reader.lag();
+                            let known = [lag.records, lag.millis, lag.bytes];
+                            if known.iter().any(Option::is_some) {
+                                known.iter().all(|l| l.is_none_or(|l| l == 0))
+                            } else {
+                                batch.len() < self.cfg.batch_records
+                            }
+                        });
+                        due = self.commit_due(caught_up).map(|at| due.map_or(at, |d| d.min(at)));
                     }
                     if status == ReadStatus::End {
                         ended = true;
@@ -323,6 +360,9 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             return;
         };
         self.last = Some(batch.position(k));
+        if self.uncommitted == 0 {
+            self.first_uncommitted = Some(Instant::now());
+        }
         self.uncommitted += batch.len();
         let stats = self.engine.stats();
         counts.applied = stats.applied - self.seen.applied;
@@ -356,6 +396,15 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             self.progress.lag_bytes.fetch_sub(self.lag_reported - bytes, Ordering::Relaxed);
         }
         self.lag_reported = bytes;
+    }
+
+    /// When the uncommitted records are due: at once (or at the minimum interval after the last
+    /// commit) when the shard is caught up, else the commit interval after the oldest of them.
+    fn commit_due(&self, caught_up: bool) -> Option<tokio::time::Instant> {
+        let first = self.first_uncommitted?;
+        let at =
+            if caught_up { self.last_commit + self.cfg.commit_min_interval } else { first + self.cfg.commit_interval };
+        Some(tokio::time::Instant::from_std(at))
     }
 
     /// A store whose dedup entries expire by wall clock (DynamoDB TTL) must see the live ones
@@ -491,6 +540,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         self.stamps.clear();
         self.checkpoint = Some(checkpoint);
         self.uncommitted = 0;
+        self.first_uncommitted = None;
         self.commits += 1;
         self.last_commit = Instant::now();
         self.progress.commits.fetch_add(1, Ordering::Relaxed);
@@ -577,5 +627,70 @@ mod tests {
         let dead = store.dead_letters().await.unwrap();
         assert!(dead.iter().any(|d| d.field.as_deref() == Some("qty")));
         assert!(dead.iter().any(|d| d.reason.starts_with("malformed JSON")));
+    }
+
+    /// Runs one shard of `log` with `cfg` until `stop` says so; returns the progress counters.
+    async fn caught_up_run(
+        cfg: WorkerConfig,
+    ) -> (Arc<Progress>, watch::Sender<bool>, tokio::task::JoinHandle<()>, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path().join("log"), 1).unwrap();
+        let store = Arc::new(RedbStore::open(dir.path().join("state.redb")).unwrap());
+        let evs = events();
+        let records: Vec<OutRecord<'_>> =
+            evs.iter().map(|(k, p)| OutRecord { key: k, payload: p.as_bytes() }).collect();
+        log.append(&records).unwrap();
+        let (tx, rx) = watch::channel(false);
+        let progress = Arc::new(Progress::default());
+        let handle = {
+            let progress = Arc::clone(&progress);
+            tokio::spawn(async move {
+                let _dir = dir; // the data outlives the workers
+                run_all_shards(&log, store, Arc::new(EngineConfig::default()), cfg, rx, progress).await.unwrap();
+            })
+        };
+        (progress, tx, handle, evs.len())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caught_up_shard_commits_at_once_not_at_the_interval() {
+        // An hour's interval and a huge record count: only "caught up" can commit before the end.
+        let cfg = WorkerConfig {
+            commit_every_records: 1_000_000,
+            commit_interval: Duration::from_secs(3600),
+            batch_records: 64,
+            ..WorkerConfig::default()
+        };
+        let (progress, tx, handle, n) = caught_up_run(cfg).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while progress.committed.load(Ordering::Relaxed) < n as u64 {
+            assert!(Instant::now() < deadline, "the caught-up shard never committed");
+            tokio::task::yield_now().await;
+        }
+        // Everything read is committed while the log stays open (not sealed, no shutdown).
+        assert_eq!(progress.read.load(Ordering::Relaxed), n as u64);
+        tx.send(true).unwrap();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_minimum_interval_holds_a_caught_up_commit_back() {
+        let cfg = WorkerConfig {
+            commit_every_records: 1_000_000,
+            commit_interval: Duration::from_secs(3600),
+            commit_min_interval: Duration::from_secs(3600),
+            batch_records: 64,
+            ..WorkerConfig::default()
+        };
+        let (progress, tx, handle, n) = caught_up_run(cfg).await;
+        while progress.read.load(Ordering::Relaxed) < n as u64 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(progress.commits.load(Ordering::Relaxed), 0, "committed inside the minimum interval");
+        tx.send(true).unwrap();
+        handle.await.unwrap();
+        // Shutdown commits what was held back.
+        assert_eq!(progress.committed.load(Ordering::Relaxed), n as u64);
+        assert_eq!(progress.commits.load(Ordering::Relaxed), 1);
     }
 }

@@ -328,8 +328,13 @@ impl Default for EngineSection {
 pub struct WorkerSection {
     /// Commit after this many records (1 to 1,000,000).
     pub commit_every_records: usize,
-    /// Commit at least this often while records arrive, in milliseconds (10 to 60,000).
+    /// While records keep coming, commit at the latest this long after the oldest uncommitted
+    /// one was read, in milliseconds (10 to 60,000).
     pub commit_interval_ms: u64,
+    /// A caught-up shard commits what it read at once, but no sooner than this after its
+    /// previous commit, in milliseconds (0 to 60,000; 0: at once). Raise it where every commit
+    /// is billed (DynamoDB) and latency matters less.
+    pub commit_min_interval_ms: u64,
     /// Records per read (1 to 10,000).
     pub batch_records: usize,
 }
@@ -340,6 +345,7 @@ impl Default for WorkerSection {
         WorkerSection {
             commit_every_records: d.commit_every_records,
             commit_interval_ms: d.commit_interval.as_millis() as u64,
+            commit_min_interval_ms: d.commit_min_interval.as_millis() as u64,
             batch_records: d.batch_records,
         }
     }
@@ -515,6 +521,7 @@ impl FileConfig {
         let w = self.worker;
         in_range("worker.commit_every_records", w.commit_every_records as u64, 1, 1_000_000)?;
         in_range("worker.commit_interval_ms", w.commit_interval_ms, 10, 60_000)?;
+        in_range("worker.commit_min_interval_ms", w.commit_min_interval_ms, 0, 60_000)?;
         in_range("worker.batch_records", w.batch_records as u64, 1, 10_000)?;
         let k = self.kinesis;
         in_range("kinesis.idle_poll_ms", k.idle_poll_ms, 200, 10_000)?;
@@ -586,6 +593,7 @@ impl FileConfig {
             worker: WorkerConfig {
                 commit_every_records: w.commit_every_records,
                 commit_interval: Duration::from_millis(w.commit_interval_ms),
+                commit_min_interval: Duration::from_millis(w.commit_min_interval_ms),
                 batch_records: w.batch_records,
                 ..WorkerConfig::default()
             },

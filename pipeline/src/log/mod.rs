@@ -651,7 +651,8 @@ impl StreamSource for EmbeddedLog {
             .position(|s| s.name == shard)
             .ok_or_else(|| StreamError::Invalid(format!("no shard {shard}")))?;
         let sf = &self.inner.shards[idx];
-        let mut reader = LogReader { log: Arc::clone(&self.inner), shard: idx, segment: None, pos: sf.first_base() };
+        let mut reader =
+            LogReader { log: Arc::clone(&self.inner), shard: idx, segment: None, pos: sf.first_base(), head: 0 };
         if let Some(p) = after {
             let end = sf.len.load(Ordering::Acquire);
             let offset = p.as_u64().filter(|o| o + FRAME_HEADER <= end).ok_or_else(|| {

@@ -28,6 +28,8 @@ pub struct LogReader {
     pub(super) segment: Option<ReadSegment>,
     /// Position of the next record (or of a segment boundary before it).
     pub(super) pos: u64,
+    /// The shard's length when the last read was made.
+    pub(super) head: u64,
 }
 
 impl LogReader {
@@ -129,6 +131,7 @@ impl ShardReader for LogReader {
         let shard = &log.shards[self.shard];
         let notified = shard.notify.notified();
         let end = shard.len.load(Ordering::Acquire);
+        self.head = end;
         if self.pos < end {
             self.enter_segment()?;
             if self.pos < end {
@@ -146,5 +149,9 @@ impl ShardReader for LogReader {
     fn lag(&self) -> Lag {
         let end = self.log.shards[self.shard].len.load(Ordering::Acquire);
         Lag { bytes: Some(end.saturating_sub(self.pos)), ..Lag::default() }
+    }
+
+    fn caught_up(&self) -> Option<bool> {
+        Some(self.pos >= self.head)
     }
 }

@@ -201,10 +201,17 @@ async fn http(
             },
             metrics: None,
         },
-        reader: Reader::Http(Box::new(HttpClient::new(Duration::from_secs(300))), format!("{dashboard}/api/outcome")),
+        // A whole store's outcome: ~300 bytes a SKU, ~30 MB at 100,000 SKUs.
+        reader: Reader::Http(
+            Box::new(HttpClient::new(Duration::from_secs(300)).with_max_response(OUTCOME_MAX_BYTES)),
+            format!("{dashboard}/api/outcome"),
+        ),
         teardown,
     })
 }
+
+/// Largest `/api/outcome` the verifier reads (about 3 million SKUs).
+const OUTCOME_MAX_BYTES: usize = 1 << 30;
 
 fn embedded(
     settings: &Settings,
