@@ -12,9 +12,6 @@ use stockflow_state::{EngineConfig, ShardEngine, decode};
 
 const EVENTS: usize = 200_000;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn benches(c: &mut Criterion) {
     let stream = generate(&GenConfig { events: EVENTS, skus: 10_000, ..GenConfig::default() });
     let records: Vec<&[u8]> = stream.iter().map(|(_, p)| p).collect();

@@ -19,9 +19,6 @@ use stockflow::telemetry::Telemetry;
 use stockflow_pipeline::StreamProducer;
 use stockflow_pipeline::kinesis::{KinesisProducer, client};
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     // Spans go to an OTLP endpoint when one is configured (e.g. the ADOT Lambda layer's collector

@@ -4,10 +4,20 @@
 //! The rule is per SKU, so that it gives the same answer however SKUs are spread over shards: an
 //! entry is live while `entry.ts + horizon ≥ sku.max_ts` (the SKU's largest event time before the
 //! event). Pruning only removes entries that rule already ignores, so it never changes a decision.
-//! Keys are 128-bit xxh3 hashes of sku and id: a collision among a billion ids has probability
-//! below 10⁻²⁰. Stored entries name their SKU by a 64-bit hash of its name ([`sku_id`]), not by
-//! a shard-local ordinal, so that they follow the SKU into whichever shard holds it after a
-//! reshard.
+//!
+//! Keys are the low 64 bits of a 128-bit xxh3 hash of the id seeded by the SKU, and an entry
+//! matches only with its SKU: a false duplicate needs two ids of the same SKU with equal keys,
+//! probability at most (the SKU's live ids) / 2⁶⁴ per event — below 10⁻¹³ for a SKU with a
+//! million live ids. Stored entries name their SKU by a 64-bit hash of its name ([`sku_id`]), not
+//! by a shard-local ordinal, so that they follow the SKU into whichever shard holds it after a
+//! reshard; the stored format (32 bytes an entry) is the one entries had when keys were 128-bit
+//! (the high half is written as zero and ignored when read).
+//!
+//! In memory an entry is 16 bytes in an open-addressing table (linear probing, any capacity,
+//! grown 1.5× at 3/4 full, so 21–32 bytes a live id): the key, the SKU's shard-local ordinal and
+//! the event time as milliseconds past a base (a `u32` spans 49 days; the base follows event time
+//! at each prune, and the rare entry outside that span — a quiet SKU's ids from long ago — is kept
+//! in a small map beside the table).
 
 use std::collections::HashMap;
 
@@ -17,8 +27,8 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_128_with_seed};
 /// One remembered event id, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupEntry {
-    /// Hash of `(sku, id)`.
-    pub key: u128,
+    /// Hash of `(sku, id)` ([`DedupEntry::key`]).
+    pub key: u64,
     /// Event time of the applied event.
     pub ts: i64,
     /// The SKU, by [`sku_id`].
@@ -34,14 +44,15 @@ pub fn sku_id(sku: &str) -> u64 {
 }
 
 impl DedupEntry {
-    /// The dedup key of an event.
-    pub fn key(sku: &str, id: &str) -> u128 {
-        xxh3_128_with_seed(id.as_bytes(), sku_id(sku))
+    /// The dedup key of an event: the low half of xxh3-128 of the id seeded by the SKU (what
+    /// the high half of stored 128-bit keys is dropped to).
+    pub fn key(sku: &str, id: &str) -> u64 {
+        xxh3_128_with_seed(id.as_bytes(), sku_id(sku)) as u64
     }
 
-    /// Appends the fixed-size little-endian encoding.
+    /// Appends the fixed-size little-endian encoding (the key in 16 bytes, its high half zero).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.key.to_le_bytes());
+        out.extend_from_slice(&u128::from(self.key).to_le_bytes());
         out.extend_from_slice(&self.ts.to_le_bytes());
         out.extend_from_slice(&self.sku.to_le_bytes());
     }
@@ -51,68 +62,102 @@ impl DedupEntry {
         if !bytes.len().is_multiple_of(ENTRY_BYTES) {
             return Err(format!("dedup chunk of {} bytes is not a multiple of {ENTRY_BYTES}", bytes.len()));
         }
+        let word = |c: &[u8], at: usize| u64::from_le_bytes(c[at..at + 8].try_into().unwrap_or_default());
         Ok(bytes
             .chunks_exact(ENTRY_BYTES)
-            .map(|c| DedupEntry {
-                key: u128::from_le_bytes(c[0..16].try_into().unwrap_or_default()),
-                ts: i64::from_le_bytes(c[16..24].try_into().unwrap_or_default()),
-                sku: u64::from_le_bytes(c[24..32].try_into().unwrap_or_default()),
-            })
+            .map(|c| DedupEntry { key: word(c, 0), ts: word(c, 16) as i64, sku: word(c, 24) })
             .collect())
     }
 }
+
+/// One table slot: 16 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    key: u64,
+    /// The SKU's shard-local ordinal; [`FREE`] marks an empty slot.
+    sku: u32,
+    /// Event time minus the table's base, in milliseconds.
+    ts: u32,
+}
+
+/// The ordinal of an empty slot (an entry of a SKU with this ordinal goes to the spill map).
+const FREE: u32 = u32::MAX;
+const EMPTY: Slot = Slot { key: 0, sku: FREE, ts: 0 };
+/// How far ahead of the newest event time a new base leaves room (≈ 12 days); the rest of the
+/// `u32` span (≈ 37 days) is behind it.
+const AHEAD_MS: i64 = 1 << 30;
+const SPAN_MS: i64 = 1 << 32;
 
 /// The live dedup set of one shard plus the entries added since the last commit.
 #[derive(Debug)]
 pub struct DedupIndex {
     horizon_ms: i64,
-    live: HashMap<u128, (i64, u32), FixedState>,
-    pending: Vec<(u128, i64, u32)>,
+    slots: Vec<Slot>,
+    /// Occupied slots.
+    used: usize,
+    /// Event time of a slot's `ts == 0` (set by the first entry, moved by [`DedupIndex::prune`]).
+    base: Option<i64>,
+    /// Entries whose time does not fit the table's span (or whose ordinal is [`FREE`]).
+    spill: HashMap<(u64, u32), i64, FixedState>,
+    pending: Vec<(u64, i64, u32)>,
 }
 
 impl DedupIndex {
     /// An empty index with the given horizon.
     pub fn new(horizon_ms: i64) -> Self {
-        DedupIndex { horizon_ms, live: HashMap::default(), pending: Vec::new() }
+        DedupIndex {
+            horizon_ms,
+            slots: Vec::new(),
+            used: 0,
+            base: None,
+            spill: HashMap::default(),
+            pending: Vec::new(),
+        }
     }
 
     /// Number of live entries.
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.used + self.spill.len()
     }
 
     /// True when nothing is remembered.
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.len() == 0
+    }
+
+    /// Bytes the index holds (table, spill map, pending entries).
+    pub fn memory_bytes(&self) -> usize {
+        self.slots.capacity() * size_of::<Slot>()
+            + self.spill.capacity() * (size_of::<((u64, u32), i64)>() + 1)
+            + self.pending.capacity() * size_of::<(u64, i64, u32)>()
     }
 
     /// Restores `(key, ts, sku ordinal)` entries from the store (no pending entries are created).
-    /// When a key comes twice (the merged stores of a reshard), the later event time is kept.
-    pub fn restore(&mut self, entries: impl IntoIterator<Item = (u128, i64, u32)>) {
+    /// When a key comes twice for a SKU (the merged stores of a reshard), the later time is kept.
+    pub fn restore(&mut self, entries: impl IntoIterator<Item = (u64, i64, u32)>) {
         for (key, ts, sku) in entries {
-            let e = self.live.entry(key).or_insert((ts, sku));
-            if ts > e.0 {
-                *e = (ts, sku);
+            match self.get(key, sku) {
+                Some(seen) if seen >= ts => {}
+                _ => self.put(key, ts, sku),
             }
         }
     }
 
     /// True if the event was already applied within the horizon of the SKU's event time.
-    pub fn is_duplicate(&self, key: u128, sku_max_ts: Option<i64>) -> bool {
-        self.live
-            .get(&key)
-            .is_some_and(|(seen_ts, _)| sku_max_ts.is_none_or(|m| seen_ts.saturating_add(self.horizon_ms) >= m))
+    pub fn is_duplicate(&self, key: u64, sku: u32, sku_max_ts: Option<i64>) -> bool {
+        self.get(key, sku)
+            .is_some_and(|seen_ts| sku_max_ts.is_none_or(|m| seen_ts.saturating_add(self.horizon_ms) >= m))
     }
 
     /// Remembers an applied event.
-    pub fn insert(&mut self, key: u128, ts: i64, sku: u32) {
-        self.live.insert(key, (ts, sku));
+    pub fn insert(&mut self, key: u64, ts: i64, sku: u32) {
+        self.put(key, ts, sku);
         self.pending.push((key, ts, sku));
     }
 
     /// True if the event was already applied; otherwise remembers it and returns false.
-    pub fn check_and_insert(&mut self, key: u128, ts: i64, sku: u32, sku_max_ts: Option<i64>) -> bool {
-        if self.is_duplicate(key, sku_max_ts) {
+    pub fn check_and_insert(&mut self, key: u64, ts: i64, sku: u32, sku_max_ts: Option<i64>) -> bool {
+        if self.is_duplicate(key, sku, sku_max_ts) {
             return true;
         }
         self.insert(key, ts, sku);
@@ -129,20 +174,212 @@ impl DedupIndex {
         for (key, ts, sku) in self.pending.drain(..) {
             each(DedupEntry { key, ts, sku: sku_id(sku) });
         }
+        if self.pending.capacity() > 1 << 16 {
+            self.pending.shrink_to(1 << 16); // one burst must not pin its peak
+        }
     }
 
     /// Drops entries the rule already ignores; `sku_max_ts(ordinal)` gives each SKU's max ts.
+    /// Moves the table's time base to the newest live entries, so that event time can run on
+    /// for months without entries leaving the table's span.
     pub fn prune(&mut self, sku_max_ts: impl Fn(u32) -> Option<i64>) {
         let horizon = self.horizon_ms;
-        self.live.retain(|_, (ts, sku)| sku_max_ts(*sku).is_none_or(|m| ts.saturating_add(horizon) >= m));
+        let live = |ts: i64, sku: u32| sku_max_ts(sku).is_none_or(|m| ts.saturating_add(horizon) >= m);
+        self.spill.retain(|&(_, sku), ts| live(*ts, sku));
+        let base = self.base.unwrap_or(0);
+        let mut newest = self.spill.values().copied().max();
+        for slot in &mut self.slots {
+            if slot.sku == FREE {
+                continue;
+            }
+            let ts = base + i64::from(slot.ts);
+            if live(ts, slot.sku) {
+                newest = newest.max(Some(ts));
+            } else {
+                *slot = EMPTY;
+                self.used -= 1;
+            }
+        }
+        // Rebuilt when event time nears the end of the span (a new base changes every slot's
+        // time), when entries wait in the spill map, or when the table is mostly empty;
+        // otherwise the emptied slots are closed in place.
+        let near_end = newest.is_some_and(|n| n > base + SPAN_MS - AHEAD_MS);
+        let sparse = self.slots.len() > 64 && self.used * 4 < self.slots.len();
+        if near_end || sparse || !self.spill.is_empty() {
+            let mut entries: Vec<(u64, i64, u32)> = Vec::with_capacity(self.used + self.spill.len());
+            entries.extend(self.slots.iter().filter(|s| s.sku != FREE).map(|s| (s.key, base + i64::from(s.ts), s.sku)));
+            entries.extend(self.spill.drain().map(|((key, sku), ts)| (key, ts, sku)));
+            self.spill = HashMap::default();
+            self.slots = Vec::new(); // freed before the new table is allocated
+            self.slots = vec![EMPTY; Self::capacity_for(entries.len())];
+            self.used = 0;
+            self.base = newest.map(|n| n + AHEAD_MS - SPAN_MS);
+            for (key, ts, sku) in entries {
+                self.put(key, ts, sku);
+            }
+        } else {
+            self.replace_in_place();
+        }
     }
 
-    /// Every live entry, in key order (for a compacted chunk and for snapshots).
+    /// Every live entry, in key order (for snapshots).
     pub fn entries(&self, sku_id: impl Fn(u32) -> u64) -> Vec<DedupEntry> {
-        let mut v: Vec<DedupEntry> =
-            self.live.iter().map(|(k, (ts, sku))| DedupEntry { key: *k, ts: *ts, sku: sku_id(*sku) }).collect();
-        v.sort_unstable_by_key(|e| e.key);
+        let mut v = Vec::with_capacity(self.len());
+        self.each(|key, ts, sku| v.push(DedupEntry { key, ts, sku: sku_id(sku) }));
+        v.sort_unstable_by_key(|e| (e.key, e.sku));
         v
+    }
+
+    /// Appends every live entry's stored encoding to `out` (a compacted chunk), in table order.
+    pub fn encode_live(&self, sku_id: impl Fn(u32) -> u64, out: &mut Vec<u8>) {
+        out.reserve(self.len() * ENTRY_BYTES);
+        self.each(|key, ts, sku| DedupEntry { key, ts, sku: sku_id(sku) }.encode_into(out));
+    }
+
+    fn each(&self, mut f: impl FnMut(u64, i64, u32)) {
+        let base = self.base.unwrap_or(0);
+        for s in self.slots.iter().filter(|s| s.sku != FREE) {
+            f(s.key, base + i64::from(s.ts), s.sku);
+        }
+        for (&(key, sku), &ts) in &self.spill {
+            f(key, ts, sku);
+        }
+    }
+
+    /// The home slot of `key` in a table of `cap` slots (any capacity: multiply-shift).
+    fn home(key: u64, cap: usize) -> usize {
+        ((u128::from(key) * cap as u128) >> 64) as usize
+    }
+
+    /// Slots for `n` entries at most 3/4 full.
+    fn capacity_for(n: usize) -> usize {
+        (n + n / 3 + 1).max(16)
+    }
+
+    /// The time of the entry `(key, sku)`, if remembered.
+    fn get(&self, key: u64, sku: u32) -> Option<i64> {
+        let cap = self.slots.len();
+        if cap > 0 && sku != FREE {
+            let mut i = Self::home(key, cap);
+            loop {
+                let s = self.slots[i];
+                if s.sku == FREE {
+                    break;
+                }
+                if s.key == key && s.sku == sku {
+                    return Some(self.base.unwrap_or(0) + i64::from(s.ts));
+                }
+                i += 1;
+                if i == cap {
+                    i = 0;
+                }
+            }
+        }
+        if self.spill.is_empty() { None } else { self.spill.get(&(key, sku)).copied() }
+    }
+
+    /// Sets the entry `(key, sku)` to `ts` (inserting it, or overwriting its time).
+    fn put(&mut self, key: u64, ts: i64, sku: u32) {
+        let base = *self.base.get_or_insert(ts + AHEAD_MS - SPAN_MS);
+        let offset = ts.checked_sub(base).and_then(|o| u32::try_from(o).ok());
+        let Some(offset) = offset.filter(|_| sku != FREE) else {
+            self.remove_from_table(key, sku);
+            self.spill.insert((key, sku), ts);
+            return;
+        };
+        if !self.spill.is_empty() {
+            self.spill.remove(&(key, sku));
+        }
+        if (self.used + 1) * 4 > self.slots.len() * 3 {
+            self.grow();
+        }
+        let cap = self.slots.len();
+        let mut i = Self::home(key, cap);
+        loop {
+            let s = &mut self.slots[i];
+            if s.sku == FREE {
+                *s = Slot { key, sku, ts: offset };
+                self.used += 1;
+                return;
+            }
+            if s.key == key && s.sku == sku {
+                s.ts = offset;
+                return;
+            }
+            i += 1;
+            if i == cap {
+                i = 0;
+            }
+        }
+    }
+
+    /// Removes `(key, sku)` from the table if it is there (an entry whose time moved out of the
+    /// span): backward-shift deletion keeps every probe run whole.
+    fn remove_from_table(&mut self, key: u64, sku: u32) {
+        let cap = self.slots.len();
+        if cap == 0 || sku == FREE {
+            return;
+        }
+        let mut i = Self::home(key, cap);
+        loop {
+            let s = self.slots[i];
+            if s.sku == FREE {
+                return;
+            }
+            if s.key == key && s.sku == sku {
+                break;
+            }
+            i = (i + 1) % cap;
+        }
+        self.slots[i] = EMPTY;
+        self.used -= 1;
+        let mut hole = i;
+        let mut j = (i + 1) % cap;
+        while self.slots[j].sku != FREE {
+            let home = Self::home(self.slots[j].key, cap);
+            // The entry at j may move into the hole when its home is not in (hole, j].
+            let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
+            if !stays {
+                self.slots[hole] = self.slots[j];
+                self.slots[j] = EMPTY;
+                hole = j;
+            }
+            j = (j + 1) % cap;
+        }
+    }
+
+    /// 1.5× the slots (at least 16), every entry placed again.
+    fn grow(&mut self) {
+        let cap = (self.slots.len() + self.slots.len() / 2).max(16);
+        let old = std::mem::replace(&mut self.slots, vec![EMPTY; cap]);
+        for s in old.into_iter().filter(|s| s.sku != FREE) {
+            let mut i = Self::home(s.key, cap);
+            while self.slots[i].sku != FREE {
+                i = if i + 1 == cap { 0 } else { i + 1 };
+            }
+            self.slots[i] = s;
+        }
+    }
+
+    /// After slots were emptied in place: every entry placed again, in place. Starting just after
+    /// an empty slot, each run is re-placed in order, so no entry is moved past a hole that
+    /// would hide it.
+    fn replace_in_place(&mut self) {
+        let cap = self.slots.len();
+        let Some(start) = self.slots.iter().position(|s| s.sku == FREE) else { return };
+        for step in 1..=cap {
+            let j = (start + step) % cap;
+            let s = self.slots[j];
+            if s.sku == FREE {
+                continue;
+            }
+            self.slots[j] = EMPTY;
+            let mut i = Self::home(s.key, cap);
+            while self.slots[i].sku != FREE {
+                i = if i + 1 == cap { 0 } else { i + 1 };
+            }
+            self.slots[i] = s;
+        }
     }
 }
 
@@ -174,5 +411,88 @@ mod tests {
         let back = DedupEntry::decode_all(&buf).unwrap();
         assert_eq!(back, vec![DedupEntry { key: 1, ts: 0, sku: 70 }, DedupEntry { key: 2, ts: 5000, sku: 71 }]);
         assert!(DedupEntry::decode_all(&buf[1..]).is_err());
+    }
+
+    /// What the index must answer, kept the plain way: a map of (key, SKU) to event time.
+    #[derive(Default)]
+    struct Model(std::collections::HashMap<(u64, u32), i64>);
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert { key: u64, sku: u32, ts: i64 },
+        Prune { max_ts: Vec<i64> },
+    }
+
+    const DAY: i64 = 86_400_000;
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        // Few keys and SKUs (so keys meet, also across SKUs); times over ~200 days, so the table's
+        // 49-day span is left both ways; the ordinal FREE too.
+        let ts = prop_oneof![0i64..200 * DAY, Just(0), Just(199 * DAY), (0i64..3).prop_map(|d| 100 * DAY + d)];
+        let sku = prop_oneof![0u32..4, Just(FREE)];
+        prop_oneof![
+            8 => (0u64..40, sku, ts).prop_map(|(key, sku, ts)| Op::Insert { key: key.wrapping_mul(0x9E37_79B9_7F4A_7C15), sku, ts }),
+            1 => proptest::collection::vec(0i64..200 * DAY, 5).prop_map(|max_ts| Op::Prune { max_ts }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn the_table_answers_as_a_plain_map(ops in proptest::collection::vec(op(), 1..300)) {
+            let horizon = 7 * DAY;
+            let mut d = DedupIndex::new(horizon);
+            let mut m = Model::default();
+            let ord = |sku: u32| if sku == FREE { 4 } else { sku as usize };
+            for op in ops {
+                match op {
+                    Op::Insert { key, sku, ts } => {
+                        d.insert(key, ts, sku);
+                        m.0.insert((key, sku), ts);
+                    }
+                    Op::Prune { max_ts } => {
+                        d.prune(|sku| Some(max_ts[ord(sku)]));
+                        // Pruning may keep a dead entry or drop it; the model keeps the live.
+                        m.0.retain(|&(_, sku), ts| *ts + horizon >= max_ts[ord(sku)]);
+                        let mut live: Vec<_> = d.entries(u64::from).into_iter().map(|e| ((e.key, e.sku as u32), e.ts)).collect();
+                        live.sort();
+                        let mut want: Vec<_> = m.0.iter().map(|(k, v)| (*k, *v)).collect();
+                        want.sort();
+                        proptest::prop_assert_eq!(live, want, "after a prune exactly the live entries remain");
+                    }
+                }
+                proptest::prop_assert_eq!(d.len(), m.0.len());
+                for (&(key, sku), &ts) in &m.0 {
+                    proptest::prop_assert_eq!(d.get(key, sku), Some(ts));
+                }
+            }
+            // Not remembered: a key never inserted, and a remembered key under another SKU.
+            proptest::prop_assert_eq!(d.get(7, 0), None);
+            if let Some((&(key, sku), _)) = m.0.iter().next() {
+                let other = if sku == 0 { 1 } else { 0 };
+                proptest::prop_assert_eq!(d.get(key, other), m.0.get(&(key, other)).copied());
+            }
+        }
+    }
+
+    #[test]
+    fn a_month_of_event_time_keeps_the_entries_in_the_table() {
+        // Steady traffic over 90 days with a prune each simulated day: the base follows event
+        // time, so nothing ends up in the spill map and memory stays about the live set.
+        let horizon = 7 * DAY;
+        let mut d = DedupIndex::new(horizon);
+        let per_day = 2_000u64;
+        for day in 0..90i64 {
+            for i in 0..per_day {
+                let ts = day * DAY + (i as i64) * (DAY / per_day as i64);
+                d.insert((day as u64) << 32 | i, ts, (i % 50) as u32);
+            }
+            d.prune(|_| Some(day * DAY + DAY - 1));
+            assert!(d.spill.is_empty(), "day {day}: {} entries spilled", d.spill.len());
+        }
+        assert_eq!(d.len(), 7 * per_day as usize, "the horizon: the current day and the 6 before it");
+        let per_id = d.slots.capacity() * size_of::<Slot>() / d.len();
+        assert!(per_id <= 32, "{per_id} bytes a live id");
     }
 }

@@ -330,7 +330,7 @@ impl ShardEngine {
         let (idx, created) = self.intern(&ev.sku);
         let key = DedupEntry::key(&ev.sku, &ev.id);
         let slot = &mut self.skus[idx as usize];
-        if self.dedup.is_duplicate(key, slot.state.max_ts) {
+        if self.dedup.is_duplicate(key, idx, slot.state.max_ts) {
             self.stats.duplicates += 1;
             return Applied::Duplicate;
         }
@@ -455,9 +455,8 @@ impl ShardEngine {
             self.force_dedup_replace = false;
             self.dedup.drain_pending(id_of, drop);
             self.dedup.prune(|ordinal| skus.get(ordinal as usize).and_then(|s| s.state.max_ts));
-            let live = self.dedup.entries(id_of);
-            let mut bytes = Vec::with_capacity(live.len() * ENTRY_BYTES);
-            live.iter().for_each(|e| e.encode_into(&mut bytes));
+            let mut bytes = Vec::new();
+            self.dedup.encode_live(id_of, &mut bytes);
             self.dedup_base_bytes = bytes.len();
             self.dedup_appended_bytes = 0;
             DedupDelta::Replace(bytes)
@@ -498,8 +497,7 @@ impl ShardEngine {
             .iter()
             .map(|s| s.state.lines.capacity() * (std::mem::size_of::<(u64, crate::ledger::Line)>() + 1))
             .sum();
-        // A live dedup entry: 16-byte key + (ts, ordinal) + control byte, at ~7/8 load.
-        let dedup = self.dedup.len() * 37;
+        let dedup = self.dedup.memory_bytes();
         MemoryUse { skus, lines, dedup }
     }
 
