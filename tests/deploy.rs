@@ -588,6 +588,7 @@ fn resolve(v: &Value) -> String {
             "KafkaBootstrap" => "boot-abc.c2.kafka-serverless.us-east-1.amazonaws.com:9098".into(),
             "MarketplaceId" => "ATVPDKIKX0DER".into(),
             "SellingPartnerEndpoint" => "https://sellingpartnerapi-na.amazon.com".into(),
+            "CommitMinIntervalMs" => "500".into(),
             other => panic!("no test value for Ref {other}"),
         },
         _ if v.get("Fn::Sub").is_some() => {
