@@ -34,6 +34,9 @@ use crate::ledger::SkuState;
 use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_entries};
 use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
 
+/// Largest `dedup` row: 65,536 entries (a whole number of them).
+const DEDUP_ROW_BYTES: usize = (1 << 16) * crate::dedup::ENTRY_BYTES;
+
 const SKU_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sku_state");
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
 const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
@@ -236,8 +239,10 @@ impl RedbStore {
                     bytes
                 }
             };
-            if !bytes.is_empty() {
-                dedup.insert((c.shard.as_str(), meta.next_dedup_chunk), bytes.as_slice()).map_err(unavailable)?;
+            // Rows of at most DEDUP_ROW_BYTES: a compaction of millions of live ids is not one
+            // value of hundreds of MB (redb would place and buffer it whole).
+            for chunk in bytes.chunks(DEDUP_ROW_BYTES) {
+                dedup.insert((c.shard.as_str(), meta.next_dedup_chunk), chunk).map_err(unavailable)?;
                 meta.next_dedup_chunk += 1;
             }
             meta.checkpoint = Some(c.checkpoint.clone());

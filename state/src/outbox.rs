@@ -268,8 +268,7 @@ pub(crate) fn row_entries(
         if out.len() >= max {
             break;
         }
-        let effect =
-            serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("outbox row {row}: {e}")))?;
+        let effect = Effect::from_json(bytes).map_err(|e| StoreError::Corrupt(format!("outbox row {row}: {e}")))?;
         out.push(OutboxEntry { pos: OutboxPos { row: row.to_string(), line }, effect });
     }
     Ok(())
