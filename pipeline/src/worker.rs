@@ -3,12 +3,14 @@
 //! state + effects + dead letters + checkpoint, before it stops, and at shutdown.
 //!
 //! Commit cadence is adaptive, so that latency follows load instead of a fixed timer: when a read
-//! finds the shard caught up (fewer records than asked for, or no lag), what was read is
-//! committed at once (no sooner than `commit_min_interval` after the previous commit); while
-//! records keep coming, a commit happens every `commit_every_records` records and at the latest
-//! `commit_interval` after the oldest uncommitted record was read. Under load the records that
-//! arrive while one commit is written make up the next one, so a commit's cost is shared by more
-//! events the faster they come (group commit) and an idle stream waits for nothing.
+//! finds the shard caught up (it took everything the shard held), what was read is committed at
+//! once (no sooner than `commit_min_interval` after the previous commit); while records keep
+//! coming, a commit happens every `commit_every_records` records, and at the latest
+//! `commit_interval` after the oldest uncommitted record was read whenever the reader waits for
+//! data. Under load the records that arrive while one commit is written make up the next one, so
+//! a commit's cost is shared by more events the faster they come (group commit) and an idle
+//! stream waits for nothing. A shard draining a backlog never waits for data: it commits every
+//! `commit_every_records` records (fewer, larger commits — each rewrites its dirty SKUs' states).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,7 +50,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            commit_every_records: 50_000,
+            commit_every_records: 200_000,
             commit_interval: Duration::from_millis(500),
             commit_min_interval: Duration::ZERO,
             batch_records: 4096,
