@@ -192,7 +192,7 @@ impl DedupIndex {
             if slot.sku == FREE {
                 continue;
             }
-            let ts = base + i64::from(slot.ts);
+            let ts = base.saturating_add(i64::from(slot.ts));
             if live(ts, slot.sku) {
                 newest = newest.max(Some(ts));
             } else {
@@ -203,17 +203,22 @@ impl DedupIndex {
         // Rebuilt when event time nears the end of the span (a new base changes every slot's
         // time), when entries wait in the spill map, or when the table is mostly empty;
         // otherwise the emptied slots are closed in place.
-        let near_end = newest.is_some_and(|n| n > base + SPAN_MS - AHEAD_MS);
+        let near_end = newest.is_some_and(|n| n > base.saturating_add(SPAN_MS - AHEAD_MS));
         let sparse = self.slots.len() > 64 && self.used * 4 < self.slots.len();
         if near_end || sparse || !self.spill.is_empty() {
             let mut entries: Vec<(u64, i64, u32)> = Vec::with_capacity(self.used + self.spill.len());
-            entries.extend(self.slots.iter().filter(|s| s.sku != FREE).map(|s| (s.key, base + i64::from(s.ts), s.sku)));
+            entries.extend(
+                self.slots
+                    .iter()
+                    .filter(|s| s.sku != FREE)
+                    .map(|s| (s.key, base.saturating_add(i64::from(s.ts)), s.sku)),
+            );
             entries.extend(self.spill.drain().map(|((key, sku), ts)| (key, ts, sku)));
             self.spill = HashMap::default();
             self.slots = Vec::new(); // freed before the new table is allocated
             self.slots = vec![EMPTY; Self::capacity_for(entries.len())];
             self.used = 0;
-            self.base = newest.map(|n| n + AHEAD_MS - SPAN_MS);
+            self.base = newest.map(|n| n.saturating_add(AHEAD_MS - SPAN_MS));
             for (key, ts, sku) in entries {
                 self.put(key, ts, sku);
             }
@@ -239,7 +244,7 @@ impl DedupIndex {
     fn each(&self, mut f: impl FnMut(u64, i64, u32)) {
         let base = self.base.unwrap_or(0);
         for s in self.slots.iter().filter(|s| s.sku != FREE) {
-            f(s.key, base + i64::from(s.ts), s.sku);
+            f(s.key, base.saturating_add(i64::from(s.ts)), s.sku);
         }
         for (&(key, sku), &ts) in &self.spill {
             f(key, ts, sku);
@@ -267,7 +272,7 @@ impl DedupIndex {
                     break;
                 }
                 if s.key == key && s.sku == sku {
-                    return Some(self.base.unwrap_or(0) + i64::from(s.ts));
+                    return Some(self.base.unwrap_or(0).saturating_add(i64::from(s.ts)));
                 }
                 i += 1;
                 if i == cap {
@@ -280,7 +285,7 @@ impl DedupIndex {
 
     /// Sets the entry `(key, sku)` to `ts` (inserting it, or overwriting its time).
     fn put(&mut self, key: u64, ts: i64, sku: u32) {
-        let base = *self.base.get_or_insert(ts + AHEAD_MS - SPAN_MS);
+        let base = *self.base.get_or_insert(ts.saturating_add(AHEAD_MS - SPAN_MS));
         let offset = ts.checked_sub(base).and_then(|o| u32::try_from(o).ok());
         let Some(offset) = offset.filter(|_| sku != FREE) else {
             self.remove_from_table(key, sku);
@@ -428,8 +433,14 @@ mod tests {
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
         // Few keys and SKUs (so keys meet, also across SKUs); times over ~200 days, so the table's
-        // 49-day span is left both ways; the ordinal FREE too.
-        let ts = prop_oneof![0i64..200 * DAY, Just(0), Just(199 * DAY), (0i64..3).prop_map(|d| 100 * DAY + d)];
+        // 49-day span is left both ways, and absurd ones; the ordinal FREE too.
+        let ts = prop_oneof![
+            8 => 0i64..200 * DAY,
+            1 => Just(0),
+            1 => Just(199 * DAY),
+            1 => (0i64..3).prop_map(|d| 100 * DAY + d),
+            1 => prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(-DAY)],
+        ];
         let sku = prop_oneof![0u32..4, Just(FREE)];
         prop_oneof![
             8 => (0u64..40, sku, ts).prop_map(|(key, sku, ts)| Op::Insert { key: key.wrapping_mul(0x9E37_79B9_7F4A_7C15), sku, ts }),
@@ -454,7 +465,7 @@ mod tests {
                     Op::Prune { max_ts } => {
                         d.prune(|sku| Some(max_ts[ord(sku)]));
                         // Pruning may keep a dead entry or drop it; the model keeps the live.
-                        m.0.retain(|&(_, sku), ts| *ts + horizon >= max_ts[ord(sku)]);
+                        m.0.retain(|&(_, sku), ts| ts.saturating_add(horizon) >= max_ts[ord(sku)]);
                         let mut live: Vec<_> = d.entries(u64::from).into_iter().map(|e| ((e.key, e.sku as u32), e.ts)).collect();
                         live.sort();
                         let mut want: Vec<_> = m.0.iter().map(|(k, v)| (*k, *v)).collect();

@@ -347,6 +347,55 @@ async fn embedded_store_conforms() {
     outbox_conformance(&store, "shard-0000").await;
     v1_rows_are_upgraded(&store, "shard-0001", 0).await;
     many_lines_commit_and_restore(&store, "shard-0002", 0, 100_000).await;
+    many_dedup_ids_commit_and_restore(&store, "shard-0003", 0, 100_000).await;
+}
+
+/// More live ids than one stored dedup row holds (the embedded store splits them at 65,536): an
+/// appended batch and a compacted rewrite both come back whole, and a restored engine still
+/// knows the first and the last id.
+async fn many_dedup_ids_commit_and_restore<S: StateStore>(store: &S, shard: &str, epoch: u64, n: usize) {
+    let cfg = Arc::new(EngineConfig::default());
+    let mut engine = ShardEngine::new(Arc::clone(&cfg));
+    let ev = |i: usize| {
+        format!(r#"{{"id":"a{i}","type":"stock_adjusted","sku":"SKU-{}","ts":{},"delta":1}}"#, i % 50, T0 + i as i64)
+    };
+    for i in 0..n {
+        assert_eq!(engine.apply(&decode(ev(i).as_bytes()).unwrap()), Applied::Applied);
+    }
+    let commit = |engine: &mut ShardEngine, pos: u64| {
+        let d = engine.take_delta().unwrap();
+        Arc::new(ShardCommit {
+            shard: shard.into(),
+            lease_epoch: epoch,
+            checkpoint: Position::offset(pos),
+            max_ts: d.max_ts,
+            states: d.states,
+            effects: d.effects,
+            dead_letters: Vec::new(),
+            dedup: d.dedup,
+            new_skus: d.new_skus,
+            keep_checkpoint: false,
+            after_interrupted: false,
+            lag_ms: None,
+        })
+    };
+    let first = commit(&mut engine, n as u64);
+    assert!(matches!(first.dedup, DedupDelta::Append(_)), "the first batch is appended");
+    store.commit(first).await.unwrap();
+    assert_eq!(store.load_shard(shard).await.unwrap().snapshot.dedup.len(), n);
+    // A compaction: the whole live set rewritten.
+    engine.rewrite_dedup();
+    assert_eq!(engine.apply(&decode(ev(n).as_bytes()).unwrap()), Applied::Applied);
+    let second = commit(&mut engine, n as u64 + 1);
+    assert!(matches!(second.dedup, DedupDelta::Replace(_)), "a rewrite replaces");
+    store.commit(second).await.unwrap();
+    let stored = store.load_shard(shard).await.unwrap();
+    assert_eq!(stored.snapshot.dedup.len(), n + 1);
+    let mut restored = ShardEngine::restore(cfg, stored.snapshot);
+    for i in [0, n / 2, n] {
+        assert_eq!(restored.apply(&decode(ev(i).as_bytes()).unwrap()), Applied::Duplicate, "a{i}");
+    }
+    assert_eq!(restored.apply(&decode(ev(n + 1).as_bytes()).unwrap()), Applied::Applied);
 }
 
 #[tokio::test]
