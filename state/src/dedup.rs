@@ -261,24 +261,30 @@ impl DedupIndex {
         (n + n / 3 + 1).max(16)
     }
 
+    /// The slot holding `(key, sku)` (`Ok`), or the empty slot that ends its probe run (`Err`).
+    /// The table must have slots, and always has an empty one (it is at most 3/4 full).
+    fn probe(&self, key: u64, sku: u32) -> Result<usize, usize> {
+        let cap = self.slots.len();
+        let mut i = Self::home(key, cap);
+        loop {
+            let s = self.slots[i];
+            if s.sku == FREE {
+                return Err(i);
+            }
+            if s.key == key && s.sku == sku {
+                return Ok(i);
+            }
+            i = if i + 1 == cap { 0 } else { i + 1 };
+        }
+    }
+
     /// The time of the entry `(key, sku)`, if remembered.
     fn get(&self, key: u64, sku: u32) -> Option<i64> {
-        let cap = self.slots.len();
-        if cap > 0 && sku != FREE {
-            let mut i = Self::home(key, cap);
-            loop {
-                let s = self.slots[i];
-                if s.sku == FREE {
-                    break;
-                }
-                if s.key == key && s.sku == sku {
-                    return Some(self.base.unwrap_or(0).saturating_add(i64::from(s.ts)));
-                }
-                i += 1;
-                if i == cap {
-                    i = 0;
-                }
-            }
+        if !self.slots.is_empty()
+            && sku != FREE
+            && let Ok(i) = self.probe(key, sku)
+        {
+            return Some(self.base.unwrap_or(0).saturating_add(i64::from(self.slots[i].ts)));
         }
         if self.spill.is_empty() { None } else { self.spill.get(&(key, sku)).copied() }
     }
@@ -298,22 +304,11 @@ impl DedupIndex {
         if (self.used + 1) * 4 > self.slots.len() * 3 {
             self.grow();
         }
-        let cap = self.slots.len();
-        let mut i = Self::home(key, cap);
-        loop {
-            let s = &mut self.slots[i];
-            if s.sku == FREE {
-                *s = Slot { key, sku, ts: offset };
+        match self.probe(key, sku) {
+            Ok(i) => self.slots[i].ts = offset,
+            Err(i) => {
+                self.slots[i] = Slot { key, sku, ts: offset };
                 self.used += 1;
-                return;
-            }
-            if s.key == key && s.sku == sku {
-                s.ts = offset;
-                return;
-            }
-            i += 1;
-            if i == cap {
-                i = 0;
             }
         }
     }
@@ -325,17 +320,7 @@ impl DedupIndex {
         if cap == 0 || sku == FREE {
             return;
         }
-        let mut i = Self::home(key, cap);
-        loop {
-            let s = self.slots[i];
-            if s.sku == FREE {
-                return;
-            }
-            if s.key == key && s.sku == sku {
-                break;
-            }
-            i = (i + 1) % cap;
-        }
+        let Ok(i) = self.probe(key, sku) else { return };
         self.slots[i] = EMPTY;
         self.used -= 1;
         let mut hole = i;
@@ -358,10 +343,8 @@ impl DedupIndex {
         let cap = (self.slots.len() + self.slots.len() / 2).max(16);
         let old = std::mem::replace(&mut self.slots, vec![EMPTY; cap]);
         for s in old.into_iter().filter(|s| s.sku != FREE) {
-            let mut i = Self::home(s.key, cap);
-            while self.slots[i].sku != FREE {
-                i = if i + 1 == cap { 0 } else { i + 1 };
-            }
+            // Entries are unique, so the probe ends at an empty slot.
+            let (Ok(i) | Err(i)) = self.probe(s.key, s.sku);
             self.slots[i] = s;
         }
     }
@@ -379,10 +362,7 @@ impl DedupIndex {
                 continue;
             }
             self.slots[j] = EMPTY;
-            let mut i = Self::home(s.key, cap);
-            while self.slots[i].sku != FREE {
-                i = if i + 1 == cap { 0 } else { i + 1 };
-            }
+            let (Ok(i) | Err(i)) = self.probe(s.key, s.sku);
             self.slots[i] = s;
         }
     }

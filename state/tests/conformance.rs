@@ -362,31 +362,14 @@ async fn many_dedup_ids_commit_and_restore<S: StateStore>(store: &S, shard: &str
     for i in 0..n {
         assert_eq!(engine.apply(&decode(ev(i).as_bytes()).unwrap()), Applied::Applied);
     }
-    let commit = |engine: &mut ShardEngine, pos: u64| {
-        let d = engine.take_delta().unwrap();
-        Arc::new(ShardCommit {
-            shard: shard.into(),
-            lease_epoch: epoch,
-            checkpoint: Position::offset(pos),
-            max_ts: d.max_ts,
-            states: d.states,
-            effects: d.effects,
-            dead_letters: Vec::new(),
-            dedup: d.dedup,
-            new_skus: d.new_skus,
-            keep_checkpoint: false,
-            after_interrupted: false,
-            lag_ms: None,
-        })
-    };
-    let first = commit(&mut engine, n as u64);
+    let first = commit_of(&mut engine, shard, epoch, n as u64, Vec::new());
     assert!(matches!(first.dedup, DedupDelta::Append(_)), "the first batch is appended");
     store.commit(first).await.unwrap();
     assert_eq!(store.load_shard(shard).await.unwrap().snapshot.dedup.len(), n);
     // A compaction: the whole live set rewritten.
     engine.rewrite_dedup();
     assert_eq!(engine.apply(&decode(ev(n).as_bytes()).unwrap()), Applied::Applied);
-    let second = commit(&mut engine, n as u64 + 1);
+    let second = commit_of(&mut engine, shard, epoch, n as u64 + 1, Vec::new());
     assert!(matches!(second.dedup, DedupDelta::Replace(_)), "a rewrite replaces");
     store.commit(second).await.unwrap();
     let stored = store.load_shard(shard).await.unwrap();
