@@ -60,6 +60,7 @@ async fn two_members_fold_and_post_each_hour_once_on_dynamodb() {
                 checkpoint: Position::offset(part as u64 + 1),
                 max_ts: d.max_ts,
                 states: d.states,
+                lines: d.lines,
                 effects: d.effects,
                 dead_letters: Vec::new(),
                 dedup: d.dedup,

@@ -61,6 +61,7 @@ async fn operators_read_the_groups_tables_and_see_who_owns_what() {
             checkpoint: Position::offset(4),
             max_ts: d.max_ts,
             states: d.states,
+            lines: d.lines,
             effects: d.effects,
             dead_letters: vec![dead],
             dedup: d.dedup,

@@ -413,6 +413,7 @@ async fn on_dynamodb_the_count_goes_onto_the_kinesis_stream() {
             checkpoint: Position::offset(ours.len() as u64),
             max_ts: d.max_ts,
             states: d.states,
+            lines: d.lines,
             effects: d.effects,
             dead_letters: vec![],
             dedup: d.dedup,

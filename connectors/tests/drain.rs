@@ -110,6 +110,7 @@ async fn store_with(n: usize, shards: usize) -> (tempfile::TempDir, Arc<RedbStor
                 checkpoint: Position::offset(c as u64 + 1),
                 max_ts: None,
                 states: Vec::new(),
+                lines: None,
                 effects: chunk.to_vec(),
                 dead_letters: Vec::new(),
                 dedup: DedupDelta::Append(Vec::new()),

@@ -190,7 +190,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         progress: Arc<Progress>,
     ) -> Result<Self, WorkerError> {
         let stored = store.load_shard(shard).await?;
-        let engine = if stored.checkpoint.is_none() && !lineage.ancestors.is_empty() {
+        let mut engine = if stored.checkpoint.is_none() && !lineage.ancestors.is_empty() {
             let mut parts = vec![stored.snapshot];
             for ancestor in &lineage.ancestors {
                 parts.push(store.load_shard(ancestor).await?.snapshot);
@@ -202,6 +202,9 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         } else {
             ShardEngine::restore(engine_cfg, stored.snapshot)
         };
+        if store.keeps_lines_apart() {
+            engine.keep_lines_apart(stored.lines_log_bytes);
+        }
         let reader = source.open(shard, stored.checkpoint.as_ref()).await?;
         let commit_floor = stored.floors.iter().map(|(_, p)| p.clone()).max();
         tracing::info!(
@@ -464,6 +467,7 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
             checkpoint: checkpoint.clone(),
             max_ts: delta.max_ts,
             states: delta.states,
+            lines: delta.lines,
             effects: delta.effects,
             dead_letters: std::mem::take(&mut self.dead),
             dedup: delta.dedup,

@@ -4,7 +4,8 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `sku_state` | `(shard, sku)` | postcard `SkuState` |
+//! | `sku_state` | `(shard, sku)` | postcard `SkuState` without its order lines ([`SkuState::encode_head`]) |
+//! | `line_log` | `(shard, row)` | the shard's order lines as a log of changes ([`crate::linelog`]), replayed over the states at load |
 //! | `outbox` | `(shard, row)` | up to 256 effects of one commit, as NDJSON (connectors keep a cursor per shard) |
 //! | `dead_letters` | `(shard, seq)` | JSON `DeadLetter` |
 //! | `dedup` | `(shard, chunk)` | packed dedup entries |
@@ -12,7 +13,7 @@
 //! | `delivery` | `(connector, shard)` | JSON [`Cursor`]: what the connector delivered, its in-flight request |
 //! | `connector_dlq` | `(connector, shard, key)` | JSON [`ConnectorDeadLetter`] |
 //! | `outbox_written` | `(shard, row)` | Unix ms when the commit whose first outbox row this is was written (retention) |
-//! | `store_meta` | name | `freed_bytes`: outbox bytes retention removed since the last compaction |
+//! | `store_meta` | name | `freed_bytes`: bytes retention and line-log rewrites removed since the last compaction; `layout`: 3 once every state keeps its lines in `line_log` |
 //!
 //! A commit is one redb write transaction with `Durability::Immediate`: states, effects, dead
 //! letters, dedup entries and the checkpoint become durable together or not at all.
@@ -27,10 +28,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::book::{BookStore, BookWrite, CursorWrite, Expect};
-use crate::dedup::DedupEntry;
+use std::collections::HashMap;
+
+use crate::dedup::{DedupEntry, sku_id};
 use crate::effects::Effect;
 use crate::engine::{DedupDelta, ShardSnapshot};
 use crate::ledger::SkuState;
+use crate::linelog::LineLogWriter;
 use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_entries};
 use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
 
@@ -38,6 +42,7 @@ use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, St
 const DEDUP_ROW_BYTES: usize = (1 << 16) * crate::dedup::ENTRY_BYTES;
 
 const SKU_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("sku_state");
+const LINE_LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("line_log");
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
 const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
 const DEDUP: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dedup");
@@ -45,10 +50,14 @@ const SHARD_META: TableDefinition<&str, &[u8]> = TableDefinition::new("shard_met
 const DELIVERY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("delivery");
 const CONNECTOR_DLQ: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("connector_dlq");
 const OUTBOX_WRITTEN: TableDefinition<(&str, u64), i64> = TableDefinition::new("outbox_written");
-/// Store-wide counters: `freed_bytes` (outbox bytes removed by retention since the last compaction).
+/// Store-wide counters: `freed_bytes` (bytes removed by retention and line-log rewrites since the
+/// last compaction), `layout` ([`LAYOUT_LINES_APART`] once states keep their lines apart).
 const STORE_META: TableDefinition<&str, u64> = TableDefinition::new("store_meta");
 /// The connectors' book: `(connector, key) → JSON` (see [`crate::book`]).
 const BOOK: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("book");
+
+/// `layout` of a store whose states all keep their order lines in `line_log`.
+const LAYOUT_LINES_APART: u64 = 3;
 
 /// Most effects in one outbox row.
 const OUTBOX_ROW_EFFECTS: usize = 256;
@@ -94,6 +103,7 @@ impl RedbStore {
         Self::compact_if_sparse(&mut db, path)?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(SKU_STATE).map_err(unavailable)?;
+        txn.open_table(LINE_LOG).map_err(unavailable)?;
         txn.open_table(OUTBOX).map_err(unavailable)?;
         txn.open_table(DEAD_LETTERS).map_err(unavailable)?;
         txn.open_table(DEDUP).map_err(unavailable)?;
@@ -103,8 +113,83 @@ impl RedbStore {
         txn.open_table(OUTBOX_WRITTEN).map_err(unavailable)?;
         txn.open_table(STORE_META).map_err(unavailable)?;
         txn.open_table(BOOK).map_err(unavailable)?;
+        Self::keep_lines_apart(&txn)?;
         txn.commit().map_err(unavailable)?;
         Ok(RedbStore { db: Arc::new(db) })
+    }
+
+    /// Moves the order lines of states written whole (by stockflow before the line log) into
+    /// the line log, once: afterwards a commit that writes a SKU's head and only its changed
+    /// lines cannot lose the lines its stored state held.
+    fn keep_lines_apart(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut meta = txn.open_table(STORE_META).map_err(unavailable)?;
+        if meta.get("layout").map_err(unavailable)?.is_some_and(|v| v.value() >= LAYOUT_LINES_APART) {
+            return Ok(());
+        }
+        let mut heads = txn.open_table(SKU_STATE).map_err(unavailable)?;
+        let mut log = txn.open_table(LINE_LOG).map_err(unavailable)?;
+        let mut whole: Vec<(String, String, SkuState)> = Vec::new();
+        for row in heads.iter().map_err(unavailable)? {
+            let (k, v) = row.map_err(unavailable)?;
+            if !SkuState::lines_apart(v.value()) {
+                let (shard, sku) = k.value();
+                whole.push((shard.to_string(), sku.to_string(), SkuState::decode(v.value())?));
+            }
+        }
+        let t0 = std::time::Instant::now();
+        for (shard, sku, mut state) in whole.iter_mut().map(|(a, b, c)| (a.as_str(), b.as_str(), std::mem::take(c))) {
+            let mut w = LineLogWriter::default();
+            let lines: Vec<_> = state.lines.iter().map(|(k, l)| (*k, Some(*l))).collect();
+            w.record(sku_id(sku), true, None, &lines)?;
+            Self::append_log(&mut log, shard, &w.finish(false).rows)?;
+            heads.insert((shard, sku), state.encode_head()?.as_slice()).map_err(unavailable)?;
+        }
+        if !whole.is_empty() {
+            tracing::info!(states = whole.len(), elapsed = ?t0.elapsed(), "moved the stored SKU states' order lines to the line log");
+        }
+        meta.insert("layout", LAYOUT_LINES_APART).map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Appends rows after the shard's last line-log row.
+    fn append_log(log: &mut redb::Table<(&str, u64), &[u8]>, shard: &str, rows: &[Vec<u8>]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let next = match log.range((shard, 0)..=(shard, u64::MAX)).map_err(unavailable)?.next_back() {
+            Some(row) => row.map_err(unavailable)?.0.value().1 + 1,
+            None => 0,
+        };
+        for (seq, row) in (next..).zip(rows) {
+            log.insert((shard, seq), row.as_slice()).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// A shard's SKU states, sorted by SKU, with their order lines replayed from the line log;
+    /// and the log's size in bytes.
+    fn read_states(
+        heads: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+        log: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+        shard: &str,
+    ) -> Result<(Vec<(String, SkuState)>, u64), StoreError> {
+        let mut states = Vec::new();
+        for row in heads.range((shard, "")..).map_err(unavailable)? {
+            let (k, v) = row.map_err(unavailable)?;
+            let (row_shard, sku) = k.value();
+            if row_shard != shard {
+                break;
+            }
+            states.push((sku.to_string(), SkuState::decode(v.value())?));
+        }
+        let index: HashMap<u64, usize> = states.iter().enumerate().map(|(i, (sku, _))| (sku_id(sku), i)).collect();
+        let mut bytes = 0u64;
+        for row in log.range((shard, 0)..=(shard, u64::MAX)).map_err(unavailable)? {
+            let (_, v) = row.map_err(unavailable)?;
+            bytes += v.value().len() as u64;
+            crate::linelog::apply_row(v.value(), &mut states, &index)?;
+        }
+        Ok((states, bytes))
     }
 
     /// Retention frees pages inside the file, which redb reuses but does not give back. When the
@@ -156,16 +241,9 @@ impl RedbStore {
             Some(v) => postcard::from_bytes(v.value()).map_err(corrupt)?,
             None => ShardMeta::default(),
         };
-        let mut skus = Vec::new();
-        let states = txn.open_table(SKU_STATE).map_err(unavailable)?;
-        for row in states.range((shard, "")..).map_err(unavailable)? {
-            let (k, v) = row.map_err(unavailable)?;
-            let (row_shard, sku) = k.value();
-            if row_shard != shard {
-                break;
-            }
-            skus.push((sku.to_string(), SkuState::decode(v.value())?));
-        }
+        let heads = txn.open_table(SKU_STATE).map_err(unavailable)?;
+        let log = txn.open_table(LINE_LOG).map_err(unavailable)?;
+        let (skus, lines_log_bytes) = Self::read_states(&heads, &log, shard)?;
         let mut dedup = Vec::new();
         let chunks = txn.open_table(DEDUP).map_err(unavailable)?;
         for row in chunks.range((shard, 0)..=(shard, u64::MAX)).map_err(unavailable)? {
@@ -177,6 +255,7 @@ impl RedbStore {
             snapshot: ShardSnapshot { max_ts: meta.max_ts, skus, dedup },
             floors: Vec::new(),
             dedup_expires_at_ms: None,
+            lines_log_bytes,
         })
     }
 
@@ -200,9 +279,36 @@ impl RedbStore {
                 });
             }
             let mut states = txn.open_table(SKU_STATE).map_err(unavailable)?;
-            for (sku, state) in &c.states {
-                states.insert((c.shard.as_str(), sku.as_str()), state.as_slice()).map_err(unavailable)?;
+            let mut log = txn.open_table(LINE_LOG).map_err(unavailable)?;
+            if c.lines.as_ref().is_some_and(|l| l.replace) {
+                let mut freed = 0u64;
+                log.retain_in((c.shard.as_str(), 0)..=(c.shard.as_str(), u64::MAX), |_, v| {
+                    freed += v.len() as u64;
+                    false
+                })
+                .map_err(unavailable)?;
+                let mut store_meta = txn.open_table(STORE_META).map_err(unavailable)?;
+                let before = store_meta.get("freed_bytes").map_err(unavailable)?.map_or(0, |v| v.value());
+                store_meta.insert("freed_bytes", before + freed).map_err(unavailable)?;
             }
+            if let Some(lines) = &c.lines {
+                Self::append_log(&mut log, &c.shard, &lines.rows)?;
+            }
+            // A state written whole (a caller that does not keep lines apart): its lines go to
+            // the log as a reset of the SKU's lines, its head to `sku_state`.
+            let mut whole = LineLogWriter::default();
+            for (sku, state) in &c.states {
+                if SkuState::lines_apart(state) {
+                    states.insert((c.shard.as_str(), sku.as_str()), state.as_slice()).map_err(unavailable)?;
+                } else {
+                    let mut decoded = SkuState::decode(state)?;
+                    let lines: Vec<_> = decoded.lines.iter().map(|(k, l)| (*k, Some(*l))).collect();
+                    whole.record(sku_id(sku), true, None, &lines)?;
+                    let head = decoded.encode_head()?;
+                    states.insert((c.shard.as_str(), sku.as_str()), head.as_slice()).map_err(unavailable)?;
+                }
+            }
+            Self::append_log(&mut log, &c.shard, &whole.finish(false).rows)?;
             if !c.effects.is_empty() {
                 // Rows of up to OUTBOX_ROW_EFFECTS effects: inserting effects one by one cost ~4 µs
                 // each, and whole-commit rows (tens of thousands) made every connector read scan
@@ -272,6 +378,10 @@ impl RedbStore {
 }
 
 impl StateStore for RedbStore {
+    fn keeps_lines_apart(&self) -> bool {
+        true
+    }
+
     async fn load_shard(&self, shard: &str) -> Result<StoredShard, StoreError> {
         let shard = shard.to_string();
         self.blocking(move |db| Self::load_shard_sync(db, &shard)).await
@@ -284,11 +394,19 @@ impl StateStore for RedbStore {
     async fn sku_states(&self) -> Result<Vec<(String, SkuState)>, StoreError> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let t = txn.open_table(SKU_STATE).map_err(unavailable)?;
+            let heads = txn.open_table(SKU_STATE).map_err(unavailable)?;
+            let log = txn.open_table(LINE_LOG).map_err(unavailable)?;
+            let mut shards: Vec<String> = Vec::new();
+            for row in heads.iter().map_err(unavailable)? {
+                let (k, _) = row.map_err(unavailable)?;
+                let shard = k.value().0;
+                if shards.last().is_none_or(|s| s != shard) {
+                    shards.push(shard.to_string());
+                }
+            }
             let mut out = Vec::new();
-            for row in t.iter().map_err(unavailable)? {
-                let (k, v) = row.map_err(unavailable)?;
-                out.push((k.value().1.to_string(), SkuState::decode(v.value())?));
+            for shard in &shards {
+                out.extend(Self::read_states(&heads, &log, shard)?.0);
             }
             out.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(out)
@@ -351,17 +469,9 @@ impl StateStore for RedbStore {
         let shard = shard.to_string();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
-            let states = txn.open_table(SKU_STATE).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for row in states.range((shard.as_str(), "")..).map_err(unavailable)? {
-                let (k, v) = row.map_err(unavailable)?;
-                let (row_shard, sku) = k.value();
-                if row_shard != shard {
-                    break;
-                }
-                out.push((sku.to_string(), SkuState::decode(v.value())?));
-            }
-            Ok(out)
+            let heads = txn.open_table(SKU_STATE).map_err(unavailable)?;
+            let log = txn.open_table(LINE_LOG).map_err(unavailable)?;
+            Ok(Self::read_states(&heads, &log, &shard)?.0)
         })
         .await
     }
@@ -710,5 +820,43 @@ impl BookStore for RedbStore {
             txn.commit().map_err(unavailable)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Line, line_key};
+
+    /// A store as stockflow wrote it before the line log: states with their lines inside, no
+    /// `layout`. Opening it moves the lines to the log once; loads read them whole.
+    #[tokio::test]
+    async fn opening_a_store_written_before_the_line_log_moves_the_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut state = SkuState { on_hand: 5, reserved: 2, ..SkuState::default() };
+        state.lines.insert(line_key("open"), Line { remaining: 2, shipped: 0, closed_ts: 0 });
+        state.lines.insert(line_key("closed"), Line { remaining: 0, shipped: 3, closed_ts: 1_795_773_600_000 });
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(SKU_STATE).unwrap().insert(("s", "A"), state.encode().unwrap().as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        let loaded = store.load_shard("s").await.unwrap();
+        assert_eq!(loaded.snapshot.skus, vec![("A".to_string(), state.clone())]);
+        assert!(loaded.lines_log_bytes > 0, "the lines are in the log");
+        {
+            let txn = store.db.begin_read().unwrap();
+            let heads = txn.open_table(SKU_STATE).unwrap();
+            assert!(SkuState::lines_apart(heads.get(("s", "A")).unwrap().unwrap().value()));
+            let meta = txn.open_table(STORE_META).unwrap();
+            assert_eq!(meta.get("layout").unwrap().map(|v| v.value()), Some(LAYOUT_LINES_APART));
+        }
+        drop(store);
+        // Opened again: nothing to move, the same states.
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.sku_states().await.unwrap(), vec![("A".to_string(), state)]);
     }
 }

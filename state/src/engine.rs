@@ -18,7 +18,8 @@ use hashbrown::HashTable;
 use crate::dedup::{DedupEntry, DedupIndex, ENTRY_BYTES, sku_id};
 use crate::effects::Effect;
 use crate::event::Event;
-use crate::ledger::{ApplyError, SkuRules, SkuState};
+use crate::ledger::{ApplyError, Line, SkuRules, SkuState};
+use crate::linelog::{LineDelta, LineLogWriter};
 use crate::store::StoreError;
 use crate::windows::{FinalWindow, WindowClock, WindowConfig};
 
@@ -160,6 +161,9 @@ pub struct EngineDelta {
     /// SKUs in `states` whose state was never committed under this shard before (new SKUs, and
     /// every SKU a child adopts): a store that lists a shard's SKUs adds them to its listing.
     pub new_skus: Vec<String>,
+    /// With lines kept apart ([`ShardEngine::keep_lines_apart`]): the order-line changes, and
+    /// `states` are heads without lines. `None`: `states` carry every line.
+    pub lines: Option<LineDelta>,
 }
 
 #[derive(Debug)]
@@ -190,10 +194,30 @@ pub struct ShardEngine {
     collect_finals: bool,
     stats: EngineStats,
     scratch: Vec<(u32, u8, i64)>,
+    lines: LineTracking,
+}
+
+/// What the engine remembers to write order lines as changes ([`crate::linelog`]).
+#[derive(Debug, Default)]
+struct LineTracking {
+    /// On: deltas carry heads and line changes.
+    apart: bool,
+    /// (SKU slot, line key) changed since the last delta (repeats allowed).
+    changed: Vec<(u32, u64)>,
+    /// (SKU slot, event time) of each sweep of remembered lines since the last delta.
+    sweeps: Vec<(u32, i64)>,
+    base_bytes: usize,
+    appended_bytes: usize,
+    force_replace: bool,
+    scratch: Vec<(u64, Option<Line>)>,
 }
 
 /// Compact the dedup chunks once appended bytes exceed the base and this floor.
 const DEDUP_COMPACT_FLOOR_BYTES: usize = 4 << 20;
+/// Replace the stored line log once appended bytes exceed the last full write and this floor.
+const LINES_COMPACT_FLOOR_BYTES: usize = 8 << 20;
+/// About what one live line takes in a full write of the line log (key, value, framing).
+const LINE_BYTES: usize = 20;
 
 impl ShardEngine {
     /// An empty shard.
@@ -215,6 +239,7 @@ impl ShardEngine {
             collect_finals: false,
             stats: EngineStats::default(),
             scratch: Vec::new(),
+            lines: LineTracking::default(),
         }
     }
 
@@ -263,7 +288,20 @@ impl ShardEngine {
         }
         engine.dedup_base_bytes = 0;
         engine.force_dedup_replace = true;
+        engine.lines.force_replace = true;
         engine
+    }
+
+    /// Deltas from now on carry SKU heads without their order lines, and the lines' changes
+    /// apart ([`crate::linelog`]; for stores that say [`crate::StateStore::keeps_lines_apart`]).
+    /// `stored_log_bytes` is what the shard's stored line log holds: what it holds beyond the
+    /// live lines counts as appended, so that a process restarted often still compacts it.
+    pub fn keep_lines_apart(&mut self, stored_log_bytes: u64) {
+        let live: usize = self.skus.iter().map(|s| s.state.lines.len()).sum();
+        let t = &mut self.lines;
+        t.apart = true;
+        t.base_bytes = live * LINE_BYTES;
+        t.appended_bytes = usize::try_from(stored_log_bytes).unwrap_or(usize::MAX).saturating_sub(t.base_bytes);
     }
 
     /// The next delta carries the whole live dedup set (a store whose entries expire by wall
@@ -347,6 +385,14 @@ impl ShardEngine {
             }
         };
         self.dedup.insert(key, ev.ts, idx);
+        if self.lines.apart {
+            if let Some(now) = out.swept {
+                self.lines.sweeps.push((idx, now));
+            }
+            if let Some(line) = out.line {
+                self.lines.changed.push((idx, line));
+            }
+        }
         let late = self.clock.contribute(&self.cfg.windows, idx, &mut slot.state.windows, ev.ts, &out.contribution);
         self.stats.applied += 1;
         self.stats.late += u64::from(late > 0);
@@ -444,8 +490,10 @@ impl ShardEngine {
                 slot.listed = true;
                 new_skus.push(slot.name.to_string());
             }
-            states.push((slot.name.to_string(), slot.state.encode()?));
+            let state = if self.lines.apart { slot.state.encode_head()? } else { slot.state.encode()? };
+            states.push((slot.name.to_string(), state));
         }
+        let lines = if self.lines.apart { Some(self.take_line_delta()?) } else { None };
         self.dedup_appended_bytes += self.dedup.pending_len() * ENTRY_BYTES;
         let skus = &self.skus;
         let id_of = |ordinal: u32| skus.get(ordinal as usize).map_or(0, |s| sku_id(&s.name));
@@ -471,7 +519,60 @@ impl ShardEngine {
             dedup,
             max_ts: self.clock.max_ts(),
             new_skus,
+            lines,
         })
+    }
+
+    /// The order-line changes since the last delta, or every live line when the log is due for
+    /// a rewrite (see [`crate::linelog`]).
+    fn take_line_delta(&mut self) -> Result<LineDelta, StoreError> {
+        let horizon = self.cfg.line_horizon_ms;
+        let t = &mut self.lines;
+        let mut w = LineLogWriter::default();
+        if t.force_replace || t.appended_bytes > t.base_bytes.max(LINES_COMPACT_FLOOR_BYTES) {
+            t.changed.clear();
+            t.sweeps.clear();
+            for slot in self.skus.iter().filter(|s| !s.state.lines.is_empty()) {
+                t.scratch.clear();
+                t.scratch.extend(slot.state.lines.iter().map(|(k, l)| (*k, Some(*l))));
+                w.record(sku_id(&slot.name), true, None, &t.scratch)?;
+            }
+            let delta = w.finish(true);
+            t.force_replace = false;
+            t.base_bytes = delta.len();
+            t.appended_bytes = 0;
+            return Ok(delta);
+        }
+        // By slot, in order; a slot's last sweep is its latest (a SKU's time only moves on).
+        t.changed.sort_unstable();
+        t.changed.dedup();
+        t.sweeps.sort_by_key(|&(idx, _)| idx);
+        let (mut c, mut s) = (0, 0);
+        while c < t.changed.len() || s < t.sweeps.len() {
+            let idx = match (t.changed.get(c), t.sweeps.get(s)) {
+                (Some(&(a, _)), Some(&(b, _))) => a.min(b),
+                (Some(&(a, _)), None) => a,
+                (None, Some(&(b, _))) => b,
+                (None, None) => break,
+            };
+            let mut sweep = None;
+            while let Some(&(_, now)) = t.sweeps.get(s).filter(|(i, _)| *i == idx) {
+                sweep = Some((now, horizon));
+                s += 1;
+            }
+            let state = &self.skus[idx as usize].state;
+            t.scratch.clear();
+            while let Some(&(_, key)) = t.changed.get(c).filter(|(i, _)| *i == idx) {
+                t.scratch.push((key, state.lines.get(&key).copied()));
+                c += 1;
+            }
+            w.record(sku_id(&self.skus[idx as usize].name), false, sweep, &t.scratch)?;
+        }
+        t.changed.clear();
+        t.sweeps.clear();
+        let delta = w.finish(false);
+        t.appended_bytes = t.appended_bytes.saturating_add(delta.len());
+        Ok(delta)
     }
 
     /// A canonical snapshot of everything (SKUs sorted by name, dedup entries by key).

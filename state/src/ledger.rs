@@ -116,6 +116,11 @@ pub struct ApplyOutcome {
     pub unmatched: bool,
     /// A placement of a line that exists (open or remembered): nothing changed.
     pub resent: bool,
+    /// The order line the event created or changed (its [`line_key`]).
+    pub line: Option<u64>,
+    /// The event moved the SKU's time into a new day and closed lines expired at this event time
+    /// were forgotten ([`SkuState::forget_lines`]).
+    pub swept: Option<i64>,
 }
 
 /// Why a valid event cannot be applied to the SKU's state (permanent: dead-letter the record).
@@ -133,8 +138,12 @@ const DAY_MS: i64 = 86_400_000;
 /// Magic prefix of the versioned encoding: five 0xFF bytes never begin a valid v1 encoding
 /// (its first field is a `u32` varint, at most five bytes, the fifth without a continuation bit).
 const MAGIC: [u8; 5] = [0xFF; 5];
-/// The current encoding (SPEC v2 order lines).
+/// The encoding with every order line inside (SPEC v2 order lines): stores that rewrite a SKU's
+/// state whole (DynamoDB).
 const VERSION: u8 = 2;
+/// The same layout with the order lines kept apart (their map is empty here): stores that append
+/// line changes to a log of their own (the embedded store, [`crate::linelog`]).
+const VERSION_APART: u8 = 3;
 
 fn units(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
@@ -150,15 +159,36 @@ impl SkuState {
         Ok(out)
     }
 
-    /// Decodes [`SkuState::encode`]'s bytes, and upgrades what stockflow wrote before SPEC v2
+    /// The encoding without the order lines, which the store keeps apart
+    /// ([`crate::linelog`]): what one commit writes for a SKU stays the size of its scalars and
+    /// windows, however many lines a hot SKU remembers. (The lines are set aside for the call:
+    /// moving the map out and back costs nothing.)
+    pub fn encode_head(&mut self) -> Result<Vec<u8>, StoreError> {
+        let lines = std::mem::take(&mut self.lines);
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION_APART);
+        let encoded = postcard::to_io(&*self, &mut out);
+        self.lines = lines;
+        encoded.map_err(|e| StoreError::Corrupt(format!("encoding a SKU state: {e}")))?;
+        Ok(out)
+    }
+
+    /// True for [`SkuState::encode_head`]'s bytes: the order lines are elsewhere.
+    pub fn lines_apart(bytes: &[u8]) -> bool {
+        matches!(bytes.strip_prefix(&MAGIC), Some([VERSION_APART, ..]))
+    }
+
+    /// Decodes [`SkuState::encode`]'s or [`SkuState::encode_head`]'s bytes (the latter without
+    /// lines: the caller adds them), and upgrades what stockflow wrote before SPEC v2
     /// (unversioned; lines by order id): see [`v1`].
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         match bytes.strip_prefix(&MAGIC) {
-            Some([VERSION, rest @ ..]) => {
+            Some([VERSION | VERSION_APART, rest @ ..]) => {
                 postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt(format!("decoding a SKU state: {e}")))
             }
             Some(other) => Err(StoreError::Corrupt(format!(
-                "SKU state encoding version {:?} is newer than this stockflow understands (≤ {VERSION}): upgrade stockflow",
+                "SKU state encoding version {:?} is newer than this stockflow understands (≤ {VERSION_APART}): upgrade stockflow",
                 other.first()
             ))),
             None => v1::decode(bytes),
@@ -223,6 +253,7 @@ impl SkuState {
                     }
                     self.reserved = self.reserved.saturating_add(qty);
                     self.lines.insert(key, Line { remaining: units(qty), shipped: 0, closed_ts: 0 });
+                    out.line = Some(key);
                     self.velocity.record(ev.ts, qty);
                     out.contribution = Contribution {
                         ordered: qty.unsigned_abs(),
@@ -232,14 +263,18 @@ impl SkuState {
                     };
                 }
             }
-            EventBody::OrderCancelled { order_id, qty } => match self.lines.get_mut(&line_key(order_id)) {
-                Some(line) if line.is_open() => {
-                    let released = line.release(qty.unwrap_or(i64::from(line.remaining)), ev.ts);
-                    self.reserved = self.reserved.saturating_sub(released);
-                    out.contribution.cancelled = released.unsigned_abs();
+            EventBody::OrderCancelled { order_id, qty } => {
+                let key = line_key(order_id);
+                match self.lines.get_mut(&key) {
+                    Some(line) if line.is_open() => {
+                        let released = line.release(qty.unwrap_or(i64::from(line.remaining)), ev.ts);
+                        self.reserved = self.reserved.saturating_sub(released);
+                        out.contribution.cancelled = released.unsigned_abs();
+                        out.line = Some(key);
+                    }
+                    _ => out.unmatched = true,
                 }
-                _ => out.unmatched = true,
-            },
+            }
             EventBody::OrderShipped { order_id, shipped } => {
                 let key = line_key(order_id);
                 let line = self.live_line(key, last, horizon);
@@ -267,6 +302,7 @@ impl SkuState {
                     let released = line.release(q, ev.ts);
                     self.reserved = self.reserved.saturating_sub(released);
                     self.lines.insert(key, line);
+                    out.line = Some(key);
                     self.on_hand = self.on_hand.saturating_sub(q);
                     if let Some(j) = journal {
                         self.cogs = money::add_capped(self.cogs, j.amount);
@@ -367,6 +403,7 @@ impl SkuState {
         self.max_ts = Some(max_ts);
         if last.is_some_and(|l| l.div_euclid(DAY_MS) != max_ts.div_euclid(DAY_MS)) {
             self.forget_lines(max_ts, horizon);
+            out.swept = Some(max_ts);
         }
         Ok(out)
     }
@@ -692,6 +729,12 @@ mod tests {
             ],
         );
         assert_eq!(SkuState::decode(&s.encode().unwrap()).unwrap(), s);
+        // The head leaves the lines out (the store keeps them apart) and says so.
+        let mut apart = s.clone();
+        let head = apart.encode_head().unwrap();
+        assert_eq!(apart, s, "encoding the head leaves the state as it was");
+        assert!(SkuState::lines_apart(&head) && !SkuState::lines_apart(&s.encode().unwrap()));
+        assert_eq!(SkuState::decode(&head).unwrap(), SkuState { lines: Lines::default(), ..s.clone() });
         let old = v1::SkuStateV1 {
             ordinal: 7,
             on_hand: 5,
@@ -707,7 +750,7 @@ mod tests {
         assert_eq!(*line(&up, "a"), Line { remaining: 2, shipped: 1, closed_ts: 0 });
         // An encoding from a newer stockflow is refused, not misread.
         let mut newer = s.encode().unwrap();
-        newer[MAGIC.len()] = VERSION + 1;
+        newer[MAGIC.len()] = VERSION_APART + 1;
         assert!(SkuState::decode(&newer).unwrap_err().to_string().contains("upgrade stockflow"));
     }
 

@@ -5,6 +5,7 @@
 //! - [`event`]: the canonical event of SPEC §1, decoded with borrowed strings and validated
 //!   strictly (errors name the field).
 //! - [`ledger`]: per-SKU stock, reservations per open order line, average cost and COGS (SPEC §2).
+//! - [`linelog`]: order lines kept apart from SKU states, as a log of changes (embedded store).
 //! - [`windows`]: event-time tumbling windows, the per-shard watermark and sales velocity (§3).
 //! - [`dedup`]: dedup by event id within a horizon of event time.
 //! - [`effects`]: alerts, reorder requests, journal lines and discrepancies with deterministic ids.
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod event;
 pub mod lease;
 pub mod ledger;
+pub mod linelog;
 pub mod money;
 pub mod outbox;
 pub mod reference;

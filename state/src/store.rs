@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::effects::Effect;
 use crate::engine::{DedupDelta, ShardSnapshot};
 use crate::ledger::SkuState;
+use crate::linelog::LineDelta;
 
 /// A position in a shard: a decimal sequence number (Kinesis sequence number, Kafka offset,
 /// embedded byte offset) and a sub-sequence number (KPL aggregation). Ordered numerically.
@@ -101,8 +102,11 @@ pub struct ShardCommit {
     pub checkpoint: Position,
     /// The shard's largest event time (restores the watermark).
     pub max_ts: Option<i64>,
-    /// Dirty SKUs' new states, encoded with [`SkuState::encode`].
+    /// Dirty SKUs' new states, encoded with [`SkuState::encode`] (every line inside) or, when
+    /// `lines` is set, [`SkuState::encode_head`].
     pub states: Vec<(String, Vec<u8>)>,
+    /// Order-line changes, for stores that keep lines apart ([`StateStore::keeps_lines_apart`]).
+    pub lines: Option<LineDelta>,
     /// New effects, in order.
     pub effects: Vec<Effect>,
     /// New dead letters.
@@ -137,6 +141,8 @@ pub struct StoredShard {
     /// When the first of the stored dedup entries expires (wall clock, ms), for stores whose
     /// entries expire ([`StateStore::dedup_expiry`]).
     pub dedup_expires_at_ms: Option<i64>,
+    /// Bytes of the shard's stored line log, for stores that keep lines apart (0 otherwise).
+    pub lines_log_bytes: u64,
 }
 
 /// How a store expires dedup entries by wall clock (DynamoDB TTL), and when a worker must
@@ -231,6 +237,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// SKU, read consistently.
     fn shard_sku_states(&self, shard: &str)
     -> impl Future<Output = Result<Vec<(String, SkuState)>, StoreError>> + Send;
+
+    /// True for a store that keeps order lines apart from SKU states, as a log of changes
+    /// ([`crate::linelog`]): workers then commit heads and line changes
+    /// ([`crate::ShardEngine::keep_lines_apart`]). Such a store also takes whole states.
+    fn keeps_lines_apart(&self) -> bool {
+        false
+    }
 
     /// How stored dedup entries expire, if they do (`None`: kept until compaction removes them).
     fn dedup_expiry(&self) -> Option<DedupExpiry> {

@@ -139,6 +139,10 @@ impl<'a> Parts<'a> {
 /// Splits a commit into transactions and writes them in order.
 pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), StoreError> {
     let t = &store.tables;
+    if c.lines.is_some() {
+        // Workers only send line changes to stores that keep lines apart.
+        return Err(StoreError::Corrupt("a commit with order lines apart: DynamoDB stores whole SKU states".into()));
+    }
     let cp_key = position_key(&c.checkpoint);
     let mut by_sku: HashMap<&str, Vec<u8>> = HashMap::new();
     for e in &c.effects {

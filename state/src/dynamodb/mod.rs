@@ -528,6 +528,7 @@ impl StateStore for DynamoStore {
             snapshot: ShardSnapshot { max_ts, skus, dedup },
             floors,
             dedup_expires_at_ms: expires,
+            lines_log_bytes: 0,
         })
     }
 
