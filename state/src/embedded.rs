@@ -13,7 +13,7 @@
 //! | `delivery` | `(connector, shard)` | JSON [`Cursor`]: what the connector delivered, its in-flight request |
 //! | `connector_dlq` | `(connector, shard, key)` | JSON [`ConnectorDeadLetter`] |
 //! | `outbox_written` | `(shard, row)` | Unix ms when the commit whose first outbox row this is was written (retention) |
-//! | `store_meta` | name | `freed_bytes`: bytes retention and line-log rewrites removed since the last compaction; `layout`: 3 once every state keeps its lines in `line_log` |
+//! | `store_meta` | name | `freed_bytes`: bytes retention and rewrites (line log, dedup rows) removed since the last compaction; `layout`: 3 once every state keeps its lines in `line_log` |
 //!
 //! A commit is one redb write transaction with `Durability::Immediate`: states, effects, dead
 //! letters, dedup entries and the checkpoint become durable together or not at all.
@@ -34,7 +34,7 @@ use crate::dedup::{DedupEntry, sku_id};
 use crate::effects::Effect;
 use crate::engine::{DedupDelta, ShardSnapshot};
 use crate::ledger::SkuState;
-use crate::linelog::LineLogWriter;
+use crate::linelog::{LineDelta, LineLogWriter};
 use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_entries};
 use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
 
@@ -50,8 +50,8 @@ const SHARD_META: TableDefinition<&str, &[u8]> = TableDefinition::new("shard_met
 const DELIVERY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("delivery");
 const CONNECTOR_DLQ: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("connector_dlq");
 const OUTBOX_WRITTEN: TableDefinition<(&str, u64), i64> = TableDefinition::new("outbox_written");
-/// Store-wide counters: `freed_bytes` (bytes removed by retention and line-log rewrites since the
-/// last compaction), `layout` ([`LAYOUT_LINES_APART`] once states keep their lines apart).
+/// Store-wide counters: `freed_bytes` (bytes removed by retention and by rewrites of the line log
+/// and the dedup rows since the last compaction), `layout` ([`LAYOUT_LINES_APART`] once states keep their lines apart).
 const STORE_META: TableDefinition<&str, u64> = TableDefinition::new("store_meta");
 /// The connectors' book: `(connector, key) → JSON` (see [`crate::book`]).
 const BOOK: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("book");
@@ -263,6 +263,7 @@ impl RedbStore {
         let t0 = std::time::Instant::now();
         let txn = db.begin_write().map_err(unavailable)?;
         let waited = t0.elapsed();
+        let mut outbox_bytes = 0usize;
         {
             let mut metas = txn.open_table(SHARD_META).map_err(unavailable)?;
             let mut meta: ShardMeta = match metas.get(c.shard.as_str()).map_err(unavailable)? {
@@ -280,16 +281,14 @@ impl RedbStore {
             }
             let mut states = txn.open_table(SKU_STATE).map_err(unavailable)?;
             let mut log = txn.open_table(LINE_LOG).map_err(unavailable)?;
+            // Bytes that rewrites free inside the file (counted toward compaction at open).
+            let mut freed = 0u64;
             if c.lines.as_ref().is_some_and(|l| l.replace) {
-                let mut freed = 0u64;
                 log.retain_in((c.shard.as_str(), 0)..=(c.shard.as_str(), u64::MAX), |_, v| {
                     freed += v.len() as u64;
                     false
                 })
                 .map_err(unavailable)?;
-                let mut store_meta = txn.open_table(STORE_META).map_err(unavailable)?;
-                let before = store_meta.get("freed_bytes").map_err(unavailable)?.map_or(0, |v| v.value());
-                store_meta.insert("freed_bytes", before + freed).map_err(unavailable)?;
             }
             if let Some(lines) = &c.lines {
                 Self::append_log(&mut log, &c.shard, &lines.rows)?;
@@ -326,6 +325,7 @@ impl RedbStore {
                         ndjson.push(b'\n');
                     }
                     outbox.insert((c.shard.as_str(), meta.next_effect), ndjson.as_slice()).map_err(unavailable)?;
+                    outbox_bytes += ndjson.len();
                     meta.next_effect += 1;
                 }
             }
@@ -340,7 +340,10 @@ impl RedbStore {
                 DedupDelta::Append(bytes) => bytes,
                 DedupDelta::Replace(bytes) => {
                     dedup
-                        .retain_in((c.shard.as_str(), 0)..=(c.shard.as_str(), u64::MAX), |_, _| false)
+                        .retain_in((c.shard.as_str(), 0)..=(c.shard.as_str(), u64::MAX), |_, v| {
+                            freed += v.len() as u64;
+                            false
+                        })
                         .map_err(unavailable)?;
                     bytes
                 }
@@ -351,6 +354,11 @@ impl RedbStore {
                 dedup.insert((c.shard.as_str(), meta.next_dedup_chunk), chunk).map_err(unavailable)?;
                 meta.next_dedup_chunk += 1;
             }
+            if freed > 0 {
+                let mut store_meta = txn.open_table(STORE_META).map_err(unavailable)?;
+                let before = store_meta.get("freed_bytes").map_err(unavailable)?.map_or(0, |v| v.value());
+                store_meta.insert("freed_bytes", before.saturating_add(freed)).map_err(unavailable)?;
+            }
             meta.checkpoint = Some(c.checkpoint.clone());
             meta.max_ts = c.max_ts;
             let meta_bytes = postcard::to_allocvec(&meta).map_err(corrupt)?;
@@ -358,7 +366,16 @@ impl RedbStore {
         }
         let written = t0.elapsed();
         txn.commit().map_err(unavailable)?;
-        tracing::debug!(shard = %c.shard, ?waited, ?written, total = ?t0.elapsed(), states = c.states.len(), effects = c.effects.len(), "redb commit");
+        tracing::debug!(
+            shard = %c.shard, ?waited, ?written, total = ?t0.elapsed(), states = c.states.len(),
+            state_bytes = c.states.iter().map(|(_, s)| s.len()).sum::<usize>(),
+            line_bytes = c.lines.as_ref().map_or(0, LineDelta::len),
+            dedup_bytes = match &c.dedup { DedupDelta::Append(b) | DedupDelta::Replace(b) => b.len() },
+            dedup_replace = matches!(c.dedup, DedupDelta::Replace(_)),
+            effects = c.effects.len(),
+            outbox_bytes,
+            "redb commit"
+        );
         Ok(())
     }
 

@@ -497,17 +497,35 @@ impl ShardEngine {
         self.dedup_appended_bytes += self.dedup.pending_len() * ENTRY_BYTES;
         let skus = &self.skus;
         let id_of = |ordinal: u32| skus.get(ordinal as usize).map_or(0, |s| sku_id(&s.name));
+        // Once what was appended since the last look outgrows what was stored then, expired ids
+        // are pruned from memory; the stored rows are rewritten only if more than half of them
+        // are dead. While the history is shorter than the horizon nothing is dead, and rewriting
+        // the whole set at every doubling wrote it about twice more (10 M events: ~640 MB, and
+        // a transient copy of the set in memory).
+        let look = self.force_dedup_replace
+            || self.dedup_appended_bytes > self.dedup_base_bytes.max(DEDUP_COMPACT_FLOOR_BYTES);
+        if look {
+            self.dedup.prune(|ordinal| skus.get(ordinal as usize).and_then(|s| s.state.max_ts));
+        }
+        let stored = self.dedup_base_bytes + self.dedup_appended_bytes;
+        let live = self.dedup.len() * ENTRY_BYTES;
         let dedup = if self.force_dedup_replace
-            || self.dedup_appended_bytes > self.dedup_base_bytes.max(DEDUP_COMPACT_FLOOR_BYTES)
+            || (look && stored.saturating_sub(live) > live.max(DEDUP_COMPACT_FLOOR_BYTES))
         {
             self.force_dedup_replace = false;
             self.dedup.drain_pending(id_of, drop);
-            self.dedup.prune(|ordinal| skus.get(ordinal as usize).and_then(|s| s.state.max_ts));
             let mut bytes = Vec::new();
             self.dedup.encode_live(id_of, &mut bytes);
             self.dedup_base_bytes = bytes.len();
             self.dedup_appended_bytes = 0;
             DedupDelta::Replace(bytes)
+        } else if look {
+            // Kept as stored: the next look is when appends outgrow all of it.
+            let mut bytes = Vec::with_capacity(self.dedup.pending_len() * ENTRY_BYTES);
+            self.dedup.drain_pending(id_of, |e| e.encode_into(&mut bytes));
+            self.dedup_base_bytes = stored;
+            self.dedup_appended_bytes = 0;
+            DedupDelta::Append(bytes)
         } else {
             let mut bytes = Vec::with_capacity(self.dedup.pending_len() * ENTRY_BYTES);
             self.dedup.drain_pending(id_of, |e| e.encode_into(&mut bytes));
@@ -700,6 +718,28 @@ mod tests {
         // A child adopting SKUs lists them all under itself.
         let mut child = ShardEngine::adopt(Arc::clone(e.config()), e.snapshot());
         assert_eq!(child.take_delta().unwrap().new_skus, ["A", "B", "C"]);
+    }
+
+    #[test]
+    fn live_dedup_ids_are_appended_not_rewritten_while_none_has_expired() {
+        // 1.2 M ids within the horizon over 30 commits: every stored id is live, so no commit
+        // rewrites them (each rewrite would copy the whole set again).
+        let mut e = engine();
+        for round in 0..30i64 {
+            for i in 0..40_000 {
+                let ts = T0 + round * 40_000 + i;
+                let json = format!(
+                    r#"{{"id":"r{round}-{i}","type":"stock_adjusted","sku":"S{}","ts":{ts},"delta":1}}"#,
+                    i % 7
+                );
+                assert_eq!(e.apply(&decode(json.as_bytes()).unwrap()), Applied::Applied);
+            }
+            match e.take_delta().unwrap().dedup {
+                DedupDelta::Append(bytes) => assert_eq!(bytes.len(), 40_000 * ENTRY_BYTES),
+                DedupDelta::Replace(_) => panic!("commit {round} rewrote 1.2 M live ids"),
+            }
+        }
+        assert_eq!(e.dedup_len(), 1_200_000);
     }
 
     #[test]
