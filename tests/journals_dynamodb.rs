@@ -54,21 +54,7 @@ async fn two_members_fold_and_post_each_hour_once_on_dynamodb() {
                 }
             }
             let d = engine.take_delta().unwrap();
-            let commit = ShardCommit {
-                shard: (*shard).into(),
-                lease_epoch: epoch,
-                checkpoint: Position::offset(part as u64 + 1),
-                max_ts: d.max_ts,
-                states: d.states,
-                lines: d.lines,
-                effects: d.effects,
-                dead_letters: Vec::new(),
-                dedup: d.dedup,
-                new_skus: d.new_skus,
-                keep_checkpoint: false,
-                after_interrupted: false,
-                lag_ms: None,
-            };
+            let commit = ShardCommit::of_delta(shard, epoch, Position::offset(part as u64 + 1), d);
             store.commit(Arc::new(commit)).await.unwrap();
         }
     }

@@ -56,19 +56,9 @@ async fn operators_read_the_groups_tables_and_see_who_owns_what() {
     let dead = DeadLetter::new("s-0", Position::offset(4), "malformed JSON".into(), None, b"{oops");
     store
         .commit(Arc::new(ShardCommit {
-            shard: "s-0".into(),
-            lease_epoch: epoch,
-            checkpoint: Position::offset(4),
-            max_ts: d.max_ts,
-            states: d.states,
-            lines: d.lines,
-            effects: d.effects,
             dead_letters: vec![dead],
-            dedup: d.dedup,
-            new_skus: d.new_skus,
-            keep_checkpoint: false,
-            after_interrupted: false,
             lag_ms: Some(1_500),
+            ..ShardCommit::of_delta("s-0", epoch, Position::offset(4), d)
         }))
         .await
         .unwrap();

@@ -406,24 +406,7 @@ async fn on_dynamodb_the_count_goes_onto_the_kinesis_stream() {
         engine.apply(&decode(e.as_bytes()).unwrap());
     }
     let d = engine.take_delta().unwrap();
-    store
-        .commit(Arc::new(ShardCommit {
-            shard: "s-0".into(),
-            lease_epoch: epoch,
-            checkpoint: Position::offset(ours.len() as u64),
-            max_ts: d.max_ts,
-            states: d.states,
-            lines: d.lines,
-            effects: d.effects,
-            dead_letters: vec![],
-            dedup: d.dedup,
-            new_skus: d.new_skus,
-            keep_checkpoint: false,
-            after_interrupted: false,
-            lag_ms: None,
-        }))
-        .await
-        .unwrap();
+    store.commit(Arc::new(ShardCommit::of_delta("s-0", epoch, Position::offset(ours.len() as u64), d))).await.unwrap();
 
     // Amazon's ledger: the truth's on_hand per SKU.
     let dir = tempfile::tempdir().unwrap();

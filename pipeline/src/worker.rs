@@ -462,19 +462,11 @@ impl<R: ShardReader, S: StateStore> ShardWorker<R, S> {
         let written_at = stockflow_state::now_ms();
         let delta = self.engine.take_delta()?;
         let commit = Arc::new(ShardCommit {
-            shard: self.shard.clone(),
-            lease_epoch: self.epoch,
-            checkpoint: checkpoint.clone(),
-            max_ts: delta.max_ts,
-            states: delta.states,
-            lines: delta.lines,
-            effects: delta.effects,
             dead_letters: std::mem::take(&mut self.dead),
-            dedup: delta.dedup,
-            new_skus: delta.new_skus,
             keep_checkpoint: keep,
             after_interrupted,
             lag_ms: self.reader.lag().millis,
+            ..ShardCommit::of_delta(&self.shard, self.epoch, checkpoint.clone(), delta)
         });
         // One span per commit (exported over OTLP when configured): the shard, the lease epoch,
         // the position it makes durable and what it carries.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::effects::Effect;
-use crate::engine::{DedupDelta, ShardSnapshot};
+use crate::engine::{DedupDelta, EngineDelta, ShardSnapshot};
 use crate::ledger::SkuState;
 use crate::linelog::LineDelta;
 
@@ -125,6 +125,28 @@ pub struct ShardCommit {
     /// How far the shard's reader was behind the stream's tip at this commit, ms (shown by
     /// `stockflow group status`).
     pub lag_ms: Option<u64>,
+}
+
+impl ShardCommit {
+    /// The commit of an engine's delta at `checkpoint`: no dead letters, a checkpoint that moves
+    /// forward, no lag figure (set those fields after, when there are).
+    pub fn of_delta(shard: &str, lease_epoch: u64, checkpoint: Position, delta: EngineDelta) -> Self {
+        ShardCommit {
+            shard: shard.to_string(),
+            lease_epoch,
+            checkpoint,
+            max_ts: delta.max_ts,
+            states: delta.states,
+            lines: delta.lines,
+            effects: delta.effects,
+            dead_letters: Vec::new(),
+            dedup: delta.dedup,
+            new_skus: delta.new_skus,
+            keep_checkpoint: false,
+            after_interrupted: false,
+            lag_ms: None,
+        }
+    }
 }
 
 /// What a shard's stored state is.

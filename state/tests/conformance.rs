@@ -308,24 +308,7 @@ async fn many_lines_commit_and_restore<S: StateStore>(store: &S, shard: &str, ep
     let bytes = d.states[0].1.len();
     eprintln!("{n} remembered lines: {bytes} bytes encoded ({:.1} per line)", bytes as f64 / n as f64);
     assert!(bytes < 25 * n, "{bytes} bytes for {n} lines");
-    store
-        .commit(Arc::new(ShardCommit {
-            shard: shard.into(),
-            lease_epoch: epoch,
-            checkpoint: Position::offset(2 * n as u64 + 1),
-            max_ts: d.max_ts,
-            states: d.states,
-            lines: d.lines,
-            effects: d.effects,
-            dead_letters: Vec::new(),
-            dedup: d.dedup,
-            new_skus: d.new_skus,
-            keep_checkpoint: false,
-            after_interrupted: false,
-            lag_ms: None,
-        }))
-        .await
-        .unwrap();
+    store.commit(Arc::new(ShardCommit::of_delta(shard, epoch, Position::offset(2 * n as u64 + 1), d))).await.unwrap();
     let stored = store.load_shard(shard).await.unwrap();
     let restored = stored.snapshot.skus.iter().find(|(k, _)| k == "HOT").map(|(_, s)| s).unwrap();
     assert_eq!(restored, engine.sku("HOT").unwrap());

@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use stockflow_state::embedded::RedbStore;
-use stockflow_state::engine::DedupDelta;
 use stockflow_state::ledger::v1::SkuStateV1;
 use stockflow_state::{EngineConfig, Position, ShardCommit, ShardEngine, StateStore, decode};
+
+mod common;
+use common::render;
 
 const DAY: i64 = 86_400_000;
 const SHARD: &str = "shard-0000";
@@ -20,31 +22,10 @@ fn config() -> Arc<EngineConfig> {
     Arc::new(EngineConfig { line_horizon_ms: DAY, default_reorder_point: 2, ..EngineConfig::default() })
 }
 
-/// (type, sku, order, qty, ts step): steps up to ~8 h, sometimes back, so SKUs' times cross
-/// days (sweeps) and late events touch lines near or past the horizon.
+/// (type, sku, order, qty, ts step) for [`render`]: steps up to ~8 h, sometimes back, so SKUs'
+/// times cross days (sweeps) and late events touch lines near or past the horizon.
 fn event() -> impl Strategy<Value = (u8, u8, u8, i64, i64)> {
-    (0u8..7, 0u8..3, 0u8..12, 1i64..5, -4 * 3_600_000i64..8 * 3_600_000)
-}
-
-fn render(events: &[(u8, u8, u8, i64, i64)]) -> Vec<String> {
-    let mut ts = 1_795_773_600_000i64;
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, &(kind, sku, order, n, step))| {
-            ts += step;
-            let head = format!(r#""id":"e{i}","sku":"SKU-{sku}","ts":{ts}"#);
-            let order = format!("o{sku}-{order}");
-            match kind {
-                0 | 1 => format!(r#"{{{head},"type":"order_placed","order_id":"{order}","qty":{n}}}"#),
-                2 => format!(r#"{{{head},"type":"order_cancelled","order_id":"{order}","qty":{n}}}"#),
-                3 => format!(r#"{{{head},"type":"order_shipped","order_id":"{order}"}}"#),
-                4 => format!(r#"{{{head},"type":"order_shipped","order_id":"{order}","shipped_total":{n}}}"#),
-                5 => format!(r#"{{{head},"type":"stock_received","qty":{}}}"#, n * 3),
-                _ => format!(r#"{{{head},"type":"stock_counted","on_hand":{n}}}"#),
-            }
-        })
-        .collect()
+    (0u8..8, 0u8..3, 0u8..12, 1i64..5, -4 * 3_600_000i64..8 * 3_600_000)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -54,24 +35,7 @@ fn runtime() -> tokio::runtime::Runtime {
 async fn commit(store: &RedbStore, engine: &mut ShardEngine, pos: u64) {
     let d = engine.take_delta().unwrap();
     assert!(d.lines.is_some(), "an engine keeping lines apart sends line changes");
-    store
-        .commit(Arc::new(ShardCommit {
-            shard: SHARD.into(),
-            lease_epoch: 1,
-            checkpoint: Position::offset(pos),
-            max_ts: d.max_ts,
-            states: d.states,
-            lines: d.lines,
-            effects: d.effects,
-            dead_letters: Vec::new(),
-            dedup: d.dedup,
-            new_skus: d.new_skus,
-            keep_checkpoint: false,
-            after_interrupted: false,
-            lag_ms: None,
-        }))
-        .await
-        .unwrap();
+    store.commit(Arc::new(ShardCommit::of_delta(SHARD, 1, Position::offset(pos), d))).await.unwrap();
 }
 
 async fn reopen(store: &RedbStore) -> ShardEngine {
@@ -187,27 +151,11 @@ fn states_written_whole_keep_their_lines() {
     for i in 0..50 {
         whole.apply(&decode(placed(i).as_bytes()).unwrap());
     }
-    let d = whole.take_delta().unwrap();
+    let mut d = whole.take_delta().unwrap();
     assert!(d.lines.is_none());
     let old = SkuStateV1 { on_hand: 7, ..SkuStateV1::default() };
-    let mut states = d.states;
-    states.push(("OLD".into(), old.encode().unwrap()));
-    rt.block_on(store.commit(Arc::new(ShardCommit {
-        shard: SHARD.into(),
-        lease_epoch: 1,
-        checkpoint: Position::offset(1),
-        max_ts: d.max_ts,
-        states,
-        lines: None,
-        effects: d.effects,
-        dead_letters: Vec::new(),
-        dedup: DedupDelta::Append(Vec::new()),
-        new_skus: Vec::new(),
-        keep_checkpoint: false,
-        after_interrupted: false,
-        lag_ms: None,
-    })))
-    .unwrap();
+    d.states.push(("OLD".into(), old.encode().unwrap()));
+    rt.block_on(store.commit(Arc::new(ShardCommit::of_delta(SHARD, 1, Position::offset(1), d)))).unwrap();
     // An engine that keeps lines apart ships one of them; a restart has all 50 (one closed).
     let mut engine = rt.block_on(reopen(&store));
     let ship = r#"{"id":"s1","sku":"A","ts":1795773600001,"type":"order_shipped","order_id":"o7"}"#;
