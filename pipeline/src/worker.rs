@@ -627,7 +627,9 @@ mod tests {
         assert!(dead.iter().any(|d| d.reason.starts_with("malformed JSON")));
     }
 
-    /// Runs one shard of `log` with `cfg` until `stop` says so; returns the progress counters.
+    /// Appends the test events to a one-shard embedded log and runs its worker with `cfg` in the
+    /// background; returns the workers' progress counters, the sender that stops them, the task
+    /// to await, and how many events were appended.
     async fn caught_up_run(
         cfg: WorkerConfig,
     ) -> (Arc<Progress>, watch::Sender<bool>, tokio::task::JoinHandle<()>, usize) {
