@@ -10,7 +10,7 @@
 //! data. Under load the records that arrive while one commit is written make up the next one, so
 //! a commit's cost is shared by more events the faster they come (group commit) and an idle
 //! stream waits for nothing. A shard draining a backlog never waits for data: it commits every
-//! `commit_every_records` records (fewer, larger commits — each rewrites its dirty SKUs' states).
+//! `commit_every_records` records (fewer, larger commits — each writes its dirty SKUs' states).
 
 use std::collections::HashMap;
 use std::sync::Arc;

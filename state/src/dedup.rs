@@ -142,8 +142,8 @@ impl DedupIndex {
     pub fn restore(&mut self, entries: impl IntoIterator<Item = (u64, i64, u32)>) {
         let entries = entries.into_iter();
         // Sized at once: stored entries come in table (hash) order, and inserting them in that
-        // order into a table that grows on the way piles them into long runs — a restart with
-        // 1.2 M ids took 50 s instead of 0.2.
+        // order into a table that grows on the way piles them into long runs (a restart with
+        // 1.2 M ids took ~50 s).
         let (low, high) = entries.size_hint();
         self.reserve(high.unwrap_or(low));
         for (key, ts, sku) in entries {

@@ -21,6 +21,7 @@
 //! One file because every method is one redb transaction over the same tables; splitting it by
 //! trait would scatter the table layout described here.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,8 +29,6 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::book::{BookStore, BookWrite, CursorWrite, Expect};
-use std::collections::HashMap;
-
 use crate::dedup::{DedupEntry, sku_id};
 use crate::effects::Effect;
 use crate::engine::{DedupDelta, ShardSnapshot};
@@ -136,19 +135,29 @@ impl RedbStore {
                 whole.push((shard.to_string(), sku.to_string(), SkuState::decode(v.value())?));
             }
         }
-        let t0 = std::time::Instant::now();
-        for (shard, sku, mut state) in whole.iter_mut().map(|(a, b, c)| (a.as_str(), b.as_str(), std::mem::take(c))) {
-            let mut w = LineLogWriter::default();
-            let lines: Vec<_> = state.lines.iter().map(|(k, l)| (*k, Some(*l))).collect();
-            w.record(sku_id(sku), true, None, &lines)?;
-            Self::append_log(&mut log, shard, &w.finish(false).rows)?;
-            heads.insert((shard, sku), state.encode_head()?.as_slice()).map_err(unavailable)?;
+        let (t0, moved) = (std::time::Instant::now(), whole.len());
+        // Rows come sorted by (shard, SKU): one writer per shard.
+        let mut w = LineLogWriter::default();
+        let mut rows = whole.into_iter().peekable();
+        while let Some((shard, sku, mut state)) = rows.next() {
+            let head = Self::split_whole(&sku, &mut state, &mut w)?;
+            heads.insert((shard.as_str(), sku.as_str()), head.as_slice()).map_err(unavailable)?;
+            if rows.peek().is_none_or(|(next, _, _)| *next != shard) {
+                Self::append_log(&mut log, &shard, &std::mem::take(&mut w).finish(false).rows)?;
+            }
         }
-        if !whole.is_empty() {
-            tracing::info!(states = whole.len(), elapsed = ?t0.elapsed(), "moved the stored SKU states' order lines to the line log");
+        if moved > 0 {
+            tracing::info!(states = moved, elapsed = ?t0.elapsed(), "moved the stored SKU states' order lines to the line log");
         }
         meta.insert("layout", LAYOUT_LINES_APART).map_err(unavailable)?;
         Ok(())
+    }
+
+    /// A state written whole, split: its lines go to `w` as a reset of the SKU's lines; its head
+    /// (the state without lines) is returned for `sku_state`.
+    fn split_whole(sku: &str, state: &mut SkuState, w: &mut LineLogWriter) -> Result<Vec<u8>, StoreError> {
+        w.reset(sku_id(sku), &state.lines)?;
+        state.encode_head()
     }
 
     /// Appends rows after the shard's last line-log row.
@@ -182,14 +191,24 @@ impl RedbStore {
             }
             states.push((sku.to_string(), SkuState::decode(v.value())?));
         }
+        let bytes = Self::replay_lines(log, shard, &mut states)?;
+        Ok((states, bytes))
+    }
+
+    /// Applies the shard's line log to its `states` (heads, read before); returns the log's bytes.
+    fn replay_lines(
+        log: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+        shard: &str,
+        states: &mut [(String, SkuState)],
+    ) -> Result<u64, StoreError> {
         let index: HashMap<u64, usize> = states.iter().enumerate().map(|(i, (sku, _))| (sku_id(sku), i)).collect();
         let mut bytes = 0u64;
         for row in log.range((shard, 0)..=(shard, u64::MAX)).map_err(unavailable)? {
             let (_, v) = row.map_err(unavailable)?;
             bytes += v.value().len() as u64;
-            crate::linelog::apply_row(v.value(), &mut states, &index)?;
+            crate::linelog::apply_row(v.value(), states, &index)?;
         }
-        Ok((states, bytes))
+        Ok(bytes)
     }
 
     /// Retention frees pages inside the file, which redb reuses but does not give back. When the
@@ -300,10 +319,7 @@ impl RedbStore {
                 if SkuState::lines_apart(state) {
                     states.insert((c.shard.as_str(), sku.as_str()), state.as_slice()).map_err(unavailable)?;
                 } else {
-                    let mut decoded = SkuState::decode(state)?;
-                    let lines: Vec<_> = decoded.lines.iter().map(|(k, l)| (*k, Some(*l))).collect();
-                    whole.record(sku_id(sku), true, None, &lines)?;
-                    let head = decoded.encode_head()?;
+                    let head = Self::split_whole(sku, &mut SkuState::decode(state)?, &mut whole)?;
                     states.insert((c.shard.as_str(), sku.as_str()), head.as_slice()).map_err(unavailable)?;
                 }
             }
@@ -413,17 +429,24 @@ impl StateStore for RedbStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let heads = txn.open_table(SKU_STATE).map_err(unavailable)?;
             let log = txn.open_table(LINE_LOG).map_err(unavailable)?;
-            let mut shards: Vec<String> = Vec::new();
+            // One pass over the heads (sorted by shard): each shard's lines are replayed once
+            // its heads are read.
+            let mut out: Vec<(String, SkuState)> = Vec::new();
+            let mut shard: Option<String> = None;
+            let mut from = 0;
             for row in heads.iter().map_err(unavailable)? {
-                let (k, _) = row.map_err(unavailable)?;
-                let shard = k.value().0;
-                if shards.last().is_none_or(|s| s != shard) {
-                    shards.push(shard.to_string());
+                let (k, v) = row.map_err(unavailable)?;
+                let (row_shard, sku) = k.value();
+                if shard.as_deref() != Some(row_shard) {
+                    if let Some(done) = shard.replace(row_shard.to_string()) {
+                        Self::replay_lines(&log, &done, &mut out[from..])?;
+                    }
+                    from = out.len();
                 }
+                out.push((sku.to_string(), SkuState::decode(v.value())?));
             }
-            let mut out = Vec::new();
-            for shard in &shards {
-                out.extend(Self::read_states(&heads, &log, shard)?.0);
+            if let Some(done) = shard {
+                Self::replay_lines(&log, &done, &mut out[from..])?;
             }
             out.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(out)
@@ -857,13 +880,20 @@ mod tests {
         {
             let db = Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(SKU_STATE).unwrap().insert(("s", "A"), state.encode().unwrap().as_slice()).unwrap();
+            let mut heads = txn.open_table(SKU_STATE).unwrap();
+            heads.insert(("s", "A"), state.encode().unwrap().as_slice()).unwrap();
+            // A second shard: each shard's lines go to its own log.
+            heads.insert(("t", "B"), state.encode().unwrap().as_slice()).unwrap();
+            drop(heads);
             txn.commit().unwrap();
         }
         let store = RedbStore::open(&path).unwrap();
         let loaded = store.load_shard("s").await.unwrap();
         assert_eq!(loaded.snapshot.skus, vec![("A".to_string(), state.clone())]);
         assert!(loaded.lines_log_bytes > 0, "the lines are in the log");
+        let other = store.load_shard("t").await.unwrap();
+        assert_eq!(other.snapshot.skus, vec![("B".to_string(), state.clone())]);
+        assert!(other.lines_log_bytes > 0, "shard t's lines are in its own log");
         {
             let txn = store.db.begin_read().unwrap();
             let heads = txn.open_table(SKU_STATE).unwrap();
@@ -874,6 +904,6 @@ mod tests {
         drop(store);
         // Opened again: nothing to move, the same states.
         let store = RedbStore::open(&path).unwrap();
-        assert_eq!(store.sku_states().await.unwrap(), vec![("A".to_string(), state)]);
+        assert_eq!(store.sku_states().await.unwrap(), vec![("A".to_string(), state.clone()), ("B".to_string(), state)]);
     }
 }

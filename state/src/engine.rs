@@ -551,9 +551,7 @@ impl ShardEngine {
             t.changed.clear();
             t.sweeps.clear();
             for slot in self.skus.iter().filter(|s| !s.state.lines.is_empty()) {
-                t.scratch.clear();
-                t.scratch.extend(slot.state.lines.iter().map(|(k, l)| (*k, Some(*l))));
-                w.record(sku_id(&slot.name), true, None, &t.scratch)?;
+                w.reset(sku_id(&slot.name), &slot.state.lines)?;
             }
             let delta = w.finish(true);
             t.force_replace = false;

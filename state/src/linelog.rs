@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::{Line, SkuState};
+use crate::ledger::{Line, Lines, SkuState};
 use crate::store::StoreError;
 
 /// A row is closed once it holds this many bytes (the record that crosses it ends the row).
@@ -75,6 +75,7 @@ struct Record {
 pub struct LineLogWriter {
     rows: Vec<Vec<u8>>,
     row: Vec<u8>,
+    scratch: Vec<(u64, Option<Line>)>,
 }
 
 impl LineLogWriter {
@@ -93,6 +94,16 @@ impl LineLogWriter {
             self.push(&RecordRef { sku, reset: false, sweep: None, lines: rest })?;
         }
         Ok(())
+    }
+
+    /// Appends records that replace the SKU's lines with `lines` (a full write of them).
+    pub fn reset(&mut self, sku: u64, lines: &Lines) -> Result<(), StoreError> {
+        let mut all = std::mem::take(&mut self.scratch);
+        all.clear();
+        all.extend(lines.iter().map(|(k, l)| (*k, Some(*l))));
+        let written = self.record(sku, true, None, &all);
+        self.scratch = all;
+        written
     }
 
     fn push(&mut self, record: &RecordRef<'_>) -> Result<(), StoreError> {
