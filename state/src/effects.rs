@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::money::Currency;
 
+pub mod codec;
+
 /// Why an oversell alert fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -197,10 +199,10 @@ impl Effect {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn one_of_each() -> Vec<Effect> {
+    pub(crate) fn one_of_each() -> Vec<Effect> {
         vec![
             Effect::Oversell(OversellAlert {
                 alert_id: "oversell:e1".into(),

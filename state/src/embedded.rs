@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `sku_state` | `(shard, sku)` | postcard `SkuState` without its order lines ([`SkuState::encode_head`]) |
 //! | `line_log` | `(shard, row)` | the shard's order lines as a log of changes ([`crate::linelog`]), replayed over the states at load |
-//! | `outbox` | `(shard, row)` | up to 256 effects of one commit, as NDJSON (connectors keep a cursor per shard) |
+//! | `outbox` | `(shard, row)` | up to 256 effects of one commit, binary (`effects::codec`; connectors keep a cursor per shard) |
 //! | `dead_letters` | `(shard, seq)` | JSON `DeadLetter` |
 //! | `dedup` | `(shard, chunk)` | packed dedup entries |
 //! | `shard_meta` | `shard` | postcard `ShardMeta` (checkpoint, max ts, sequence counters) |
@@ -31,10 +31,13 @@ use serde::{Deserialize, Serialize};
 use crate::book::{BookStore, BookWrite, CursorWrite, Expect};
 use crate::dedup::{DedupEntry, sku_id};
 use crate::effects::Effect;
+use crate::effects::codec::push_effect;
 use crate::engine::{DedupDelta, ShardSnapshot};
 use crate::ledger::SkuState;
 use crate::linelog::{LineDelta, LineLogWriter};
-use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_entries};
+use crate::outbox::{
+    ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_effects, row_entries,
+};
 use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
 
 /// Largest `dedup` row: 65,536 entries (a whole number of them).
@@ -333,15 +336,14 @@ impl RedbStore {
                     .map_err(unavailable)?
                     .insert((c.shard.as_str(), meta.next_effect), crate::now_ms())
                     .map_err(unavailable)?;
-                let mut ndjson = Vec::with_capacity(OUTBOX_ROW_EFFECTS * 160);
+                let mut row = Vec::with_capacity(OUTBOX_ROW_EFFECTS * 80);
                 for chunk in c.effects.chunks(OUTBOX_ROW_EFFECTS) {
-                    ndjson.clear();
+                    row.clear();
                     for effect in chunk {
-                        serde_json::to_writer(&mut ndjson, effect).map_err(corrupt)?;
-                        ndjson.push(b'\n');
+                        push_effect(&mut row, effect);
                     }
-                    outbox.insert((c.shard.as_str(), meta.next_effect), ndjson.as_slice()).map_err(unavailable)?;
-                    outbox_bytes += ndjson.len();
+                    outbox.insert((c.shard.as_str(), meta.next_effect), row.as_slice()).map_err(unavailable)?;
+                    outbox_bytes += row.len();
                     meta.next_effect += 1;
                 }
             }
@@ -461,9 +463,7 @@ impl StateStore for RedbStore {
             let mut out = Vec::new();
             for row in t.iter().map_err(unavailable)? {
                 let (_, v) = row.map_err(unavailable)?;
-                for line in v.value().split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                    out.push(serde_json::from_slice(line).map_err(corrupt)?);
-                }
+                row_effects(v.value(), &mut out)?;
             }
             Ok(out)
         })
@@ -905,5 +905,43 @@ mod tests {
         // Opened again: nothing to move, the same states.
         let store = RedbStore::open(&path).unwrap();
         assert_eq!(store.sku_states().await.unwrap(), vec![("A".to_string(), state.clone()), ("B".to_string(), state)]);
+    }
+
+    #[tokio::test]
+    async fn outbox_rows_written_as_json_lines_are_read_beside_binary_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let effects = crate::effects::tests::one_of_each();
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut outbox = txn.open_table(OUTBOX).unwrap();
+            // Row 0 as an older version wrote it; row 1 in the binary encoding.
+            let mut json = Vec::new();
+            for e in &effects[..3] {
+                json.extend_from_slice(&serde_json::to_vec(e).unwrap());
+                json.push(b'\n');
+            }
+            outbox.insert(("s", 0), json.as_slice()).unwrap();
+            let mut binary = Vec::new();
+            for e in &effects[3..] {
+                push_effect(&mut binary, e);
+            }
+            outbox.insert(("s", 1), binary.as_slice()).unwrap();
+            drop(outbox);
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.effects().await.unwrap(), effects);
+        let all = store.read_outbox("s", None, 100).await.unwrap();
+        let at = |row: u64, line: u32| OutboxPos { row: outbox_row(row), line };
+        let positions: Vec<OutboxPos> = all.iter().map(|e| e.pos.clone()).collect();
+        assert_eq!(positions, vec![at(0, 0), at(0, 1), at(0, 2), at(1, 0), at(1, 1)]);
+        assert_eq!(all.into_iter().map(|e| e.effect).collect::<Vec<_>>(), effects);
+        // From a position inside either row, and with a page size that ends inside one.
+        let after = store.read_outbox("s", Some(&at(0, 1)), 2).await.unwrap();
+        assert_eq!(after.iter().map(|e| e.pos.clone()).collect::<Vec<_>>(), vec![at(0, 2), at(1, 0)]);
+        let last = store.read_outbox("s", Some(&at(1, 0)), 100).await.unwrap();
+        assert_eq!(last.into_iter().map(|e| e.effect).collect::<Vec<_>>(), effects[4..].to_vec());
     }
 }

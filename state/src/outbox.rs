@@ -16,6 +16,7 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 
 use crate::effects::Effect;
+use crate::effects::codec::{RawEffect, RowEffects};
 use crate::store::StoreError;
 
 /// A position in a shard's outbox: the row (one commit, or one commit part on DynamoDB) and the
@@ -251,25 +252,36 @@ pub async fn requeue_dead_letters<S: OutboxStore>(store: &S, connector: Option<&
     Ok(n)
 }
 
-/// Splits one outbox row (NDJSON of effects) into entries after `skip_through` (a line index),
-/// until `out` holds `max` (a row can hold a whole commit: tens of thousands of effects).
+/// Splits one outbox row ([`codec`](crate::effects::codec): binary effects, or JSON lines in rows
+/// written before) into entries after `skip_through` (an effect's index in the row, its "line"),
+/// until `out` holds `max` (a row can hold a whole commit: tens of thousands of effects). Skipped
+/// effects are not decoded.
 pub(crate) fn row_entries(
     row: &str,
-    ndjson: &[u8],
+    bytes: &[u8],
     skip_through: Option<u32>,
     max: usize,
     out: &mut Vec<OutboxEntry>,
 ) -> Result<(), StoreError> {
-    for (line, bytes) in ndjson.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+    let corrupt = |e: String| StoreError::Corrupt(format!("outbox row {row}: {e}"));
+    for (line, raw) in RowEffects::new(bytes).enumerate() {
         let line = u32::try_from(line).map_err(|_| StoreError::Corrupt(format!("outbox row {row} too long")))?;
+        let raw = raw.map_err(corrupt)?;
         if skip_through.is_some_and(|s| line <= s) {
             continue;
         }
         if out.len() >= max {
             break;
         }
-        let effect = Effect::from_json(bytes).map_err(|e| StoreError::Corrupt(format!("outbox row {row}: {e}")))?;
-        out.push(OutboxEntry { pos: OutboxPos { row: row.to_string(), line }, effect });
+        out.push(OutboxEntry { pos: OutboxPos { row: row.to_string(), line }, effect: raw.decode().map_err(corrupt)? });
+    }
+    Ok(())
+}
+
+/// Every effect of one outbox row, decoded.
+pub(crate) fn row_effects(row: &[u8], out: &mut Vec<Effect>) -> Result<(), StoreError> {
+    for raw in RowEffects::new(row) {
+        out.push(raw.and_then(RawEffect::decode).map_err(|e| StoreError::Corrupt(format!("an outbox row: {e}")))?);
     }
     Ok(())
 }

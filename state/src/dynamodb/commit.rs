@@ -3,7 +3,7 @@
 //! Parts, in order, each one `TransactWriteItems` of at most 100 items and ~3.8 MB:
 //! 1. SKU groups: a dirty SKU's state items (the blob split in ≤ 350 KB parts, part 0 carrying
 //!    `shard`, `pos` = this commit's checkpoint and `parts`) together with the effects it produced
-//!    (an NDJSON blob per part, keyed `{checkpoint}#{part}#{chunk}`) and, for a SKU new to the
+//!    (a blob of binary effects per part, keyed `{checkpoint}#{part}#{chunk}`) and, for a SKU new to the
 //!    shard, its name in the part's `-shard-skus` item. A SKU, its effects and its listing are
 //!    never split across transactions.
 //! 2. Dead letters (keyed by position: a re-write is the same item) and dedup chunks.
@@ -147,8 +147,7 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
     let mut by_sku: HashMap<&str, Vec<u8>> = HashMap::new();
     for e in &c.effects {
         let buf = by_sku.entry(e.sku()).or_default();
-        serde_json::to_writer(&mut *buf, e).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        buf.push(b'\n');
+        crate::effects::codec::push_effect(buf, e);
     }
     let mut parts = Parts {
         store,

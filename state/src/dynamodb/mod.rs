@@ -547,15 +547,13 @@ impl StateStore for DynamoStore {
             (s("shard"), s("seq"))
         };
         items.sort_by_key(key);
-        // A commit part's NDJSON may span several items (`{checkpoint}#{part}#{chunk}`, cut at
-        // byte boundaries): join the chunks of a part before splitting lines.
+        // A commit part's effects may span several items (`{checkpoint}#{part}#{chunk}`, cut at
+        // byte boundaries): join the chunks of a part before reading them.
         let mut out = Vec::new();
         let mut joined: Vec<u8> = Vec::new();
         let mut current: Option<(String, String)> = None;
         let flush = |buf: &mut Vec<u8>, out: &mut Vec<Effect>| -> Result<(), StoreError> {
-            for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                out.push(serde_json::from_slice(line).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-            }
+            crate::outbox::row_effects(buf, out)?;
             buf.clear();
             Ok(())
         };

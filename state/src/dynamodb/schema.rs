@@ -16,7 +16,7 @@ use super::sdk_error;
 pub struct TableNames {
     /// Per-SKU state: `sku` (S) + `part` (N).
     pub sku_state: String,
-    /// Effects: `shard` (S) + `seq` (S), one NDJSON blob per commit part, written at `at`; TTL on
+    /// Effects: `shard` (S) + `seq` (S), one blob of effects per commit part (`effects::codec`), written at `at`; TTL on
     /// `expires_at`, set by retention once every connector delivered it.
     pub outbox: String,
     /// Dead letters: `shard` (S) + `pos` (S).
