@@ -10,8 +10,10 @@
 //! probability at most (the SKU's live ids) / 2⁶⁴ per event — below 10⁻¹³ for a SKU with a
 //! million live ids. Stored entries name their SKU by a 64-bit hash of its name ([`sku_id`]), not
 //! by a shard-local ordinal, so that they follow the SKU into whichever shard holds it after a
-//! reshard; the stored format (32 bytes an entry) is the one entries had when keys were 128-bit
-//! (the high half is written as zero and ignored when read).
+//! reshard. Stored, an entry is 24 bytes (key, event time, SKU id) in rows that start with
+//! [`ROW_VERSION`]; rows written before are 32-byte entries from when keys were 128-bit (the high
+//! half zero), told apart by length (a versioned row is 24n + 1 bytes, odd; an old one a multiple
+//! of 32) and read as they are ([`DedupEntry::decode_row`]).
 //!
 //! In memory an entry is 16 bytes in an open-addressing table (linear probing, any capacity,
 //! grown 1.5× at 3/4 full, so 21–32 bytes a live id): the key, the SKU's shard-local ordinal and
@@ -36,7 +38,13 @@ pub struct DedupEntry {
 }
 
 /// Bytes of one encoded entry.
-pub const ENTRY_BYTES: usize = 32;
+pub const ENTRY_BYTES: usize = 24;
+
+/// Bytes of one entry in rows written before [`ROW_VERSION`] (a 128-bit key, its high half zero).
+const LEGACY_ENTRY_BYTES: usize = 32;
+
+/// The first byte of a stored row of [`ENTRY_BYTES`]-byte entries.
+pub const ROW_VERSION: u8 = 2;
 
 /// A SKU's shard-independent 64-bit id (also the seed of its events' dedup keys).
 pub fn sku_id(sku: &str) -> u64 {
@@ -50,23 +58,56 @@ impl DedupEntry {
         xxh3_128_with_seed(id.as_bytes(), sku_id(sku)) as u64
     }
 
-    /// Appends the fixed-size little-endian encoding (the key in 16 bytes, its high half zero).
+    /// Appends the fixed-size little-endian encoding: key, event time, SKU id.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&u128::from(self.key).to_le_bytes());
+        out.extend_from_slice(&self.key.to_le_bytes());
         out.extend_from_slice(&self.ts.to_le_bytes());
         out.extend_from_slice(&self.sku.to_le_bytes());
     }
 
-    /// Decodes a buffer of entries; a trailing partial entry is an error.
+    /// Decodes a buffer of entries as [`DedupEntry::encode_into`] wrote them; a trailing partial
+    /// entry is an error.
     pub fn decode_all(bytes: &[u8]) -> Result<Vec<DedupEntry>, String> {
-        if !bytes.len().is_multiple_of(ENTRY_BYTES) {
-            return Err(format!("dedup chunk of {} bytes is not a multiple of {ENTRY_BYTES}", bytes.len()));
+        let mut out = Vec::new();
+        Self::decode_into(bytes, ENTRY_BYTES, [0, 8, 16], &mut out)?;
+        Ok(out)
+    }
+
+    /// A stored row: [`ROW_VERSION`] and `entries` (a whole number of encoded entries).
+    pub fn row(entries: &[u8]) -> Vec<u8> {
+        let mut row = Vec::with_capacity(entries.len() + 1);
+        row.push(ROW_VERSION);
+        row.extend_from_slice(entries);
+        row
+    }
+
+    /// Decodes a stored row into `out`: a versioned row, or one written before the version byte
+    /// (32-byte entries).
+    pub fn decode_row(row: &[u8], out: &mut Vec<DedupEntry>) -> Result<(), String> {
+        match row.split_first() {
+            Some((&ROW_VERSION, entries)) if row.len() % 2 == 1 => {
+                Self::decode_into(entries, ENTRY_BYTES, [0, 8, 16], out)
+            }
+            _ if row.len().is_multiple_of(LEGACY_ENTRY_BYTES) => {
+                Self::decode_into(row, LEGACY_ENTRY_BYTES, [0, 16, 24], out)
+            }
+            _ => Err(format!("a dedup row of {} bytes is neither versioned nor 32-byte entries", row.len())),
+        }
+    }
+
+    /// Entries of `size` bytes with the key, event time and SKU id at `at`.
+    fn decode_into(bytes: &[u8], size: usize, at: [usize; 3], out: &mut Vec<DedupEntry>) -> Result<(), String> {
+        if !bytes.len().is_multiple_of(size) {
+            return Err(format!("dedup chunk of {} bytes is not a multiple of {size}", bytes.len()));
         }
         let word = |c: &[u8], at: usize| u64::from_le_bytes(c[at..at + 8].try_into().unwrap_or_default());
-        Ok(bytes
-            .chunks_exact(ENTRY_BYTES)
-            .map(|c| DedupEntry { key: word(c, 0), ts: word(c, 16) as i64, sku: word(c, 24) })
-            .collect())
+        out.reserve(bytes.len() / size);
+        out.extend(bytes.chunks_exact(size).map(|c| DedupEntry {
+            key: word(c, at[0]),
+            ts: word(c, at[1]) as i64,
+            sku: word(c, at[2]),
+        }));
+        Ok(())
     }
 }
 
@@ -419,8 +460,38 @@ mod tests {
         let mut buf = Vec::new();
         d.drain_pending(|o| u64::from(o) + 70, |e| e.encode_into(&mut buf));
         let back = DedupEntry::decode_all(&buf).unwrap();
-        assert_eq!(back, vec![DedupEntry { key: 1, ts: 0, sku: 70 }, DedupEntry { key: 2, ts: 5000, sku: 71 }]);
+        let want = vec![DedupEntry { key: 1, ts: 0, sku: 70 }, DedupEntry { key: 2, ts: 5000, sku: 71 }];
+        assert_eq!(back, want);
         assert!(DedupEntry::decode_all(&buf[1..]).is_err());
+        let mut rows = Vec::new();
+        DedupEntry::decode_row(&DedupEntry::row(&buf), &mut rows).unwrap();
+        assert_eq!(rows, want);
+    }
+
+    #[test]
+    fn rows_written_before_the_version_byte_still_read() {
+        // What versions before issue 24's fourth step stored: a 128-bit key (high half zero),
+        // the event time, the SKU id.
+        let entries =
+            [DedupEntry { key: u64::MAX - 1, ts: -5, sku: 7 }, DedupEntry { key: 2, ts: i64::MAX, sku: u64::MAX }];
+        let mut legacy = Vec::new();
+        for e in &entries {
+            legacy.extend_from_slice(&u128::from(e.key).to_le_bytes());
+            legacy.extend_from_slice(&e.ts.to_le_bytes());
+            legacy.extend_from_slice(&e.sku.to_le_bytes());
+        }
+        let mut out = Vec::new();
+        DedupEntry::decode_row(&legacy, &mut out).unwrap();
+        assert_eq!(out, entries);
+        // A legacy row whose first byte is the version byte is still read as legacy (even length).
+        legacy[0] = ROW_VERSION;
+        out.clear();
+        DedupEntry::decode_row(&legacy, &mut out).unwrap();
+        assert_eq!(out[0].key & 0xff, u64::from(ROW_VERSION));
+        // Neither shape: an error, not entries.
+        for bad in [&legacy[..31], &DedupEntry::row(&[0; 25])[..], &[3u8; 25][..]] {
+            assert!(DedupEntry::decode_row(bad, &mut Vec::new()).is_err(), "{} bytes", bad.len());
+        }
     }
 
     /// What the index must answer, kept the plain way: a map of (key, SKU) to event time.

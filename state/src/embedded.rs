@@ -270,7 +270,7 @@ impl RedbStore {
         let chunks = txn.open_table(DEDUP).map_err(unavailable)?;
         for row in chunks.range((shard, 0)..=(shard, u64::MAX)).map_err(unavailable)? {
             let (_, v) = row.map_err(unavailable)?;
-            dedup.extend(DedupEntry::decode_all(v.value()).map_err(StoreError::Corrupt)?);
+            DedupEntry::decode_row(v.value(), &mut dedup).map_err(StoreError::Corrupt)?;
         }
         Ok(StoredShard {
             checkpoint: meta.checkpoint,
@@ -369,7 +369,9 @@ impl RedbStore {
             // Rows of at most DEDUP_ROW_BYTES: a compaction of millions of live ids is not one
             // value of hundreds of MB (redb would place and buffer it whole).
             for chunk in bytes.chunks(DEDUP_ROW_BYTES) {
-                dedup.insert((c.shard.as_str(), meta.next_dedup_chunk), chunk).map_err(unavailable)?;
+                dedup
+                    .insert((c.shard.as_str(), meta.next_dedup_chunk), DedupEntry::row(chunk).as_slice())
+                    .map_err(unavailable)?;
                 meta.next_dedup_chunk += 1;
             }
             if freed > 0 {
@@ -905,6 +907,31 @@ mod tests {
         // Opened again: nothing to move, the same states.
         let store = RedbStore::open(&path).unwrap();
         assert_eq!(store.sku_states().await.unwrap(), vec![("A".to_string(), state.clone()), ("B".to_string(), state)]);
+    }
+
+    #[tokio::test]
+    async fn dedup_rows_of_32_byte_entries_are_restored_beside_versioned_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let old = DedupEntry { key: 11, ts: 1_000, sku: sku_id("A") };
+        let new = DedupEntry { key: 12, ts: 2_000, sku: sku_id("A") };
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut dedup = txn.open_table(DEDUP).unwrap();
+            let mut legacy = Vec::new();
+            legacy.extend_from_slice(&u128::from(old.key).to_le_bytes());
+            legacy.extend_from_slice(&old.ts.to_le_bytes());
+            legacy.extend_from_slice(&old.sku.to_le_bytes());
+            dedup.insert(("s", 0), legacy.as_slice()).unwrap();
+            let mut entries = Vec::new();
+            new.encode_into(&mut entries);
+            dedup.insert(("s", 1), DedupEntry::row(&entries).as_slice()).unwrap();
+            drop(dedup);
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.load_shard("s").await.unwrap().snapshot.dedup, vec![old, new]);
     }
 
     #[tokio::test]

@@ -220,16 +220,18 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
         DedupDelta::Append(bytes) => (bytes, false),
         DedupDelta::Replace(bytes) => (bytes, true),
     };
-    // Whole entries per chunk.
-    let per_chunk = MAX_PART_BYTES / crate::dedup::ENTRY_BYTES * crate::dedup::ENTRY_BYTES;
+    // Whole entries per chunk, after the row's version byte.
+    let per_chunk = (MAX_PART_BYTES - 1) / crate::dedup::ENTRY_BYTES * crate::dedup::ENTRY_BYTES;
     for (i, chunk) in dedup_bytes.chunks(per_chunk).enumerate() {
+        let row = crate::dedup::DedupEntry::row(chunk);
+        let len = row.len();
         let item = HashMap::from([
             ("shard".to_string(), s(&c.shard)),
             ("chunk".to_string(), s(format!("{}#{i:05}", parts.row_prefix))),
-            ("data".to_string(), b(chunk.to_vec())),
+            ("data".to_string(), b(row)),
             ("expires_at".to_string(), n(expires)),
         ]);
-        parts.add(put(&t.dedup, item)?, chunk.len())?;
+        parts.add(put(&t.dedup, item)?, len)?;
     }
     if replace {
         // The new chunks are written (above, in earlier or this part) before the old ones go.

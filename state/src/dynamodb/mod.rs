@@ -516,7 +516,7 @@ impl StateStore for DynamoStore {
         let mut dedup = Vec::new();
         let mut expires: Option<i64> = None;
         for item in self.query_all(q).await? {
-            dedup.extend(DedupEntry::decode_all(&blob(&item, "data")).map_err(StoreError::Corrupt)?);
+            DedupEntry::decode_row(&blob(&item, "data"), &mut dedup).map_err(StoreError::Corrupt)?;
             let at = item.get("expires_at").and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<i64>().ok());
             if let Some(at) = at {
                 let ms = at.saturating_mul(1000);
