@@ -3,7 +3,7 @@
 //! It runs on the system allocator: against mimalloc, `replay --file` of 1 M events took ~20 % less
 //! CPU and ~30 % less peak memory with glibc's (workers allocate, the store's blocking threads
 //! free), though the one-core engine bench is ~12 % faster on mimalloc (docs/BENCHMARKS.md).
-//! glibc's arenas are capped at two (see [`cap_malloc_arenas`]).
+//! Batch commands cap glibc's arenas at two (see [`cap_malloc_arenas`]).
 
 use std::process::ExitCode;
 
@@ -11,18 +11,22 @@ use clap::Parser;
 use stockflow::cmd::{self, Cli};
 use stockflow::telemetry;
 
-/// Caps glibc's malloc arenas at two, unless the operator set `MALLOC_ARENA_MAX`.
+/// For batch commands ([`Command::is_batch`](stockflow::cmd::Command::is_batch)), caps glibc's
+/// malloc arenas at two, unless the operator set `MALLOC_ARENA_MAX`.
 ///
 /// glibc gives a thread that finds the heap locked an arena of its own, up to eight per core, and
-/// each keeps what was freed into it. The store's blocking threads come and go and each allocated
-/// into a fresh arena: `replay --file` of 10 M events peaked at 1.23 GB RSS with the default and at
-/// 0.93 GB with two arenas, at the same speed (docs/BENCHMARKS.md, "Issue 24, fourth step").
+/// each keeps what was freed into it; the store's blocking threads come and go and allocate into
+/// arenas of their own. On 2 cores `replay --file` of 10 M events peaked at 1.42 GB RSS with the
+/// default and 0.87 GB with two arenas, at the same speed. Servers and consumers keep the default:
+/// with two (or four) arenas their threads waited for each other's heap locks, and webhook →
+/// committed at 50,000 events/s went from p99 99–163 ms to 229–248 (docs/BENCHMARKS.md, "Issue
+/// 24, fourth step"); set `MALLOC_ARENA_MAX` where memory counts more than latency.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn cap_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+fn cap_malloc_arenas(cli: &Cli) {
+    if cli.command.is_batch() && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: `mallopt` sets one allocator parameter and touches no Rust-owned memory; it runs
-        // first thing in `main`, before any other thread exists.
+        // in `main` before the runtime or any other thread exists.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
@@ -30,11 +34,11 @@ fn cap_malloc_arenas() {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn cap_malloc_arenas() {}
+fn cap_malloc_arenas(_: &Cli) {}
 
 fn main() -> ExitCode {
-    cap_malloc_arenas();
     let cli = Cli::parse();
+    cap_malloc_arenas(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

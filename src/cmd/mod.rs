@@ -81,6 +81,13 @@ impl Command {
             _ => false,
         }
     }
+
+    /// Batch work where peak memory matters and nothing waits on an answer: one-shot commands
+    /// other than `replay --target` (which measures latency). `main` caps glibc's malloc arenas
+    /// for these.
+    pub fn is_batch(&self) -> bool {
+        !self.is_long_running() && !matches!(self, Command::Replay(args) if args.target.is_some())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -244,5 +251,19 @@ mod tests {
         assert_eq!(level(&["consume"]), "info");
         assert_eq!(level(&["ingest", "serve"]), "info");
         assert_eq!(level(&["run", "-v"]), "debug");
+    }
+
+    #[test]
+    fn batch_commands_are_the_one_shot_ones_that_do_not_measure_latency() {
+        let batch = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("stockflow").chain(args.iter().copied())).unwrap().command.is_batch()
+        };
+        for args in [&["demo"][..], &["replay", "--file", "x"], &["consume", "--drain"], &["state", "dump"]] {
+            assert!(batch(args), "{args:?}");
+        }
+        for args in [&["run"][..], &["consume"], &["ingest", "serve"], &["replay", "--file", "x", "--target", "local"]]
+        {
+            assert!(!batch(args), "{args:?}");
+        }
     }
 }
