@@ -19,7 +19,7 @@ use stockflow::telemetry;
 /// arenas of their own. On 2 cores `replay --file` of 10 M events peaked at 1.42 GB RSS with the
 /// default and 0.87 GB with two arenas, at the same speed. Servers and consumers keep the default:
 /// with two (or four) arenas their threads waited for each other's heap locks, and webhook →
-/// committed at 50,000 events/s went from p99 99–163 ms to 229–248 (docs/BENCHMARKS.md, "Issue
+/// committed at 50,000 events/s went from p99 97–219 ms to 220–248 (docs/BENCHMARKS.md, "Issue
 /// 24, fourth step"); set `MALLOC_ARENA_MAX` where memory counts more than latency.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
