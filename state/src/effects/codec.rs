@@ -34,12 +34,20 @@ pub fn push_effect(row: &mut Vec<u8>, effect: &Effect) {
     let at = row.len();
     row.push(0);
     encode_payload(row, effect);
-    let len = row.len() - at - 1;
-    let mut prefix = Vec::new();
-    put_u64(&mut prefix, len as u64);
-    row[at] = prefix[0];
-    if prefix.len() > 1 {
-        row.splice(at + 1..at + 1, prefix[1..].iter().copied());
+    let mut len = (row.len() - at - 1) as u64;
+    // The varint, least significant group first: the first byte goes in the reserved slot.
+    let mut extra = [0u8; 9];
+    let mut n = 0;
+    row[at] = len as u8 & 0x7f;
+    while len >= 0x80 {
+        len >>= 7;
+        let slot = if n == 0 { &mut row[at] } else { &mut extra[n - 1] };
+        *slot |= 0x80;
+        extra[n] = len as u8 & 0x7f;
+        n += 1;
+    }
+    if n > 0 {
+        row.splice(at + 1..at + 1, extra[..n].iter().copied());
     }
 }
 
@@ -374,12 +382,19 @@ mod tests {
 
     #[test]
     fn a_long_payload_takes_a_longer_length_prefix() {
-        let mut long = one_of_each().remove(1);
-        if let Effect::LowStock(a) = &mut long {
-            a.sku = "S".repeat(300);
+        // Two- and three-byte lengths.
+        for (len, prefix) in [(300, 2), (20_000, 3)] {
+            let mut long = one_of_each().remove(1);
+            if let Effect::LowStock(a) = &mut long {
+                a.sku = "S".repeat(len);
+            }
+            let row = row_of(&[long.clone(), one_of_each().remove(0)]);
+            let mut want_len = Vec::new();
+            put_u64(&mut want_len, (row.len() - 1 - prefix - row_of(&one_of_each()[..1]).len()) as u64);
+            assert_eq!(want_len.len(), prefix);
+            assert_eq!(&row[1..1 + prefix], &want_len[..]);
+            assert_eq!(read(&row).unwrap(), vec![long, one_of_each().remove(0)]);
         }
-        let row = row_of(&[long.clone(), one_of_each().remove(0)]);
-        assert_eq!(read(&row).unwrap(), vec![long, one_of_each().remove(0)]);
     }
 
     #[test]
