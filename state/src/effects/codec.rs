@@ -51,12 +51,19 @@ pub fn push_effect(row: &mut Vec<u8>, effect: &Effect) {
     }
 }
 
+/// Kind, id and SKU (every effect has them, in that order), then the kind's own fields.
 fn encode_payload(out: &mut Vec<u8>, effect: &Effect) {
+    out.push(match effect {
+        Effect::Oversell(_) => OVERSELL,
+        Effect::LowStock(_) => LOW_STOCK,
+        Effect::Reorder(_) => REORDER,
+        Effect::Journal(_) => JOURNAL,
+        Effect::Discrepancy(_) => DISCREPANCY,
+    });
+    put_str(out, effect.id());
+    put_str(out, effect.sku());
     match effect {
         Effect::Oversell(a) => {
-            out.push(OVERSELL);
-            put_str(out, &a.alert_id);
-            put_str(out, &a.sku);
             match &a.order_id {
                 Some(order) => {
                     out.push(1);
@@ -74,26 +81,17 @@ fn encode_payload(out: &mut Vec<u8>, effect: &Effect) {
             put_i64(out, a.ts);
         }
         Effect::LowStock(a) => {
-            out.push(LOW_STOCK);
-            put_str(out, &a.alert_id);
-            put_str(out, &a.sku);
-            put_i64(out, a.available);
-            put_i64(out, a.reorder_point);
-            put_i64(out, a.ts);
+            for v in [a.available, a.reorder_point, a.ts] {
+                put_i64(out, v);
+            }
         }
         Effect::Reorder(r) => {
-            out.push(REORDER);
-            put_str(out, &r.request_id);
-            put_str(out, &r.sku);
             put_i64(out, r.available);
             put_i64(out, r.reorder_point);
             put_u64(out, r.units_ordered_24h);
             put_i64(out, r.ts);
         }
         Effect::Journal(j) => {
-            out.push(JOURNAL);
-            put_str(out, &j.entry_id);
-            put_str(out, &j.sku);
             out.push(match j.kind {
                 JournalKind::Cogs => 0,
                 JournalKind::InventoryReceipt => 1,
@@ -105,13 +103,9 @@ fn encode_payload(out: &mut Vec<u8>, effect: &Effect) {
             put_i64(out, j.ts);
         }
         Effect::Discrepancy(d) => {
-            out.push(DISCREPANCY);
-            put_str(out, &d.id);
-            put_str(out, &d.sku);
-            put_i64(out, d.expected);
-            put_i64(out, d.counted);
-            put_i64(out, d.discrepancy);
-            put_i64(out, d.ts);
+            for v in [d.expected, d.counted, d.discrepancy, d.ts] {
+                put_i64(out, v);
+            }
         }
     }
 }
@@ -119,10 +113,11 @@ fn encode_payload(out: &mut Vec<u8>, effect: &Effect) {
 /// Decodes one payload (what follows the length); the whole slice must be used.
 pub fn decode_payload(bytes: &[u8]) -> Result<Effect, String> {
     let mut r = Reader(bytes);
-    let effect = match r.byte()? {
+    let (kind, id, sku) = (r.byte()?, r.string()?, r.string()?);
+    let effect = match kind {
         OVERSELL => Effect::Oversell(OversellAlert {
-            alert_id: r.string()?,
-            sku: r.string()?,
+            alert_id: id,
+            sku,
             order_id: match r.byte()? {
                 0 => None,
                 1 => Some(r.string()?),
@@ -139,23 +134,23 @@ pub fn decode_payload(bytes: &[u8]) -> Result<Effect, String> {
             ts: r.i64()?,
         }),
         LOW_STOCK => Effect::LowStock(LowStockAlert {
-            alert_id: r.string()?,
-            sku: r.string()?,
+            alert_id: id,
+            sku,
             available: r.i64()?,
             reorder_point: r.i64()?,
             ts: r.i64()?,
         }),
         REORDER => Effect::Reorder(ReorderRequest {
-            request_id: r.string()?,
-            sku: r.string()?,
+            request_id: id,
+            sku,
             available: r.i64()?,
             reorder_point: r.i64()?,
             units_ordered_24h: r.u64()?,
             ts: r.i64()?,
         }),
         JOURNAL => Effect::Journal(JournalLine {
-            entry_id: r.string()?,
-            sku: r.string()?,
+            entry_id: id,
+            sku,
             kind: match r.byte()? {
                 0 => JournalKind::Cogs,
                 1 => JournalKind::InventoryReceipt,
@@ -171,8 +166,8 @@ pub fn decode_payload(bytes: &[u8]) -> Result<Effect, String> {
             ts: r.i64()?,
         }),
         DISCREPANCY => Effect::Discrepancy(CountDiscrepancy {
-            id: r.string()?,
-            sku: r.string()?,
+            id,
+            sku,
             expected: r.i64()?,
             counted: r.i64()?,
             discrepancy: r.i64()?,
