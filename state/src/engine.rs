@@ -579,7 +579,7 @@ impl ShardEngine {
             let state = &self.skus[idx as usize].state;
             t.scratch.clear();
             while let Some(&(_, key)) = t.changed.get(c).filter(|(i, _)| *i == idx) {
-                t.scratch.push((key, state.lines.get(&key).copied()));
+                t.scratch.push((key, state.lines.get(key)));
                 c += 1;
             }
             w.record(sku_id(&self.skus[idx as usize].name), false, sweep, &t.scratch)?;
@@ -609,11 +609,7 @@ impl ShardEngine {
                 .iter()
                 .map(|s| s.name.len() + s.state.windows.capacity() * std::mem::size_of::<crate::windows::OpenWindow>())
                 .sum::<usize>();
-        let lines = self
-            .skus
-            .iter()
-            .map(|s| s.state.lines.capacity() * (std::mem::size_of::<(u64, crate::ledger::Line)>() + 1))
-            .sum();
+        let lines = self.skus.iter().map(|s| s.state.lines.heap_bytes()).sum();
         let dedup = self.dedup.memory_bytes();
         MemoryUse { skus, lines, dedup }
     }

@@ -4,7 +4,7 @@
 //! **Order lines** are keyed by a 64-bit hash of their `order_id` ([`line_key`]); a line is open
 //! while units remain, and once closed it is remembered (with its `shipped` count) for the line
 //! horizon, so that a re-sent placement or shipment days later changes nothing. An entry is
-//! 16 bytes plus its key; lookups treat an expired closed line as absent, and a sweep when the
+//! 20 bytes ([`Lines`]); lookups treat an expired closed line as absent, and a sweep when the
 //! SKU's event time enters a new day frees them.
 //!
 //! **Arithmetic is explicit** (`clippy::arithmetic_side_effects` is denied here): quantities are
@@ -17,9 +17,9 @@
 
 #![deny(clippy::arithmetic_side_effects)]
 
-use std::collections::HashMap;
+mod lines;
 
-use foldhash::fast::FixedState;
+pub use lines::Lines;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -31,9 +31,6 @@ use crate::event::{Event, EventBody, Shipped};
 use crate::money::{self, Currency};
 use crate::store::StoreError;
 use crate::windows::{Contribution, OpenWindow, Velocity};
-
-/// Order lines of a SKU (open and remembered), by [`line_key`] of the order id.
-pub type Lines = HashMap<u64, Line, FixedState>;
 
 /// The key of an order line: a 64-bit hash of its `order_id` (two of one SKU's lines collide
 /// with probability ~n²/2⁶⁵: below 10⁻⁹ for 200,000 lines).
@@ -213,7 +210,7 @@ impl SkuState {
     /// The line of an order, if it exists: open, or closed and still remembered at event time
     /// `last` (the SKU's largest event time before the event looking it up).
     fn live_line(&self, key: u64, last: Option<i64>, horizon: i64) -> Option<Line> {
-        let line = *self.lines.get(&key)?;
+        let line = self.lines.get(key)?;
         let live = line.is_open() || last.is_none_or(|l| line.closed_ts.saturating_add(horizon) >= l);
         live.then_some(line)
     }
@@ -265,9 +262,10 @@ impl SkuState {
             }
             EventBody::OrderCancelled { order_id, qty } => {
                 let key = line_key(order_id);
-                match self.lines.get_mut(&key) {
-                    Some(line) if line.is_open() => {
+                match self.lines.get(key) {
+                    Some(mut line) if line.is_open() => {
                         let released = line.release(qty.unwrap_or(i64::from(line.remaining)), ev.ts);
+                        self.lines.insert(key, line);
                         self.reserved = self.reserved.saturating_sub(released);
                         out.contribution.cancelled = released.unsigned_abs();
                         out.line = Some(key);
@@ -544,8 +542,8 @@ mod tests {
         format!(r#"{{"id":"{id}","sku":"S","ts":{ts},{body}}}"#)
     }
 
-    fn line<'a>(s: &'a SkuState, order_id: &str) -> &'a Line {
-        &s.lines[&line_key(order_id)]
+    fn line(s: &SkuState, order_id: &str) -> Line {
+        s.lines.get(line_key(order_id)).expect("the order's line")
     }
 
     #[test]
@@ -650,8 +648,8 @@ mod tests {
         assert_eq!((s.on_hand, s.reserved), (9, 1));
         // Past the line horizon (35 days after it closed) the line is forgotten and freed.
         apply(&mut s, at("late", T0 + 26 * HOUR + 35 * day + 1, r#""type":"stock_adjusted","delta":1"#));
-        assert!(!s.lines.contains_key(&line_key("X")), "swept when the SKU's time entered a new day");
-        assert!(s.lines.contains_key(&line_key("Y")), "open lines stay");
+        assert!(!s.lines.contains_key(line_key("X")), "swept when the SKU's time entered a new day");
+        assert!(s.lines.contains_key(line_key("Y")), "open lines stay");
         let placed =
             apply(&mut s, at("ord:X:placed", T0 + 40 * day, r#""type":"order_placed","order_id":"X","qty":1"#));
         assert!(!placed.resent, "a forgotten line is a new line");
@@ -672,7 +670,7 @@ mod tests {
         // closed_ts + h = max_ts: still remembered.
         assert!(apply(&mut s, at("p2", T0 + HOUR + h, r#""type":"order_placed","order_id":"o","qty":2"#)).resent);
         apply(&mut s, at("y", T0 + HOUR + h + 1, r#""type":"stock_adjusted","delta":1"#));
-        assert!(s.lines.contains_key(&line_key("o")), "not swept yet");
+        assert!(s.lines.contains_key(line_key("o")), "not swept yet");
         assert!(!apply(&mut s, at("p3", T0 + HOUR + h + 1, r#""type":"order_placed","order_id":"o","qty":2"#)).resent);
         assert_eq!(s.reserved, 2);
     }
@@ -747,7 +745,7 @@ mod tests {
         };
         let up = SkuState::decode(&old.encode().unwrap()).unwrap();
         assert_eq!((up.ordinal, up.on_hand, up.reserved, up.open_line_units()), (7, 5, 2, 2));
-        assert_eq!(*line(&up, "a"), Line { remaining: 2, shipped: 1, closed_ts: 0 });
+        assert_eq!(line(&up, "a"), Line { remaining: 2, shipped: 1, closed_ts: 0 });
         // An encoding from a newer stockflow is refused, not misread.
         let mut newer = s.encode().unwrap();
         newer[MAGIC.len()] = VERSION_APART + 1;

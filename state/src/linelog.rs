@@ -100,7 +100,7 @@ impl LineLogWriter {
     pub fn reset(&mut self, sku: u64, lines: &Lines) -> Result<(), StoreError> {
         let mut all = std::mem::take(&mut self.scratch);
         all.clear();
-        all.extend(lines.iter().map(|(k, l)| (*k, Some(*l))));
+        all.extend(lines.iter().map(|(k, l)| (k, Some(l))));
         let written = self.record(sku, true, None, &all);
         self.scratch = all;
         written
@@ -148,8 +148,10 @@ pub fn apply_row(row: &[u8], states: &mut [(String, SkuState)], index: &HashMap<
         for (key, line) in record.lines {
             match line {
                 Some(line) => state.lines.insert(key, line),
-                None => state.lines.remove(&key),
-            };
+                None => {
+                    state.lines.remove(key);
+                }
+            }
         }
     }
     Ok(())
@@ -179,12 +181,12 @@ mod tests {
             apply_row(row, &mut states, &index).unwrap();
         }
         let a: Vec<_> = {
-            let mut v: Vec<_> = states[0].1.lines.iter().map(|(k, l)| (*k, *l)).collect();
+            let mut v: Vec<_> = states[0].1.lines.iter().collect();
             v.sort_by_key(|(k, _)| *k);
             v
         };
         assert_eq!(a, vec![(1, line(2, 0))], "line 9 expired (10 + 100 < 1000) and 2 removed");
-        assert_eq!(states[1].1.lines.get(&3), Some(&line(0, 990)));
+        assert_eq!(states[1].1.lines.get(3), Some(line(0, 990)));
     }
 
     #[test]
