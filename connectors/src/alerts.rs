@@ -11,6 +11,7 @@ use hyper::body::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use stockflow_state::Effect;
+use stockflow_state::effects::{EffectKind, EffectKinds};
 use stockflow_state::outbox::Request;
 use tokio::sync::broadcast;
 
@@ -62,8 +63,8 @@ impl Connector for LogSink {
         "log"
     }
 
-    fn accepts(&self, effect: &Effect) -> bool {
-        effect.is_alert()
+    fn kinds(&self) -> EffectKinds {
+        EffectKinds::ALERTS
     }
 
     fn policy(&self) -> &DeliveryPolicy {
@@ -122,8 +123,8 @@ impl Connector for AlertFeed {
         "feed"
     }
 
-    fn accepts(&self, effect: &Effect) -> bool {
-        matches!(effect, Effect::Oversell(_))
+    fn kinds(&self) -> EffectKinds {
+        EffectKinds::of(EffectKind::Oversell)
     }
 
     fn policy(&self) -> &DeliveryPolicy {
@@ -218,8 +219,8 @@ impl Connector for AlertWebhook {
         "alerts-webhook"
     }
 
-    fn accepts(&self, effect: &Effect) -> bool {
-        effect.is_alert()
+    fn kinds(&self) -> EffectKinds {
+        EffectKinds::ALERTS
     }
 
     fn policy(&self) -> &DeliveryPolicy {

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use stockflow_state::Effect;
+use stockflow_state::effects::EffectKinds;
 use stockflow_state::outbox::Request;
 
 use crate::policy::{DeliveryPolicy, parse_retry_after};
@@ -64,8 +65,13 @@ pub trait Connector: Send + Sync + 'static {
     /// A low-cardinality name (metrics label, cursor key).
     fn name(&self) -> &'static str;
 
+    /// The kinds of effects this connector delivers (the outbox is read for those only).
+    fn kinds(&self) -> EffectKinds;
+
     /// True for the effects this connector delivers.
-    fn accepts(&self, effect: &Effect) -> bool;
+    fn accepts(&self, effect: &Effect) -> bool {
+        self.kinds().contains(effect.kind())
+    }
 
     /// Batching, retries, limits.
     fn policy(&self) -> &DeliveryPolicy;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use hyper::Method;
 use hyper::body::Bytes;
 use serde::{Deserialize, Serialize};
-use stockflow_state::effects::ReorderRequest;
+use stockflow_state::effects::{EffectKind, EffectKinds, ReorderRequest};
 use stockflow_state::outbox::Request;
 use stockflow_state::{Effect, StateStore};
 use tokio::sync::watch;
@@ -199,8 +199,8 @@ impl Connector for Manufacturer {
         "manufacturer"
     }
 
-    fn accepts(&self, effect: &Effect) -> bool {
-        matches!(effect, Effect::Reorder(_))
+    fn kinds(&self) -> EffectKinds {
+        EffectKinds::of(EffectKind::Reorder)
     }
 
     fn policy(&self) -> &DeliveryPolicy {

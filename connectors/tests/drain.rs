@@ -14,7 +14,7 @@ use stockflow_connectors::connector::request_key;
 use stockflow_connectors::drain::{Drain, DrainConfig, DrainControl};
 use stockflow_connectors::policy::{BreakerConfig, CircuitState, DeliveryPolicy, RateLimit};
 use stockflow_connectors::{Connector, Delivered, DeliveryError};
-use stockflow_state::effects::{JournalKind, JournalLine};
+use stockflow_state::effects::{EffectKind, EffectKinds, JournalKind, JournalLine};
 use stockflow_state::embedded::RedbStore;
 use stockflow_state::engine::DedupDelta;
 use stockflow_state::money::Currency;
@@ -56,8 +56,8 @@ impl Connector for Scripted {
     fn name(&self) -> &'static str {
         "scripted"
     }
-    fn accepts(&self, e: &Effect) -> bool {
-        matches!(e, Effect::Journal(_))
+    fn kinds(&self) -> EffectKinds {
+        EffectKinds::of(EffectKind::Journal)
     }
     fn policy(&self) -> &DeliveryPolicy {
         &self.policy
@@ -309,4 +309,118 @@ async fn a_restart_resends_the_saved_in_flight_request_verbatim() {
     let calls = restarted.calls();
     assert_eq!(calls[0].1, flight.request, "same key, same body");
     assert_eq!(delivered_ids(&calls).len(), 20);
+}
+
+/// The embedded store, counting the effects its outbox scans go over (what a drain reads, and
+/// on DynamoDB pays for).
+struct CountingReads {
+    inner: Arc<RedbStore>,
+    effects_read: AtomicUsize,
+}
+
+impl OutboxStore for CountingReads {
+    async fn outbox_shards(&self) -> Result<Vec<String>, stockflow_state::store::StoreError> {
+        self.inner.outbox_shards().await
+    }
+    async fn scan_outbox(
+        &self,
+        shard: &str,
+        after: Option<&stockflow_state::outbox::OutboxPos>,
+        max: usize,
+        kinds: EffectKinds,
+    ) -> Result<stockflow_state::outbox::OutboxScan, stockflow_state::store::StoreError> {
+        let page = self.inner.scan_outbox(shard, after, max, kinds).await?;
+        self.effects_read.fetch_add(page.scanned, Ordering::SeqCst);
+        Ok(page)
+    }
+    async fn cursor(
+        &self,
+        connector: &str,
+        shard: &str,
+    ) -> Result<stockflow_state::outbox::Cursor, stockflow_state::store::StoreError> {
+        self.inner.cursor(connector, shard).await
+    }
+    async fn save_cursor(
+        &self,
+        connector: &str,
+        shard: &str,
+        cursor: &stockflow_state::outbox::Cursor,
+        dead: Option<&stockflow_state::outbox::ConnectorDeadLetter>,
+        fence: Option<&stockflow_state::outbox::Fence>,
+    ) -> Result<(), stockflow_state::store::StoreError> {
+        self.inner.save_cursor(connector, shard, cursor, dead, fence).await
+    }
+    async fn connector_dead_letters(
+        &self,
+        connector: Option<&str>,
+    ) -> Result<Vec<stockflow_state::outbox::ConnectorDeadLetter>, stockflow_state::store::StoreError> {
+        self.inner.connector_dead_letters(connector).await
+    }
+    async fn put_dead_letter(
+        &self,
+        dead: &stockflow_state::outbox::ConnectorDeadLetter,
+        fence: Option<&stockflow_state::outbox::Fence>,
+    ) -> Result<(), stockflow_state::store::StoreError> {
+        self.inner.put_dead_letter(dead, fence).await
+    }
+    async fn remove_dead_letter(
+        &self,
+        connector: &str,
+        shard: &str,
+        key: &str,
+        fence: Option<&stockflow_state::outbox::Fence>,
+    ) -> Result<(), stockflow_state::store::StoreError> {
+        self.inner.remove_dead_letter(connector, shard, key, fence).await
+    }
+    async fn prune_delivered(
+        &self,
+        shard: &str,
+        through: &stockflow_state::outbox::Delivered,
+        written_before_ms: i64,
+    ) -> Result<u64, stockflow_state::store::StoreError> {
+        self.inner.prune_delivered(shard, through, written_before_ms).await
+    }
+}
+
+impl stockflow_state::book::BookStore for CountingReads {
+    async fn committed_max_ts(&self, shard: &str) -> Result<Option<i64>, stockflow_state::store::StoreError> {
+        self.inner.committed_max_ts(shard).await
+    }
+    async fn book_get(&self, connector: &str, key: &str) -> Result<Option<String>, stockflow_state::store::StoreError> {
+        self.inner.book_get(connector, key).await
+    }
+    async fn book_range(
+        &self,
+        connector: &str,
+        prefix: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<(String, String)>, stockflow_state::store::StoreError> {
+        self.inner.book_range(connector, prefix, after, max).await
+    }
+    async fn book_write(
+        &self,
+        connector: &str,
+        writes: &[stockflow_state::book::BookWrite],
+        cursor: Option<stockflow_state::book::CursorWrite<'_>>,
+        fence: Option<&stockflow_state::outbox::Fence>,
+    ) -> Result<(), stockflow_state::store::StoreError> {
+        self.inner.book_write(connector, writes, cursor, fence).await
+    }
+}
+
+/// Batches smaller than a read page: each effect is read once, not once per batch that
+/// overlaps the page (a scan read 1,000 effects for a batch of 100 and dropped 900 of them).
+#[tokio::test(start_paused = true)]
+async fn each_effect_is_read_once_when_batches_are_smaller_than_a_page() {
+    let (_dir, inner) = store_with(2_000, 1).await;
+    let store = Arc::new(CountingReads { inner, effects_read: AtomicUsize::new(0) });
+    let policy = DeliveryPolicy { max_batch: 100, linger: Duration::ZERO, ..DeliveryPolicy::default() };
+    let c = Scripted::new(policy, vec![]);
+    let drain = Arc::new(Drain::new(Arc::clone(&store), Arc::clone(&c), fast_config()));
+    let (ctl, _stop, _fin) = finish_now();
+    drain.clone().run(ctl).await.unwrap();
+    assert_eq!(delivered_ids(&c.calls()).len(), 2_000);
+    assert_eq!(c.calls().len(), 20, "batches of 100");
+    assert_eq!(store.effects_read.load(Ordering::SeqCst), 2_000, "every effect read once");
 }

@@ -123,6 +123,48 @@ pub struct CountDiscrepancy {
     pub ts: i64,
 }
 
+/// The kind of an [`Effect`] (its variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EffectKind {
+    /// [`Effect::Oversell`].
+    Oversell,
+    /// [`Effect::LowStock`].
+    LowStock,
+    /// [`Effect::Reorder`].
+    Reorder,
+    /// [`Effect::Journal`].
+    Journal,
+    /// [`Effect::Discrepancy`].
+    Discrepancy,
+}
+
+/// A set of effect kinds: what a connector delivers, so that reading the outbox for it decodes
+/// only those effects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectKinds(u8);
+
+impl EffectKinds {
+    /// Every kind.
+    pub const ALL: EffectKinds = EffectKinds(0b1_1111);
+    /// The alerts (oversell, low stock; see [`Effect::is_alert`]).
+    pub const ALERTS: EffectKinds = EffectKinds::of(EffectKind::Oversell).with(EffectKind::LowStock);
+
+    /// The set of one kind.
+    pub const fn of(kind: EffectKind) -> Self {
+        EffectKinds(1 << kind as u8)
+    }
+
+    /// This set and `kind`.
+    pub const fn with(self, kind: EffectKind) -> Self {
+        EffectKinds(self.0 | 1 << kind as u8)
+    }
+
+    /// True if `kind` is in the set.
+    pub const fn contains(self, kind: EffectKind) -> bool {
+        self.0 & 1 << kind as u8 != 0
+    }
+}
+
 /// One effect in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "effect", rename_all = "snake_case")]
@@ -183,7 +225,18 @@ impl Effect {
 
     /// True for alerts (oversell, low stock), the records `stockflow alerts dump` lists.
     pub fn is_alert(&self) -> bool {
-        matches!(self, Effect::Oversell(_) | Effect::LowStock(_))
+        EffectKinds::ALERTS.contains(self.kind())
+    }
+
+    /// Its kind.
+    pub fn kind(&self) -> EffectKind {
+        match self {
+            Effect::Oversell(_) => EffectKind::Oversell,
+            Effect::LowStock(_) => EffectKind::LowStock,
+            Effect::Reorder(_) => EffectKind::Reorder,
+            Effect::Journal(_) => EffectKind::Journal,
+            Effect::Discrepancy(_) => EffectKind::Discrepancy,
+        }
     }
 
     /// A low-cardinality label for metrics.

@@ -30,14 +30,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::book::{BookStore, BookWrite, CursorWrite, Expect};
 use crate::dedup::{DedupEntry, sku_id};
-use crate::effects::Effect;
 use crate::effects::codec::push_effect;
+use crate::effects::{Effect, EffectKinds};
 use crate::engine::{DedupDelta, ShardSnapshot};
 use crate::ledger::SkuState;
 use crate::linelog::{LineDelta, LineLogWriter};
-use crate::outbox::{
-    ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_effects, row_entries,
-};
+use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxPos, OutboxScan, OutboxStore, row_effects, row_entries};
 use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
 
 /// Largest `dedup` row: 65,536 entries (a whole number of them).
@@ -557,12 +555,13 @@ impl OutboxStore for RedbStore {
         .await
     }
 
-    async fn read_outbox(
+    async fn scan_outbox(
         &self,
         shard: &str,
         after: Option<&OutboxPos>,
         max: usize,
-    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        kinds: EffectKinds,
+    ) -> Result<OutboxScan, StoreError> {
         let shard = shard.to_string();
         let after = match after {
             Some(p) => {
@@ -576,15 +575,15 @@ impl OutboxStore for RedbStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let t = txn.open_table(OUTBOX).map_err(unavailable)?;
             let from = after.map_or(0, |(batch, _)| batch);
-            let mut out = Vec::new();
+            let mut out = OutboxScan::default();
             for row in t.range((shard.as_str(), from)..=(shard.as_str(), u64::MAX)).map_err(unavailable)? {
-                if out.len() >= max {
+                if out.scanned >= max {
                     break;
                 }
                 let (k, v) = row.map_err(unavailable)?;
                 let batch = k.value().1;
                 let skip = after.filter(|(b, _)| *b == batch).map(|(_, line)| line);
-                row_entries(&outbox_row(batch), v.value(), skip, max, &mut out)?;
+                row_entries(&outbox_row(batch), v.value(), skip, max, kinds, &mut out)?;
             }
             Ok(out)
         })
@@ -970,5 +969,18 @@ mod tests {
         assert_eq!(after.iter().map(|e| e.pos.clone()).collect::<Vec<_>>(), vec![at(0, 2), at(1, 0)]);
         let last = store.read_outbox("s", Some(&at(1, 0)), 100).await.unwrap();
         assert_eq!(last.into_iter().map(|e| e.effect).collect::<Vec<_>>(), effects[4..].to_vec());
+
+        // A scan for some kinds goes over every effect, JSON or binary, and keeps those.
+        for kind in effects.iter().map(Effect::kind) {
+            let want: Vec<&Effect> = effects.iter().filter(|e| e.kind() == kind).collect();
+            let scan = store.scan_outbox("s", None, 100, EffectKinds::of(kind)).await.unwrap();
+            assert_eq!(scan.entries.iter().map(|e| &e.effect).collect::<Vec<_>>(), want, "{kind:?}");
+            assert_eq!((scan.scanned, scan.through.clone()), (5, Some(at(1, 1))), "{kind:?}");
+        }
+        let alerts = store.scan_outbox("s", Some(&at(0, 0)), 3, EffectKinds::ALERTS).await.unwrap();
+        assert_eq!((alerts.scanned, alerts.through), (3, Some(at(1, 0))), "at most 3 gone over");
+        assert!(alerts.entries.iter().all(|e| e.effect.is_alert() && e.pos > at(0, 0)));
+        let none = store.scan_outbox("s", Some(&at(1, 1)), 100, EffectKinds::ALL).await.unwrap();
+        assert_eq!(none, OutboxScan::default(), "nothing after the last effect");
     }
 }

@@ -15,8 +15,8 @@ use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 
-use crate::effects::Effect;
 use crate::effects::codec::{RawEffect, RowEffects};
+use crate::effects::{Effect, EffectKinds};
 use crate::store::StoreError;
 
 /// A position in a shard's outbox: the row (one commit, or one commit part on DynamoDB) and the
@@ -133,7 +133,20 @@ pub trait OutboxStore: Send + Sync + 'static {
         shard: &str,
         after: Option<&OutboxPos>,
         max: usize,
-    ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send {
+        async move { Ok(self.scan_outbox(shard, after, max, EffectKinds::ALL).await?.entries) }
+    }
+
+    /// Goes over at most `max` effects of `shard` strictly after `after`, in commit order (fewer
+    /// only when the outbox ends there), and returns those of `kinds`: effects of other kinds
+    /// are counted and passed, not decoded.
+    fn scan_outbox(
+        &self,
+        shard: &str,
+        after: Option<&OutboxPos>,
+        max: usize,
+        kinds: EffectKinds,
+    ) -> impl Future<Output = Result<OutboxScan, StoreError>> + Send;
 
     /// The connector's cursor in `shard` (default: nothing delivered).
     fn cursor(&self, connector: &str, shard: &str) -> impl Future<Output = Result<Cursor, StoreError>> + Send;
@@ -252,28 +265,52 @@ pub async fn requeue_dead_letters<S: OutboxStore>(store: &S, connector: Option<&
     Ok(n)
 }
 
-/// Splits one outbox row ([`codec`](crate::effects::codec): binary effects, or JSON lines in rows
-/// written before) into entries after `skip_through` (an effect's index in the row, its "line"),
-/// until `out` holds `max` (a row can hold a whole commit: tens of thousands of effects). Skipped
-/// effects are not decoded.
+/// What [`OutboxStore::scan_outbox`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutboxScan {
+    /// The effects of the kinds asked for, in order.
+    pub entries: Vec<OutboxEntry>,
+    /// The last effect gone over, of any kind (`None`: none was).
+    pub through: Option<OutboxPos>,
+    /// Effects gone over, of any kind.
+    pub scanned: usize,
+}
+
+/// Goes over one outbox row ([`codec`](crate::effects::codec): binary effects, or JSON lines in
+/// rows written before) after `skip_through` (an effect's index in the row, its "line"), until
+/// `scan` went over `max` effects (a row can hold a whole commit: tens of thousands of effects),
+/// keeping the effects of `kinds`. Skipped effects and binary effects of other kinds are not
+/// decoded.
 pub(crate) fn row_entries(
     row: &str,
     bytes: &[u8],
     skip_through: Option<u32>,
     max: usize,
-    out: &mut Vec<OutboxEntry>,
+    kinds: EffectKinds,
+    scan: &mut OutboxScan,
 ) -> Result<(), StoreError> {
     let corrupt = |e: String| StoreError::Corrupt(format!("outbox row {row}: {e}"));
+    let mut last = None;
     for (line, raw) in RowEffects::new(bytes).enumerate() {
         let line = u32::try_from(line).map_err(|_| StoreError::Corrupt(format!("outbox row {row} too long")))?;
         let raw = raw.map_err(corrupt)?;
         if skip_through.is_some_and(|s| line <= s) {
             continue;
         }
-        if out.len() >= max {
+        if scan.scanned >= max {
             break;
         }
-        out.push(OutboxEntry { pos: OutboxPos { row: row.to_string(), line }, effect: raw.decode().map_err(corrupt)? });
+        scan.scanned += 1;
+        last = Some(line);
+        if raw.kind().is_none_or(|k| kinds.contains(k)) {
+            let effect = raw.decode().map_err(corrupt)?;
+            if kinds.contains(effect.kind()) {
+                scan.entries.push(OutboxEntry { pos: OutboxPos { row: row.to_string(), line }, effect });
+            }
+        }
+    }
+    if let Some(line) = last {
+        scan.through = Some(OutboxPos { row: row.to_string(), line });
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use stockflow_state::Effect;
-use stockflow_state::effects::{JournalKind, JournalLine};
+use stockflow_state::effects::{EffectKind, EffectKinds, JournalKind, JournalLine};
 use stockflow_state::money::Currency;
 use stockflow_state::outbox::Request;
 
@@ -509,8 +509,8 @@ impl Connector for Accounting {
         "accounting"
     }
 
-    fn accepts(&self, effect: &Effect) -> bool {
-        matches!(effect, Effect::Journal(_))
+    fn kinds(&self) -> EffectKinds {
+        EffectKinds::of(EffectKind::Journal)
     }
 
     fn policy(&self) -> &DeliveryPolicy {

@@ -167,7 +167,10 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
 
     /// Reads the outbox after `after` for the effects this connector accepts: at most `max` of
     /// them, the last position they cover (skipped effects included; `None` when nothing new),
-    /// and whether the outbox ended before `max` were found. Reads at most `SCAN_CAP` effects.
+    /// and whether the outbox ended before `max` were found. Goes over at most `SCAN_CAP`
+    /// effects; effects of other kinds are passed without being decoded, and the first read
+    /// goes no further than the batch lacks (what a read returns past a full batch is read and
+    /// decoded again by the next scan).
     pub(super) async fn scan(
         &self,
         shard: &str,
@@ -175,28 +178,31 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
         max: usize,
     ) -> Result<(Vec<OutboxEntry>, Option<OutboxPos>, bool), StoreError> {
         const SCAN_CAP: usize = 50_000;
+        let max = max.max(1);
         let mut batch = Vec::new();
         let mut through: Option<OutboxPos> = None;
         let mut scanned = 0;
         loop {
-            let page = self.store.read_outbox(shard, through.as_ref().or(after), self.cfg.read_max).await?;
-            let n = page.len();
-            for e in page {
-                if self.connector.accepts(&e.effect) {
-                    if batch.len() == max {
-                        return Ok((batch, through, false));
-                    }
-                    through = Some(e.pos.clone());
-                    batch.push(e);
-                } else {
-                    through = Some(e.pos);
+            // First what the batch lacks; once effects were skipped, whole pages.
+            let page_max = self.cfg.read_max.max(1);
+            let want = if scanned == 0 { max.min(page_max) } else { page_max };
+            let page = self.store.scan_outbox(shard, through.as_ref().or(after), want, self.connector.kinds()).await?;
+            for e in page.entries {
+                if batch.len() == max {
+                    return Ok((batch, through, false));
                 }
+                through = Some(e.pos.clone());
+                batch.push(e);
             }
+            if page.through.is_some() {
+                through = page.through;
+            }
+            let n = page.scanned;
             scanned += n;
-            if n < self.cfg.read_max {
+            if n < want {
                 return Ok((batch, through, true));
             }
-            if scanned >= SCAN_CAP {
+            if batch.len() >= max || scanned >= SCAN_CAP {
                 return Ok((batch, through, false));
             }
         }

@@ -15,7 +15,8 @@ use aws_sdk_dynamodb::types::builders::PutBuilder;
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem};
 
 use super::{DynamoStore, Item, blob, sdk_error};
-use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxEntry, OutboxPos, OutboxStore, row_entries};
+use crate::effects::EffectKinds;
+use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxPos, OutboxScan, OutboxStore, row_entries};
 use crate::store::{StateStore, StoreError};
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -171,20 +172,21 @@ impl OutboxStore for DynamoStore {
         Ok(self.checkpoints().await?.into_iter().map(|(shard, _)| shard).collect())
     }
 
-    async fn read_outbox(
+    async fn scan_outbox(
         &self,
         shard: &str,
         after: Option<&OutboxPos>,
         max: usize,
-    ) -> Result<Vec<OutboxEntry>, StoreError> {
-        let mut out = Vec::new();
+        kinds: EffectKinds,
+    ) -> Result<OutboxScan, StoreError> {
+        let mut out = OutboxScan::default();
         let mut start: Option<Item> = None;
         // The part being joined: (row = "{checkpointKey}#{part}", bytes).
         let mut part: Option<(String, Vec<u8>)> = None;
-        let flush = |part: &mut Option<(String, Vec<u8>)>, out: &mut Vec<OutboxEntry>| -> Result<(), StoreError> {
+        let flush = |part: &mut Option<(String, Vec<u8>)>, out: &mut OutboxScan| -> Result<(), StoreError> {
             if let Some((row, bytes)) = part.take() {
                 let skip = after.filter(|a| a.row == row).map(|a| a.line);
-                row_entries(&row, &bytes, skip, max, out)?;
+                row_entries(&row, &bytes, skip, max, kinds, out)?;
             }
             Ok(())
         };
@@ -209,7 +211,7 @@ impl OutboxStore for DynamoStore {
                 let row = seq.rsplit_once('#').map_or(seq.as_str(), |(p, _)| p).to_string();
                 if part.as_ref().is_none_or(|(r, _)| *r != row) {
                     flush(&mut part, &mut out)?;
-                    if out.len() >= max {
+                    if out.scanned >= max {
                         return Ok(out);
                     }
                     part = Some((row, Vec::new()));

@@ -13,7 +13,8 @@
 use rust_decimal::Decimal;
 
 use super::{
-    CountDiscrepancy, Effect, JournalKind, JournalLine, LowStockAlert, OversellAlert, OversellCause, ReorderRequest,
+    CountDiscrepancy, Effect, EffectKind, JournalKind, JournalLine, LowStockAlert, OversellAlert, OversellCause,
+    ReorderRequest,
 };
 use crate::money::Currency;
 
@@ -191,6 +192,18 @@ pub enum RawEffect<'a> {
 }
 
 impl RawEffect<'_> {
+    /// Its kind, read without decoding it (`None` for a JSON line: decode it to know).
+    pub fn kind(self) -> Option<EffectKind> {
+        match self {
+            RawEffect::Binary([OVERSELL, ..]) => Some(EffectKind::Oversell),
+            RawEffect::Binary([LOW_STOCK, ..]) => Some(EffectKind::LowStock),
+            RawEffect::Binary([REORDER, ..]) => Some(EffectKind::Reorder),
+            RawEffect::Binary([JOURNAL, ..]) => Some(EffectKind::Journal),
+            RawEffect::Binary([DISCREPANCY, ..]) => Some(EffectKind::Discrepancy),
+            RawEffect::Binary(_) | RawEffect::Json(_) => None,
+        }
+    }
+
     /// Decodes it.
     pub fn decode(self) -> Result<Effect, String> {
         match self {
