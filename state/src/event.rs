@@ -251,28 +251,78 @@ struct RawEvent<'a> {
     qty: Option<i64>,
     #[serde(default)]
     shipped_total: Option<i64>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed")]
     order_id: Option<Cow<'a, str>>,
     #[serde(default)]
     delta: Option<i64>,
     #[serde(default)]
     on_hand: Option<i64>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed")]
     unit_price: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed")]
     unit_cost: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "borrowed")]
     currency: Option<Cow<'a, str>>,
     #[serde(default)]
     ingested_at: Option<Stamp>,
 }
 
-/// `ingested_at` is informational: a value that is not an integer is ignored, not an error.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stamp {
-    Millis(i64),
-    Other(serde::de::IgnoredAny),
+/// An optional string, borrowed from the input when it has no escapes. (serde borrows a
+/// `Cow<str>` field, but deserializes an `Option<Cow<str>>` as owned: an allocation per field.)
+fn borrowed<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'a>>::deserialize(d)?.map(|b| b.0))
+}
+
+/// `ingested_at` is informational: a value that is not an integer in `i64` is ignored, not an
+/// error. (Read by a visitor that takes any value as it comes: serde's untagged enum did the same
+/// by buffering the value first, an allocation per event.)
+struct Stamp(Option<i64>);
+
+impl<'de> Deserialize<'de> for Stamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Stamp;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Stamp, E> {
+                Ok(Stamp(Some(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Stamp, E> {
+                Ok(Stamp(i64::try_from(v).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Stamp, E> {
+                Ok(Stamp(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Stamp, E> {
+                Ok(Stamp(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Stamp, E> {
+                Ok(Stamp(None))
+            }
+            fn visit_unit<E>(self) -> Result<Stamp, E> {
+                Ok(Stamp(None))
+            }
+            fn visit_none<E>(self) -> Result<Stamp, E> {
+                Ok(Stamp(None))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Stamp, D::Error> {
+                Stamp::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Stamp, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Stamp(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Stamp, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Stamp(None))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 /// Decodes and validates one canonical event from JSON bytes.
@@ -414,10 +464,7 @@ fn validate(raw: RawEvent<'_>) -> Result<Event<'_>, DecodeError> {
     {
         return Err(DecodeError::field_err("order_id", "must be 1–256 bytes"));
     }
-    let ingested_at = match raw.ingested_at {
-        Some(Stamp::Millis(ms)) => Some(ms),
-        Some(Stamp::Other(_)) | None => None,
-    };
+    let ingested_at = raw.ingested_at.and_then(|s| s.0);
     Ok(Event { id: raw.id, sku: raw.sku, ts: raw.ts, ingested_at, body })
 }
 
@@ -491,12 +538,49 @@ mod tests {
         assert!(matches!(ev.id, Cow::Borrowed(_)));
         assert_eq!(ev.sku, "MUG-BLUE-12OZ");
         assert_eq!(ev.ts, 1_795_773_600_123);
-        let EventBody::OrderPlaced { qty, unit_price, .. } = &ev.body else { panic!("{ev:?}") };
+        let EventBody::OrderPlaced { qty, unit_price, order_id } = &ev.body else { panic!("{ev:?}") };
+        assert!(matches!(order_id, Cow::Borrowed("114-3941689-8772232")), "optional strings borrowed too");
         assert_eq!(*qty, 2);
         assert_eq!(unit_price.unwrap().amount.to_string(), "19.99");
         let json = ev.to_json();
         let again = decode(json.as_bytes()).unwrap();
         assert_eq!(again, ev);
+    }
+
+    /// A string with an escape cannot be borrowed: it is decoded into its own, equal value.
+    #[test]
+    fn escaped_strings_are_owned_and_unescaped() {
+        let json = r#"{"id":"a\u0031","type":"order_cancelled","sku":"S","ts":1795737600000,"order_id":"o\"1"}"#;
+        let ev = decode(json.as_bytes()).unwrap();
+        assert!(matches!(&ev.id, Cow::Owned(id) if id == "a1"));
+        let EventBody::OrderCancelled { order_id, .. } = &ev.body else { panic!("{ev:?}") };
+        assert!(matches!(order_id, Cow::Owned(o) if o == "o\"1"));
+    }
+
+    /// `ingested_at` is informational: an integer in `i64` is kept, any other value ignored
+    /// (consumed whole, so the fields after it still read).
+    #[test]
+    fn ingested_at_is_kept_when_an_integer_and_ignored_otherwise() {
+        let cases = [
+            ("1795737600123", Some(1_795_737_600_123)),
+            ("-5", Some(-5)),
+            ("null", None),
+            ("1.5", None),
+            ("1e12", None),
+            ("18446744073709551615", None),
+            (r#""1795737600123""#, None),
+            ("true", None),
+            ("[1,[2,{\"a\":3}]]", None),
+            (r#"{"a":{"b":[1]},"c":"d"}"#, None),
+        ];
+        for (value, want) in cases {
+            let json = format!(
+                r#"{{"id":"a","type":"stock_adjusted","ingested_at":{value},"sku":"S","ts":1795737600000,"delta":3}}"#
+            );
+            let ev = decode(json.as_bytes()).unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(ev.ingested_at, want, "{value}");
+            assert_eq!((ev.sku.as_ref(), &ev.body), ("S", &EventBody::StockAdjusted { delta: 3 }), "{value}");
+        }
     }
 
     #[test]

@@ -142,6 +142,15 @@ const VERSION: u8 = 2;
 /// line changes to a log of their own (the embedded store, [`crate::linelog`]).
 const VERSION_APART: u8 = 3;
 
+/// An effect's id: its kind's prefix and the event's id, in one allocation of the exact size
+/// (`format!` grew its buffer on the way: an extra allocation per effect).
+fn effect_id(prefix: &str, id: &str) -> String {
+    let mut s = String::with_capacity(prefix.len().saturating_add(id.len()));
+    s.push_str(prefix);
+    s.push_str(id);
+    s
+}
+
 fn units(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
 }
@@ -238,7 +247,7 @@ impl SkuState {
                     if shortfall > 0 {
                         self.oversells = self.oversells.saturating_add(1);
                         effects.push(Effect::Oversell(OversellAlert {
-                            alert_id: format!("oversell:{}", ev.id),
+                            alert_id: effect_id("oversell:", &ev.id),
                             sku: ev.sku.to_string(),
                             order_id: Some(order_id.to_string()),
                             requested: qty,
@@ -336,7 +345,7 @@ impl SkuState {
                     self.cost_currency = Some(cost.currency);
                     if !amount.is_zero() {
                         effects.push(Effect::Journal(JournalLine {
-                            entry_id: format!("inventory:{}", ev.id),
+                            entry_id: effect_id("inventory:", &ev.id),
                             sku: ev.sku.to_string(),
                             kind: JournalKind::InventoryReceipt,
                             qty: *qty,
@@ -353,7 +362,7 @@ impl SkuState {
                 let discrepancy = on_hand.saturating_sub(self.on_hand);
                 if discrepancy != 0 {
                     effects.push(Effect::Discrepancy(CountDiscrepancy {
-                        id: format!("count:{}", ev.id),
+                        id: effect_id("count:", &ev.id),
                         sku: ev.sku.to_string(),
                         expected: self.on_hand,
                         counted: *on_hand,
@@ -366,7 +375,7 @@ impl SkuState {
                 if before >= 0 && after < 0 {
                     self.oversells = self.oversells.saturating_add(1);
                     effects.push(Effect::Oversell(OversellAlert {
-                        alert_id: format!("oversell:{}", ev.id),
+                        alert_id: effect_id("oversell:", &ev.id),
                         sku: ev.sku.to_string(),
                         order_id: None,
                         requested: self.reserved,
@@ -382,14 +391,14 @@ impl SkuState {
         let reorder_point = rules.reorder_point;
         if reorder_point > 0 && before > reorder_point && after <= reorder_point {
             effects.push(Effect::LowStock(LowStockAlert {
-                alert_id: format!("low_stock:{}", ev.id),
+                alert_id: effect_id("low_stock:", &ev.id),
                 sku: ev.sku.to_string(),
                 available: after,
                 reorder_point,
                 ts: ev.ts,
             }));
             effects.push(Effect::Reorder(ReorderRequest {
-                request_id: format!("reorder:{}", ev.id),
+                request_id: effect_id("reorder:", &ev.id),
                 sku: ev.sku.to_string(),
                 available: after,
                 reorder_point,
@@ -419,7 +428,7 @@ impl SkuState {
             reason: format!("COGS of {q} units at {} exceeds 10^20 (see docs/state.md, money limits)", self.avg_cost),
         })?;
         Ok((!amount.is_zero()).then(|| JournalLine {
-            entry_id: format!("cogs:{}", ev.id),
+            entry_id: effect_id("cogs:", &ev.id),
             sku: ev.sku.to_string(),
             kind: JournalKind::Cogs,
             qty: q,
