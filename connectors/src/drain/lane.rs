@@ -179,12 +179,12 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
     ) -> Result<(Vec<OutboxEntry>, Option<OutboxPos>, bool), StoreError> {
         const SCAN_CAP: usize = 50_000;
         let max = max.max(1);
+        let page_max = self.cfg.read_max.max(1);
         let mut batch = Vec::new();
         let mut through: Option<OutboxPos> = None;
         let mut scanned = 0;
         loop {
             // First what the batch lacks; once effects were skipped, whole pages.
-            let page_max = self.cfg.read_max.max(1);
             let want = if scanned == 0 { max.min(page_max) } else { page_max };
             let page = self.store.scan_outbox(shard, through.as_ref().or(after), want, self.connector.kinds()).await?;
             for e in page.entries {
