@@ -241,12 +241,12 @@ impl Effect {
 
     /// A low-cardinality label for metrics.
     pub fn kind_label(&self) -> &'static str {
-        match self {
-            Effect::Oversell(_) => "oversell",
-            Effect::LowStock(_) => "low_stock",
-            Effect::Reorder(_) => "reorder",
-            Effect::Journal(_) => "journal",
-            Effect::Discrepancy(_) => "discrepancy",
+        match self.kind() {
+            EffectKind::Oversell => "oversell",
+            EffectKind::LowStock => "low_stock",
+            EffectKind::Reorder => "reorder",
+            EffectKind::Journal => "journal",
+            EffectKind::Discrepancy => "discrepancy",
         }
     }
 }

@@ -271,10 +271,11 @@ impl SkuState {
             }
             EventBody::OrderCancelled { order_id, qty } => {
                 let key = line_key(order_id);
-                match self.lines.get(key) {
-                    Some(mut line) if line.is_open() => {
-                        let released = line.release(qty.unwrap_or(i64::from(line.remaining)), ev.ts);
-                        self.lines.insert(key, line);
+                let released = self.lines.modify(key, |line| {
+                    line.is_open().then(|| line.release(qty.unwrap_or(i64::from(line.remaining)), ev.ts))
+                });
+                match released.flatten() {
+                    Some(released) => {
                         self.reserved = self.reserved.saturating_sub(released);
                         out.contribution.cancelled = released.unsigned_abs();
                         out.line = Some(key);

@@ -27,6 +27,42 @@ const REORDER: u8 = 3;
 const JOURNAL: u8 = 4;
 const DISCREPANCY: u8 = 5;
 
+/// The payload's first byte for a kind.
+fn kind_code(kind: EffectKind) -> u8 {
+    match kind {
+        EffectKind::Oversell => OVERSELL,
+        EffectKind::LowStock => LOW_STOCK,
+        EffectKind::Reorder => REORDER,
+        EffectKind::Journal => JOURNAL,
+        EffectKind::Discrepancy => DISCREPANCY,
+    }
+}
+
+/// The kind a payload's first byte names ([`kind_code`] backwards).
+fn code_kind(code: u8) -> Option<EffectKind> {
+    match code {
+        OVERSELL => Some(EffectKind::Oversell),
+        LOW_STOCK => Some(EffectKind::LowStock),
+        REORDER => Some(EffectKind::Reorder),
+        JOURNAL => Some(EffectKind::Journal),
+        DISCREPANCY => Some(EffectKind::Discrepancy),
+        _ => None,
+    }
+}
+
+/// `v` as a LEB128 varint: the bytes and how many of them are used.
+fn varint(mut v: u128) -> ([u8; 19], usize) {
+    let mut buf = [0u8; 19];
+    let mut n = 0;
+    while v >= 0x80 {
+        buf[n] = v as u8 | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    buf[n] = v as u8;
+    (buf, n + 1)
+}
+
 /// Appends `effect` to an outbox row: [`BINARY`], the payload length, the payload.
 pub fn push_effect(row: &mut Vec<u8>, effect: &Effect) {
     row.push(BINARY);
@@ -35,32 +71,17 @@ pub fn push_effect(row: &mut Vec<u8>, effect: &Effect) {
     let at = row.len();
     row.push(0);
     encode_payload(row, effect);
-    let mut len = (row.len() - at - 1) as u64;
-    // The varint, least significant group first: the first byte goes in the reserved slot.
-    let mut extra = [0u8; 9];
-    let mut n = 0;
-    row[at] = len as u8 & 0x7f;
-    while len >= 0x80 {
-        len >>= 7;
-        let slot = if n == 0 { &mut row[at] } else { &mut extra[n - 1] };
-        *slot |= 0x80;
-        extra[n] = len as u8 & 0x7f;
-        n += 1;
-    }
-    if n > 0 {
-        row.splice(at + 1..at + 1, extra[..n].iter().copied());
+    // The first byte of the length goes in the reserved slot, the rest (if any) after it.
+    let (len, n) = varint((row.len() - at - 1) as u128);
+    row[at] = len[0];
+    if n > 1 {
+        row.splice(at + 1..at + 1, len[1..n].iter().copied());
     }
 }
 
 /// Kind, id and SKU (every effect has them, in that order), then the kind's own fields.
 fn encode_payload(out: &mut Vec<u8>, effect: &Effect) {
-    out.push(match effect {
-        Effect::Oversell(_) => OVERSELL,
-        Effect::LowStock(_) => LOW_STOCK,
-        Effect::Reorder(_) => REORDER,
-        Effect::Journal(_) => JOURNAL,
-        Effect::Discrepancy(_) => DISCREPANCY,
-    });
+    out.push(kind_code(effect.kind()));
     put_str(out, effect.id());
     put_str(out, effect.sku());
     match effect {
@@ -195,12 +216,8 @@ impl RawEffect<'_> {
     /// Its kind, read without decoding it (`None` for a JSON line: decode it to know).
     pub fn kind(self) -> Option<EffectKind> {
         match self {
-            RawEffect::Binary([OVERSELL, ..]) => Some(EffectKind::Oversell),
-            RawEffect::Binary([LOW_STOCK, ..]) => Some(EffectKind::LowStock),
-            RawEffect::Binary([REORDER, ..]) => Some(EffectKind::Reorder),
-            RawEffect::Binary([JOURNAL, ..]) => Some(EffectKind::Journal),
-            RawEffect::Binary([DISCREPANCY, ..]) => Some(EffectKind::Discrepancy),
-            RawEffect::Binary(_) | RawEffect::Json(_) => None,
+            RawEffect::Binary([code, ..]) => code_kind(*code),
+            RawEffect::Binary([]) | RawEffect::Json(_) => None,
         }
     }
 
@@ -254,20 +271,13 @@ impl<'a> Iterator for RowEffects<'a> {
     }
 }
 
-fn put_u64(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    put_u128(out, u128::from(v));
 }
 
-fn put_u128(out: &mut Vec<u8>, mut v: u128) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+fn put_u128(out: &mut Vec<u8>, v: u128) {
+    let (bytes, n) = varint(v);
+    out.extend_from_slice(&bytes[..n]);
 }
 
 fn put_i64(out: &mut Vec<u8>, v: i64) {
@@ -369,6 +379,9 @@ mod tests {
         let effects = one_of_each();
         let row = row_of(&effects);
         assert_eq!(read(&row).unwrap(), effects);
+        let kinds: Vec<Option<EffectKind>> = RowEffects::new(&row).map(|raw| raw.unwrap().kind()).collect();
+        assert_eq!(kinds, effects.iter().map(|e| Some(e.kind())).collect::<Vec<_>>(), "kinds read without decoding");
+        assert!(RawEffect::Binary(&[]).kind().is_none() && RawEffect::Binary(&[9]).kind().is_none());
         let json: usize = effects.iter().map(|e| serde_json::to_vec(e).unwrap().len() + 1).sum();
         assert!(row.len() * 2 < json, "binary {} bytes, JSON {json}", row.len());
     }

@@ -83,6 +83,15 @@ impl Lines {
         self.0.contains_key(&Key::new(key))
     }
 
+    /// Changes the line under `key` in place (one lookup), returning what `change` returns.
+    pub fn modify<R>(&mut self, key: u64, change: impl FnOnce(&mut Line) -> R) -> Option<R> {
+        let packed = self.0.get_mut(&Key::new(key))?;
+        let mut line = packed.line();
+        let out = change(&mut line);
+        *packed = Packed::new(line);
+        Some(out)
+    }
+
     /// Puts `line` under `key`.
     pub fn insert(&mut self, key: u64, line: Line) {
         self.0.insert(Key::new(key), Packed::new(line));
@@ -196,6 +205,9 @@ mod tests {
             assert_eq!(lines.get(u64::MAX - i as u64), Some(*line));
         }
         assert_eq!(lines.len(), cases.len());
+        assert_eq!(lines.modify(u64::MAX - 3, |l| std::mem::replace(&mut l.shipped, 8)), Some(7));
+        assert_eq!(lines.get(u64::MAX - 3), Some(Line { shipped: 8, ..cases[3] }));
+        assert_eq!(lines.modify(1, |_| ()), None, "no line, no change");
         assert_eq!(lines.remove(u64::MAX), Some(cases[0]));
         assert!(!lines.contains_key(u64::MAX) && lines.get(u64::MAX).is_none());
     }
