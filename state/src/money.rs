@@ -88,49 +88,108 @@ pub const AVG_COST_LIMIT: i128 = 1_000_000_000_000_000_000;
 /// A booked amount (a journal line, cumulative COGS) must be below 10²⁰.
 pub const AMOUNT_LIMIT: i128 = 100_000_000_000_000_000_000;
 
-fn pow10(n: u32) -> Option<I256> {
-    I256::from(10i128).checked_pow(n)
+/// The integers the exact arithmetic runs in: `i128` first (the common case: it is several times
+/// faster), `I256` when an intermediate value does not fit. Both compute the same integers with
+/// the same truncating division, so a result computed in `i128` is the one `I256` would give;
+/// any `None` in `i128` (an overflow, or a legitimate refusal) is computed again in `I256`, which
+/// decides.
+trait Exact: Copy + Ord {
+    const ZERO: Self;
+    const ONE: Self;
+    fn of(v: i128) -> Self;
+    fn narrow(self) -> Option<i128>;
+    fn add(self, o: Self) -> Option<Self>;
+    fn sub(self, o: Self) -> Option<Self>;
+    fn mul(self, o: Self) -> Option<Self>;
+    fn div(self, o: Self) -> Option<Self>;
+    fn rem(self, o: Self) -> Option<Self>;
+    fn abs(self) -> Option<Self>;
+    fn negative(self) -> bool;
+    fn pow10(n: u32) -> Option<Self>;
 }
 
+macro_rules! exact {
+    ($t:ty, $zero:expr, $one:expr, $narrow:expr) => {
+        impl Exact for $t {
+            const ZERO: Self = $zero;
+            const ONE: Self = $one;
+            fn of(v: i128) -> Self {
+                <$t>::from(v)
+            }
+            fn narrow(self) -> Option<i128> {
+                $narrow(self)
+            }
+            fn add(self, o: Self) -> Option<Self> {
+                self.checked_add(o)
+            }
+            fn sub(self, o: Self) -> Option<Self> {
+                self.checked_sub(o)
+            }
+            fn mul(self, o: Self) -> Option<Self> {
+                self.checked_mul(o)
+            }
+            fn div(self, o: Self) -> Option<Self> {
+                self.checked_div(o)
+            }
+            fn rem(self, o: Self) -> Option<Self> {
+                self.checked_rem(o)
+            }
+            fn abs(self) -> Option<Self> {
+                self.checked_abs()
+            }
+            fn negative(self) -> bool {
+                self.is_negative()
+            }
+            fn pow10(n: u32) -> Option<Self> {
+                <$t>::from(10i128).checked_pow(n)
+            }
+        }
+    };
+}
+
+exact!(i128, 0, 1, Some);
+exact!(I256, I256::ZERO, I256::ONE, |v: I256| i128::try_from(v).ok());
+
 /// `num / den` rounded half to even (`den > 0`).
-fn div_half_even(num: I256, den: I256) -> Option<I256> {
-    let q = num.checked_div(den)?;
-    let r = num.checked_rem(den)?;
-    let twice = r.checked_abs()?.checked_mul(I256::from(2i128))?;
+fn div_half_even<T: Exact>(num: T, den: T) -> Option<T> {
+    let q = num.div(den)?;
+    let r = num.rem(den)?;
+    let two = T::of(2);
+    let twice = r.abs()?.mul(two)?;
     let away = match twice.cmp(&den) {
         std::cmp::Ordering::Greater => true,
-        std::cmp::Ordering::Equal => q.checked_rem(I256::from(2i128))? != I256::ZERO,
+        std::cmp::Ordering::Equal => q.rem(two)? != T::ZERO,
         std::cmp::Ordering::Less => false,
     };
     if !away {
         return Some(q);
     }
-    if num.is_negative() { q.checked_sub(I256::ONE) } else { q.checked_add(I256::ONE) }
+    if num.negative() { q.sub(T::ONE) } else { q.add(T::ONE) }
 }
 
 /// `value / 10^scale` as a decimal when `|value| < limit · 10^scale`.
-fn bounded(value: I256, scale: u32, limit: i128) -> Option<Decimal> {
-    let max = I256::from(limit).checked_mul(pow10(scale)?)?;
-    if value.checked_abs()? >= max {
+fn bounded<T: Exact>(value: T, scale: u32, limit: i128) -> Option<Decimal> {
+    let max = T::of(limit).mul(T::pow10(scale)?)?;
+    if value.abs()? >= max {
         return None;
     }
-    Decimal::try_from_i128_with_scale(i128::try_from(value).ok()?, scale).ok()
-}
-
-fn parts(d: Decimal) -> (I256, u32) {
-    (I256::from(d.mantissa()), d.scale())
+    Decimal::try_from_i128_with_scale(value.narrow()?, scale).ok()
 }
 
 /// `qty × unit`, computed exactly and rounded half to even to the currency's minor unit; `None`
 /// when the result is not below [`AMOUNT_LIMIT`].
 pub fn line_amount(unit: Decimal, qty: i64, currency: Currency) -> Option<Decimal> {
-    let (m, s) = parts(unit);
-    let exact = m.checked_mul(I256::from(i128::from(qty)))?;
+    line_amount_in::<i128>(unit, qty, currency).or_else(|| line_amount_in::<I256>(unit, qty, currency))
+}
+
+fn line_amount_in<T: Exact>(unit: Decimal, qty: i64, currency: Currency) -> Option<Decimal> {
+    let (m, s) = (T::of(unit.mantissa()), unit.scale());
+    let exact = m.mul(T::of(i128::from(qty)))?;
     let minor = currency.minor_units();
     let rounded = if s <= minor {
-        exact.checked_mul(pow10(minor.checked_sub(s)?)?)?
+        exact.mul(T::pow10(minor.checked_sub(s)?)?)?
     } else {
-        div_half_even(exact, pow10(s.checked_sub(minor)?)?)?
+        div_half_even(exact, T::pow10(s.checked_sub(minor)?)?)?
     };
     bounded(rounded, minor, AMOUNT_LIMIT)
 }
@@ -140,21 +199,26 @@ pub fn line_amount(unit: Decimal, qty: i64, currency: Currency) -> Option<Decima
 /// [`AVG_COST_DP`] places and normalised (`4.10` is `4.1`); `None` when it is not below
 /// [`AVG_COST_LIMIT`] or the quantities are not positive.
 pub fn average_cost(on_hand: i64, avg: Decimal, qty: i64, cost: Decimal) -> Option<Decimal> {
+    average_cost_in::<i128>(on_hand, avg, qty, cost).or_else(|| average_cost_in::<I256>(on_hand, avg, qty, cost))
+}
+
+fn average_cost_in<T: Exact>(on_hand: i64, avg: Decimal, qty: i64, cost: Decimal) -> Option<Decimal> {
     if on_hand < 0 || qty < 1 {
         return None;
     }
-    let (ma, sa) = parts(avg);
-    let (mc, sc) = parts(cost);
+    let (ma, sa) = (T::of(avg.mantissa()), avg.scale());
+    let (mc, sc) = (T::of(cost.mantissa()), cost.scale());
     let s = sa.max(sc);
-    let units = I256::from(i128::from(on_hand)).checked_add(I256::from(i128::from(qty)))?;
-    let held = I256::from(i128::from(on_hand)).checked_mul(ma)?.checked_mul(pow10(s.checked_sub(sa)?)?)?;
-    let added = I256::from(i128::from(qty)).checked_mul(mc)?.checked_mul(pow10(s.checked_sub(sc)?)?)?;
-    let num = held.checked_add(added)?;
+    let (on_hand, qty) = (T::of(i128::from(on_hand)), T::of(i128::from(qty)));
+    let units = on_hand.add(qty)?;
+    let held = on_hand.mul(ma)?.mul(T::pow10(s.checked_sub(sa)?)?)?;
+    let added = qty.mul(mc)?.mul(T::pow10(s.checked_sub(sc)?)?)?;
+    let num = held.add(added)?;
     // value = num / (units · 10^s); at AVG_COST_DP places: num · 10^dp / (units · 10^s).
     let rounded = if s >= AVG_COST_DP {
-        div_half_even(num, units.checked_mul(pow10(s.checked_sub(AVG_COST_DP)?)?)?)?
+        div_half_even(num, units.mul(T::pow10(s.checked_sub(AVG_COST_DP)?)?)?)?
     } else {
-        div_half_even(num.checked_mul(pow10(AVG_COST_DP.checked_sub(s)?)?)?, units)?
+        div_half_even(num.mul(T::pow10(AVG_COST_DP.checked_sub(s)?)?)?, units)?
     };
     bounded(rounded, AVG_COST_DP, AVG_COST_LIMIT).map(|d| d.normalize())
 }
@@ -222,6 +286,47 @@ mod tests {
         let cap = Decimal::from_i128_with_scale(AMOUNT_LIMIT, 0);
         assert_eq!(add_capped(cap, d("0.01")), cap);
         assert_eq!(add_capped(d("1.10"), d("2.25")), d("3.35"));
+    }
+
+    /// A mantissa of up to 96 bits at any scale (what a `Decimal` holds): small ones often, so
+    /// the `i128` path is taken, and 28-digit ones that overflow it.
+    fn decimal() -> impl proptest::strategy::Strategy<Value = Decimal> {
+        use proptest::prelude::*;
+        let mantissa = prop_oneof![-1_000_000i128..1_000_000, -(1i128 << 96) + 1..(1i128 << 96)];
+        (mantissa, 0u32..=28).prop_map(|(m, s)| Decimal::from_i128_with_scale(m, s))
+    }
+
+    fn quantity() -> impl proptest::strategy::Strategy<Value = i64> {
+        use proptest::prelude::*;
+        prop_oneof![-1_000i64..100_000, any::<i64>()]
+    }
+
+    proptest::proptest! {
+        /// The `i128` arithmetic gives what the 256-bit arithmetic gives, overflow or not.
+        #[test]
+        fn narrow_and_wide_arithmetic_agree(
+            unit in decimal(), avg in decimal(), qty in quantity(), on_hand in quantity(),
+            currency in proptest::sample::select(vec!["USD", "JPY", "KWD", "CLF"]),
+        ) {
+            let currency = Currency::parse(currency).unwrap();
+            proptest::prop_assert_eq!(line_amount(unit, qty, currency), line_amount_in::<I256>(unit, qty, currency));
+            proptest::prop_assert_eq!(
+                average_cost(on_hand, avg, qty, unit),
+                average_cost_in::<I256>(on_hand, avg, qty, unit)
+            );
+        }
+    }
+
+    #[test]
+    fn everyday_amounts_are_computed_in_i128() {
+        let d = |s| Decimal::from_str(s).unwrap();
+        assert_eq!(line_amount_in::<i128>(d("19.995"), 3, Currency::USD), Some(d("59.98")));
+        assert_eq!(average_cost_in::<i128>(120, d("4.1"), 30, d("4.35")), Some(d("4.15")));
+        // 28 digits times a large quantity needs 256 bits: the narrow path declines, the wide decides.
+        let third = d("0.3333333333333333333333333333");
+        let many = 1_000_000_000_000;
+        assert_eq!(average_cost_in::<i128>(many, third, many, third), None);
+        assert_eq!(average_cost(many, third, many, third), Some(d("0.3333333333")));
     }
 
     #[test]
