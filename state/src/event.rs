@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::money::{Currency, Money};
 
+mod scan;
+
 /// Longest accepted event id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
 /// Longest accepted SKU, in bytes.
@@ -239,6 +241,7 @@ impl DecodeError {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct RawEvent<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
@@ -278,6 +281,7 @@ fn borrowed<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow
 /// `ingested_at` is informational: a value that is not an integer in `i64` is ignored, not an
 /// error. (Read by a visitor that takes any value as it comes: serde's untagged enum did the same
 /// by buffering the value first, an allocation per event.)
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Stamp(Option<i64>);
 
 impl<'de> Deserialize<'de> for Stamp {
@@ -327,9 +331,18 @@ impl<'de> Deserialize<'de> for Stamp {
 
 /// Decodes and validates one canonical event from JSON bytes.
 ///
-/// The fast path borrows every string without escapes from `bytes`; on failure the document is
-/// examined again, field by field, so the error names the field that is wrong.
+/// A flat document of plain strings and integers (what the ingest writes) is read in one pass
+/// (`scan`); anything else by serde, which borrows every string without escapes from `bytes`. On
+/// failure the document is examined again, field by field, so the error names the field that is
+/// wrong.
 pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    match scan::scan(bytes) {
+        Some(raw) => validate(raw),
+        None => decode_serde(bytes),
+    }
+}
+
+fn decode_serde(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     match serde_json::from_slice::<RawEvent<'_>>(bytes) {
         Ok(raw) => validate(raw),
         Err(e) => Err(diagnose(bytes, e)),
