@@ -26,7 +26,9 @@ struct KeyOnly<'a> {
 /// The partition key of a raw record: its SKU, or `""` for a record without one (it will be
 /// dead-lettered by the shard that gets it).
 pub fn partition_key(record: &[u8]) -> Cow<'_, str> {
-    serde_json::from_slice::<KeyOnly<'_>>(record).map(|k| k.sku).unwrap_or(Cow::Borrowed(""))
+    stockflow_state::event::scanned_sku(record).unwrap_or_else(|| {
+        serde_json::from_slice::<KeyOnly<'_>>(record).map(|k| k.sku).unwrap_or(Cow::Borrowed(""))
+    })
 }
 
 pub fn print_ndjson<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> anyhow::Result<()> {
@@ -42,4 +44,20 @@ pub fn write_ndjson<T: serde::Serialize>(out: impl Write, items: impl IntoIterat
     }
     out.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_key;
+
+    #[test]
+    fn the_partition_key_is_the_sku_however_the_record_is_written() {
+        let flat = br#"{"id":"e","type":"stock_adjusted","sku":"SKU-1","ts":1795737600000,"delta":1}"#;
+        assert_eq!(partition_key(flat), "SKU-1");
+        // Escapes, nested values and broken events are read by serde, which finds the SKU too.
+        let escaped = br#"{"id":"e","sku":"SKU-\u0031","extra":{"a":[1]}}"#;
+        assert_eq!(partition_key(escaped), "SKU-1");
+        assert_eq!(partition_key(br#"{"id":"e"}"#), "");
+        assert_eq!(partition_key(b"not json"), "");
+    }
 }

@@ -342,6 +342,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     }
 }
 
+/// The SKU of a flat canonical event, read by the same one-pass scan as [`decode`] (not
+/// validated); `None` when the document is not one the scan reads.
+pub fn scanned_sku(bytes: &[u8]) -> Option<Cow<'_, str>> {
+    scan::scan(bytes).map(|raw| raw.sku)
+}
+
 fn decode_serde(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     match serde_json::from_slice::<RawEvent<'_>>(bytes) {
         Ok(raw) => validate(raw),
