@@ -3,7 +3,7 @@
 //! It runs on the system allocator: against mimalloc, `replay --file` of 1 M events took ~20 % less
 //! CPU and ~30 % less peak memory with glibc's (workers allocate, the store's blocking threads
 //! free), though the one-core engine bench is ~12 % faster on mimalloc (docs/BENCHMARKS.md).
-//! Batch commands cap glibc's arenas at two (see [`cap_malloc_arenas`]).
+//! Batch commands cap glibc's arenas at two and fix its mmap threshold (see [`cap_malloc_arenas`]).
 
 use std::process::ExitCode;
 
@@ -12,7 +12,8 @@ use stockflow::cmd::{self, Cli};
 use stockflow::telemetry;
 
 /// For batch commands ([`Command::is_batch`](stockflow::cmd::Command::is_batch)), caps glibc's
-/// malloc arenas at two, unless the operator set `MALLOC_ARENA_MAX`.
+/// malloc arenas at two, unless the operator set `MALLOC_ARENA_MAX`, and fixes the size from which
+/// an allocation is its own mapping at 1 MiB, unless `MALLOC_MMAP_THRESHOLD_` is set.
 ///
 /// glibc gives a thread that finds the heap locked an arena of its own, up to eight per core, and
 /// each keeps what was freed into it; the store's blocking threads come and go and allocate into
@@ -21,14 +22,27 @@ use stockflow::telemetry;
 /// with two (or four) arenas their threads waited for each other's heap locks, and webhook →
 /// committed at 50,000 events/s went from p99 97–219 ms to 220–248 (docs/BENCHMARKS.md, "Issue
 /// 24, fourth step"); set `MALLOC_ARENA_MAX` where memory counts more than latency.
+///
+/// glibc raises its mmap threshold (default 128 KiB) to the size of each mapped block freed, up to
+/// 32 MiB, so after the first commits a commit's multi-megabyte buffers come from the heap and
+/// what they leave there stays resident. With the threshold fixed at 1 MiB they are mapped and
+/// given back when freed: `replay --file` of 1 M events peaked at 228–230 MB instead of 261–264
+/// (docs/BENCHMARKS.md, "Issue 24, sixth step").
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn cap_malloc_arenas(cli: &Cli) {
-    if cli.command.is_batch() && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: `mallopt` sets one allocator parameter and touches no Rust-owned memory; it runs
-        // in `main` before the runtime or any other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+    if !cli.command.is_batch() {
+        return;
+    }
+    for (var, param, value) in
+        [("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2), ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 1 << 20)]
+    {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: `mallopt` sets one allocator parameter and touches no Rust-owned memory; it
+            // runs in `main` before the runtime or any other thread exists.
+            unsafe {
+                libc::mallopt(param, value);
+            }
         }
     }
 }

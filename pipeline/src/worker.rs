@@ -50,7 +50,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            commit_every_records: 200_000,
+            commit_every_records: 100_000,
             commit_interval: Duration::from_millis(500),
             commit_min_interval: Duration::ZERO,
             batch_records: 4096,

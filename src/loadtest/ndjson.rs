@@ -26,9 +26,8 @@ struct KeyOnly<'a> {
 /// The partition key of a raw record: its SKU, or `""` for a record without one (it will be
 /// dead-lettered by the shard that gets it).
 pub fn partition_key(record: &[u8]) -> Cow<'_, str> {
-    stockflow_state::event::scanned_sku(record).unwrap_or_else(|| {
-        serde_json::from_slice::<KeyOnly<'_>>(record).map(|k| k.sku).unwrap_or(Cow::Borrowed(""))
-    })
+    stockflow_state::event::scanned_sku(record)
+        .unwrap_or_else(|| serde_json::from_slice::<KeyOnly<'_>>(record).map(|k| k.sku).unwrap_or(Cow::Borrowed("")))
 }
 
 pub fn print_ndjson<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> anyhow::Result<()> {
