@@ -31,6 +31,7 @@ use jiff::tz::TimeZone;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use stockflow_state::effects::{JournalKind, JournalLine};
+use stockflow_state::money::Currency;
 use stockflow_state::outbox::Request;
 
 /// How long a summary period is.
@@ -303,13 +304,17 @@ pub struct SummaryJournal {
     pub effects: u64,
 }
 
-/// One fragment being folded: its period and its lines by (SKU, kind).
-type Group = (Span, HashMap<(String, JournalKind), DetailLine>);
+/// One fragment being folded: its period and its lines by SKU, one per kind (COGS, received).
+type Group = (Span, HashMap<String, [Option<DetailLine>; 2]>);
 
-/// Folds journal lines into fragments per (period, currency, late).
+/// Folds journal lines into fragments per (period, currency, late). A period is known by its
+/// first millisecond, its span computed once (the label is a formatted date: the fold used to
+/// format it twice a line).
 #[derive(Debug, Default)]
 pub struct Folder {
-    groups: HashMap<(String, String, bool), Group>,
+    groups: HashMap<(i64, Currency, bool), Group>,
+    /// The span of the last line's period: consecutive lines mostly share one.
+    last: Option<Span>,
 }
 
 impl Folder {
@@ -319,19 +324,25 @@ impl Folder {
     }
 
     /// True if `line` would open a new group.
-    pub fn is_new_group(&self, policy: &SummaryPolicy, line: &JournalLine, closed_through: Option<i64>) -> bool {
-        let span = policy.span(line.ts);
-        let late = closed_through.is_some_and(|c| c >= span.end_ms);
-        !self.groups.contains_key(&(span.label, line.currency.as_str().to_string(), late))
+    pub fn is_new_group(&mut self, policy: &SummaryPolicy, line: &JournalLine, closed_through: Option<i64>) -> bool {
+        let (span, late) = period(&mut self.last, policy, line.ts, closed_through);
+        let key = (span.start_ms, line.currency, late);
+        !self.groups.contains_key(&key)
     }
 
     /// Adds one journal line; late when the shard's folded watermark already passed its period.
     pub fn add(&mut self, policy: &SummaryPolicy, line: &JournalLine, closed_through: Option<i64>) {
-        let span = policy.span(line.ts);
-        let late = closed_through.is_some_and(|c| c >= span.end_ms);
-        let key = (span.label.clone(), line.currency.as_str().to_string(), late);
-        let (_, lines) = self.groups.entry(key).or_insert_with(|| (span, HashMap::new()));
-        let d = lines.entry((line.sku.clone(), line.kind)).or_insert_with(|| DetailLine {
+        let (span, late) = period(&mut self.last, policy, line.ts, closed_through);
+        let key = (span.start_ms, line.currency, late);
+        let lines = match self.groups.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => &mut e.into_mut().1,
+            std::collections::hash_map::Entry::Vacant(e) => &mut e.insert((span.clone(), HashMap::new())).1,
+        };
+        let kinds = match lines.get_mut(line.sku.as_str()) {
+            Some(kinds) => kinds,
+            None => lines.entry(line.sku.clone()).or_default(),
+        };
+        let d = kinds[usize::from(line.kind == JournalKind::InventoryReceipt)].get_or_insert_with(|| DetailLine {
             sku: line.sku.clone(),
             kind: line.kind,
             qty: 0,
@@ -348,16 +359,25 @@ impl Folder {
         let mut out: Vec<(String, String, Fragment)> = self
             .groups
             .into_iter()
-            .map(|((label, currency, late), (span, lines))| {
-                let mut lines: Vec<DetailLine> = lines.into_values().collect();
+            .map(|((_, currency, late), (span, lines))| {
+                let mut lines: Vec<DetailLine> = lines.into_values().flatten().flatten().collect();
                 lines.sort_by(|a, b| (&a.sku, a.kind as u8).cmp(&(&b.sku, b.kind as u8)));
                 let f = Fragment { shard: shard.to_string(), seq, late, end_ms: span.end_ms, date: span.date, lines };
-                (label, currency, f)
+                (span.label, currency.as_str().to_string(), f)
             })
             .collect();
         out.sort_by(|a, b| (&a.0, &a.1, a.2.late).cmp(&(&b.0, &b.1, b.2.late)));
         out
     }
+}
+
+/// The period of `ts` (the last one again when it holds `ts`) and whether it is late.
+fn period<'a>(last: &'a mut Option<Span>, policy: &SummaryPolicy, ts: i64, closed: Option<i64>) -> (&'a Span, bool) {
+    let span = match last.take() {
+        Some(s) if (s.start_ms..s.end_ms).contains(&ts) => last.insert(s),
+        _ => last.insert(policy.span(ts)),
+    };
+    (span, closed.is_some_and(|c| c >= span.end_ms))
 }
 
 /// Sums of fragments: (COGS, received, effects).
@@ -425,6 +445,27 @@ mod tests {
         let t = kathmandu.span(1_795_745_700_000 - 1);
         assert_eq!(t.label, "2026-11-27T07+05:45");
         assert_eq!(t.end_ms, s.start_ms);
+    }
+
+    #[test]
+    fn lines_alternating_between_periods_and_kinds_fold_into_their_own_groups() {
+        let p = SummaryPolicy::new(PeriodLen::Hour, "Asia/Kathmandu", 0).unwrap();
+        let hour = 1_795_745_700_000; // a local hour's start (+05:45)
+        let mut f = Folder::default();
+        for (i, ts) in [hour + 1, hour - 1, hour + 2, hour + 3_600_000, hour + 3].into_iter().enumerate() {
+            f.add(&p, &line("A", JournalKind::Cogs, ts, 100), None);
+            f.add(&p, &line("A", JournalKind::InventoryReceipt, ts, 10 * i as i64 + 1), None);
+        }
+        let out = f.finish("s", 1);
+        let summary: Vec<(&str, usize, u32)> =
+            out.iter().map(|(l, _, f)| (l.as_str(), f.lines.len(), f.lines.iter().map(|d| d.effects).sum())).collect();
+        assert_eq!(
+            summary,
+            [("2026-11-27T07+05:45", 2, 2), ("2026-11-27T08+05:45", 2, 6), ("2026-11-27T09+05:45", 2, 2)]
+        );
+        let middle = &out[1].2.lines;
+        assert_eq!((middle[0].kind, middle[0].amount), (JournalKind::Cogs, Decimal::new(300, 2)));
+        assert_eq!((middle[1].kind, middle[1].amount), (JournalKind::InventoryReceipt, Decimal::new(1 + 21 + 41, 2)));
     }
 
     #[test]

@@ -960,7 +960,7 @@ mod tests {
         let store = RedbStore::open(&path).unwrap();
         assert_eq!(store.effects().await.unwrap(), effects);
         let all = store.read_outbox("s", None, 100).await.unwrap();
-        let at = |row: u64, line: u32| OutboxPos { row: outbox_row(row), line };
+        let at = |row: u64, line: u32| OutboxPos { row: outbox_row(row).into(), line };
         let positions: Vec<OutboxPos> = all.iter().map(|e| e.pos.clone()).collect();
         assert_eq!(positions, vec![at(0, 0), at(0, 1), at(0, 2), at(1, 0), at(1, 1)]);
         assert_eq!(all.into_iter().map(|e| e.effect).collect::<Vec<_>>(), effects);

@@ -12,6 +12,7 @@
 //! in-flight request or a dead letter; and no write moves a cursor backwards.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -23,8 +24,9 @@ use crate::store::StoreError;
 /// line within it. Ordered by `(row, line)`; rows are fixed-width or order-preserving strings.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OutboxPos {
-    /// The row key (embedded: 20-digit batch number; DynamoDB: `{checkpointKey}#{part}`).
-    pub row: String,
+    /// The row key (embedded: 20-digit batch number; DynamoDB: `{checkpointKey}#{part}`), shared
+    /// by the entries read from one row.
+    pub row: Arc<str>,
     /// The effect's line in the row.
     pub line: u32,
 }
@@ -290,6 +292,7 @@ pub(crate) fn row_entries(
     scan: &mut OutboxScan,
 ) -> Result<(), StoreError> {
     let corrupt = |e: String| StoreError::Corrupt(format!("outbox row {row}: {e}"));
+    let shared: Arc<str> = row.into();
     let mut last = None;
     for (line, raw) in RowEffects::new(bytes).enumerate() {
         let line = u32::try_from(line).map_err(|_| StoreError::Corrupt(format!("outbox row {row} too long")))?;
@@ -305,12 +308,12 @@ pub(crate) fn row_entries(
         if raw.kind().is_none_or(|k| kinds.contains(k)) {
             let effect = raw.decode().map_err(corrupt)?;
             if kinds.contains(effect.kind()) {
-                scan.entries.push(OutboxEntry { pos: OutboxPos { row: row.to_string(), line }, effect });
+                scan.entries.push(OutboxEntry { pos: OutboxPos { row: Arc::clone(&shared), line }, effect });
             }
         }
     }
     if let Some(line) = last {
-        scan.through = Some(OutboxPos { row: row.to_string(), line });
+        scan.through = Some(OutboxPos { row: shared, line });
     }
     Ok(())
 }

@@ -185,7 +185,7 @@ impl OutboxStore for DynamoStore {
         let mut part: Option<(String, Vec<u8>)> = None;
         let flush = |part: &mut Option<(String, Vec<u8>)>, out: &mut OutboxScan| -> Result<(), StoreError> {
             if let Some((row, bytes)) = part.take() {
-                let skip = after.filter(|a| a.row == row).map(|a| a.line);
+                let skip = after.filter(|a| *a.row == *row).map(|a| a.line);
                 row_entries(&row, &bytes, skip, max, kinds, out)?;
             }
             Ok(())
@@ -202,7 +202,7 @@ impl OutboxStore for DynamoStore {
                 .set_exclusive_start_key(start.take())
                 .limit(64);
             if let Some(a) = after {
-                q = q.expression_attribute_names("#q", "seq").expression_attribute_values(":after", s(&a.row));
+                q = q.expression_attribute_names("#q", "seq").expression_attribute_values(":after", s(&*a.row));
             }
             self.stats.reads.fetch_add(1, Ordering::Relaxed);
             let page = q.send().await.map_err(sdk_error)?;
@@ -309,7 +309,7 @@ impl OutboxStore for DynamoStore {
         let before = match through {
             Delivered::Nothing => return Ok(0),
             Delivered::All => None,
-            Delivered::Before(pos) => Some(pos.row.clone()),
+            Delivered::Before(pos) => Some(pos.row.to_string()),
         };
         let after = self.pruned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(shard).cloned();
         if let (Some(a), Some(b)) = (&after, &before)
