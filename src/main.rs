@@ -3,7 +3,7 @@
 //! It runs on the system allocator: against mimalloc, `replay --file` of 1 M events took ~20 % less
 //! CPU and ~30 % less peak memory with glibc's (workers allocate, the store's blocking threads
 //! free), though the one-core engine bench is ~12 % faster on mimalloc (docs/BENCHMARKS.md).
-//! Batch commands cap glibc's arenas at two and fix its mmap threshold (see [`cap_malloc_arenas`]).
+//! Batch commands cap glibc's arenas at two and fix its mmap threshold (see [`tune_malloc_for_batch`]).
 
 use std::process::ExitCode;
 
@@ -30,7 +30,7 @@ use stockflow::telemetry;
 /// (docs/BENCHMARKS.md, "Issue 24, sixth step").
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn cap_malloc_arenas(cli: &Cli) {
+fn tune_malloc_for_batch(cli: &Cli) {
     if !cli.command.is_batch() {
         return;
     }
@@ -48,11 +48,11 @@ fn cap_malloc_arenas(cli: &Cli) {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn cap_malloc_arenas(_: &Cli) {}
+fn tune_malloc_for_batch(_: &Cli) {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cap_malloc_arenas(&cli);
+    tune_malloc_for_batch(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
