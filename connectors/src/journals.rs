@@ -323,7 +323,8 @@ impl Folder {
         self.groups.len()
     }
 
-    /// True if `line` would open a new group.
+    /// True if `line` would open a new group (`&mut`: it remembers the line's period for the
+    /// `add` that usually follows).
     pub fn is_new_group(&mut self, policy: &SummaryPolicy, line: &JournalLine, closed_through: Option<i64>) -> bool {
         let (span, late) = period(&mut self.last, policy, line.ts, closed_through);
         let key = (span.start_ms, line.currency, late);

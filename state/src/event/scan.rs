@@ -172,7 +172,8 @@ impl<'a> Scanner<'a> {
                 _ => {}
             }
         }
-        std::str::from_utf8(&self.b[start..self.i - 1]).ok()
+        // `i` is past the closing quote; no index can be out of range (`get`).
+        std::str::from_utf8(self.b.get(start..self.i.saturating_sub(1))?).ok()
     }
 
     /// An integer in `i64`: `0|-?[1-9][0-9]*` not followed by a fraction or an exponent (serde
@@ -199,10 +200,18 @@ impl<'a> Scanner<'a> {
         Some(if negative { -v } else { v })
     }
 
+    /// Consumes `word` if the input continues with it.
+    fn literal(&mut self, word: &[u8]) -> bool {
+        let found = self.b.get(self.i..).is_some_and(|rest| rest.starts_with(word));
+        if found {
+            self.i += word.len();
+        }
+        found
+    }
+
     /// `null`, or what `read` reads.
     fn opt<T>(&mut self, read: fn(&mut Self) -> Option<T>) -> Option<Option<T>> {
-        if self.b[self.i..].starts_with(b"null") {
-            self.i += 4;
+        if self.literal(b"null") {
             return Some(None);
         }
         read(self).map(Some)
@@ -214,15 +223,7 @@ impl<'a> Scanner<'a> {
         match self.peek()? {
             b'"' => self.string().map(drop),
             b'-' | b'0'..=b'9' => self.int().map(drop),
-            _ => {
-                for word in [&b"true"[..], b"false", b"null"] {
-                    if self.b[self.i..].starts_with(word) {
-                        self.i += word.len();
-                        return Some(());
-                    }
-                }
-                None
-            }
+            _ => [&b"true"[..], b"false", b"null"].into_iter().any(|w| self.literal(w)).then_some(()),
         }
     }
 }
