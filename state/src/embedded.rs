@@ -35,7 +35,9 @@ use crate::effects::{Effect, EffectKinds};
 use crate::engine::{DedupDelta, ShardSnapshot};
 use crate::ledger::SkuState;
 use crate::linelog::{LineDelta, LineLogWriter};
-use crate::outbox::{ConnectorDeadLetter, Cursor, Fence, OutboxPos, OutboxScan, OutboxStore, row_effects, row_entries};
+use crate::outbox::{
+    ConnectorDeadLetter, Cursor, CursorPosition, Fence, OutboxPos, OutboxScan, OutboxStore, row_effects, row_entries,
+};
 use crate::store::{DeadLetter, Position, ShardCommit, StateStore, StoreError, StoredShard};
 
 /// Largest `dedup` row: 65,536 entries (a whole number of them).
@@ -622,7 +624,8 @@ impl OutboxStore for RedbStore {
             {
                 let mut t = txn.open_table(DELIVERY).map_err(unavailable)?;
                 let stored = t.get((connector.as_str(), shard.as_str())).map_err(unavailable)?;
-                let stored: Option<Cursor> =
+                // Only its position: the in-flight request beside it is skipped, not built.
+                let stored: Option<CursorPosition> =
                     stored.map(|v| serde_json::from_slice(v.value())).transpose().map_err(corrupt)?;
                 if stored.is_some_and(|c| c.delivered > delivered) {
                     return Err(StoreError::CursorRegression { connector, shard });

@@ -94,6 +94,16 @@ pub struct Cursor {
     pub in_flight: Option<InFlight>,
 }
 
+/// A stored [`Cursor`] read for its position alone: the in-flight request (up to a connector's
+/// `max_bytes`, with its item ids) is skipped by the parser, not built, when a write only needs
+/// to check that the cursor does not move backwards.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct CursorPosition {
+    /// As [`Cursor::delivered`].
+    #[serde(default)]
+    pub delivered: Option<OutboxPos>,
+}
+
 /// A request a connector gave up on: rejected by the receiver, or failing past the attempt limit.
 /// `stockflow outbox retry` flags it `requeued`; the drain then re-sends it under its own key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -54,17 +54,16 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
         let mut single_until: Option<OutboxPos> = None;
         // The cursor moved past a delivered request but was not written yet.
         let mut unsaved = false;
-        let save = |cursor: Cursor, dead: Option<ConnectorDeadLetter>| async move {
-            self.store.save_cursor(self.name(), shard, &cursor, dead.as_ref(), fence).await
-        };
         loop {
             if ctl.stopping() || !self.lanes.holds(shard, fence) {
                 if unsaved {
-                    save(cursor.clone(), None).await?;
+                    self.save(shard, &cursor, fence).await?;
                 }
                 return Ok(LaneEnd::Stopped);
             }
-            if let Some(mut flight) = cursor.in_flight.clone() {
+            // Taken, not cloned (a request is up to `max_bytes`): every arm below leaves the
+            // cursor as it should be, or returns.
+            if let Some(mut flight) = cursor.in_flight.take() {
                 if flight.attempts > 0 {
                     self.count(&self.stats.retried, "stockflow_connector_retried_total", 1);
                 }
@@ -84,7 +83,7 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
                             "batch rejected: sending its effects one by one");
                         single_until = Some(flight.through);
                         cursor.in_flight = None;
-                        save(cursor.clone(), None).await?;
+                        self.save(shard, &cursor, fence).await?;
                     }
                     Outcome::Rejected(reason) => {
                         flight.attempts += 1;
@@ -101,7 +100,7 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
                             backoff.delay(flight.attempts - 1).max(retry_after.unwrap_or_default().min(MAX_PAUSE));
                         tracing::debug!(connector = self.name(), shard, attempts = flight.attempts, ?wait, %reason, "delivery failed");
                         cursor.in_flight = Some(flight);
-                        save(cursor.clone(), None).await?;
+                        self.save(shard, &cursor, fence).await?;
                         if !self.wait_lane(wait, ctl, shard, fence).await {
                             return Ok(LaneEnd::Stopped);
                         }
@@ -122,7 +121,7 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
             let (entries, through, ended_here) = self.scan(shard, cursor.delivered.as_ref(), max).await?;
             let Some(through) = through else {
                 if unsaved {
-                    save(cursor.clone(), None).await?;
+                    self.save(shard, &cursor, fence).await?;
                     unsaved = false;
                 }
                 if ended {
@@ -160,7 +159,7 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
                 continue;
             };
             cursor.in_flight = Some(InFlight { request, through, attempts: 0, last_error: None });
-            save(cursor.clone(), None).await?;
+            self.save(shard, &cursor, fence).await?;
             unsaved = false;
         }
     }
@@ -272,6 +271,11 @@ impl<S: BookStore, C: Connector> Drain<S, C> {
                 }
             }
         }
+    }
+
+    /// Writes the lane's cursor (fenced).
+    async fn save(&self, shard: &str, cursor: &Cursor, fence: Option<&Fence>) -> Result<(), StoreError> {
+        self.store.save_cursor(self.name(), shard, cursor, None, fence).await
     }
 
     /// Moves an in-flight request to the dead letters, advancing the cursor past it.
