@@ -109,7 +109,7 @@ async fn store_with(n: usize, shards: usize) -> (tempfile::TempDir, Arc<RedbStor
                 lease_epoch: 0,
                 checkpoint: Position::offset(c as u64 + 1),
                 max_ts: None,
-                states: Vec::new(),
+                states: Default::default(),
                 lines: None,
                 effects: chunk.to_vec(),
                 dead_letters: Vec::new(),

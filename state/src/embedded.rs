@@ -320,10 +320,10 @@ impl RedbStore {
             let mut whole = LineLogWriter::default();
             for (sku, state) in &c.states {
                 if SkuState::lines_apart(state) {
-                    states.insert((c.shard.as_str(), sku.as_str()), state.as_slice()).map_err(unavailable)?;
+                    states.insert((c.shard.as_str(), sku), state).map_err(unavailable)?;
                 } else {
                     let head = Self::split_whole(sku, &mut SkuState::decode(state)?, &mut whole)?;
-                    states.insert((c.shard.as_str(), sku.as_str()), head.as_slice()).map_err(unavailable)?;
+                    states.insert((c.shard.as_str(), sku), head.as_slice()).map_err(unavailable)?;
                 }
             }
             Self::append_log(&mut log, &c.shard, &whole.finish(false).rows)?;
@@ -388,7 +388,7 @@ impl RedbStore {
         txn.commit().map_err(unavailable)?;
         tracing::debug!(
             shard = %c.shard, ?waited, ?written, total = ?t0.elapsed(), states = c.states.len(),
-            state_bytes = c.states.iter().map(|(_, s)| s.len()).sum::<usize>(),
+            state_bytes = c.states.state_bytes(),
             line_bytes = c.lines.as_ref().map_or(0, LineDelta::len),
             dedup_bytes = match &c.dedup { DedupDelta::Append(b) | DedupDelta::Replace(b) => b.len() },
             dedup_replace = matches!(c.dedup, DedupDelta::Replace(_)),

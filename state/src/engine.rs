@@ -151,7 +151,7 @@ pub enum DedupDelta {
 #[derive(Debug)]
 pub struct EngineDelta {
     /// Dirty SKUs and their full new state, encoded with [`SkuState::encode`].
-    pub states: Vec<(String, Vec<u8>)>,
+    pub states: EncodedStates,
     /// Effects produced, in order.
     pub effects: Vec<Effect>,
     /// Dedup entries to persist.
@@ -164,6 +164,85 @@ pub struct EngineDelta {
     /// With lines kept apart ([`ShardEngine::keep_lines_apart`]): the order-line changes, and
     /// `states` are heads without lines. `None`: `states` carry every line.
     pub lines: Option<LineDelta>,
+}
+
+/// SKUs and their encoded states, back to back in one buffer: a commit of 25,000 dirty SKUs
+/// allocates a few times, not twice a SKU (the name and the encoding were each a `String`/`Vec`,
+/// allocated by the worker and freed by the store's thread).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedStates {
+    bytes: Vec<u8>,
+    /// Where each item's name ends and its state ends in `bytes` (it starts where the previous
+    /// one's state ended).
+    ends: Vec<(usize, usize)>,
+}
+
+impl EncodedStates {
+    /// Number of SKUs.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// True when no SKU is in it.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Bytes of the encoded states (names not counted).
+    pub fn state_bytes(&self) -> usize {
+        self.iter().map(|(_, s)| s.len()).sum()
+    }
+
+    /// Adds a SKU whose state `encode` appends to the buffer it is given.
+    pub fn push_with<E>(&mut self, sku: &str, encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<(), E> {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(sku.as_bytes());
+        let name_end = self.bytes.len();
+        if let Err(e) = encode(&mut self.bytes) {
+            self.bytes.truncate(start);
+            return Err(e);
+        }
+        self.ends.push((name_end, self.bytes.len()));
+        Ok(())
+    }
+
+    /// Adds a SKU and its encoded state.
+    pub fn push(&mut self, sku: &str, state: &[u8]) {
+        let _ = self.push_with(sku, |b| {
+            b.extend_from_slice(state);
+            Ok::<_, std::convert::Infallible>(())
+        });
+    }
+
+    /// The SKUs and their states, in the order they were added.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(name_end, end)| {
+            let name = std::str::from_utf8(&self.bytes[start..name_end]).unwrap_or_default();
+            let state = &self.bytes[name_end..end];
+            start = end;
+            (name, state)
+        })
+    }
+}
+
+impl<'a> IntoIterator for &'a EncodedStates {
+    type Item = (&'a str, &'a [u8]);
+    type IntoIter = Box<dyn Iterator<Item = (&'a str, &'a [u8])> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl<S: AsRef<str>, B: AsRef<[u8]>> FromIterator<(S, B)> for EncodedStates {
+    fn from_iter<I: IntoIterator<Item = (S, B)>>(items: I) -> Self {
+        let mut out = EncodedStates::default();
+        for (sku, state) in items {
+            out.push(sku.as_ref(), state.as_ref());
+        }
+        out
+    }
 }
 
 #[derive(Debug)]
@@ -481,7 +560,7 @@ impl ShardEngine {
 
     /// Takes what changed since the previous call: dirty SKUs (encoded), effects, dedup entries.
     pub fn take_delta(&mut self) -> Result<EngineDelta, StoreError> {
-        let mut states = Vec::with_capacity(self.dirty.len());
+        let mut states = EncodedStates::default();
         let mut new_skus = Vec::new();
         for idx in self.dirty.drain(..) {
             let slot = &mut self.skus[idx as usize];
@@ -490,8 +569,11 @@ impl ShardEngine {
                 slot.listed = true;
                 new_skus.push(slot.name.to_string());
             }
-            let state = if self.lines.apart { slot.state.encode_head()? } else { slot.state.encode()? };
-            states.push((slot.name.to_string(), state));
+            let (apart, state) = (self.lines.apart, &mut slot.state);
+            states.push_with(
+                &slot.name,
+                |out| if apart { state.encode_head_into(out) } else { state.encode_into(out) },
+            )?;
         }
         let lines = if self.lines.apart { Some(self.take_line_delta()?) } else { None };
         self.dedup_appended_bytes += self.dedup.pending_len() * ENTRY_BYTES;
@@ -632,6 +714,24 @@ mod tests {
     }
 
     #[test]
+    fn encoded_states_keep_each_sku_with_its_bytes() {
+        let mut s: EncodedStates = [("A", vec![1u8, 2]), ("", vec![]), ("Ünï", vec![3])].into_iter().collect();
+        // A failed encoding leaves nothing behind.
+        assert_eq!(
+            s.push_with("X", |b| {
+                b.push(9);
+                Err("no")
+            }),
+            Err("no")
+        );
+        s.push("B", &[4, 5, 6]);
+        let items: Vec<(&str, &[u8])> = s.iter().collect();
+        assert_eq!(items, [("A", &[1u8, 2][..]), ("", &[][..]), ("Ünï", &[3][..]), ("B", &[4, 5, 6][..])]);
+        assert_eq!((s.len(), s.state_bytes()), (4, 6));
+        assert_eq!((&s).into_iter().count(), 4);
+    }
+
+    #[test]
     fn a_rejected_event_changes_nothing_and_can_be_sent_again() {
         let mut e = engine();
         let huge = format!(
@@ -692,7 +792,7 @@ mod tests {
             e.apply(&decode(json.as_bytes()).unwrap());
         }
         let d = e.take_delta().unwrap();
-        let names: Vec<_> = d.states.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<_> = d.states.iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["A", "B"]);
         let DedupDelta::Append(bytes) = d.dedup else { panic!() };
         assert_eq!(bytes.len(), 3 * ENTRY_BYTES);

@@ -159,10 +159,13 @@ impl SkuState {
     /// The storage encoding: a versioned postcard document (compact and fast).
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        postcard::to_io(self, &mut out).map_err(|e| StoreError::Corrupt(format!("encoding a SKU state: {e}")))?;
+        self.encode_into(&mut out)?;
         Ok(out)
+    }
+
+    /// [`SkuState::encode`], appended to `out` (left as it was on an error).
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        Self::encode_with(out, VERSION, |out| postcard::to_io(self, out).map(drop))
     }
 
     /// The encoding without the order lines, which the store keeps apart
@@ -170,14 +173,31 @@ impl SkuState {
     /// windows, however many lines a hot SKU remembers. (The lines are set aside for the call:
     /// moving the map out and back costs nothing.)
     pub fn encode_head(&mut self) -> Result<Vec<u8>, StoreError> {
-        let lines = std::mem::take(&mut self.lines);
         let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION_APART);
-        let encoded = postcard::to_io(&*self, &mut out);
-        self.lines = lines;
-        encoded.map_err(|e| StoreError::Corrupt(format!("encoding a SKU state: {e}")))?;
+        self.encode_head_into(&mut out)?;
         Ok(out)
+    }
+
+    /// [`SkuState::encode_head`], appended to `out` (left as it was on an error).
+    pub fn encode_head_into(&mut self, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        let lines = std::mem::take(&mut self.lines);
+        let encoded = Self::encode_with(out, VERSION_APART, |out| postcard::to_io(&*self, out).map(drop));
+        self.lines = lines;
+        encoded
+    }
+
+    fn encode_with(
+        out: &mut Vec<u8>,
+        version: u8,
+        body: impl FnOnce(&mut Vec<u8>) -> postcard::Result<()>,
+    ) -> Result<(), StoreError> {
+        let start = out.len();
+        out.extend_from_slice(&MAGIC);
+        out.push(version);
+        body(out).map_err(|e| {
+            out.truncate(start);
+            StoreError::Corrupt(format!("encoding a SKU state: {e}"))
+        })
     }
 
     /// True for [`SkuState::encode_head`]'s bytes: the order lines are elsewhere.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::effects::Effect;
-use crate::engine::{DedupDelta, EngineDelta, ShardSnapshot};
+use crate::engine::{DedupDelta, EncodedStates, EngineDelta, ShardSnapshot};
 use crate::ledger::SkuState;
 use crate::linelog::LineDelta;
 
@@ -104,7 +104,7 @@ pub struct ShardCommit {
     pub max_ts: Option<i64>,
     /// Dirty SKUs' new states, encoded with [`SkuState::encode`] (every line inside) or, when
     /// `lines` is set, [`SkuState::encode_head`].
-    pub states: Vec<(String, Vec<u8>)>,
+    pub states: EncodedStates,
     /// Order-line changes, for stores that keep lines apart ([`StateStore::keeps_lines_apart`]).
     pub lines: Option<LineDelta>,
     /// New effects, in order.

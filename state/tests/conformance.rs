@@ -8,7 +8,7 @@ use std::sync::Arc;
 use stockflow_state::book::BookStore;
 use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::embedded::RedbStore;
-use stockflow_state::engine::DedupDelta;
+use stockflow_state::engine::{DedupDelta, EncodedStates};
 use stockflow_state::outbox::{
     ConnectorDeadLetter, Cursor, Delivered, InFlight, OutboxPos, OutboxStore, Request, delivered_by_all,
     requeue_dead_letters,
@@ -237,7 +237,7 @@ async fn v1_rows_are_upgraded<S: StateStore>(store: &S, shard: &str, epoch: u64)
         max_ts: Some(T0),
         ..SkuStateV1::default()
     };
-    let commit = |states: Vec<(String, Vec<u8>)>, pos: u64| {
+    let commit = |states: EncodedStates, pos: u64| {
         Arc::new(ShardCommit {
             shard: shard.into(),
             lease_epoch: epoch,
@@ -255,7 +255,7 @@ async fn v1_rows_are_upgraded<S: StateStore>(store: &S, shard: &str, epoch: u64)
             lag_ms: None,
         })
     };
-    store.commit(commit(vec![("OLD-SKU".into(), old.encode().unwrap())], 1)).await.unwrap();
+    store.commit(commit([("OLD-SKU", old.encode().unwrap())].into_iter().collect(), 1)).await.unwrap();
     let stored = store.load_shard(shard).await.unwrap();
     let (_, s) = stored.snapshot.skus.iter().find(|(k, _)| k == "OLD-SKU").expect("the v1 SKU is read");
     assert_eq!((s.on_hand, s.reserved, s.open_line_units()), (7, 3, 3));
@@ -305,7 +305,7 @@ async fn many_lines_commit_and_restore<S: StateStore>(store: &S, shard: &str, ep
     let hot = engine.sku("HOT").unwrap();
     assert_eq!((hot.lines.len(), hot.open_lines(), hot.on_hand), (n, 0, 1_000_000 - n as i64));
     let d = engine.take_delta().unwrap();
-    let bytes = d.states[0].1.len();
+    let bytes = d.states.state_bytes();
     eprintln!("{n} remembered lines: {bytes} bytes encoded ({:.1} per line)", bytes as f64 / n as f64);
     assert!(bytes < 25 * n, "{bytes} bytes for {n} lines");
     store.commit(Arc::new(ShardCommit::of_delta(shard, epoch, Position::offset(2 * n as u64 + 1), d))).await.unwrap();

@@ -154,7 +154,7 @@ fn states_written_whole_keep_their_lines() {
     let mut d = whole.take_delta().unwrap();
     assert!(d.lines.is_none());
     let old = SkuStateV1 { on_hand: 7, ..SkuStateV1::default() };
-    d.states.push(("OLD".into(), old.encode().unwrap()));
+    d.states.push("OLD", &old.encode().unwrap());
     rt.block_on(store.commit(Arc::new(ShardCommit::of_delta(SHARD, 1, Position::offset(1), d)))).unwrap();
     // An engine that keeps lines apart ships one of them; a restart has all 50 (one closed).
     let mut engine = rt.block_on(reopen(&store));

@@ -164,8 +164,8 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
 
     for (sku, state) in &c.states {
         let slices: Vec<&[u8]> = if state.is_empty() { vec![&[][..]] } else { state.chunks(MAX_PART_BYTES).collect() };
-        let effects = by_sku.remove(sku.as_str()).unwrap_or_default();
-        let is_new = new.contains(sku.as_str());
+        let effects = by_sku.remove(sku).unwrap_or_default();
+        let is_new = new.contains(sku);
         let bytes = state.len() + slices.len() * ITEM_OVERHEAD + if is_new { sku.len() + 3 } else { 0 };
         // The listing item (if the part has none yet) takes a slot.
         let listing = usize::from(is_new && parts.listed.is_empty());
@@ -180,7 +180,7 @@ pub(super) async fn commit(store: &DynamoStore, c: &ShardCommit) -> Result<(), S
             parts.flush()?;
         }
         if is_new {
-            parts.listed.push(sku.clone());
+            parts.listed.push(sku.to_string());
         }
         for (i, slice) in slices.iter().enumerate() {
             let mut item = HashMap::from([
