@@ -396,6 +396,8 @@ impl DedupIndex {
         if rebase {
             self.spill = HashMap::default();
         }
+        // Slots are read below against the old `base`; what is put goes in against the new.
+        self.base = new_base;
         for i in 0..TABLES {
             let t = &mut self.tables[i];
             let sparse = t.slots.len() > 64 && t.used * 4 < t.slots.len();
@@ -408,12 +410,10 @@ impl DedupIndex {
             t.slots = Vec::new(); // freed before the new table is allocated
             t.slots = vec![EMPTY; Table::capacity_for(entries.len())];
             t.used = 0;
-            self.base = new_base;
             for (key, ts, sku) in entries {
                 self.put(key, ts, sku);
             }
         }
-        self.base = new_base;
         for (key, ts, sku) in spilled {
             self.put(key, ts, sku);
         }

@@ -166,14 +166,16 @@ pub struct EngineDelta {
     pub lines: Option<LineDelta>,
 }
 
-/// SKUs and their encoded states, back to back in one buffer: a commit of 25,000 dirty SKUs
+/// SKUs and their encoded states, back to back in two buffers: a commit of 25,000 dirty SKUs
 /// allocates a few times, not twice a SKU (the name and the encoding were each a `String`/`Vec`,
 /// allocated by the worker and freed by the store's thread).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EncodedStates {
-    bytes: Vec<u8>,
-    /// Where each item's name ends and its state ends in `bytes` (it starts where the previous
-    /// one's state ended).
+    names: String,
+    states: Vec<u8>,
+    /// Where each SKU's name ends in `names` and its state in `states` (each starts where the
+    /// previous one ended): lengths taken after whole pushes, so always within the buffers and,
+    /// in `names`, on a character boundary.
     ends: Vec<(usize, usize)>,
 }
 
@@ -190,48 +192,63 @@ impl EncodedStates {
 
     /// Bytes of the encoded states (names not counted).
     pub fn state_bytes(&self) -> usize {
-        self.iter().map(|(_, s)| s.len()).sum()
+        self.states.len()
     }
 
-    /// Adds a SKU whose state `encode` appends to the buffer it is given.
+    /// Adds a SKU whose state `encode` appends to the buffer it is given (on an error, nothing
+    /// is added).
     pub fn push_with<E>(&mut self, sku: &str, encode: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<(), E> {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(sku.as_bytes());
-        let name_end = self.bytes.len();
-        if let Err(e) = encode(&mut self.bytes) {
-            self.bytes.truncate(start);
+        let start = self.states.len();
+        if let Err(e) = encode(&mut self.states) {
+            self.states.truncate(start);
             return Err(e);
         }
-        self.ends.push((name_end, self.bytes.len()));
+        self.names.push_str(sku);
+        self.ends.push((self.names.len(), self.states.len()));
         Ok(())
     }
 
     /// Adds a SKU and its encoded state.
     pub fn push(&mut self, sku: &str, state: &[u8]) {
-        let _ = self.push_with(sku, |b| {
-            b.extend_from_slice(state);
-            Ok::<_, std::convert::Infallible>(())
-        });
+        self.states.extend_from_slice(state);
+        self.names.push_str(sku);
+        self.ends.push((self.names.len(), self.states.len()));
     }
 
     /// The SKUs and their states, in the order they were added.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        let mut start = 0;
-        self.ends.iter().map(move |&(name_end, end)| {
-            let name = std::str::from_utf8(&self.bytes[start..name_end]).unwrap_or_default();
-            let state = &self.bytes[name_end..end];
-            start = end;
-            (name, state)
-        })
+    pub fn iter(&self) -> EncodedStatesIter<'_> {
+        EncodedStatesIter { of: self, next: 0, name_start: 0, state_start: 0 }
+    }
+}
+
+/// The items of [`EncodedStates`], in order.
+#[derive(Debug, Clone)]
+pub struct EncodedStatesIter<'a> {
+    of: &'a EncodedStates,
+    next: usize,
+    name_start: usize,
+    state_start: usize,
+}
+
+impl<'a> Iterator for EncodedStatesIter<'a> {
+    type Item = (&'a str, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let &(name_end, state_end) = self.of.ends.get(self.next)?;
+        // Cannot panic: the ends are lengths of the buffers after whole pushes, in increasing
+        // order, and a name end follows a whole `&str` (see `EncodedStates::ends`).
+        let item = (&self.of.names[self.name_start..name_end], &self.of.states[self.state_start..state_end]);
+        (self.next, self.name_start, self.state_start) = (self.next + 1, name_end, state_end);
+        Some(item)
     }
 }
 
 impl<'a> IntoIterator for &'a EncodedStates {
     type Item = (&'a str, &'a [u8]);
-    type IntoIter = Box<dyn Iterator<Item = (&'a str, &'a [u8])> + 'a>;
+    type IntoIter = EncodedStatesIter<'a>;
 
     fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.iter())
+        self.iter()
     }
 }
 
