@@ -73,7 +73,9 @@ pub fn init_at(default_level: &str, runtime: &tokio::runtime::Handle) -> Telemet
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_env("STOCKFLOW_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let json = std::env::var("STOCKFLOW_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let format = std::env::var("STOCKFLOW_LOG_FORMAT").ok();
+    let json = format.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("json"));
+    let unknown_format = format.filter(|f| !json && !f.eq_ignore_ascii_case("text"));
     let (tracer, otlp_error) = match otlp::provider(runtime) {
         Ok(provider) => (provider, None),
         Err(e) => (None, Some(e)),
@@ -92,6 +94,9 @@ pub fn init_at(default_level: &str, runtime: &tokio::runtime::Handle) -> Telemet
             let spans = tracing_opentelemetry::layer().with_tracer(provider.tracer("stockflow")).with_filter(targets);
             tracing_subscriber::registry().with(log_layer(json).with_filter(filter)).with(spans).init();
         }
+    }
+    if let Some(format) = unknown_format {
+        tracing::warn!(%format, "STOCKFLOW_LOG_FORMAT is `json` or `text`; logging as text");
     }
     if let Some(e) = otlp_error {
         tracing::warn!(error = %e, "OTLP span export is off");
@@ -268,4 +273,23 @@ pub fn parse_exposition(text: &str) -> Sample {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_exposition;
+
+    #[test]
+    fn the_exposition_is_summed_over_shards_and_members() {
+        let text = "# HELP x\n# TYPE stockflow_events_applied_total counter\n\
+            stockflow_events_applied_total{shard=\"a\"} 10\n\
+            stockflow_events_applied_total{shard=\"b\"} 5\n\
+            stockflow_events_applied_totals 99\n\
+            stockflow_records_read_total{shard=\"a\"} 17\n\
+            stockflow_shard_lag_seconds{shard=\"a\"} 1.5\n\
+            stockflow_shard_lag_seconds{shard=\"b\"} 0.25\n\
+            stockflow_shard_lag_records{shard=\"a\"} 3\n";
+        let s = parse_exposition(text);
+        assert_eq!((s.applied, s.read, s.lag_records, s.lag_seconds, s.lag_bytes), (15, 17, Some(3), Some(1.5), None));
+    }
 }

@@ -1,4 +1,7 @@
 //! The infrastructure as code declares what the code expects.
+//!
+//! One file of ~890 lines: a dozen tests over the same templates and the same CLI share their
+//! loaders; each test names the resource it checks.
 
 use std::collections::BTreeSet;
 
@@ -717,6 +720,7 @@ fn every_variable_the_binaries_read_is_set_and_every_one_set_is_read() {
         "KINESIS_ENDPOINT",
         "SECRETSMANAGER_ENDPOINT",
         "STOCKFLOW_MAX_FUTURE_MS",
+        "STOCKFLOW_MARKETPLACE_ID",
         "STOCKFLOW_WEBHOOK_SECRETS",
         "STOCKFLOW_WEBHOOK_SECRETS_FILE",
     ];
@@ -726,12 +730,25 @@ fn every_variable_the_binaries_read_is_set_and_every_one_set_is_read() {
             "the function reads {var}; the template does not set it"
         );
     }
-    for var in vars.keys() {
+    // Config fields by the naming rule: the function reads the config from its environment.
+    assert!(bin.contains("FileConfig::load_with_env"), "the function does not read the config's variables");
+    let mut config_env = Vec::new();
+    for (var, value) in &vars {
         let logging =
             (var == "STOCKFLOW_LOG" || var == "STOCKFLOW_LOG_FORMAT") && telemetry.contains(&format!("\"{var}\""));
-        assert!(read_by_lambda.contains(var) || logging, "{var} is set but not read by the function");
+        let config = var.starts_with("STOCKFLOW__");
+        assert!(read_by_lambda.contains(var) || logging || config, "{var} is set but not read by the function");
         assert!(!var.ends_with("_ENDPOINT"));
+        if config {
+            // A parameter's placeholder value: what matters is that the field exists and parses.
+            let value = value.as_str().map_or("ATVPDKIKX0DER".to_string(), str::to_string);
+            config_env.push((var.clone(), value));
+        }
     }
+    let file = stockflow::runtime::config::FileConfig::load_with_env(None, config_env)
+        .unwrap_or_else(|e| panic!("the function's config variables: {e:#}"));
+    let settings = file.validate().unwrap_or_else(|e| panic!("the function's config variables: {e:#}"));
+    assert!(settings.amazon.marketplace_id.is_some(), "the function counts FBA stock of the configured marketplace");
 }
 
 #[test]

@@ -19,11 +19,11 @@ use stockflow::loadtest::ndjson::partition_key;
 use stockflow_pipeline::kinesis::KinesisProducer;
 use stockflow_pipeline::kinesis::testing::{emulator_stream, wait_active};
 use stockflow_pipeline::{OutRecord, StreamProducer};
+use stockflow_state::EngineConfig;
 use stockflow_state::dynamodb::DynamoStore;
 use stockflow_state::dynamodb::testing::emulator_store;
 use stockflow_state::lease::LeaseStore;
 use stockflow_state::reference::{Outcome, straight_pass_full};
-use stockflow_state::{EngineConfig, StateStore};
 
 /// Quick polls so the scenarios run in seconds on the emulators; `[worker]` comes per scenario
 /// (moto runs about ten transactions a second: commits are what loads it).
@@ -245,15 +245,7 @@ impl Group {
         let started = Instant::now();
         loop {
             assert_alive(members);
-            // The SKU table is small; the outbox grows with every commit. Scan the outbox (on a
-            // single-threaded emulator the members share) only once the SKUs agree.
-            let states = self.store.sku_states().await.unwrap();
-            let diff = if Outcome::from_parts(&states, Vec::new(), 0).skus == self.expected.skus {
-                self.expected.diff(&Outcome::of_store(&self.store).await.unwrap(), 10)
-            } else {
-                let partial = Outcome { skus: self.expected.skus.clone(), ..Outcome::default() };
-                partial.diff(&Outcome::from_parts(&states, Vec::new(), 0), 10)
-            };
+            let diff = support::stored_diff(&self.store, &self.expected).await;
             if diff.is_empty() {
                 return;
             }
@@ -263,15 +255,6 @@ impl Group {
                 diff.join("\n")
             );
             tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
-    /// Waits until `cond` holds over the members (polling their logs).
-    async fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-        let started = Instant::now();
-        while !cond() {
-            assert!(started.elapsed() < limit, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
@@ -309,7 +292,7 @@ async fn three_members_share_four_shards(mode_config: &str, tag: &str) {
     g.put(0..g.events.len()).await;
     g.wait_exact(&mut members, Duration::from_secs(240)).await;
     // Every member ended up with work, and every shard with one owner.
-    g.wait_until("every member to hold a lease", Duration::from_secs(30), || {
+    support::wait_until("every member to hold a lease", Duration::from_secs(30), || {
         members.iter().all(|m| !m.holding().is_empty())
     })
     .await;
@@ -363,7 +346,7 @@ async fn a_killed_member_shards_move_within_the_failover_time() {
     g.put(0..3_000).await;
     // Kill mid-stream once the group is settled (every member holds a lease, no move for 1.5 s),
     // so what is measured is failover, not a balancing steal already under way.
-    g.wait_until("the group to spread the shards and settle", Duration::from_secs(60), || {
+    support::wait_until("the group to spread the shards and settle", Duration::from_secs(60), || {
         let last_take = members.iter().flat_map(|m| m.taken()).map(|(_, at)| at).reduce(f64::max).unwrap_or(f64::MAX);
         members.iter().all(|m| !m.holding().is_empty()) && now_epoch() - last_take > 1.5
     })
@@ -394,7 +377,7 @@ async fn a_killed_member_shards_move_within_the_failover_time() {
             .map(|l| l.at)
             .reduce(f64::min)
     };
-    g.wait_until("the orphaned shards to be restored elsewhere", Duration::from_secs(30), || {
+    support::wait_until("the orphaned shards to be restored elsewhere", Duration::from_secs(30), || {
         orphaned.iter().all(|s| restored_at(s).is_some())
     })
     .await;
@@ -421,7 +404,7 @@ async fn sigterm_hands_the_lease_off_without_waiting_for_expiry() {
     let mut b = g.spawn("b");
     g.put(0..1_000).await;
     g.wait_exact(&mut [], Duration::from_secs(120)).await;
-    g.wait_until("both members to hold a lease", Duration::from_secs(30), || {
+    support::wait_until("both members to hold a lease", Duration::from_secs(30), || {
         !a.holding().is_empty() && !b.holding().is_empty()
     })
     .await;
@@ -434,7 +417,10 @@ async fn sigterm_hands_the_lease_off_without_waiting_for_expiry() {
     let taken_at = |shard: &str| {
         b.taken().iter().filter(|(s, at)| s == shard && *at > term_at).map(|(_, at)| *at).reduce(f64::min)
     };
-    g.wait_until("b to take a's leases", Duration::from_secs(8), || moving.iter().all(|s| taken_at(s).is_some())).await;
+    support::wait_until("b to take a's leases", Duration::from_secs(8), || {
+        moving.iter().all(|s| taken_at(s).is_some())
+    })
+    .await;
     for s in &moving {
         let took = taken_at(s).unwrap() - term_at;
         eprintln!("handoff of {s}: taken {took:.2} s after SIGTERM");
@@ -582,7 +568,7 @@ async fn delivery_is_exactly_once_through_kill_steal_and_split(shape: &'static s
         }
     };
     wait_accepted(60).await;
-    g.wait_until("every member to hold a lease", Duration::from_secs(30), || {
+    support::wait_until("every member to hold a lease", Duration::from_secs(30), || {
         members.iter().all(|m| !m.holding().is_empty())
     })
     .await;
@@ -649,7 +635,7 @@ async fn delivery_is_exactly_once_through_kill_steal_and_split(shape: &'static s
     // The stock-level sync settles on the final state (each SKU sent by its shard's owner).
     let levels: std::collections::BTreeMap<String, (i64, i64)> =
         g.expected.skus.iter().map(|s| (s.sku.clone(), (s.on_hand, s.reserved))).collect();
-    g.wait_until("the manufacturer to hold the final stock levels", Duration::from_secs(60), || {
+    support::wait_until("the manufacturer to hold the final stock levels", Duration::from_secs(60), || {
         receivers.log().stock_levels == levels
     })
     .await;

@@ -1,7 +1,7 @@
 //! The ingest and dashboard servers under abuse: a full house, a client that never finishes its
 //! body, a foreign `Host` on a loopback server, the public (Lambda) router, the dashboard's
 //! headers, unsigned ingest on a public address, and a full disk. (The signature cases — 10,000
-//! candidates, a client gone mid-request — are in `src/ingest/mod.rs` and `src/webhook.rs`.)
+//! candidates, a client gone mid-request — are in `src/ingest/mod.rs` and `src/ingest/webhook.rs`.)
 
 use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};

@@ -220,13 +220,7 @@ impl Topic {
         let started = Instant::now();
         loop {
             members.iter_mut().for_each(Member::assert_alive);
-            let states = self.store.sku_states().await.unwrap();
-            let diff = if Outcome::from_parts(&states, Vec::new(), 0).skus == self.expected.skus {
-                self.expected.diff(&Outcome::of_store(&self.store).await.unwrap(), 10)
-            } else {
-                let partial = Outcome { skus: self.expected.skus.clone(), ..Outcome::default() };
-                partial.diff(&Outcome::from_parts(&states, Vec::new(), 0), 10)
-            };
+            let diff = support::stored_diff(&self.store, &self.expected).await;
             if diff.is_empty() {
                 return;
             }
@@ -236,14 +230,6 @@ impl Topic {
                 diff.join("\n")
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    async fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-        let started = Instant::now();
-        while !cond() {
-            assert!(started.elapsed() < limit, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -270,7 +256,7 @@ async fn three_members_share_six_partitions_and_the_state_is_exact() {
     let mut members: Vec<Member> = ["a", "b", "c"].iter().map(|n| t.spawn(n)).collect();
     t.put(0..t.events.len()).await;
     t.wait_exact(&mut members, Duration::from_secs(240)).await;
-    t.wait_until("every member to hold a partition", Duration::from_secs(60), || {
+    support::wait_until("every member to hold a partition", Duration::from_secs(60), || {
         members.iter().all(|m| !m.holding().is_empty())
     })
     .await;
@@ -307,7 +293,7 @@ async fn kill_join_and_leave_mid_stream_lose_and_double_nothing() {
     let mut a = t.spawn("a");
     let mut b = t.spawn("b");
     t.put(0..1_000).await;
-    t.wait_until("both members to hold partitions and commit", Duration::from_secs(90), || {
+    support::wait_until("both members to hold partitions and commit", Duration::from_secs(90), || {
         !a.holding().is_empty() && !b.holding().is_empty() && a.committed() && b.committed()
     })
     .await;
@@ -318,7 +304,7 @@ async fn kill_join_and_leave_mid_stream_lose_and_double_nothing() {
     a.signal("-KILL");
     a.wait();
     t.put(1_000..2_000).await;
-    t.wait_until("the killed member's partitions to move", Duration::from_secs(60), || {
+    support::wait_until("the killed member's partitions to move", Duration::from_secs(60), || {
         let held = b.holding();
         a_partitions.iter().all(|p| held.contains(p))
     })
@@ -328,7 +314,8 @@ async fn kill_join_and_leave_mid_stream_lose_and_double_nothing() {
     // committed and released by b before c starts on it.
     let mut c = t.spawn("c");
     t.put(2_000..3_000).await;
-    t.wait_until("the joining member to get partitions", Duration::from_secs(60), || !c.holding().is_empty()).await;
+    support::wait_until("the joining member to get partitions", Duration::from_secs(60), || !c.holding().is_empty())
+        .await;
 
     // 3. A member leaves with SIGTERM mid-stream: it commits and releases; c gets the rest.
     t.put(3_000..3_500).await;

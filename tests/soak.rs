@@ -11,8 +11,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -102,22 +101,14 @@ fn send<'a>(addr: &str, batch: &[&'a str]) -> Vec<&'a str> {
 /// the refused line; panics on anything else.
 fn post(addr: &str, body: &str) -> Result<(), usize> {
     for attempt in 0..600 {
-        let mut s = TcpStream::connect(addr).unwrap();
-        write!(
-            s,
-            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        match resp.split_whitespace().nth(1) {
-            Some("202") => return Ok(()),
-            Some("400") => {
+        let (status, resp) = support::http(addr, "POST", "/v1/events", body);
+        match status {
+            202 => return Ok(()),
+            400 => {
                 let body: Value = serde_json::from_str(resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)).unwrap();
                 return Err(body["index"].as_u64().unwrap_or_else(|| panic!("{resp}")) as usize);
             }
-            Some("503") => std::thread::sleep(Duration::from_millis(20 * (attempt + 1).min(25))),
+            503 => std::thread::sleep(Duration::from_millis(20 * (attempt + 1).min(25))),
             _ => panic!("{resp}"),
         }
     }

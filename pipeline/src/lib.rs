@@ -12,7 +12,7 @@
 //! - `kafka` (feature `kafka`): Kafka / Amazon MSK partitions as shards, the Kafka consumer group
 //!   with store leases as fences, the idempotent producer, MSK IAM tokens.
 //! - [`batcher`]: group commit of concurrent puts in front of any producer.
-//! - [`retry`]: the one backoff policy (capped exponential, full jitter).
+//! - Retries use the workspace's one backoff policy, `stockflow_state::retry`.
 //! - [`metrics`]: the pipeline's named telemetry events.
 
 pub mod batcher;

@@ -11,6 +11,8 @@
 //! a commit's cost is shared by more events the faster they come (group commit) and an idle
 //! stream waits for nothing. A shard draining a backlog never waits for data: it commits every
 //! `commit_every_records` records (fewer, larger commits — each writes its dirty SKUs' states).
+//!
+//! Over 600 lines only with its tests (~550 without).
 
 use std::collections::HashMap;
 use std::sync::Arc;

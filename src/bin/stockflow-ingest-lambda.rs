@@ -4,8 +4,11 @@
 //!
 //! Environment: `STOCKFLOW_STREAM` (the Kinesis stream, required), `STOCKFLOW_WEBHOOK_SECRET_ID`
 //! (a Secrets Manager secret holding the webhook secrets; unset: `STOCKFLOW_WEBHOOK_SECRETS`, or
-//! unsigned), `STOCKFLOW_MARKETPLACE_ID` (FBA counts of this marketplace), `STOCKFLOW_LOG`,
-//! `KINESIS_ENDPOINT` / `SECRETSMANAGER_ENDPOINT` (emulators). In a build with the `kafka` feature,
+//! unsigned), `STOCKFLOW_LOG`, `KINESIS_ENDPOINT` / `SECRETSMANAGER_ENDPOINT` (emulators). The
+//! `[ingest]` fields follow the config's naming rule (`STOCKFLOW__INGEST__MARKETPLACE_ID`,
+//! `STOCKFLOW__INGEST__MAX_FUTURE_MS`), with `STOCKFLOW_MARKETPLACE_ID` and
+//! `STOCKFLOW_MAX_FUTURE_MS` kept as their older names; a bad value stops the function at its
+//! start, naming the field, instead of falling back to a default. In a build with the `kafka` feature,
 //! `STOCKFLOW__KAFKA__BROKERS` (and the other `STOCKFLOW__KAFKA__*` fields of `[kafka]`, e.g.
 //! `SECURITY=msk-iam`, `TOPIC`) puts onto a Kafka / MSK topic instead of Kinesis.
 
@@ -15,6 +18,7 @@ use std::time::Duration;
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
 use stockflow::ingest::{AmazonConfig, IngestState, lambda, public_app};
+use stockflow::runtime::config::FileConfig;
 use stockflow::telemetry::Telemetry;
 use stockflow_pipeline::StreamProducer;
 use stockflow_pipeline::kinesis::{KinesisProducer, client};
@@ -24,34 +28,65 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     // Spans go to an OTLP endpoint when one is configured (e.g. the ADOT Lambda layer's collector
     // on localhost:4318); the function's own X-Ray segment comes from active tracing.
     let telemetry = Arc::new(stockflow::telemetry::init(&tokio::runtime::Handle::current()));
+    let file = FileConfig::load_with_env(None, with_old_names(std::env::vars())).map_err(|e| format!("{e:#}"))?;
+    let ingest = IngestOptions::of(&file)?;
     #[cfg(feature = "kafka")]
     if std::env::var_os("STOCKFLOW__KAFKA__BROKERS").is_some() {
-        let file = stockflow::runtime::config::FileConfig::load_with_env(None, std::env::vars())
-            .map_err(|e| format!("{e:#}"))?;
         let target = stockflow::runtime::kafka::KafkaTarget::resolve(&file.kafka, true, None, None)
             .map_err(|e| format!("{e:#}"))?
             .ok_or("STOCKFLOW__KAFKA__BROKERS is not set")?;
         let producer = stockflow::runtime::kafka::producer(&file.kafka, &target).await.map_err(|e| format!("{e:#}"))?;
-        return serve(producer, telemetry).await;
+        return serve(producer, telemetry, ingest).await;
     }
     let stream = std::env::var("STOCKFLOW_STREAM").map_err(|_| "STOCKFLOW_STREAM is not set")?;
     let kinesis = client(std::env::var("KINESIS_ENDPOINT").ok().as_deref(), false).await;
-    serve(KinesisProducer::new(kinesis, &stream), telemetry).await
+    serve(KinesisProducer::new(kinesis, &stream), telemetry, ingest).await
+}
+
+/// The `[ingest]` settings the function uses, validated like every other command's.
+struct IngestOptions {
+    amazon: AmazonConfig,
+    max_future_ms: i64,
+}
+
+impl IngestOptions {
+    fn of(file: &FileConfig) -> Result<Self, lambda_runtime::Error> {
+        let settings = file.clone().validate().map_err(|e| format!("{e:#}"))?;
+        Ok(Self { amazon: settings.amazon, max_future_ms: settings.ingest_max_future_ms })
+    }
+}
+
+/// The environment with the function's older variable names mapped onto the config's naming
+/// rule; a variable under the rule's own name wins.
+fn with_old_names(env: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    const OLD: [(&str, &str); 2] = [
+        ("STOCKFLOW_MARKETPLACE_ID", "STOCKFLOW__INGEST__MARKETPLACE_ID"),
+        ("STOCKFLOW_MAX_FUTURE_MS", "STOCKFLOW__INGEST__MAX_FUTURE_MS"),
+    ];
+    let mut vars: Vec<(String, String)> = env.collect();
+    for (old, new) in OLD {
+        let value = vars.iter().find(|(k, _)| k == old).map(|(_, v)| v.clone());
+        if let Some(value) = value.filter(|_| !vars.iter().any(|(k, _)| k == new)) {
+            vars.push((new.to_owned(), value));
+        }
+    }
+    vars
 }
 
 /// Answers invocations, putting events through `producer`.
-async fn serve<P: StreamProducer>(producer: P, telemetry: Arc<Telemetry>) -> Result<(), lambda_runtime::Error> {
+async fn serve<P: StreamProducer>(
+    producer: P,
+    telemetry: Arc<Telemetry>,
+    ingest: IngestOptions,
+) -> Result<(), lambda_runtime::Error> {
     let metrics = telemetry.metrics.clone();
     let verifier = stockflow::ingest::webhook::load(Duration::from_secs(300)).await.map_err(|e| format!("{e:#}"))?;
     let state = Arc::new(IngestState {
         producer: Arc::new(producer),
         metrics,
         verifier,
-        amazon: AmazonConfig { marketplace_id: std::env::var("STOCKFLOW_MARKETPLACE_ID").ok() },
-        max_future_ms: std::env::var("STOCKFLOW_MAX_FUTURE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(stockflow::ingest::DEFAULT_MAX_FUTURE_MS),
+        amazon: ingest.amazon,
+        max_future_ms: ingest.max_future_ms,
     });
     let router = public_app(Arc::clone(&state));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
@@ -64,4 +99,33 @@ async fn serve<P: StreamProducer>(producer: P, telemetry: Arc<Telemetry>) -> Res
         }
     }))
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FileConfig, IngestOptions, with_old_names};
+
+    fn options(vars: &[(&str, &str)]) -> Result<IngestOptions, String> {
+        let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        let file = FileConfig::load_with_env(None, with_old_names(env)).map_err(|e| format!("{e:#}"))?;
+        IngestOptions::of(&file).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn older_names_still_configure_the_function_and_the_rule_s_names_win() {
+        let o = options(&[("STOCKFLOW_MARKETPLACE_ID", "A1PA6795UKMFR9"), ("STOCKFLOW_MAX_FUTURE_MS", "60000")]);
+        let o = o.expect("valid settings");
+        assert_eq!((o.amazon.marketplace_id.as_deref(), o.max_future_ms), (Some("A1PA6795UKMFR9"), 60_000));
+        let o = options(&[("STOCKFLOW_MAX_FUTURE_MS", "60000"), ("STOCKFLOW__INGEST__MAX_FUTURE_MS", "120000")]);
+        assert_eq!(o.expect("valid settings").max_future_ms, 120_000);
+        assert_eq!(options(&[]).expect("defaults").max_future_ms, stockflow::ingest::DEFAULT_MAX_FUTURE_MS);
+    }
+
+    #[test]
+    fn a_bad_value_stops_the_function_naming_the_field() {
+        for bad in ["soon", "10"] {
+            let err = options(&[("STOCKFLOW_MAX_FUTURE_MS", bad)]).err().expect("refused");
+            assert!(err.contains("max_future_ms"), "{bad}: {err}");
+        }
+    }
 }

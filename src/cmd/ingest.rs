@@ -125,3 +125,9 @@ pub(crate) fn ingest_state<P: stockflow_pipeline::StreamProducer>(
         ..crate::ingest::IngestState::new(Arc::new(batching))
     }
 }
+
+/// `stockflow ingest load`: exits 1 when any request failed.
+pub async fn load(args: crate::loadtest::load::LoadArgs) -> anyhow::Result<ExitCode> {
+    let summary = crate::loadtest::load::run(args).await?;
+    Ok(if summary.errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -12,25 +12,31 @@
 //!
 //! Page and scripts are compiled into the binary (`assets/`): no CDN, works offline. The JSON API
 //! is documented in `docs/dashboard.md`.
+//!
+//! One file of ~600 lines with its tests: the three loops and the view they share are one unit; the
+//! HTTP API, the snapshot rows and the throughput sampling are modules of their own.
 
 mod api;
 mod snapshot;
 mod throughput;
 
-pub use throughput::{E2E_BUCKETS, Sample, Telemetry, parse_exposition};
+pub use throughput::Telemetry;
 use throughput::{lag, rate};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use futures::{Stream, StreamExt as _};
 use serde::Serialize;
 use stockflow_pipeline::Progress;
 use stockflow_state::outbox::{OutboxPos, OutboxStore};
 use stockflow_state::{Effect, StateStore};
 use tokio::sync::{broadcast, watch};
+use tokio_stream::wrappers::IntervalStream;
 
 use crate::server::stopped;
+use crate::telemetry::Sample;
 
 pub use api::router;
 pub use snapshot::{Snapshot, StockRow};
@@ -421,14 +427,9 @@ impl Dashboard {
     }
 
     /// Re-reads the SKU states every `refresh` and swaps the served snapshot.
-    async fn snapshots<S: StateStore>(self, store: Arc<S>, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.inner.cfg.refresh);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stopped(&mut shutdown) => return,
-            }
+    async fn snapshots<S: StateStore>(self, store: Arc<S>, shutdown: watch::Receiver<bool>) {
+        let mut ticks = ticks(self.inner.cfg.refresh, shutdown);
+        while ticks.next().await.is_some() {
             let began = Instant::now();
             let as_of = now_ms();
             let states = match store.sku_states().await {
@@ -461,17 +462,12 @@ impl Dashboard {
     }
 
     /// Follows every shard's outbox; alerts go to the ring and to the subscribers.
-    async fn alert_tail<S: OutboxStore>(self, store: Arc<S>, mut shutdown: watch::Receiver<bool>) {
+    async fn alert_tail<S: OutboxStore>(self, store: Arc<S>, shutdown: watch::Receiver<bool>) {
         const PAGE: usize = 2_000;
         let mut cursors: HashMap<String, Option<OutboxPos>> = HashMap::new();
         let mut first_pass = true;
-        let mut tick = tokio::time::interval(self.inner.cfg.alert_poll);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stopped(&mut shutdown) => return,
-            }
+        let mut ticks = ticks(self.inner.cfg.alert_poll, shutdown);
+        while ticks.next().await.is_some() {
             let shards = match store.outbox_shards().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -531,15 +527,10 @@ impl Dashboard {
     }
 
     /// Once a second: a point of the charts, pushed to the subscribers too.
-    async fn sampler(self, telemetry: Telemetry, mut shutdown: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    async fn sampler(self, telemetry: Telemetry, shutdown: watch::Receiver<bool>) {
         let mut previous: Option<(Instant, Vec<Option<Sample>>, u64)> = None;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stopped(&mut shutdown) => return,
-            }
+        let mut ticks = ticks(Duration::from_secs(1), shutdown);
+        while ticks.next().await.is_some() {
             let sample = telemetry.sample().await;
             let now = Instant::now();
             let alerts = {
@@ -570,6 +561,15 @@ impl Dashboard {
             previous = Some((now, sample, alerts));
         }
     }
+}
+
+/// A tick every `period` until `shutdown` (a late tick delays the next; none are bunched), for the
+/// loops that feed the dashboard.
+fn ticks(period: Duration, mut shutdown: watch::Receiver<bool>) -> impl Stream<Item = Instant> + Unpin {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = Box::pin(async move { stopped(&mut shutdown).await });
+    IntervalStream::new(interval).map(tokio::time::Instant::into_std).take_until(stop)
 }
 
 /// The dashboard of this process's own pipeline (`run`, `demo`: its consumers' counters feed the
@@ -613,19 +613,5 @@ mod tests {
         assert_eq!(rate(&now, &before, 2.0, |s| s.applied), Some(25.0));
         assert_eq!(rate(&[None], &[s(1)], 1.0, |s| s.applied), None);
         assert_eq!(lag(&now).lag_seconds, Some(9_000.0));
-    }
-
-    #[test]
-    fn the_exposition_is_summed_over_shards_and_members() {
-        let text = "# HELP x\n# TYPE stockflow_events_applied_total counter\n\
-            stockflow_events_applied_total{shard=\"a\"} 10\n\
-            stockflow_events_applied_total{shard=\"b\"} 5\n\
-            stockflow_events_applied_totals 99\n\
-            stockflow_records_read_total{shard=\"a\"} 17\n\
-            stockflow_shard_lag_seconds{shard=\"a\"} 1.5\n\
-            stockflow_shard_lag_seconds{shard=\"b\"} 0.25\n\
-            stockflow_shard_lag_records{shard=\"a\"} 3\n";
-        let s = parse_exposition(text);
-        assert_eq!((s.applied, s.read, s.lag_records, s.lag_seconds, s.lag_bytes), (15, 17, Some(3), Some(1.5), None));
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use stockflow_connectors::connector::HttpClient;
 use stockflow_pipeline::Progress;
 
-pub use crate::telemetry::{E2E_BUCKETS, Sample, parse_exposition};
+use crate::telemetry::{Sample, parse_exposition};
 
 /// Where throughput and lag come from.
 #[derive(Debug)]

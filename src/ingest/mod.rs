@@ -10,6 +10,9 @@
 //! is put), 401 bad or missing webhook signature (when secrets are configured, [`webhook`]),
 //! 413 over 500 events, 1 MiB per event or 10 MiB per request, 415 not JSON/NDJSON, 503 with
 //! `Retry-After` when the stream stays unavailable past the producer's retries.
+//!
+//! One file of ~610 lines: the router, its handlers and the error answers are the HTTP contract above
+//! and read top to bottom; the mappings, webhooks and the Lambda adapter are modules of their own.
 
 pub mod amazon;
 pub mod lambda;

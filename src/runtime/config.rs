@@ -778,6 +778,9 @@ mod tests {
             "connectors.accounting.url",
             "connectors.accounting.realm_id",
             "connectors.accounting.tenant_id",
+            "reconcile.marketplace_id",
+            "reconcile.ledger_location",
+            "reconcile.out_dir",
         ] {
             let mut at = Some(&full);
             let mut found = false;
@@ -791,6 +794,38 @@ mod tests {
             }
             if !found {
                 missing.push(optional.to_string());
+            }
+        }
+        // And every optional field the config types declare, found by name in their sources, so
+        // that a new one cannot be left out of the list above and of the example together. A
+        // credential is one of `secret_id`, `file`, `env` or `value`: the example shows the first
+        // and names the others in its comment.
+        let mut keys = std::collections::BTreeSet::new();
+        fn all_keys(t: &toml::Table, keys: &mut std::collections::BTreeSet<String>) {
+            for (k, v) in t {
+                keys.insert(k.clone());
+                if let toml::Value::Table(t) = v {
+                    all_keys(t, keys);
+                }
+            }
+        }
+        all_keys(&full, &mut keys);
+        let sources = [
+            include_str!("config.rs"),
+            include_str!("../reconcile/config.rs"),
+            include_str!("../../connectors/src/config.rs"),
+        ];
+        for source in sources {
+            let code = source.split("#[cfg(test)]").next().unwrap_or(source);
+            for line in code.lines() {
+                let field = line.trim().strip_prefix("pub ").and_then(|l| l.split_once(": Option<"));
+                let Some((name, _)) = field.filter(|(n, _)| n.bytes().all(|b| b == b'_' || b.is_ascii_lowercase()))
+                else {
+                    continue;
+                };
+                if !keys.contains(name) && !["file", "env", "value"].contains(&name) {
+                    missing.push(name.to_owned());
+                }
             }
         }
         assert!(missing.is_empty(), "deploy/stockflow.example.toml lacks {missing:?}");

@@ -103,6 +103,13 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
 
 /// The process's one shutdown signal: created (its SIGINT/SIGTERM handlers registered) by the
 /// first call, shared by every later one, and true for good once a signal came.
+///
+/// Why a process-wide value that commands subscribe to, rather than one made in `dispatch` and
+/// passed down: registering the handlers replaces Ctrl-C's default action, so only the commands
+/// that stop gracefully (servers, consumers, `replay --file`, `reconcile --every`, the demo's
+/// hold) may register them; a one-shot dump, `verify` or `replay --target` must still die on
+/// Ctrl-C at once. Creating it on first use does exactly that, and the `OnceLock` keeps it one
+/// signal however many places subscribe.
 static SHUTDOWN: std::sync::OnceLock<watch::Sender<bool>> = std::sync::OnceLock::new();
 
 /// A receiver of the process's shutdown signal, which turns true on SIGINT or SIGTERM. The first

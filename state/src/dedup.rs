@@ -21,6 +21,8 @@
 //! the event time as milliseconds past a base (a `u32` spans 49 days; the base follows event time
 //! at each prune, and the rare entry outside that span — a quiet SKU's ids from long ago — is kept
 //! in a small map beside the table).
+//!
+//! Over 600 lines only with its tests (~475 without).
 
 use std::collections::HashMap;
 

@@ -196,3 +196,29 @@ pub fn connectors_config(base: &str, shape: &str, key: &[u8], poll_ms: u64) -> S
          [connectors.accounting]\nshape = \"{shape}\"\nposting = \"per_effect\"\n{accounting}"
     )
 }
+
+/// How the stored outcome differs from `expected` (at most 10 lines; empty when equal). The SKU
+/// table is small and the outbox grows with every commit, so the outbox (on an emulator the
+/// members share) is read only once the SKUs agree.
+pub async fn stored_diff<S>(store: &S, expected: &stockflow_state::reference::Outcome) -> Vec<String>
+where
+    S: stockflow_state::StateStore + stockflow_state::outbox::OutboxStore,
+{
+    use stockflow_state::reference::Outcome;
+    let states = store.sku_states().await.unwrap();
+    if Outcome::from_parts(&states, Vec::new(), 0).skus == expected.skus {
+        expected.diff(&Outcome::of_store(store).await.unwrap(), 10)
+    } else {
+        let partial = Outcome { skus: expected.skus.clone(), ..Outcome::default() };
+        partial.diff(&Outcome::from_parts(&states, Vec::new(), 0), 10)
+    }
+}
+
+/// Polls `cond` (e.g. over members' logs) until it holds; fails the test after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -10,6 +10,9 @@
 //! Amounts are `rust_decimal`: each line arrives rounded to the currency's minor unit, half to
 //! even (the engine rounds it); every entry is checked — amounts within the minor unit, none
 //! negative, debits = credits — before anything is sent.
+//!
+//! One file of ~610 lines: what every shape shares (the entry checks, the vendors' limits, the
+//! connector); each shape's rendering is a module of its own.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -16,6 +16,9 @@
 //! reader; a commit with a checkpoint at or before the stored one is refused by the store. So a
 //! `kill -9`, a member joining or leaving, or a session timeout mid-stream loses and
 //! double-counts nothing.
+//!
+//! One file of ~600 lines: the rebalance handshake between librdkafka's thread and the async loop is
+//! one protocol, and its two sides are read together.
 
 use std::collections::HashMap;
 use std::sync::Arc;

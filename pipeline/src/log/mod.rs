@@ -29,6 +29,9 @@
 //!
 //! A log written before segments (one `shard-NNNN.log` file per shard) is moved, on open, to be
 //! the shard's first segment at base 0: its positions (byte offsets) stay valid.
+//!
+//! One file of ~690 lines: the segment format, appends, sealing and retention share a shard's file
+//! handle and positions; the reader and the tests are modules of their own.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;

@@ -1,5 +1,8 @@
 //! The open-model driver: lanes that send due records, and the sampler that watches them and the
 //! consumers until everything accepted is committed.
+//!
+//! Over 600 lines only with its tests (~570 without): the lanes and the sampler share the counters
+//! defined here.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -14,7 +17,8 @@ use stockflow_state::retry::{Backoff, BackoffConfig};
 use tokio::time::Instant;
 
 use super::{Pace, Workload};
-use crate::dashboard::{E2E_BUCKETS, Sample, Telemetry, parse_exposition};
+use crate::dashboard::Telemetry;
+use crate::telemetry::{E2E_BUCKETS, Sample, parse_exposition};
 
 pub use super::sinks::{Counted, HttpSink, Sent, Sink, StreamSink};
 
