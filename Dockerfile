@@ -7,7 +7,7 @@
 #   docker buildx build --platform linux/arm64,linux/amd64 \
 #     --build-arg SOURCE_DATE_EPOCH=$(git log -1 --format=%ct) -t stockflow:$(git rev-parse --short HEAD) .
 # The Kafka / MSK backend: add --build-arg FEATURES=kafka (builds librdkafka with cmake; the runtime
-# image then also carries libssl3, libcurl4 and zlib).
+# image then also carries libssl3 and zlib).
 # Reproducible: the toolchain and base images are pinned by version (pin them by digest too for
 # bit-for-bit rebuilds, docs/deploy.md), dependencies by Cargo.lock (--locked), timestamps by
 # SOURCE_DATE_EPOCH. tests/deploy.rs checks that every path copied here exists and that the
@@ -20,7 +20,7 @@ FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
 ARG SOURCE_DATE_EPOCH=0
 ARG FEATURES=
 RUN if [ -n "$FEATURES" ]; then apt-get update && apt-get install -y --no-install-recommends \
-      cmake g++ make pkg-config libssl-dev libcurl4-openssl-dev zlib1g-dev && rm -rf /var/lib/apt/lists/*; fi
+      cmake g++ make pkg-config libssl-dev zlib1g-dev && rm -rf /var/lib/apt/lists/*; fi
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY state state
@@ -40,7 +40,7 @@ FROM debian:${DEBIAN_RELEASE}-slim
 ARG FEATURES=
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
-       $(if [ -n "$FEATURES" ]; then echo libssl3 libcurl4 zlib1g; fi) \
+       $(if [ -n "$FEATURES" ]; then echo libssl3 zlib1g; fi) \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin stockflow
 COPY --from=build /stockflow /usr/local/bin/stockflow
