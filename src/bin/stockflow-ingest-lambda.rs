@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
-use stockflow::ingest::{AmazonConfig, IngestState, lambda, public_app};
-use stockflow::runtime::config::FileConfig;
+use stockflow::ingest::{IngestState, lambda, public_app};
+use stockflow::runtime::config::{FileConfig, Settings};
 use stockflow::telemetry::Telemetry;
 use stockflow_pipeline::StreamProducer;
 use stockflow_pipeline::kinesis::{KinesisProducer, client};
@@ -28,32 +28,25 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     // Spans go to an OTLP endpoint when one is configured (e.g. the ADOT Lambda layer's collector
     // on localhost:4318); the function's own X-Ray segment comes from active tracing.
     let telemetry = Arc::new(stockflow::telemetry::init(&tokio::runtime::Handle::current()));
-    let file = FileConfig::load_with_env(None, with_old_names(std::env::vars())).map_err(|e| format!("{e:#}"))?;
-    let ingest = IngestOptions::of(&file)?;
+    let settings = settings(std::env::vars())?;
     #[cfg(feature = "kafka")]
     if std::env::var_os("STOCKFLOW__KAFKA__BROKERS").is_some() {
-        let target = stockflow::runtime::kafka::KafkaTarget::resolve(&file.kafka, true, None, None)
+        let target = stockflow::runtime::kafka::KafkaTarget::resolve(&settings.kafka, true, None, None)
             .map_err(|e| format!("{e:#}"))?
             .ok_or("STOCKFLOW__KAFKA__BROKERS is not set")?;
-        let producer = stockflow::runtime::kafka::producer(&file.kafka, &target).await.map_err(|e| format!("{e:#}"))?;
-        return serve(producer, telemetry, ingest).await;
+        let producer =
+            stockflow::runtime::kafka::producer(&settings.kafka, &target).await.map_err(|e| format!("{e:#}"))?;
+        return serve(producer, telemetry, &settings).await;
     }
     let stream = std::env::var("STOCKFLOW_STREAM").map_err(|_| "STOCKFLOW_STREAM is not set")?;
     let kinesis = client(std::env::var("KINESIS_ENDPOINT").ok().as_deref(), false).await;
-    serve(KinesisProducer::new(kinesis, &stream), telemetry, ingest).await
+    serve(KinesisProducer::new(kinesis, &stream), telemetry, &settings).await
 }
 
-/// The `[ingest]` settings the function uses, validated like every other command's.
-struct IngestOptions {
-    amazon: AmazonConfig,
-    max_future_ms: i64,
-}
-
-impl IngestOptions {
-    fn of(file: &FileConfig) -> Result<Self, lambda_runtime::Error> {
-        let settings = file.clone().validate().map_err(|e| format!("{e:#}"))?;
-        Ok(Self { amazon: settings.amazon, max_future_ms: settings.ingest_max_future_ms })
-    }
+/// The function's settings from its environment, read and validated like every command's config.
+fn settings(env: impl Iterator<Item = (String, String)>) -> Result<Settings, lambda_runtime::Error> {
+    let file = FileConfig::load_with_env(None, with_old_names(env)).map_err(|e| format!("{e:#}"))?;
+    Ok(file.validate().map_err(|e| format!("{e:#}"))?)
 }
 
 /// The environment with the function's older variable names mapped onto the config's naming
@@ -77,7 +70,7 @@ fn with_old_names(env: impl Iterator<Item = (String, String)>) -> Vec<(String, S
 async fn serve<P: StreamProducer>(
     producer: P,
     telemetry: Arc<Telemetry>,
-    ingest: IngestOptions,
+    settings: &Settings,
 ) -> Result<(), lambda_runtime::Error> {
     let metrics = telemetry.metrics.clone();
     let verifier = stockflow::ingest::webhook::load(Duration::from_secs(300)).await.map_err(|e| format!("{e:#}"))?;
@@ -85,8 +78,8 @@ async fn serve<P: StreamProducer>(
         producer: Arc::new(producer),
         metrics,
         verifier,
-        amazon: ingest.amazon,
-        max_future_ms: ingest.max_future_ms,
+        amazon: settings.amazon.clone(),
+        max_future_ms: settings.ingest_max_future_ms,
     });
     let router = public_app(Arc::clone(&state));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
@@ -103,28 +96,26 @@ async fn serve<P: StreamProducer>(
 
 #[cfg(test)]
 mod tests {
-    use super::{FileConfig, IngestOptions, with_old_names};
+    use super::{Settings, settings};
 
-    fn options(vars: &[(&str, &str)]) -> Result<IngestOptions, String> {
-        let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
-        let file = FileConfig::load_with_env(None, with_old_names(env)).map_err(|e| format!("{e:#}"))?;
-        IngestOptions::of(&file).map_err(|e| e.to_string())
+    fn options(vars: &[(&str, &str)]) -> Result<Settings, String> {
+        settings(vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))).map_err(|e| e.to_string())
     }
 
     #[test]
     fn older_names_still_configure_the_function_and_the_rule_s_names_win() {
         let o = options(&[("STOCKFLOW_MARKETPLACE_ID", "A1PA6795UKMFR9"), ("STOCKFLOW_MAX_FUTURE_MS", "60000")]);
         let o = o.expect("valid settings");
-        assert_eq!((o.amazon.marketplace_id.as_deref(), o.max_future_ms), (Some("A1PA6795UKMFR9"), 60_000));
+        assert_eq!((o.amazon.marketplace_id.as_deref(), o.ingest_max_future_ms), (Some("A1PA6795UKMFR9"), 60_000));
         let o = options(&[("STOCKFLOW_MAX_FUTURE_MS", "60000"), ("STOCKFLOW__INGEST__MAX_FUTURE_MS", "120000")]);
-        assert_eq!(o.expect("valid settings").max_future_ms, 120_000);
-        assert_eq!(options(&[]).expect("defaults").max_future_ms, stockflow::ingest::DEFAULT_MAX_FUTURE_MS);
+        assert_eq!(o.expect("valid settings").ingest_max_future_ms, 120_000);
+        assert_eq!(options(&[]).expect("defaults").ingest_max_future_ms, stockflow::ingest::DEFAULT_MAX_FUTURE_MS);
     }
 
     #[test]
     fn a_bad_value_stops_the_function_naming_the_field() {
         for bad in ["soon", "10"] {
-            let err = options(&[("STOCKFLOW_MAX_FUTURE_MS", bad)]).err().expect("refused");
+            let Err(err) = options(&[("STOCKFLOW_MAX_FUTURE_MS", bad)]) else { panic!("{bad} was accepted") };
             assert!(err.contains("max_future_ms"), "{bad}: {err}");
         }
     }
