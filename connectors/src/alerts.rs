@@ -9,6 +9,7 @@ use hmac::{Hmac, Mac};
 use hyper::Method;
 use hyper::body::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::Sha256;
 use stockflow_state::Effect;
 use stockflow_state::effects::{EffectKind, EffectKinds};
@@ -35,18 +36,42 @@ fn render_alerts(name: &str, batch: &[&Effect]) -> Result<Request, DeliveryError
     Ok(Request { key: request_key(name, &ids), body, items: ids.into_iter().map(str::to_string).collect() })
 }
 
-fn parse_alerts(request: &Request) -> Result<Vec<Effect>, DeliveryError> {
-    serde_json::from_str::<AlertBatch<Effect>>(&request.body)
+/// The alerts of a rendered batch, each left as its JSON text: the in-process sinks decode only
+/// what they use (the log sink nothing but the kind while its target is off, the feed nothing
+/// while no one subscribes), and what they decode skips serde's buffered tagged-enum path
+/// ([`Effect::from_json`]).
+fn batch_alerts(request: &Request) -> Result<Vec<&RawValue>, DeliveryError> {
+    serde_json::from_str::<AlertBatch<&RawValue>>(&request.body)
         .map(|b| b.alerts)
         .map_err(|e| DeliveryError::Rejected(format!("not an alert batch: {e}")))
 }
 
-/// Writes alerts to the structured log (`tracing`), at INFO under their own target
-/// [`ALERT_LOG_TARGET`]: an oversell is business news, not a fault of stockflow, so it must not
-/// bury real warnings (route or silence it with `STOCKFLOW_LOG=…,stockflow::alerts=off`).
+fn decode_alert(alert: &RawValue) -> Result<Effect, DeliveryError> {
+    Effect::from_json(alert.get().as_bytes()).map_err(|e| DeliveryError::Rejected(format!("not an alert: {e}")))
+}
+
+fn log_alert(effect: &Effect) {
+    match effect {
+        Effect::Oversell(a) => tracing::info!(
+            target: ALERT_LOG_TARGET,
+            alert_id = %a.alert_id, sku = %a.sku, order_id = ?a.order_id, shortfall = a.shortfall,
+            available_before = a.available_before, cause = ?a.cause, "oversell"
+        ),
+        Effect::LowStock(a) => tracing::info!(
+            target: ALERT_LOG_TARGET,
+            alert_id = %a.alert_id, sku = %a.sku, available = a.available, reorder_point = a.reorder_point,
+            "low stock"
+        ),
+        _ => {}
+    }
+}
+
 /// The log target of alerts.
 pub const ALERT_LOG_TARGET: &str = "stockflow::alerts";
 
+/// Writes alerts to the structured log (`tracing`), at INFO under their own target
+/// [`ALERT_LOG_TARGET`]: an oversell is business news, not a fault of stockflow, so it must not
+/// bury real warnings (route or silence it with `STOCKFLOW_LOG=…,stockflow::alerts=off`).
 #[derive(Debug)]
 pub struct LogSink {
     policy: DeliveryPolicy,
@@ -76,22 +101,20 @@ impl Connector for LogSink {
     }
 
     async fn send(&self, request: &Request) -> Result<Delivered, DeliveryError> {
-        for effect in parse_alerts(request)? {
-            match &effect {
-                Effect::Oversell(a) => tracing::info!(
-                    target: "stockflow::alerts",
-                    alert_id = %a.alert_id, sku = %a.sku, order_id = ?a.order_id, shortfall = a.shortfall,
-                    available_before = a.available_before, cause = ?a.cause, "oversell"
-                ),
-                Effect::LowStock(a) => tracing::info!(
-                    target: "stockflow::alerts",
-                    alert_id = %a.alert_id, sku = %a.sku, available = a.available, reorder_point = a.reorder_point,
-                    "low stock"
-                ),
-                _ => continue,
+        let logging = tracing::enabled!(target: ALERT_LOG_TARGET, tracing::Level::INFO);
+        for alert in batch_alerts(request)? {
+            let kind = match EffectKind::of_json(alert.get().as_bytes()) {
+                Some(kind) if !logging => kind,
+                _ => {
+                    let effect = decode_alert(alert)?;
+                    log_alert(&effect);
+                    effect.kind()
+                }
+            };
+            if EffectKinds::ALERTS.contains(kind) {
+                metrics::counter!("stockflow_alerts_delivered_total", "sink" => "log", "kind" => kind.label())
+                    .increment(1);
             }
-            metrics::counter!("stockflow_alerts_delivered_total", "sink" => "log", "kind" => effect.kind_label())
-                .increment(1);
         }
         Ok(Delivered::default())
     }
@@ -136,9 +159,12 @@ impl Connector for AlertFeed {
     }
 
     async fn send(&self, request: &Request) -> Result<Delivered, DeliveryError> {
-        for effect in parse_alerts(request)? {
-            // No subscriber is not a failure: nobody is watching.
-            let _ = self.tx.send(effect);
+        // No subscriber is not a failure: nobody is watching, and nothing need be decoded.
+        if self.tx.receiver_count() == 0 {
+            return Ok(Delivered::default());
+        }
+        for alert in batch_alerts(request)? {
+            let _ = self.tx.send(decode_alert(alert)?);
         }
         Ok(Delivered::default())
     }
@@ -238,5 +264,68 @@ impl Connector for AlertWebhook {
             self.http.send(Method::POST, &self.url, &headers, Bytes::from(request.body.clone().into_bytes())).await?;
         classify(resp, Duration::from_secs(5))?;
         Ok(Delivered::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use stockflow_state::effects::{LowStockAlert, OversellAlert, OversellCause, ReorderRequest};
+
+    use super::*;
+
+    fn alerts() -> Vec<Effect> {
+        vec![
+            Effect::Oversell(OversellAlert {
+                alert_id: "oversell:e1".into(),
+                sku: "SKU \"quoted\"".into(),
+                order_id: Some("o-1".into()),
+                requested: 3,
+                available_before: 1,
+                shortfall: 2,
+                cause: OversellCause::Order,
+                ts: 1,
+            }),
+            Effect::LowStock(LowStockAlert {
+                alert_id: "low_stock:e2".into(),
+                sku: "B".into(),
+                available: 1,
+                reorder_point: 5,
+                ts: 2,
+            }),
+        ]
+    }
+
+    #[tokio::test]
+    async fn the_feed_hands_subscribers_the_alerts_as_rendered_and_needs_none() {
+        let feed = AlertFeed::new(8);
+        let effects = alerts();
+        let request = feed.render(&effects.iter().collect::<Vec<_>>()).await.unwrap();
+        assert!(feed.send(&request).await.is_ok(), "no subscriber is not a failure");
+        let mut rx = feed.subscribe();
+        feed.send(&request).await.unwrap();
+        for want in &effects {
+            assert_eq!(&rx.try_recv().unwrap(), want);
+        }
+        assert!(rx.try_recv().is_err(), "one delivery per alert");
+        let bad = Request { body: r#"{"type":"stockflow.alerts","alerts":[{"effect":"oversell"}]}"#.into(), ..request };
+        assert!(matches!(feed.send(&bad).await, Err(DeliveryError::Rejected(e)) if e.contains("not an alert")));
+    }
+
+    #[tokio::test]
+    async fn the_log_sink_refuses_what_is_not_an_alert_batch() {
+        let sink = LogSink::default();
+        let mut effects = alerts();
+        effects.push(Effect::Reorder(ReorderRequest {
+            request_id: "reorder:e2".into(),
+            sku: "B".into(),
+            available: 1,
+            reorder_point: 5,
+            units_ordered_24h: 9,
+            ts: 2,
+        }));
+        let request = sink.render(&effects.iter().collect::<Vec<_>>()).await.unwrap();
+        assert!(sink.send(&request).await.is_ok());
+        let bad = Request { body: "[1,2]".into(), ..request };
+        assert!(matches!(sink.send(&bad).await, Err(DeliveryError::Rejected(e)) if e.contains("not an alert batch")));
     }
 }

@@ -138,6 +138,31 @@ pub enum EffectKind {
     Discrepancy,
 }
 
+impl EffectKind {
+    /// Its name in JSON (the `effect` tag) and in metrics labels.
+    pub const fn label(self) -> &'static str {
+        match self {
+            EffectKind::Oversell => "oversell",
+            EffectKind::LowStock => "low_stock",
+            EffectKind::Reorder => "reorder",
+            EffectKind::Journal => "journal",
+            EffectKind::Discrepancy => "discrepancy",
+        }
+    }
+
+    /// The kind of an effect's JSON in the encoding stockflow writes, which names the variant
+    /// first (`{"effect":"oversell",…}`), read without decoding the rest; `None` for any other
+    /// layout (which [`Effect::from_json`] still decodes, by serde's general path).
+    pub fn of_json(bytes: &[u8]) -> Option<EffectKind> {
+        const TAG: &[u8] = br#"{"effect":""#;
+        let rest = bytes.strip_prefix(TAG)?;
+        let variant = &rest[..rest.iter().position(|&b| b == b'"')?];
+        [EffectKind::Oversell, EffectKind::LowStock, EffectKind::Reorder, EffectKind::Journal, EffectKind::Discrepancy]
+            .into_iter()
+            .find(|kind| kind.label().as_bytes() == variant)
+    }
+}
+
 /// A set of effect kinds: what a connector delivers, so that reading the outbox for it decodes
 /// only those effects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,16 +235,13 @@ impl Effect {
     /// field into an intermediate tree first (~8 % of a drain-heavy profile). Anything else takes
     /// that general path, so the result is the same for every input.
     pub fn from_json(bytes: &[u8]) -> serde_json::Result<Effect> {
-        const TAG: &[u8] = br#"{"effect":""#;
-        let variant =
-            bytes.strip_prefix(TAG).and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]));
-        match variant {
-            Some(b"oversell") => serde_json::from_slice(bytes).map(Effect::Oversell),
-            Some(b"low_stock") => serde_json::from_slice(bytes).map(Effect::LowStock),
-            Some(b"reorder") => serde_json::from_slice(bytes).map(Effect::Reorder),
-            Some(b"journal") => serde_json::from_slice(bytes).map(Effect::Journal),
-            Some(b"discrepancy") => serde_json::from_slice(bytes).map(Effect::Discrepancy),
-            _ => serde_json::from_slice(bytes),
+        match EffectKind::of_json(bytes) {
+            Some(EffectKind::Oversell) => serde_json::from_slice(bytes).map(Effect::Oversell),
+            Some(EffectKind::LowStock) => serde_json::from_slice(bytes).map(Effect::LowStock),
+            Some(EffectKind::Reorder) => serde_json::from_slice(bytes).map(Effect::Reorder),
+            Some(EffectKind::Journal) => serde_json::from_slice(bytes).map(Effect::Journal),
+            Some(EffectKind::Discrepancy) => serde_json::from_slice(bytes).map(Effect::Discrepancy),
+            None => serde_json::from_slice(bytes),
         }
     }
 
@@ -241,13 +263,7 @@ impl Effect {
 
     /// A low-cardinality label for metrics.
     pub fn kind_label(&self) -> &'static str {
-        match self.kind() {
-            EffectKind::Oversell => "oversell",
-            EffectKind::LowStock => "low_stock",
-            EffectKind::Reorder => "reorder",
-            EffectKind::Journal => "journal",
-            EffectKind::Discrepancy => "discrepancy",
-        }
+        self.kind().label()
     }
 }
 
@@ -310,6 +326,7 @@ pub(crate) mod tests {
             assert!(json.starts_with(br#"{"effect":""#), "the tag is written first");
             assert_eq!(Effect::from_json(&json).unwrap(), effect);
             assert_eq!(serde_json::from_slice::<Effect>(&json).unwrap(), effect);
+            assert_eq!(EffectKind::of_json(&json), Some(effect.kind()), "the kind is read from the tag alone");
         }
     }
 
@@ -320,6 +337,9 @@ pub(crate) mod tests {
         let want =
             LowStockAlert { alert_id: "low_stock:e".into(), sku: "S".into(), available: 1, reorder_point: 2, ts: 9 };
         assert_eq!(Effect::from_json(moved.as_bytes()).unwrap(), Effect::LowStock(want));
+        assert_eq!(EffectKind::of_json(moved.as_bytes()), None, "the tag is not first");
+        assert_eq!(EffectKind::of_json(br#"{"effect":"refund","sku":"S"}"#), None);
+        assert_eq!(EffectKind::of_json(br#"{"effect":"low_stoc"#), None, "an unterminated tag");
         for bad in [r#"{"effect":"refund","sku":"S"}"#, r#"{"effect":"oversell","sku":"S"}"#, r#"{"effect":"#, ""] {
             assert!(Effect::from_json(bad.as_bytes()).is_err(), "{bad}");
             assert!(serde_json::from_slice::<Effect>(bad.as_bytes()).is_err(), "{bad}");

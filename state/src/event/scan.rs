@@ -13,7 +13,10 @@ use super::{EventKind, RawEvent, Stamp};
 
 /// The event of `bytes`, or `None` to leave the document to serde.
 pub(super) fn scan(bytes: &[u8]) -> Option<RawEvent<'_>> {
-    let mut s = Scanner { b: bytes, i: 0 };
+    // Validated once, whole: serde rejects invalid UTF-8 anywhere in a document, and one pass
+    // over ~150 bytes (ASCII a word at a time) costs less than a validation per field.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut s = Scanner { t: text, b: bytes, i: 0 };
     let mut seen = 0u16;
     let (mut id, mut kind, mut sku, mut ts) = (None, None, None, None);
     let mut ev = RawEvent {
@@ -135,6 +138,9 @@ fn kind_of(name: &[u8]) -> Option<EventKind> {
 }
 
 struct Scanner<'a> {
+    /// The document, valid UTF-8.
+    t: &'a str,
+    /// `t`'s bytes.
     b: &'a [u8],
     i: usize,
 }
@@ -172,8 +178,9 @@ impl<'a> Scanner<'a> {
                 _ => {}
             }
         }
-        // `i` is past the closing quote; no index can be out of range (`get`).
-        std::str::from_utf8(self.b.get(start..self.i.saturating_sub(1))?).ok()
+        // `i` is past the closing quote. Both ends sit next to an ASCII quote, so on character
+        // boundaries of the validated text (`get` checks that, and the range, without rescanning).
+        self.t.get(start..self.i.saturating_sub(1))
     }
 
     /// An integer in `i64`: `0|-?[1-9][0-9]*` not followed by a fraction or an exponent (serde
