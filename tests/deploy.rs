@@ -769,6 +769,26 @@ fn the_consumer_service_scales_on_lag_up_to_the_shard_count_and_hands_off_gracef
     // commit and one delivery request (connectors.delivery.timeout_ms, 10 s by default).
     let stop = c["StopTimeout"].as_i64().unwrap();
     assert!((30..=120).contains(&stop), "StopTimeout {stop}: Fargate allows up to 120 s");
+    // With the task's own settings: its delivery timeout plus 30 s for the last commit and the
+    // lease release (DynamoDB calls with the SDK's retries) fit in the stop timeout.
+    let params = &tpl["Parameters"];
+    let env: Vec<(String, String)> = c["Environment"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|kv| {
+            let name = kv.get("Name")?.as_str()?.to_string();
+            let value = match &kv["Value"] {
+                Value::String(v) => v.clone(),
+                v => params[v.get("Ref")?.as_str()?]["Default"].as_str()?.to_string(),
+            };
+            name.starts_with("STOCKFLOW__").then_some((name, value))
+        })
+        .collect();
+    let file = stockflow::runtime::config::FileConfig::load_with_env(None, env).unwrap();
+    let settings = file.validate().unwrap();
+    let handoff_ms = settings.connectors.delivery.timeout_ms + 30_000;
+    assert!(handoff_ms <= stop as u64 * 1000, "a handoff can take {handoff_ms} ms; StopTimeout is {stop} s");
     assert_eq!(c["ReadonlyRootFilesystem"], true);
     assert_ne!(c["User"], "0");
     let deploy = &r["ConsumerService"]["Properties"]["DeploymentConfiguration"];

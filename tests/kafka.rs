@@ -271,6 +271,49 @@ async fn three_members_share_six_partitions_and_the_state_is_exact() {
     t.assert_released_at_the_end().await;
 }
 
+/// `ingest serve --kafka`: events POSTed one by one (4,000, some of them bad) land on the topic
+/// (key = SKU, per-SKU order kept), bad ones are refused at the door with 400 and never put,
+/// and a member consuming the topic ends at the straight pass over exactly what was accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_serve_puts_onto_the_topic_and_a_member_consumes_it_exactly() {
+    let _serial = SERIAL.lock().await;
+    let Some(t) = Topic::new("king", 4_000, &worker(200), EngineConfig::default()).await else { return };
+    let mut ingest = support::emulator_env(
+        Command::new(env!("CARGO_BIN_EXE_stockflow"))
+            .args(["--config", t.config().to_str().unwrap(), "ingest", "serve", "--kafka", "--listen", "127.0.0.1:0"])
+            .args(["--brokers", &brokers(), "--topic", &t.topic]),
+    )
+    .env("STOCKFLOW_LOG", "warn")
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(ingest.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("-> Kafka topic"), "{line}");
+    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap().to_string();
+    let mut accepted = Vec::new();
+    for (key, payload) in &t.events {
+        let Ok(body) = std::str::from_utf8(payload) else { continue };
+        let (status, answer) = support::http(&addr, "POST", "/v1/events", body);
+        match status {
+            202 => accepted.push((key.clone(), payload.clone())),
+            400 => assert!(answer.contains("\"field\""), "a refusal names the field: {answer}"),
+            _ => panic!("{answer}"),
+        }
+    }
+    assert!(accepted.len() > t.events.len() / 2 && accepted.len() < t.events.len(), "{}", accepted.len());
+    let (expected, _) =
+        straight_pass_full(Arc::new(EngineConfig::default()), accepted.iter().map(|(_, p)| p.as_slice()));
+    // The ingest put exactly the accepted events: the state and the checkpoints are theirs.
+    let t = Topic { expected, events: accepted, ..t };
+    let mut members = vec![t.spawn("a")];
+    t.wait_exact(&mut members, Duration::from_secs(120)).await;
+    stop(&mut members);
+    t.assert_released_at_the_end().await;
+    let _ = Command::new("kill").args(["-TERM", &ingest.id().to_string()]).status();
+    assert!(ingest.wait().unwrap().success(), "the ingest exits cleanly on SIGTERM");
+}
+
 const DELIVERY_KEY: &[u8] = b"kafka-delivery-test-signing-key!";
 
 /// kill -9 of a member mid-stream, a member joining and one leaving with SIGTERM (rebalances

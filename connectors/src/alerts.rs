@@ -101,20 +101,21 @@ impl Connector for LogSink {
     }
 
     async fn send(&self, request: &Request) -> Result<Delivered, DeliveryError> {
-        let logging = tracing::enabled!(target: ALERT_LOG_TARGET, tracing::Level::INFO);
-        for alert in batch_alerts(request)? {
-            let kind = match EffectKind::of_json(alert.get().as_bytes()) {
-                Some(kind) if !logging => kind,
-                _ => {
-                    let effect = decode_alert(alert)?;
-                    log_alert(&effect);
-                    effect.kind()
-                }
+        // Every alert is read before any is logged or counted: a batch that fails is retried
+        // whole, and must not have logged half of itself first.
+        let alerts = batch_alerts(request)?;
+        let kinds: Vec<EffectKind> = if tracing::enabled!(target: ALERT_LOG_TARGET, tracing::Level::INFO) {
+            let effects = alerts.into_iter().map(decode_alert).collect::<Result<Vec<_>, _>>()?;
+            effects.iter().for_each(log_alert);
+            effects.iter().map(Effect::kind).collect()
+        } else {
+            let kind = |a: &RawValue| {
+                EffectKind::of_json(a.get().as_bytes()).map_or_else(|| decode_alert(a).map(|e| e.kind()), Ok)
             };
-            if EffectKinds::ALERTS.contains(kind) {
-                metrics::counter!("stockflow_alerts_delivered_total", "sink" => "log", "kind" => kind.label())
-                    .increment(1);
-            }
+            alerts.into_iter().map(kind).collect::<Result<_, _>>()?
+        };
+        for kind in kinds.into_iter().filter(|&k| EffectKinds::ALERTS.contains(k)) {
+            metrics::counter!("stockflow_alerts_delivered_total", "sink" => "log", "kind" => kind.label()).increment(1);
         }
         Ok(Delivered::default())
     }
@@ -163,8 +164,10 @@ impl Connector for AlertFeed {
         if self.tx.receiver_count() == 0 {
             return Ok(Delivered::default());
         }
-        for alert in batch_alerts(request)? {
-            let _ = self.tx.send(decode_alert(alert)?);
+        // All decoded before any is published: a failed batch is retried whole.
+        let effects = batch_alerts(request)?.into_iter().map(decode_alert).collect::<Result<Vec<_>, _>>()?;
+        for effect in effects {
+            let _ = self.tx.send(effect);
         }
         Ok(Delivered::default())
     }
@@ -307,8 +310,45 @@ mod tests {
             assert_eq!(&rx.try_recv().unwrap(), want);
         }
         assert!(rx.try_recv().is_err(), "one delivery per alert");
-        let bad = Request { body: r#"{"type":"stockflow.alerts","alerts":[{"effect":"oversell"}]}"#.into(), ..request };
+        let good = serde_json::to_string(&effects[1]).unwrap();
+        let body = format!(r#"{{"type":"stockflow.alerts","alerts":[{good},{{"effect":"oversell"}}]}}"#);
+        let bad = Request { body, ..request };
         assert!(matches!(feed.send(&bad).await, Err(DeliveryError::Rejected(e)) if e.contains("not an alert")));
+        assert!(rx.try_recv().is_err(), "a batch that fails publishes none of its alerts");
+    }
+
+    /// Counts the events logged under [`ALERT_LOG_TARGET`].
+    struct AlertLog(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl tracing::Subscriber for AlertLog {
+        fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+            meta.target() == ALERT_LOG_TARGET
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_log_sink_logs_each_alert_once_and_nothing_of_a_bad_batch() {
+        let logged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let _default = tracing::subscriber::set_default(AlertLog(logged.clone()));
+        let sink = LogSink::default();
+        let effects = alerts();
+        let request = sink.render(&effects.iter().collect::<Vec<_>>()).await.unwrap();
+        sink.send(&request).await.unwrap();
+        assert_eq!(logged.load(std::sync::atomic::Ordering::SeqCst), 2, "one line per alert");
+        let good = serde_json::to_string(&effects[0]).unwrap();
+        let body = format!(r#"{{"type":"stockflow.alerts","alerts":[{good},{{"effect":"low_stock"}}]}}"#);
+        assert!(sink.send(&Request { body, ..request }).await.is_err());
+        assert_eq!(logged.load(std::sync::atomic::Ordering::SeqCst), 2, "a batch that fails logs nothing");
     }
 
     #[tokio::test]
