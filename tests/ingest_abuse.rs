@@ -17,6 +17,8 @@ use stockflow::server::{Limits, guarded};
 use stockflow_pipeline::EmbeddedLog;
 use tower::ServiceExt;
 
+mod support;
+
 const LOOPBACK: &str = "127.0.0.1:8080";
 
 fn ingest(limits: Limits) -> (tempfile::TempDir, Router) {
@@ -187,9 +189,7 @@ fn unsigned_ingest_on_a_public_address_is_refused_unless_allowed_and_the_banner_
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to serve unsigned ingest") && err.contains("--allow-unsigned"), "{err}");
     for args in [&["--listen", "127.0.0.1:0"][..], &["--listen", "0.0.0.0:0", "--allow-unsigned"][..]] {
-        let mut child = serve(args, dir.path()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-        let mut banner = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
+        let (mut child, banner) = support::spawn_announced(serve(args, dir.path()).stderr(Stdio::null()));
         let _ = child.kill();
         let _ = child.wait();
         assert!(banner.contains("ingest (unsigned)"), "{args:?}: {banner}");
@@ -226,14 +226,13 @@ fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
         "trap '' XFSZ; ulimit -f 6144; exec {bin} --data-dir {} --shards 1 ingest serve --listen 127.0.0.1:0",
         data.display()
     );
-    let mut child = Command::new("sh")
-        .args(["-c", &script])
-        .env_remove("STOCKFLOW_WEBHOOK_SECRETS")
-        .env_remove("STOCKFLOW_WEBHOOK_SECRET_ID")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (child, banner) = support::spawn_announced(
+        Command::new("sh")
+            .args(["-c", &script])
+            .env_remove("STOCKFLOW_WEBHOOK_SECRETS")
+            .env_remove("STOCKFLOW_WEBHOOK_SECRET_ID")
+            .stderr(Stdio::piped()),
+    );
     struct Reap(std::process::Child);
     impl Drop for Reap {
         fn drop(&mut self) {
@@ -241,11 +240,9 @@ fn a_full_disk_answers_503_and_loses_nothing_acknowledged() {
             let _ = self.0.wait();
         }
     }
-    let mut banner = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut banner).unwrap();
     let pid = child.id();
     let mut child = Reap(child);
-    let addr = banner.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let addr = support::banner_addr(&banner, 1);
     // Batches of 100 events (~16 KB) until the disk is full.
     let mut accepted: Vec<String> = Vec::new();
     let mut refused = 0;

@@ -278,19 +278,16 @@ async fn three_members_share_six_partitions_and_the_state_is_exact() {
 async fn ingest_serve_puts_onto_the_topic_and_a_member_consumes_it_exactly() {
     let _serial = SERIAL.lock().await;
     let Some(t) = Topic::new("king", 4_000, &worker(200), EngineConfig::default()).await else { return };
-    let mut ingest = support::emulator_env(
-        Command::new(env!("CARGO_BIN_EXE_stockflow"))
-            .args(["--config", t.config().to_str().unwrap(), "ingest", "serve", "--kafka", "--listen", "127.0.0.1:0"])
-            .args(["--brokers", &brokers(), "--topic", &t.topic]),
-    )
-    .env("STOCKFLOW_LOG", "warn")
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut line = String::new();
-    BufReader::new(ingest.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let (mut ingest, line) = support::spawn_announced(
+        support::emulator_env(
+            Command::new(env!("CARGO_BIN_EXE_stockflow"))
+                .args(["--config", t.config().to_str().unwrap(), "ingest", "serve", "--kafka"])
+                .args(["--listen", "127.0.0.1:0", "--brokers", &brokers(), "--topic", &t.topic]),
+        )
+        .env("STOCKFLOW_LOG", "warn"),
+    );
     assert!(line.contains("-> Kafka topic"), "{line}");
-    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap().to_string();
+    let addr = support::banner_addr(&line, 1);
     let mut accepted = Vec::new();
     for (key, payload) in &t.events {
         let Ok(body) = std::str::from_utf8(payload) else { continue };

@@ -2,8 +2,7 @@
 //! `dlq dump`, `verify --events`, `outbox status | dead-letters` read the group's tables (moto);
 //! `group status` and the dashboard's group view show every shard's owner, epoch and checkpoint.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,21 +95,19 @@ async fn operators_read_the_groups_tables_and_see_who_owns_what() {
     assert!(group.contains("3 shards, 1 live members"), "{group}");
 
     // The dashboard's group view.
-    let mut child = support::emulator_env(Command::new(env!("CARGO_BIN_EXE_stockflow")).args([
-        "dashboard",
-        "--dynamodb",
-        "--table-prefix",
-        &prefix,
-        "--listen",
-        "127.0.0.1:0",
-    ]))
-    .env("STOCKFLOW_LOG", "warn")
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    let addr = first.trim().trim_start_matches("stockflow: dashboard on http://").trim_end_matches('/').to_string();
+    let (mut child, first) = support::spawn_announced(
+        support::emulator_env(Command::new(env!("CARGO_BIN_EXE_stockflow")).args([
+            "dashboard",
+            "--dynamodb",
+            "--table-prefix",
+            &prefix,
+            "--listen",
+            "127.0.0.1:0",
+        ]))
+        .env("STOCKFLOW_LOG", "warn"),
+    );
+    assert!(first.contains("dashboard on"), "{first}");
+    let addr = support::banner_addr(&first, 1);
     let shards = support::wait_for("the dashboard to read the lease table", Duration::from_secs(30), || {
         let v = support::get_json(&addr, "/api/group");
         v["shards"].as_array().filter(|a| a.len() == 3).cloned()

@@ -11,10 +11,9 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -65,19 +64,15 @@ impl Drop for Node {
 /// Starts `stockflow run`; returns it once its ingest answers, and how long that took.
 fn start(config: &Path, data: &Path) -> (Node, Duration) {
     let t0 = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stockflow"))
-        .args(["--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
-        .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"])
-        .env("STOCKFLOW_LOG", "warn")
-        .env_remove("STOCKFLOW_WEBHOOK_SECRETS")
-        .env_remove("STOCKFLOW_WEBHOOK_SECRET_ID")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let ingest = line.split("http://").nth(1).and_then(|r| r.split('/').next()).expect("banner").to_string();
-    (Node { child, ingest }, t0.elapsed())
+    let (child, line) = support::spawn_announced(
+        Command::new(env!("CARGO_BIN_EXE_stockflow"))
+            .args(["--config", config.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+            .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"])
+            .env("STOCKFLOW_LOG", "warn")
+            .env_remove("STOCKFLOW_WEBHOOK_SECRETS")
+            .env_remove("STOCKFLOW_WEBHOOK_SECRET_ID"),
+    );
+    (Node { child, ingest: support::banner_addr(&line, 1) }, t0.elapsed())
 }
 
 /// Sends `batch` (NDJSON), dropping the lines the ingest refuses (the stream holds a few bad

@@ -272,30 +272,20 @@ impl Connector for AlertWebhook {
 
 #[cfg(test)]
 mod tests {
-    use stockflow_state::effects::{LowStockAlert, OversellAlert, OversellCause, ReorderRequest};
-
     use super::*;
 
+    /// Effects as the engine stores them (JSON, the tag first), decoded by serde's general path.
+    fn effects(json: &[&str]) -> Vec<Effect> {
+        json.iter().map(|j| serde_json::from_str(j).unwrap()).collect()
+    }
+
+    const OVERSELL: &str = r#"{"effect":"oversell","alert_id":"oversell:e1","sku":"SKU \"quoted\"","order_id":"o-1","requested":3,"available_before":1,"shortfall":2,"cause":"order","ts":1}"#;
+    const LOW_STOCK: &str =
+        r#"{"effect":"low_stock","alert_id":"low_stock:e2","sku":"B","available":1,"reorder_point":5,"ts":2}"#;
+    const REORDER: &str = r#"{"effect":"reorder","request_id":"reorder:e2","sku":"B","available":1,"reorder_point":5,"units_ordered_24h":9,"ts":2}"#;
+
     fn alerts() -> Vec<Effect> {
-        vec![
-            Effect::Oversell(OversellAlert {
-                alert_id: "oversell:e1".into(),
-                sku: "SKU \"quoted\"".into(),
-                order_id: Some("o-1".into()),
-                requested: 3,
-                available_before: 1,
-                shortfall: 2,
-                cause: OversellCause::Order,
-                ts: 1,
-            }),
-            Effect::LowStock(LowStockAlert {
-                alert_id: "low_stock:e2".into(),
-                sku: "B".into(),
-                available: 1,
-                reorder_point: 5,
-                ts: 2,
-            }),
-        ]
+        effects(&[OVERSELL, LOW_STOCK])
     }
 
     #[tokio::test]
@@ -310,8 +300,7 @@ mod tests {
             assert_eq!(&rx.try_recv().unwrap(), want);
         }
         assert!(rx.try_recv().is_err(), "one delivery per alert");
-        let good = serde_json::to_string(&effects[1]).unwrap();
-        let body = format!(r#"{{"type":"stockflow.alerts","alerts":[{good},{{"effect":"oversell"}}]}}"#);
+        let body = format!(r#"{{"type":"stockflow.alerts","alerts":[{LOW_STOCK},{{"effect":"oversell"}}]}}"#);
         let bad = Request { body, ..request };
         assert!(matches!(feed.send(&bad).await, Err(DeliveryError::Rejected(e)) if e.contains("not an alert")));
         assert!(rx.try_recv().is_err(), "a batch that fails publishes none of its alerts");
@@ -345,8 +334,7 @@ mod tests {
         let request = sink.render(&effects.iter().collect::<Vec<_>>()).await.unwrap();
         sink.send(&request).await.unwrap();
         assert_eq!(logged.load(std::sync::atomic::Ordering::SeqCst), 2, "one line per alert");
-        let good = serde_json::to_string(&effects[0]).unwrap();
-        let body = format!(r#"{{"type":"stockflow.alerts","alerts":[{good},{{"effect":"low_stock"}}]}}"#);
+        let body = format!(r#"{{"type":"stockflow.alerts","alerts":[{OVERSELL},{{"effect":"low_stock"}}]}}"#);
         assert!(sink.send(&Request { body, ..request }).await.is_err());
         assert_eq!(logged.load(std::sync::atomic::Ordering::SeqCst), 2, "a batch that fails logs nothing");
     }
@@ -354,15 +342,7 @@ mod tests {
     #[tokio::test]
     async fn the_log_sink_refuses_what_is_not_an_alert_batch() {
         let sink = LogSink::default();
-        let mut effects = alerts();
-        effects.push(Effect::Reorder(ReorderRequest {
-            request_id: "reorder:e2".into(),
-            sku: "B".into(),
-            available: 1,
-            reorder_point: 5,
-            units_ordered_24h: 9,
-            ts: 2,
-        }));
+        let effects = effects(&[OVERSELL, LOW_STOCK, REORDER]);
         let request = sink.render(&effects.iter().collect::<Vec<_>>()).await.unwrap();
         assert!(sink.send(&request).await.is_ok());
         let bad = Request { body: "[1,2]".into(), ..request };

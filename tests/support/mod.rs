@@ -9,6 +9,20 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Spawns `cmd` with its stdout piped and returns it with its first line: the banner a server
+/// prints once it listens, naming its addresses.
+pub fn spawn_announced(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (child, line)
+}
+
+/// The `host:port` of the `n`th `http://` address in a banner (1 for the first).
+pub fn banner_addr(banner: &str, n: usize) -> String {
+    banner.split("http://").nth(n).and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("{banner}")).to_string()
+}
+
 /// `stockflow run` on free loopback ports, stopped (SIGTERM, then kill) when dropped.
 pub struct Run {
     pub child: Child,
@@ -28,19 +42,15 @@ impl Run {
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Run {
         let cfg = dir.join("run.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stockflow"))
-            .args(["--config", cfg.to_str().unwrap(), "--data-dir", dir.join("data").to_str().unwrap()])
-            .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"])
-            .env("STOCKFLOW_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let host = |n: usize| line.split("http://").nth(n).and_then(|r| r.split('/').next()).unwrap().to_string();
-        let (ingest, dashboard) = (host(1), host(2));
+        let (child, line) = spawn_announced(
+            Command::new(env!("CARGO_BIN_EXE_stockflow"))
+                .args(["--config", cfg.to_str().unwrap(), "--data-dir", dir.join("data").to_str().unwrap()])
+                .args(["run", "--listen", "127.0.0.1:0", "--dashboard-listen", "127.0.0.1:0"])
+                .env("STOCKFLOW_LOG", "warn")
+                .envs(env.iter().copied()),
+        );
         assert!(line.contains("dashboard on"), "{line}");
+        let (ingest, dashboard) = (banner_addr(&line, 1), banner_addr(&line, 2));
         Run { child, ingest, dashboard }
     }
 
