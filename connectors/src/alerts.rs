@@ -114,8 +114,13 @@ impl Connector for LogSink {
             };
             alerts.into_iter().map(kind).collect::<Result<_, _>>()?
         };
-        for kind in kinds.into_iter().filter(|&k| EffectKinds::ALERTS.contains(k)) {
-            metrics::counter!("stockflow_alerts_delivered_total", "sink" => "log", "kind" => kind.label()).increment(1);
+        // One counter update per kind and batch, not a registry lookup per alert.
+        for kind in [EffectKind::Oversell, EffectKind::LowStock] {
+            let n = kinds.iter().filter(|&&k| k == kind).count() as u64;
+            if n > 0 {
+                metrics::counter!("stockflow_alerts_delivered_total", "sink" => "log", "kind" => kind.label())
+                    .increment(n);
+            }
         }
         Ok(Delivered::default())
     }
@@ -274,9 +279,16 @@ impl Connector for AlertWebhook {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     /// Effects as the engine stores them (JSON, the tag first), decoded by serde's general path.
-    fn effects(json: &[&str]) -> Vec<Effect> {
-        json.iter().map(|j| serde_json::from_str(j).unwrap()).collect()
+    fn effects(json: &[&str]) -> serde_json::Result<Vec<Effect>> {
+        json.iter().map(|j| serde_json::from_str(j)).collect()
+    }
+
+    /// `effects` rendered by `sink` into one request.
+    async fn rendered(sink: &impl Connector, effects: &[Effect]) -> Result<Request, DeliveryError> {
+        sink.render(&effects.iter().collect::<Vec<_>>()).await
     }
 
     const OVERSELL: &str = r#"{"effect":"oversell","alert_id":"oversell:e1","sku":"SKU \"quoted\"","order_id":"o-1","requested":3,"available_before":1,"shortfall":2,"cause":"order","ts":1}"#;
@@ -284,26 +296,23 @@ mod tests {
         r#"{"effect":"low_stock","alert_id":"low_stock:e2","sku":"B","available":1,"reorder_point":5,"ts":2}"#;
     const REORDER: &str = r#"{"effect":"reorder","request_id":"reorder:e2","sku":"B","available":1,"reorder_point":5,"units_ordered_24h":9,"ts":2}"#;
 
-    fn alerts() -> Vec<Effect> {
-        effects(&[OVERSELL, LOW_STOCK])
-    }
-
     #[tokio::test]
-    async fn the_feed_hands_subscribers_the_alerts_as_rendered_and_needs_none() {
+    async fn the_feed_hands_subscribers_the_alerts_as_rendered_and_needs_none() -> TestResult {
         let feed = AlertFeed::new(8);
-        let effects = alerts();
-        let request = feed.render(&effects.iter().collect::<Vec<_>>()).await.unwrap();
+        let effects = effects(&[OVERSELL, LOW_STOCK])?;
+        let request = rendered(&feed, &effects).await?;
         assert!(feed.send(&request).await.is_ok(), "no subscriber is not a failure");
         let mut rx = feed.subscribe();
-        feed.send(&request).await.unwrap();
+        feed.send(&request).await?;
         for want in &effects {
-            assert_eq!(&rx.try_recv().unwrap(), want);
+            assert_eq!(&rx.try_recv()?, want);
         }
         assert!(rx.try_recv().is_err(), "one delivery per alert");
         let body = format!(r#"{{"type":"stockflow.alerts","alerts":[{LOW_STOCK},{{"effect":"oversell"}}]}}"#);
         let bad = Request { body, ..request };
         assert!(matches!(feed.send(&bad).await, Err(DeliveryError::Rejected(e)) if e.contains("not an alert")));
         assert!(rx.try_recv().is_err(), "a batch that fails publishes none of its alerts");
+        Ok(())
     }
 
     /// Counts the events logged under [`ALERT_LOG_TARGET`].
@@ -326,26 +335,26 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn the_log_sink_logs_each_alert_once_and_nothing_of_a_bad_batch() {
+    async fn the_log_sink_logs_each_alert_once_and_nothing_of_a_bad_batch() -> TestResult {
         let logged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let _default = tracing::subscriber::set_default(AlertLog(logged.clone()));
         let sink = LogSink::default();
-        let effects = alerts();
-        let request = sink.render(&effects.iter().collect::<Vec<_>>()).await.unwrap();
-        sink.send(&request).await.unwrap();
+        let request = rendered(&sink, &effects(&[OVERSELL, LOW_STOCK])?).await?;
+        sink.send(&request).await?;
         assert_eq!(logged.load(std::sync::atomic::Ordering::SeqCst), 2, "one line per alert");
         let body = format!(r#"{{"type":"stockflow.alerts","alerts":[{OVERSELL},{{"effect":"low_stock"}}]}}"#);
         assert!(sink.send(&Request { body, ..request }).await.is_err());
         assert_eq!(logged.load(std::sync::atomic::Ordering::SeqCst), 2, "a batch that fails logs nothing");
+        Ok(())
     }
 
     #[tokio::test]
-    async fn the_log_sink_refuses_what_is_not_an_alert_batch() {
+    async fn the_log_sink_refuses_what_is_not_an_alert_batch() -> TestResult {
         let sink = LogSink::default();
-        let effects = effects(&[OVERSELL, LOW_STOCK, REORDER]);
-        let request = sink.render(&effects.iter().collect::<Vec<_>>()).await.unwrap();
+        let request = rendered(&sink, &effects(&[OVERSELL, LOW_STOCK, REORDER])?).await?;
         assert!(sink.send(&request).await.is_ok());
         let bad = Request { body: "[1,2]".into(), ..request };
         assert!(matches!(sink.send(&bad).await, Err(DeliveryError::Rejected(e)) if e.contains("not an alert batch")));
+        Ok(())
     }
 }

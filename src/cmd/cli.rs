@@ -68,9 +68,11 @@ impl Command {
     /// workers, store threads and drain lanes spent 8–10 % of its CPU waiting on heap locks).
     /// `main` caps glibc's malloc arenas for these.
     pub fn is_batch(&self) -> bool {
-        !self.is_long_running()
-            && !matches!(self, Command::Replay(args) if args.target.is_some())
-            && !matches!(self, Command::Consume(_))
+        match self {
+            Command::Consume(_) => false,
+            Command::Replay(args) if args.target.is_some() => false,
+            command => !command.is_long_running(),
+        }
     }
 }
 

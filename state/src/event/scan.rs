@@ -16,7 +16,7 @@ pub(super) fn scan(bytes: &[u8]) -> Option<RawEvent<'_>> {
     // Validated once, whole: serde rejects invalid UTF-8 anywhere in a document, and one pass
     // over ~150 bytes (ASCII a word at a time) costs less than a validation per field.
     let text = std::str::from_utf8(bytes).ok()?;
-    let mut s = Scanner { t: text, b: bytes, i: 0 };
+    let mut s = Scanner { t: text, i: 0 };
     let mut seen = 0u16;
     let (mut id, mut kind, mut sku, mut ts) = (None, None, None, None);
     let mut ev = RawEvent {
@@ -140,14 +140,12 @@ fn kind_of(name: &[u8]) -> Option<EventKind> {
 struct Scanner<'a> {
     /// The document, valid UTF-8.
     t: &'a str,
-    /// `t`'s bytes.
-    b: &'a [u8],
     i: usize,
 }
 
 impl<'a> Scanner<'a> {
     fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
+        self.t.as_bytes().get(self.i).copied()
     }
 
     fn next(&mut self) -> Option<u8> {
@@ -209,7 +207,7 @@ impl<'a> Scanner<'a> {
 
     /// Consumes `word` if the input continues with it.
     fn literal(&mut self, word: &[u8]) -> bool {
-        let found = self.b.get(self.i..).is_some_and(|rest| rest.starts_with(word));
+        let found = self.t.as_bytes().get(self.i..).is_some_and(|rest| rest.starts_with(word));
         if found {
             self.i += word.len();
         }
